@@ -1,0 +1,55 @@
+# The two commands a new user needs: `make demo` and `make test`. Everything else supports them.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-print-directory
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# pip prints a warning per package for this machine's file:// extra indexes; keep the output readable.
+PIPQUIET := grep -v -E "is ignored: it is neither a file nor a directory" || true
+
+.PHONY: help venv test lint typecheck check demo bench lock models clean tools
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing pinned dependencies into $(VENV) (constraints.txt)"
+	@{ $(BIN)/python -m pip install -q -c constraints.txt pip setuptools 2>&1; } | $(PIPQUIET)
+	@{ PYTHONWARNINGS=ignore PIP_CONSTRAINT=constraints.txt $(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]' 2>&1; } | $(PIPQUIET)
+	@$(BIN)/python -c "import agent, aiobotocore, moto" 
+	@touch $(STAMP)
+
+venv: $(STAMP) ## create .venv and install the pinned set (idempotent)
+
+lint: $(STAMP) ## ruff: style and static checks
+	$(BIN)/ruff check agent tests bench tools
+	$(BIN)/ruff format --check agent tests bench tools
+
+typecheck: $(STAMP) ## mypy --strict on the package
+	$(BIN)/mypy
+
+test: $(STAMP) ## run the test suite (installs what it needs first)
+	@bash tools/install-test-tools.sh
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+check: lint typecheck test ## everything CI runs
+
+demo: $(STAMP) ## the whole story on this machine: AWS stand-in, control plane, two delegates
+	$(BIN)/delegate-agent demo $(DEMO_ARGS)
+
+bench: $(STAMP) ## performance benchmark against the baselines (see docs/performance.md)
+	$(BIN)/python -m bench $(BENCH_ARGS)
+
+models: $(STAMP) ## regenerate the pruned AWS service models from the pinned botocore
+	$(BIN)/python -m agent.aws.models_gen
+
+lock: ## re-pin constraints.txt after changing dependencies
+	bash tools/lock.sh
+
+clean: ## remove the venv and caches
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache build *.egg-info
