@@ -1,0 +1,251 @@
+"""Request authentication between delegate and control plane.
+
+The delegate token is a shared secret that never crosses the wire. Each request carries a
+short-lived HS256 JWT whose key is derived from the token; its ``kid`` header is a fingerprint of
+the token, so the server can hold several tokens at once (rotation) and revoke one by name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jwt
+
+from agent.protocol.errors import AuthError, Code
+
+#: Lifetime of one request token. Short, so a leaked header is useless minutes later.
+TOKEN_LIFETIME_SECONDS = 300.0
+#: A token is re-minted when less than this is left, so it never expires in flight.
+TOKEN_REFRESH_MARGIN_SECONDS = 60.0
+#: Tolerated clock difference between delegate and control plane.
+CLOCK_LEEWAY_SECONDS = 60.0
+#: The server refuses tokens that claim to live longer than this.
+MAX_TOKEN_LIFETIME_SECONDS = 3600.0
+DEFAULT_AUDIENCE = "delegate-agent-control-plane"
+
+Clock = Callable[[], float]
+
+
+def token_id(secret: str) -> str:
+    """A stable public fingerprint of a delegate token (the JWT ``kid``)."""
+    return hashlib.sha256(b"delegate-agent/token-id\x00" + secret.encode()).hexdigest()[:16]
+
+
+def _signing_key(secret: str) -> bytes:
+    # A fixed-length key whatever the token's length; the raw token is never used directly.
+    return hashlib.sha256(b"delegate-agent/jwt-key\x00" + secret.encode()).digest()
+
+
+def generate_token() -> str:
+    """A new random delegate token (or API key)."""
+    return secrets.token_urlsafe(32)
+
+
+class TokenUnavailable(Exception):
+    """The delegate token could not be read (missing or empty file)."""
+
+
+class TokenSource:
+    """Where the delegate's token comes from: a value, or a file re-read when it changes."""
+
+    def __init__(self, *, value: str | None = None, path: Path | None = None) -> None:
+        if (value is None) == (path is None):
+            raise ValueError("give exactly one of value or path")
+        self._value = value.strip() if value is not None else None
+        self._path = path
+        self._stamp: tuple[int, int] | None = None
+        self._cached: str | None = None
+
+    @property
+    def path(self) -> Path | None:
+        return self._path
+
+    def current(self) -> str:
+        """The token now; a file is re-read whenever its mtime or size changed (rotation)."""
+        if self._value is not None:
+            if not self._value:
+                raise TokenUnavailable("the delegate token is empty")
+            return self._value
+        assert self._path is not None
+        try:
+            st = os.stat(self._path)
+        except OSError as exc:
+            raise TokenUnavailable(f"cannot read the delegate token file {self._path}: {exc.strerror}") from None
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp != self._stamp or self._cached is None:
+            try:
+                text = self._path.read_text().strip()
+            except OSError as exc:
+                raise TokenUnavailable(f"cannot read the delegate token file {self._path}: {exc.strerror}") from None
+            if not text:
+                raise TokenUnavailable(f"the delegate token file {self._path} is empty")
+            self._cached, self._stamp = text, stamp
+        return self._cached
+
+    def __repr__(self) -> str:  # never show the value
+        return f"TokenSource(path={self._path!s})" if self._path else "TokenSource(value=<hidden>)"
+
+
+class RequestSigner:
+    """Mints the ``Authorization`` header for each request, caching it until near expiry."""
+
+    def __init__(
+        self,
+        source: TokenSource,
+        *,
+        audience: str = DEFAULT_AUDIENCE,
+        issuer: str,
+        lifetime: float = TOKEN_LIFETIME_SECONDS,
+        clock: Clock = time.time,
+    ) -> None:
+        self._source = source
+        self._audience = audience
+        self._issuer = issuer
+        self._lifetime = lifetime
+        self._clock = clock
+        self._header: str | None = None
+        self._expires = 0.0
+
+    def header(self) -> str:
+        """``Bearer <jwt>``; the token (file) is read again whenever a new JWT is minted."""
+        now = self._clock()
+        if self._header is None or now >= self._expires:
+            self._mint(self._source.current(), now)
+        assert self._header is not None
+        return self._header
+
+    def invalidate(self) -> None:
+        """Forget the cached header: the next request re-reads the token (after a 401/403)."""
+        self._header = None
+
+    @property
+    def token_id(self) -> str:
+        return token_id(self._source.current())
+
+    def _mint(self, secret: str, now: float) -> None:
+        claims = {
+            "iss": self._issuer,
+            "aud": self._audience,
+            "iat": int(now),
+            "exp": int(now + self._lifetime),
+            "jti": secrets.token_hex(8),
+        }
+        encoded = jwt.encode(claims, _signing_key(secret), algorithm="HS256", headers={"kid": token_id(secret)})
+        self._header = f"Bearer {encoded}"
+        self._expires = now + self._lifetime - TOKEN_REFRESH_MARGIN_SECONDS
+
+
+@dataclass(frozen=True)
+class TokenKey:
+    """One delegate token the server accepts, under a name people can revoke it by."""
+
+    name: str
+    secret: str = field(repr=False)
+
+    @property
+    def kid(self) -> str:
+        return token_id(self.secret)
+
+
+@dataclass(frozen=True)
+class Claims:
+    token_name: str
+    token_id: str
+    issuer: str
+    expires_at: float
+
+
+class TokenVerifier:
+    """Server side: checks a request's JWT against every accepted, unrevoked token."""
+
+    def __init__(
+        self,
+        keys: Iterable[TokenKey],
+        *,
+        audience: str = DEFAULT_AUDIENCE,
+        revoked: Iterable[str] = (),
+        leeway: float = CLOCK_LEEWAY_SECONDS,
+        clock: Clock = time.time,
+    ) -> None:
+        self._audience = audience
+        self._leeway = leeway
+        self._clock = clock
+        self._keys: dict[str, TokenKey] = {}
+        self._revoked: set[str] = set(revoked)
+        self.replace_keys(keys)
+
+    def replace_keys(self, keys: Iterable[TokenKey]) -> None:
+        self._keys = {k.kid: k for k in keys}
+
+    @property
+    def keys(self) -> list[TokenKey]:
+        return list(self._keys.values())
+
+    def is_revoked(self, kid: str) -> bool:
+        return kid in self._revoked
+
+    def revoke(self, kid: str) -> None:
+        self._revoked.add(kid)
+
+    def find(self, name_or_id: str) -> TokenKey | None:
+        for key in self._keys.values():
+            if name_or_id in (key.name, key.kid):
+                return key
+        return None
+
+    def verify(self, authorization: str | None) -> Claims:
+        if not authorization:
+            raise _unauthenticated("missing Authorization header (expected: Bearer <token>)")
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise _unauthenticated("the Authorization header must be 'Bearer <token>'")
+        token = token.strip()
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise _unauthenticated("the request token is not a well-formed JWT") from None
+        kid = header.get("kid")
+        if header.get("alg") != "HS256" or not isinstance(kid, str):
+            raise _unauthenticated("the request token must be HS256 with a kid header")
+        key = self._keys.get(kid)
+        if key is None:
+            raise _unauthenticated(f"unknown delegate token (id {kid[:16]}); is the token configured on the server?")
+        try:
+            claims = jwt.decode(
+                token,
+                _signing_key(key.secret),
+                algorithms=["HS256"],
+                audience=self._audience,
+                leeway=self._leeway,
+                options={"require": ["exp", "iat", "aud", "iss"], "verify_iat": False},
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError(
+                "the request token has expired (check the delegate's clock)",
+                status=401,
+                code=Code.TOKEN_EXPIRED,
+            ) from None
+        except jwt.InvalidAudienceError:
+            raise _unauthenticated(f"the request token is for another audience (expected {self._audience!r})") from None
+        except jwt.PyJWTError:
+            raise _unauthenticated("the request token's signature or claims are invalid") from None
+        now = self._clock()
+        iat, exp = float(claims["iat"]), float(claims["exp"])
+        if iat > now + self._leeway:
+            raise _unauthenticated("the request token was issued in the future (check the delegate's clock)")
+        if exp - iat > MAX_TOKEN_LIFETIME_SECONDS:
+            raise _unauthenticated("the request token lives too long (at most one hour)")
+        # Revocation is checked after the signature: only the token's holder learns it was revoked.
+        if kid in self._revoked:
+            raise AuthError(f"delegate token {key.name!r} has been revoked", status=403, code=Code.TOKEN_REVOKED)
+        return Claims(token_name=key.name, token_id=kid, issuer=str(claims["iss"]), expires_at=exp)
+
+
+def _unauthenticated(message: str) -> AuthError:
+    return AuthError(message, status=401, code=Code.UNAUTHENTICATED)

@@ -1,0 +1,258 @@
+"""Protocol v1 wire models, shared by the delegate and the control plane.
+
+Both sides import these structs, so a field cannot drift between them; the control plane's
+OpenAPI document is generated from the same types. Field names are camelCase on the wire.
+Unknown fields are ignored on decode so that a newer peer can add fields without breaking an
+older one (additive evolution inside v1).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+PROTOCOL_VERSION = "v1"
+
+#: The task type of an AWS connector validation.
+TASK_TYPE_AWS_VALIDATE = "aws.validate-connector"
+
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+Tag = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[^,\s]+$")]
+Identifier = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+Seconds = Annotated[float, msgspec.Meta(ge=0)]
+
+DelegateState = Literal["running", "draining"]
+TaskStatus = Literal["SUCCESS", "FAILURE"]
+
+
+class Wire(msgspec.Struct, rename="camel", kw_only=True, omit_defaults=False):
+    """Base of every wire model: camelCase names, keyword-only construction."""
+
+
+# --- delegate side -------------------------------------------------------------------------
+
+
+class Intervals(Wire, kw_only=True):
+    """Timings the server wants; a fleet is retuned by changing them on the server."""
+
+    heartbeat_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)]
+    poll_wait_seconds: Annotated[float, msgspec.Meta(ge=0, le=60)]
+    lease_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)]
+
+
+class RegisterRequest(Wire, kw_only=True):
+    name: Name
+    #: Unique per process start; registering twice with it returns the same delegate id.
+    instance_id: Identifier
+    tags: Annotated[list[Tag], msgspec.Meta(max_length=64)] = []
+    version: Annotated[str, msgspec.Meta(max_length=64)]
+    task_types: Annotated[list[Annotated[str, msgspec.Meta(max_length=128)]], msgspec.Meta(max_length=64)]
+    capacity: Annotated[int, msgspec.Meta(ge=1, le=4096)]
+    hostname: Annotated[str, msgspec.Meta(max_length=255)] | None = None
+
+
+class RegisterResponse(Wire, kw_only=True):
+    delegate_id: str
+    intervals: Intervals
+    server_time: datetime
+
+
+class HeartbeatRequest(Wire, kw_only=True):
+    state: DelegateState
+    in_flight: Annotated[list[str], msgspec.Meta(max_length=4096)] = []
+    free_slots: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class HeartbeatResponse(Wire, kw_only=True):
+    #: Task ids the delegate must cancel (their results are still reported, as cancelled).
+    cancel: list[str] = []
+    intervals: Intervals
+
+
+class AcquireRequest(Wire, kw_only=True):
+    max_tasks: Annotated[int, msgspec.Meta(ge=1, le=4096)]
+    #: How long the server may hold the request open when no task is ready (long poll).
+    wait_seconds: Annotated[float, msgspec.Meta(ge=0, le=60)] = 20.0
+
+
+class Task(Wire, kw_only=True):
+    task_id: str
+    #: Fences this attempt: only a result carrying the current lease id is accepted.
+    lease_id: str
+    type: str
+    payload: dict[str, Any]
+    created_at: datetime
+    lease_seconds: float
+    lease_expires_at: datetime
+    #: Execution budget; the delegate stops the task when it runs out.
+    timeout_seconds: float
+    attempt: int
+    #: Detached Ed25519 signature over the task's canonical bytes, when the server signs tasks.
+    signature: str | None = None
+
+
+class AcquireResponse(Wire, kw_only=True):
+    tasks: list[Task] = []
+
+
+class LeaseResponse(Wire, kw_only=True):
+    lease_expires_at: datetime
+    lease_seconds: float
+    #: Set when someone asked to cancel the task; the delegate stops it at once.
+    cancel_requested: bool = False
+
+
+class TaskResult(Wire, kw_only=True):
+    lease_id: str
+    status: TaskStatus
+    #: The handler's result document (for AWS: the connector validation result).
+    output: dict[str, Any]
+    started_at: datetime
+    finished_at: datetime
+
+
+class SubmitResultResponse(Wire, kw_only=True):
+    #: "accepted" the first time; "duplicate" when the same lease already delivered it.
+    outcome: Literal["accepted", "duplicate"]
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+class Problem(Wire, kw_only=True):
+    """One thing wrong with a request: where, and what."""
+
+    field: str
+    message: str
+
+
+class ErrorDetail(Wire, kw_only=True):
+    code: str
+    message: str
+    problems: list[Problem] = []
+    retry_after_seconds: float | None = None
+
+
+class ErrorBody(Wire, kw_only=True):
+    error: ErrorDetail
+
+
+# --- user API --------------------------------------------------------------------------------
+
+
+class ValidationSummary(Wire, kw_only=True):
+    """The latest connection test of a connector, kept with it."""
+
+    task_id: str
+    status: TaskStatus
+    tested_at: datetime
+    delegate_name: str | None = None
+    error_summary: str | None = None
+
+
+class ConnectorRecord(Wire, kw_only=True):
+    identifier: str
+    name: str
+    #: The connector in Harness form: ``{"connector": {...}}``; secret references only.
+    connector: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    last_test: ValidationSummary | None = None
+
+
+class ConnectorList(Wire, kw_only=True):
+    connectors: list[ConnectorRecord]
+
+
+class ApplyResult(Wire, kw_only=True):
+    identifier: str
+    outcome: Literal["created", "updated", "unchanged"]
+    connector: ConnectorRecord
+
+
+class TestRequest(Wire, kw_only=True):
+    #: How long the request waits for the result before answering 202 with the task to poll.
+    wait_seconds: Annotated[float, msgspec.Meta(ge=0, le=600)] = 150.0
+    #: How long the task may wait for an eligible delegate.
+    pickup_timeout_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] | None = None
+    #: Execution budget on the delegate (Harness: 2 minutes).
+    timeout_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] | None = None
+    #: IAM actions a pipeline will need; checked with iam:SimulatePrincipalPolicy.
+    permissions: Annotated[list[str], msgspec.Meta(max_length=200)] = []
+
+
+class CreateTaskRequest(Wire, kw_only=True):
+    type: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+    payload: dict[str, Any]
+    selectors: Annotated[list[Tag], msgspec.Meta(max_length=64)] = []
+    pickup_timeout_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] | None = None
+    timeout_seconds: Annotated[float, msgspec.Meta(gt=0, le=3600)] | None = None
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=20)] | None = None
+
+
+TaskState = Literal["queued", "running", "done"]
+
+
+class TaskView(Wire, kw_only=True):
+    task_id: str
+    type: str
+    state: TaskState
+    status: TaskStatus | None = None
+    selectors: list[str] = []
+    connector_id: str | None = None
+    created_at: datetime
+    completed_at: datetime | None = None
+    attempts: int = 0
+    delegate_id: str | None = None
+    delegate_name: str | None = None
+    #: Set on a failure decided by the control plane (no delegate, lease lost, cancelled...).
+    failure_reason: str | None = None
+    result: dict[str, Any] | None = None
+
+
+class TaskList(Wire, kw_only=True):
+    tasks: list[TaskView]
+
+
+DelegateConnState = Literal["running", "draining", "disconnected"]
+
+
+class DelegateView(Wire, kw_only=True):
+    delegate_id: str
+    name: str
+    instance_id: str
+    hostname: str | None = None
+    tags: list[str]
+    version: str
+    task_types: list[str]
+    capacity: int
+    state: DelegateConnState
+    in_flight: int
+    registered_at: datetime
+    last_heartbeat_at: datetime
+    token_name: str | None = None
+
+
+class DelegateList(Wire, kw_only=True):
+    delegates: list[DelegateView]
+
+
+class TokenView(Wire, kw_only=True):
+    name: str
+    token_id: str
+    revoked: bool
+    revoked_at: datetime | None = None
+
+
+class TokenList(Wire, kw_only=True):
+    tokens: list[TokenView]
+
+
+class ServerInfo(Wire, kw_only=True):
+    service: str
+    version: str
+    protocol: str
+    audience: str
+    task_public_key: str | None = None
