@@ -1,0 +1,1 @@
+"""AWS connector validation: the connector model, credentials, partitions, steps and diagnoses."""

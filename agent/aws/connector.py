@@ -1,0 +1,601 @@
+"""The Harness AWS connector, parsed and checked once, at the edge.
+
+Input is the Harness connector document (YAML or JSON)::
+
+    connector:
+      name: Prod account
+      identifier: prod_account          # derived from the name when absent, as Harness does
+      type: Aws
+      spec:
+        credential:
+          type: ManualConfig            # or InheritFromDelegate, Irsa
+          spec: {accessKey: AKIA..., secretKeyRef: account.aws_secret}
+          crossAccountAccess: {crossAccountRoleArn: arn:aws:iam::...:role/x, externalId: ...}
+          region: us-east-1
+        delegateSelectors: [eks, prod]
+        executeOnDelegate: true
+
+Every problem is collected and reported together, each naming its field, so a user fixes a
+connector in one round. Secret *values* never appear here: only references to them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from agent.aws.partitions import parse_role_arn, partition_table
+from agent.protocol.models import Problem
+
+CredentialType = Literal["InheritFromDelegate", "ManualConfig", "Irsa"]
+CREDENTIAL_TYPES: tuple[CredentialType, ...] = ("InheritFromDelegate", "ManualConfig", "Irsa")
+BackoffKind = Literal["FixedDelayBackoffStrategy", "EqualJitterBackoffStrategy", "FullJitterBackoffStrategy"]
+
+DEFAULT_REGION = "us-east-1"
+DEFAULT_ASSUME_ROLE_SECONDS = 3600
+
+_IDENTIFIER_RE = re.compile(r"^[a-zA-Z_][0-9a-zA-Z_$]{0,127}$")
+# Harness reserves these words as identifiers (entity identifier reference).
+_RESERVED = frozenset(
+    ["or", "and", "eq", "ne", "lt", "gt", "le", "ge", "div", "mod", "not", "null", "true", "false", "new"]
+)
+_SECRET_REF_RE = re.compile(r"^(?:(?P<scope>account|org)\.)?(?P<name>[A-Za-z0-9_$-][A-Za-z0-9_.$-]{0,127})$")
+_ACCESS_KEY_RE = re.compile(r"^[A-Z0-9]{16,128}$")
+_EXTERNAL_ID_RE = re.compile(r"^[\w+=,.@:/-]{2,1224}$")
+_ACTION_RE = re.compile(r"^[a-zA-Z0-9-]+:[A-Za-z0-9*?]+$")
+_TAG_RE = re.compile(r"^[^,\s]{1,128}$")
+
+
+class ConnectorInvalid(Exception):
+    """The connector document has problems; all of them are in ``problems``."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(f"{p.field}: {p.message}" for p in problems))
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    """A Harness secret reference (``account.NAME``, ``org.NAME`` or ``NAME``)."""
+
+    raw: str
+    scope: Literal["account", "org", "project"]
+    name: str
+
+    def __str__(self) -> str:
+        return self.raw
+
+
+@dataclass(frozen=True)
+class CrossAccountAccess:
+    role_arn: str
+    external_id: str | None = field(default=None, repr=False)
+    duration_seconds: int = DEFAULT_ASSUME_ROLE_SECONDS
+
+
+@dataclass(frozen=True)
+class BackoffStrategy:
+    """``awsSdkClientBackOffStrategyOverride``: delays in milliseconds, as Harness has them."""
+
+    kind: BackoffKind
+    retry_count: int
+    base_delay_ms: int
+    max_backoff_ms: int
+
+
+@dataclass(frozen=True)
+class AwsConnector:
+    identifier: str
+    name: str
+    credential_type: CredentialType
+    region: str = DEFAULT_REGION
+    region_explicit: bool = False
+    description: str | None = None
+    org_identifier: str | None = None
+    project_identifier: str | None = None
+    tags: tuple[tuple[str, str], ...] = ()
+    access_key: str | None = None
+    access_key_ref: SecretRef | None = None
+    secret_key_ref: SecretRef | None = None
+    cross_account: CrossAccountAccess | None = None
+    delegate_selectors: tuple[str, ...] = ()
+    execute_on_delegate: bool = True
+    backoff: BackoffStrategy | None = None
+    permissions: tuple[str, ...] = ()
+    permission_resources: tuple[str, ...] = ()
+
+    @property
+    def partition(self) -> str:
+        part = partition_table().for_region(self.region)
+        return part.name if part else "aws"
+
+    def to_document(self) -> dict[str, Any]:
+        """The normalised Harness document (what the control plane stores and returns)."""
+        cred_spec: dict[str, Any] | None = None
+        if self.credential_type == "ManualConfig":
+            cred_spec = {}
+            if self.access_key is not None:
+                cred_spec["accessKey"] = self.access_key
+            if self.access_key_ref is not None:
+                cred_spec["accessKeyRef"] = self.access_key_ref.raw
+            if self.secret_key_ref is not None:
+                cred_spec["secretKeyRef"] = self.secret_key_ref.raw
+        credential: dict[str, Any] = {"type": self.credential_type, "spec": cred_spec}
+        if self.cross_account is not None:
+            xa: dict[str, Any] = {"crossAccountRoleArn": self.cross_account.role_arn}
+            if self.cross_account.external_id is not None:
+                xa["externalId"] = self.cross_account.external_id
+            if self.cross_account.duration_seconds != DEFAULT_ASSUME_ROLE_SECONDS:
+                xa["durationSeconds"] = self.cross_account.duration_seconds
+            credential["crossAccountAccess"] = xa
+        if self.region_explicit:
+            credential["region"] = self.region
+        spec: dict[str, Any] = {
+            "credential": credential,
+            "delegateSelectors": list(self.delegate_selectors),
+            "executeOnDelegate": self.execute_on_delegate,
+        }
+        if self.backoff is not None:
+            b = self.backoff
+            bspec: dict[str, Any] = {"retryCount": b.retry_count}
+            if b.kind == "FixedDelayBackoffStrategy":
+                bspec["fixedBackoff"] = b.base_delay_ms
+            else:
+                bspec.update(baseDelay=b.base_delay_ms, maxBackoffTime=b.max_backoff_ms)
+            spec["awsSdkClientBackOffStrategyOverride"] = {"type": b.kind, "spec": bspec}
+        if self.permissions:
+            pc: dict[str, Any] = {"actions": list(self.permissions)}
+            if self.permission_resources:
+                pc["resources"] = list(self.permission_resources)
+            spec["permissionCheck"] = pc
+        body: dict[str, Any] = {"name": self.name, "identifier": self.identifier}
+        if self.description is not None:
+            body["description"] = self.description
+        if self.org_identifier is not None:
+            body["orgIdentifier"] = self.org_identifier
+        if self.project_identifier is not None:
+            body["projectIdentifier"] = self.project_identifier
+        body["tags"] = dict(self.tags)
+        body["type"] = "Aws"
+        body["spec"] = spec
+        return {"connector": body}
+
+
+def derive_identifier(name: str) -> str:
+    """Harness's rule: letters, digits, ``_`` and ``$``, not starting with a digit."""
+    ident = re.sub(r"[^0-9a-zA-Z_$]", "_", name.strip())
+    if not ident or not re.match(r"[a-zA-Z_]", ident[0]):
+        ident = "_" + ident
+    return ident[:128]
+
+
+def parse_secret_ref(text: str) -> SecretRef | None:
+    m = _SECRET_REF_RE.match(text)
+    if not m or ".." in text:
+        return None
+    scope = m["scope"] or "project"
+    return SecretRef(raw=text, scope=scope, name=m["name"])  # type: ignore[arg-type]
+
+
+def _looks_like_secret_value(text: str) -> bool:
+    # A 40-character AWS secret access key pasted where a reference belongs.
+    return len(text) >= 30 and (
+        any(c in text for c in "/+=")
+        or (any(c.isdigit() for c in text) and any(c.islower() for c in text) and any(c.isupper() for c in text))
+    )
+
+
+class _Checker:
+    """Collects problems while walking a document."""
+
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+
+    def add(self, path: str, message: str) -> None:
+        self.problems.append(Problem(field=path, message=message))
+
+    def mapping(self, value: Any, path: str, *, required: bool = True) -> Mapping[str, Any] | None:
+        if value is None:
+            if required:
+                self.add(path, "is required")
+            return None
+        if not isinstance(value, Mapping):
+            self.add(path, f"must be a mapping, not {_kind(value)}")
+            return None
+        return value
+
+    def string(self, value: Any, path: str, *, required: bool = False, max_len: int = 1024) -> str | None:
+        if value is None or value == "":
+            if required:
+                self.add(path, "is required")
+            return None
+        if not isinstance(value, str):
+            self.add(path, f"must be a string, not {_kind(value)}")
+            return None
+        if len(value) > max_len:
+            self.add(path, f"is longer than {max_len} characters")
+            return None
+        return value
+
+    def unknown(self, obj: Mapping[str, Any], allowed: set[str], path: str) -> None:
+        for key in obj:
+            if key not in allowed:
+                hint = _closest(str(key), allowed)
+                self.add(f"{path}.{key}", "unknown field" + (f" (did you mean {hint}?)" if hint else ""))
+
+
+def _kind(value: Any) -> str:
+    return {
+        dict: "a mapping",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+    }.get(type(value), type(value).__name__)
+
+
+def _closest(key: str, options: set[str]) -> str | None:
+    m = difflib.get_close_matches(key, sorted(options), n=1, cutoff=0.7)
+    return m[0] if m else None
+
+
+_CONNECTOR_KEYS = {"name", "identifier", "description", "orgIdentifier", "projectIdentifier", "tags", "type", "spec"}
+_SPEC_KEYS = {
+    "credential",
+    "delegateSelectors",
+    "executeOnDelegate",
+    "awsSdkClientBackOffStrategyOverride",
+    "permissionCheck",
+}
+_CRED_KEYS = {"type", "spec", "crossAccountAccess", "region"}
+_MANUAL_KEYS = {"accessKey", "accessKeyRef", "secretKeyRef"}
+_XA_KEYS = {"crossAccountRoleArn", "externalId", "durationSeconds"}
+
+
+def parse_connector(document: Any) -> AwsConnector:
+    """Check a Harness connector document and return the typed connector.
+
+    Raises :class:`ConnectorInvalid` listing every problem found.
+    """
+    c = _Checker()
+    root = c.mapping(document, "document")
+    if root is None:
+        raise ConnectorInvalid(c.problems)
+    if "connector" not in root:
+        c.add("connector", "is required: the document's top level must be 'connector:' (Harness format)")
+        raise ConnectorInvalid(c.problems)
+    conn = c.mapping(root.get("connector"), "connector")
+    if conn is None:
+        raise ConnectorInvalid(c.problems)
+    c.unknown(root, {"connector"}, "document")
+    c.unknown(conn, _CONNECTOR_KEYS, "connector")
+
+    name = c.string(conn.get("name"), "connector.name", required=True, max_len=128)
+    identifier = c.string(conn.get("identifier"), "connector.identifier", max_len=128)
+    if identifier is None and name:
+        identifier = derive_identifier(name)
+    if identifier is not None:
+        if not _IDENTIFIER_RE.match(identifier):
+            c.add(
+                "connector.identifier",
+                f"{identifier!r} must start with a letter or '_' and contain only "
+                "letters, digits, '_' and '$' (at most 128)",
+            )
+        elif identifier in _RESERVED:
+            c.add("connector.identifier", f"{identifier!r} is a reserved word")
+    description = c.string(conn.get("description"), "connector.description", max_len=1024)
+    org = c.string(conn.get("orgIdentifier"), "connector.orgIdentifier", max_len=128)
+    project = c.string(conn.get("projectIdentifier"), "connector.projectIdentifier", max_len=128)
+    tags = _tags(c, conn.get("tags"))
+
+    ctype = conn.get("type")
+    if ctype is None:
+        c.add("connector.type", "is required (Aws)")
+    elif ctype != "Aws":
+        extra = " (did you mean Aws?)" if isinstance(ctype, str) and ctype.lower() == "aws" else ""
+        c.add("connector.type", f"{ctype!r} is not supported: this delegate validates Aws connectors{extra}")
+
+    spec = c.mapping(conn.get("spec"), "connector.spec")
+    if spec is None:
+        raise ConnectorInvalid(c.problems)
+    c.unknown(spec, _SPEC_KEYS, "connector.spec")
+
+    selectors = _selectors(c, spec.get("delegateSelectors"), "connector.spec.delegateSelectors")
+    execute_on_delegate = spec.get("executeOnDelegate", True)
+    if execute_on_delegate is None:
+        execute_on_delegate = True
+    if not isinstance(execute_on_delegate, bool):
+        c.add("connector.spec.executeOnDelegate", f"must be true or false, not {_kind(execute_on_delegate)}")
+        execute_on_delegate = True
+
+    cred = c.mapping(spec.get("credential"), "connector.spec.credential")
+    ctype_cred: CredentialType | None = None
+    access_key = access_key_ref = secret_key_ref = None
+    cross: CrossAccountAccess | None = None
+    region, region_explicit = DEFAULT_REGION, False
+    if cred is not None:
+        c.unknown(cred, _CRED_KEYS, "connector.spec.credential")
+        raw_type = cred.get("type")
+        if raw_type in CREDENTIAL_TYPES:
+            ctype_cred = raw_type
+        elif raw_type == "OidcAuthentication":
+            c.add(
+                "connector.spec.credential.type",
+                "OidcAuthentication is not supported by this delegate; use Irsa, InheritFromDelegate or ManualConfig",
+            )
+        elif raw_type is None:
+            c.add("connector.spec.credential.type", "is required: one of " + ", ".join(CREDENTIAL_TYPES))
+        else:
+            c.add("connector.spec.credential.type", f"{raw_type!r} is not one of " + ", ".join(CREDENTIAL_TYPES))
+
+        raw_region = cred.get("region")
+        if raw_region is not None:
+            r = c.string(raw_region, "connector.spec.credential.region", max_len=64)
+            if r is not None:
+                if partition_table().for_region(r) is None:
+                    hint = partition_table().suggest(r)
+                    c.add(
+                        "connector.spec.credential.region",
+                        f"unknown region {r!r}" + (f" (did you mean {hint}?)" if hint else ""),
+                    )
+                else:
+                    region, region_explicit = r, True
+
+        cred_spec_raw = cred.get("spec")
+        if ctype_cred == "ManualConfig":
+            mspec = c.mapping(cred_spec_raw, "connector.spec.credential.spec")
+            if mspec is not None:
+                access_key, access_key_ref, secret_key_ref = _manual(c, mspec)
+        elif ctype_cred == "InheritFromDelegate" and cred_spec_raw is not None:
+            ispec = c.mapping(cred_spec_raw, "connector.spec.credential.spec", required=False)
+            if ispec is not None:
+                c.unknown(ispec, {"delegateSelectors"}, "connector.spec.credential.spec")
+                legacy = _selectors(
+                    c, ispec.get("delegateSelectors"), "connector.spec.credential.spec.delegateSelectors"
+                )
+                selectors = tuple(dict.fromkeys(selectors + legacy))
+        elif ctype_cred == "Irsa" and cred_spec_raw not in (None, {}):
+            c.add(
+                "connector.spec.credential.spec",
+                "Irsa takes no fields: the role comes from the delegate's service account (eks.amazonaws.com/role-arn)",
+            )
+
+        xa_raw = cred.get("crossAccountAccess")
+        if xa_raw is not None:
+            cross = _cross_account(c, xa_raw, region)
+
+    if ctype_cred in ("InheritFromDelegate", "Irsa"):
+        if not selectors:
+            c.add(
+                "connector.spec.delegateSelectors",
+                "Delegate Selector cannot be null for inherit from delegate credential type: name the tags of "
+                "the delegates whose own identity should be used",
+            )
+        if execute_on_delegate is False:
+            c.add(
+                "connector.spec.executeOnDelegate",
+                f"Connector with credential type {ctype_cred} does not support validation through harness: "
+                "the credentials exist only on the delegate, so set executeOnDelegate: true",
+            )
+
+    backoff = _backoff(c, spec.get("awsSdkClientBackOffStrategyOverride"))
+    permissions, resources = _permission_check(c, spec.get("permissionCheck"))
+
+    if c.problems:
+        raise ConnectorInvalid(c.problems)
+    assert name is not None and identifier is not None and ctype_cred is not None
+    return AwsConnector(
+        identifier=identifier,
+        name=name,
+        description=description,
+        org_identifier=org,
+        project_identifier=project,
+        tags=tags,
+        credential_type=ctype_cred,
+        region=region,
+        region_explicit=region_explicit,
+        access_key=access_key,
+        access_key_ref=access_key_ref,
+        secret_key_ref=secret_key_ref,
+        cross_account=cross,
+        delegate_selectors=selectors,
+        execute_on_delegate=execute_on_delegate,
+        backoff=backoff,
+        permissions=permissions,
+        permission_resources=resources,
+    )
+
+
+def _tags(c: _Checker, raw: Any) -> tuple[tuple[str, str], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, Mapping):
+        c.add("connector.tags", f"must be a mapping of key: value, not {_kind(raw)}")
+        return ()
+    out = []
+    for k, v in raw.items():
+        if not isinstance(k, str) or not isinstance(v, str | int | float | bool | type(None)):
+            c.add(f"connector.tags.{k}", "tag keys and values must be strings")
+            continue
+        out.append((k, "" if v is None else str(v)))
+    return tuple(out)
+
+
+def _selectors(c: _Checker, raw: Any, path: str) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        c.add(path, f"must be a list of delegate tags, not {_kind(raw)}")
+        return ()
+    out: list[str] = []
+    for i, tag in enumerate(raw):
+        if not isinstance(tag, str) or not _TAG_RE.match(tag):
+            c.add(f"{path}[{i}]", "must be a non-empty tag without spaces or commas")
+        else:
+            out.append(tag)
+    return tuple(dict.fromkeys(out))
+
+
+def _manual(c: _Checker, spec: Mapping[str, Any]) -> tuple[str | None, SecretRef | None, SecretRef | None]:
+    base = "connector.spec.credential.spec"
+    c.unknown(spec, _MANUAL_KEYS, base)
+    access_key = c.string(spec.get("accessKey"), f"{base}.accessKey", max_len=128)
+    raw_ak_ref = c.string(spec.get("accessKeyRef"), f"{base}.accessKeyRef", max_len=256)
+    raw_sk_ref = c.string(spec.get("secretKeyRef"), f"{base}.secretKeyRef", max_len=256)
+    if access_key is not None and raw_ak_ref is not None:
+        c.add(f"{base}.accessKey", "give accessKey or accessKeyRef, not both")
+    elif access_key is None and raw_ak_ref is None:
+        c.add(f"{base}.accessKey", "is required (or accessKeyRef, a secret reference)")
+    if access_key is not None and not _ACCESS_KEY_RE.match(access_key):
+        c.add(
+            f"{base}.accessKey",
+            "does not look like an AWS access key ID (16 to 128 capital letters and digits, e.g. AKIA...)",
+        )
+    ak_ref = _ref(c, raw_ak_ref, f"{base}.accessKeyRef")
+    sk_ref = None
+    if raw_sk_ref is None:
+        c.add(f"{base}.secretKeyRef", "is required: a secret reference such as account.aws_secret_key")
+    elif _looks_like_secret_value(raw_sk_ref):
+        c.add(
+            f"{base}.secretKeyRef",
+            "looks like a secret key itself; give a reference (account.NAME, org.NAME "
+            "or NAME) to a secret the delegate can read, never the value",
+        )
+    else:
+        sk_ref = _ref(c, raw_sk_ref, f"{base}.secretKeyRef")
+    return access_key, ak_ref, sk_ref
+
+
+def _ref(c: _Checker, raw: str | None, path: str) -> SecretRef | None:
+    if raw is None:
+        return None
+    ref = parse_secret_ref(raw)
+    if ref is None:
+        c.add(
+            path,
+            f"{raw!r} is not a secret reference: use account.NAME, org.NAME or NAME, where NAME has "
+            "letters, digits, '_', '-', '.' and '$'",
+        )
+    return ref
+
+
+def _cross_account(c: _Checker, raw: Any, region: str) -> CrossAccountAccess | None:
+    base = "connector.spec.credential.crossAccountAccess"
+    xa = c.mapping(raw, base)
+    if xa is None:
+        return None
+    c.unknown(xa, _XA_KEYS, base)
+    arn = c.string(xa.get("crossAccountRoleArn"), f"{base}.crossAccountRoleArn", required=True, max_len=2048)
+    ok = True
+    if arn is not None:
+        parsed = parse_role_arn(arn)
+        if parsed is None:
+            c.add(
+                f"{base}.crossAccountRoleArn", f"{arn!r} is not an IAM role ARN (arn:PARTITION:iam::ACCOUNT:role/NAME)"
+            )
+            ok = False
+        else:
+            region_part = partition_table().for_region(region)
+            if region_part is not None and parsed[0] != region_part.name:
+                role_part = partition_table().get(parsed[0])
+                c.add(
+                    f"{base}.crossAccountRoleArn",
+                    f"the role is in partition {parsed[0]} ({role_part.label if role_part else 'unknown'}) but "
+                    f"the test region {region} is in {region_part.name} ({region_part.label}); credentials "
+                    "never cross partitions: pick a test region in the role's partition",
+                )
+                ok = False
+    else:
+        ok = False
+    external_id = xa.get("externalId")
+    if external_id is not None and (not isinstance(external_id, str) or not _EXTERNAL_ID_RE.match(external_id)):
+        c.add(f"{base}.externalId", "must be 2 to 1224 characters of letters, digits and +=,.@:/-")
+        ok = False
+    duration = xa.get("durationSeconds", DEFAULT_ASSUME_ROLE_SECONDS)
+    if isinstance(duration, bool) or not isinstance(duration, int) or not 900 <= duration <= 43200:
+        c.add(f"{base}.durationSeconds", "must be a whole number of seconds from 900 to 43200")
+        ok = False
+    if not ok or arn is None:
+        return None
+    return CrossAccountAccess(role_arn=arn, external_id=external_id, duration_seconds=duration)
+
+
+def _backoff(c: _Checker, raw: Any) -> BackoffStrategy | None:
+    base = "connector.spec.awsSdkClientBackOffStrategyOverride"
+    b = c.mapping(raw, base, required=False)
+    if b is None:
+        return None
+    c.unknown(b, {"type", "spec"}, base)
+    kind = b.get("type")
+    kinds = ("FixedDelayBackoffStrategy", "EqualJitterBackoffStrategy", "FullJitterBackoffStrategy")
+    if kind not in kinds:
+        c.add(f"{base}.type", "must be one of " + ", ".join(kinds))
+        return None
+    s = c.mapping(b.get("spec"), f"{base}.spec")
+    if s is None:
+        return None
+    names = (
+        ("fixedBackoff", "retryCount")
+        if kind == "FixedDelayBackoffStrategy"
+        else ("baseDelay", "maxBackoffTime", "retryCount")
+    )
+    c.unknown(s, set(names), f"{base}.spec")
+    values: dict[str, int] = {}
+    for n in names:
+        v = s.get(n)
+        limit = 10 if n == "retryCount" else 60_000
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= limit:
+            c.add(
+                f"{base}.spec.{n}",
+                f"is required: a whole number from 0 to {limit}" + (" (milliseconds)" if n != "retryCount" else ""),
+            )
+        else:
+            values[n] = v
+    if len(values) != len(names):
+        return None
+    if kind == "FixedDelayBackoffStrategy":
+        return BackoffStrategy(kind, values["retryCount"], values["fixedBackoff"], values["fixedBackoff"])
+    return BackoffStrategy(kind, values["retryCount"], values["baseDelay"], values["maxBackoffTime"])
+
+
+def _permission_check(c: _Checker, raw: Any) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    base = "connector.spec.permissionCheck"
+    pc = c.mapping(raw, base, required=False)
+    if pc is None:
+        return (), ()
+    c.unknown(pc, {"actions", "resources"}, base)
+    actions = parse_actions(c, pc.get("actions"), f"{base}.actions", required=True)
+    resources: list[str] = []
+    raw_res = pc.get("resources")
+    if raw_res is not None:
+        if not isinstance(raw_res, list) or not all(isinstance(r, str) and r for r in raw_res):
+            c.add(f"{base}.resources", "must be a list of resource ARNs (or '*')")
+        else:
+            resources = list(raw_res)
+    return actions, tuple(resources)
+
+
+def parse_actions(c: _Checker | None, raw: Any, path: str, *, required: bool = False) -> tuple[str, ...]:
+    checker = c or _Checker()
+    if raw is None:
+        if required:
+            checker.add(path, "is required: a list of IAM actions such as s3:GetObject")
+        return ()
+    if not isinstance(raw, list) or (not raw and required):
+        checker.add(path, "must be a non-empty list of IAM actions such as s3:GetObject")
+        return ()
+    out: list[str] = []
+    for i, a in enumerate(raw):
+        if not isinstance(a, str) or not _ACTION_RE.match(a):
+            checker.add(f"{path}[{i}]", f"{a!r} is not an IAM action (service:Action, e.g. ec2:DescribeInstances)")
+        else:
+            out.append(a)
+    if len(out) > 100:
+        checker.add(path, "at most 100 actions can be checked at once")
+    if c is None and checker.problems:
+        raise ConnectorInvalid(checker.problems)
+    return tuple(dict.fromkeys(out))

@@ -1,0 +1,1 @@
+"""Logs, metrics and the health/status HTTP endpoints."""

@@ -1,0 +1,184 @@
+"""Structured logging: JSON in production, console on a terminal, and no secret ever printed.
+
+The :class:`Redactor` is one object owned by the process's owner (agent or control plane) and
+used in two places: as the last processor before rendering (so every event, stdlib records from
+botocore and aiohttp included, is scrubbed) and on task results before they leave the delegate.
+It masks the *values* of secrets the process has seen (delegate token, resolved connector
+secrets, AWS secret keys and session tokens) wherever they appear, and the values of keys that
+look secret.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, MutableMapping
+from typing import Any, Literal, TextIO
+
+import msgspec
+import structlog
+
+MASK = "[REDACTED]"
+LogFormat = Literal["json", "console"]
+
+_SECRET_KEY = re.compile(
+    r"(secret|password|passwd|token|authorization|api[_-]?key|apikey|private[_-]?key|session[_-]?key|credential|"
+    r"external[_-]?id|signature|cookie)",
+    re.IGNORECASE,
+)
+# Keys that mention a secret but hold none: where it is, what it is called, how many there are.
+_SAFE_SUFFIXES = (
+    "_file",
+    "_path",
+    "_name",
+    "_names",
+    "_id",
+    "_ids",
+    "_ref",
+    "_refs",
+    "_source",
+    "_type",
+    "_count",
+    "_seconds",
+    "_dir",
+    "file",
+    "path",
+    "Ref",
+    "Name",
+    "Id",
+    "Type",
+    "Source",
+)
+_MIN_SECRET_LENGTH = 6
+
+
+class Redactor:
+    """Masks known secret values and secret-looking keys; thread-safe, bounded."""
+
+    def __init__(self, max_values: int = 4096) -> None:
+        self._values: OrderedDict[str, None] = OrderedDict()
+        self._max = max_values
+        self._lock = threading.Lock()
+        self._pattern: re.Pattern[str] | None = None
+
+    def add(self, *values: str | None) -> None:
+        """Remember secret values so they are masked wherever they show up later."""
+        with self._lock:
+            changed = False
+            for value in values:
+                if not value or len(value) < _MIN_SECRET_LENGTH:
+                    continue
+                if value in self._values:
+                    self._values.move_to_end(value)
+                    continue
+                self._values[value] = None
+                changed = True
+                while len(self._values) > self._max:
+                    self._values.popitem(last=False)
+            if changed:
+                # Longest first, so a secret that contains another is masked whole.
+                alts = sorted(self._values, key=len, reverse=True)
+                self._pattern = re.compile("|".join(re.escape(v) for v in alts)) if alts else None
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def text(self, value: str) -> str:
+        pattern = self._pattern
+        if pattern is None or not value:
+            return value
+        return pattern.sub(MASK, value)
+
+    def value(self, value: Any, key: str | None = None) -> Any:
+        """A copy of ``value`` with secrets masked (dicts and lists are walked)."""
+        if key is not None and is_secret_key(key) and value not in (None, "", [], {}):
+            return MASK
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, Mapping):
+            return {k: self.value(v, str(k)) for k, v in value.items()}
+        if isinstance(value, list | tuple | set | frozenset):
+            return [self.value(v) for v in value]
+        if isinstance(value, BaseException):
+            return self.text(f"{type(value).__name__}: {value}")
+        return value
+
+    def __call__(self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        for k in list(event_dict):
+            event_dict[k] = self.value(event_dict[k], None if k == "event" else k)
+        return event_dict
+
+
+def is_secret_key(key: str) -> bool:
+    return bool(_SECRET_KEY.search(key)) and not key.endswith(_SAFE_SUFFIXES)
+
+
+def _json_dumps(obj: Any, **_: Any) -> str:
+    return msgspec.json.encode(obj, enc_hook=str).decode()
+
+
+def configure_logging(
+    *,
+    fmt: LogFormat | None = None,
+    level: str = "info",
+    redactor: Redactor | None = None,
+    stream: TextIO | None = None,
+    static: Mapping[str, Any] | None = None,
+) -> None:
+    """Configure structlog and route stdlib logging through it (called once, at the edge)."""
+    stream = stream or sys.stderr
+    if fmt is None:
+        fmt = "console" if stream.isatty() else "json"
+    redact = redactor or Redactor()
+    renderer: Any
+    if fmt == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    else:
+        renderer = structlog.processors.JSONRenderer(serializer=_json_dumps)
+    extra: list[Any] = []
+    if static:
+        fixed = dict(static)
+
+        def add_static(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+            for k, v in fixed.items():
+                event_dict.setdefault(k, v)
+            return event_dict
+
+        extra.append(add_static)
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        *extra,
+    ]
+    numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+    structlog.configure(
+        processors=[*shared, structlog.processors.format_exc_info, redact, renderer],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.WriteLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*shared, structlog.stdlib.add_logger_name],
+            processors=[
+                structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+                structlog.processors.format_exc_info,
+                redact,
+                renderer,
+            ],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(max(numeric, logging.INFO))
+    for noisy in ("botocore", "aiobotocore", "aiohttp.access", "urllib3", "werkzeug", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def known_secret_values(values: Iterable[str | None]) -> list[str]:
+    return [v for v in values if v and len(v) >= _MIN_SECRET_LENGTH]
