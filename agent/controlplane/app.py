@@ -1,0 +1,272 @@
+"""The reference control plane as a service: wiring, credentials, HTTP server, lifecycle.
+
+``ControlPlaneService`` is what the CLI, the demo and the tests start. It owns the SQLite store,
+the :class:`ControlPlane` core, the token verifier and the aiohttp runner, and stops them in
+reverse order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from agent.aws.platform import PlatformValidator
+from agent.controlplane.core import ControlPlane, ControlPlaneSettings, TaskSigner
+from agent.controlplane.openapi import build_openapi
+from agent.controlplane.routes import MAX_BODY_BYTES, ROUTES, Handlers, bind, error_middleware
+from agent.controlplane.store import Store
+from agent.protocol.auth import TokenKey, TokenVerifier, generate_token, token_id
+
+log = structlog.get_logger("controlplane")
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class CredentialsError(Exception):
+    """The delegate tokens or API keys cannot be loaded; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class ControlPlaneConfig:
+    """Everything ``delegate-agent control-plane`` takes from its flags and environment."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    data_dir: Path | None = None
+    delegate_token_file: Path | None = None
+    #: ``CONTROL_PLANE_DELEGATE_TOKENS``: comma-separated tokens, each ``name:token`` or ``token``.
+    delegate_tokens: str | None = field(default=None, repr=False)
+    api_key_file: Path | None = None
+    api_key: str | None = field(default=None, repr=False)
+    secrets_dir: Path | None = None
+    settings: ControlPlaneSettings = field(default_factory=ControlPlaneSettings)
+
+
+def parse_token_lines(text: str, source: str) -> list[TokenKey]:
+    """Delegate tokens, one per line (``name:token`` or a bare token); ``#`` starts a comment."""
+    keys: list[TokenKey] = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, secret = line.partition(":")
+        if not sep:
+            name, secret = "", line
+        name, secret = name.strip(), secret.strip()
+        if name and not _NAME_RE.match(name):
+            raise CredentialsError(f"{source}, line {number}: token names use letters, digits, '_', '.', '-'")
+        if len(secret) < 16:
+            raise CredentialsError(f"{source}, line {number}: a delegate token needs at least 16 characters")
+        keys.append(TokenKey(name=name or f"token-{token_id(secret)[:8]}", secret=secret))
+    return keys
+
+
+def _read_private(path: Path, what: str) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise CredentialsError(f"cannot read the {what} file {path}: {exc.strerror}") from None
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+@dataclass
+class Credentials:
+    tokens: list[TokenKey]
+    api_keys: list[str] = field(repr=False)
+    generated: list[Path]
+
+
+def load_credentials(config: ControlPlaneConfig) -> Credentials:
+    """Delegate tokens and API keys from files or environment; generated into the data dir if absent."""
+    generated: list[Path] = []
+    if config.delegate_token_file is not None:
+        tokens = parse_token_lines(
+            _read_private(config.delegate_token_file, "delegate token"), str(config.delegate_token_file)
+        )
+    elif config.delegate_tokens:
+        tokens = parse_token_lines(config.delegate_tokens.replace(",", "\n"), "CONTROL_PLANE_DELEGATE_TOKENS")
+    else:
+        tokens = _generated_tokens(config, generated)
+    if not tokens:
+        raise CredentialsError("no delegate token configured: the token file is empty")
+
+    if config.api_key_file is not None:
+        api_keys = [k.strip() for k in _read_private(config.api_key_file, "API key").splitlines() if k.strip()]
+    elif config.api_key:
+        api_keys = [config.api_key.strip()]
+    else:
+        api_keys = [_generated_secret(config, "api-key", generated)]
+    if not api_keys:
+        raise CredentialsError("no API key configured: the API key file is empty")
+    return Credentials(tokens=tokens, api_keys=api_keys, generated=generated)
+
+
+def _generated_tokens(config: ControlPlaneConfig, generated: list[Path]) -> list[TokenKey]:
+    secret = _generated_secret(config, "delegate-token", generated)
+    return [TokenKey(name="default", secret=secret)]
+
+
+def _generated_secret(config: ControlPlaneConfig, name: str, generated: list[Path]) -> str:
+    if config.data_dir is None:
+        raise CredentialsError(f"no {name.replace('-', ' ')} given and no --data-dir to generate one into")
+    path = config.data_dir / name
+    if path.exists():
+        value = _read_private(path, name).strip()
+        if value:
+            return value
+    value = generate_token()
+    _write_private(path, value + "\n")
+    generated.append(path)
+    return value
+
+
+class ControlPlaneService:
+    """A running control plane: start() binds the port, stop() shuts everything down in order."""
+
+    def __init__(
+        self,
+        config: ControlPlaneConfig,
+        *,
+        platform_validator: PlatformValidator | None = None,
+        task_signer: TaskSigner | None = None,
+        task_public_key: str | None = None,
+        clock: Any = None,
+    ) -> None:
+        self.config = config
+        creds = load_credentials(config)
+        self.credentials = creds
+        if config.data_dir is not None:
+            config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(config.data_dir / "controlplane.sqlite3" if config.data_dir else None)
+        kwargs: dict[str, Any] = {"platform_validator": platform_validator, "task_signer": task_signer}
+        if clock is not None:
+            kwargs["clock"] = clock
+        self.core = ControlPlane(self.store, config.settings, **kwargs)
+        self.verifier = TokenVerifier(
+            creds.tokens, audience=config.settings.audience, revoked=self.store.revoked_tokens()
+        )
+        self.handlers = Handlers(
+            self.core, self.verifier, creds.api_keys, build_openapi(), task_public_key=task_public_key
+        )
+        self.app = make_app(self.handlers)
+        self._runner: web.AppRunner | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._token_stamp = self._stamp()
+        self.url = ""
+
+    @property
+    def api_key(self) -> str:
+        return self.credentials.api_keys[0]
+
+    async def start(self) -> str:
+        for path in self.credentials.generated:
+            log.warning(
+                "controlplane.credentials_generated",
+                path=str(path),
+                hint="no token or API key was configured; one was generated here (mode 0600)",
+            )
+        self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None, shutdown_timeout=2.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
+        await site.start()
+        sockets = self._runner.addresses
+        host, port = sockets[0][0], sockets[0][1]
+        self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        await self.core.start()
+        if self.config.delegate_token_file is not None:
+            self._watch = asyncio.create_task(self._watch_tokens(), name="controlplane-token-watch")
+        log.info(
+            "controlplane.started",
+            url=self.url,
+            data_dir=str(self.config.data_dir or "(memory)"),
+            tokens=[k.name for k in self.verifier.keys],
+        )
+        return self.url
+
+    async def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+        await self.core.stop()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        self.store.close()
+        log.info("controlplane.stopped")
+
+    async def __aenter__(self) -> ControlPlaneService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def _stamp(self) -> tuple[int, int] | None:
+        path = self.config.delegate_token_file
+        if path is None:
+            return None
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def reload_tokens(self) -> bool:
+        """Re-read the delegate token file (rotation without a restart). True when it changed."""
+        if self.config.delegate_token_file is None:
+            return False
+        stamp = self._stamp()
+        if stamp == self._token_stamp:
+            return False
+        self._token_stamp = stamp
+        try:
+            keys = parse_token_lines(
+                _read_private(self.config.delegate_token_file, "delegate token"), str(self.config.delegate_token_file)
+            )
+        except CredentialsError as exc:
+            log.error("controlplane.token_reload_failed", error=str(exc), hint="keeping the previous tokens")
+            return False
+        if not keys:
+            log.error(
+                "controlplane.token_reload_failed", error="the token file is empty", hint="keeping the previous tokens"
+            )
+            return False
+        self.verifier.replace_keys(keys)
+        log.info("controlplane.tokens_reloaded", tokens=[k.name for k in keys])
+        return True
+
+    async def _watch_tokens(self) -> None:
+        while True:
+            await asyncio.sleep(2.0)
+            self.reload_tokens()
+
+
+def make_app(handlers: Handlers) -> web.Application:
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[error_middleware])
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, bind(route, handlers), name=route.handler)
+    return app
+
+
+def config_from_env(environ: Mapping[str, str], **overrides: Any) -> ControlPlaneConfig:
+    """Read ``CONTROL_PLANE_*`` variables (the CLI passes flags as overrides)."""
+    values: dict[str, Any] = {
+        "delegate_tokens": environ.get("CONTROL_PLANE_DELEGATE_TOKENS") or None,
+        "api_key": environ.get("CONTROL_PLANE_API_KEY") or None,
+    }
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return ControlPlaneConfig(**values)

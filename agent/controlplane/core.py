@@ -1,0 +1,818 @@
+"""The control plane's behaviour, independent of HTTP: routing, leases, long polls, connectors.
+
+Routing follows Harness: a task goes only to a connected delegate that supports its type and whose
+tags (its name included, case-insensitively) contain **all** of the task's selectors. Leases fence
+results: only the current lease's result is accepted, once; an expired lease re-queues the task
+(bounded attempts). Every state change is written to SQLite before it is acted on, and
+:meth:`ControlPlane.recover` rebuilds the in-memory index after a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from agent.aws.connector import AwsConnector, ConnectorInvalid, parse_actions, parse_connector
+from agent.aws.platform import PlatformValidator
+from agent.controlplane.store import ConnectorRow, DelegateRow, Store, TaskRow, with_updates
+from agent.protocol.auth import DEFAULT_AUDIENCE
+from agent.protocol.errors import Code
+from agent.protocol.models import (
+    TASK_TYPE_AWS_VALIDATE,
+    AcquireRequest,
+    AcquireResponse,
+    ApplyResult,
+    ConnectorRecord,
+    DelegateView,
+    HeartbeatRequest,
+    HeartbeatResponse,
+    Intervals,
+    LeaseResponse,
+    Problem,
+    RegisterRequest,
+    RegisterResponse,
+    Task,
+    TaskResult,
+    TaskView,
+    TestRequest,
+    ValidationSummary,
+)
+
+Clock = Callable[[], float]
+#: Signs a task for the delegate (detached signature over the task's canonical bytes).
+TaskSigner = Callable[[Task], str]
+
+log = structlog.get_logger("controlplane")
+
+
+class ApiFailure(Exception):
+    """A request the control plane refuses; the HTTP layer turns it into an error body."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        problems: Iterable[Problem] = (),
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+        self.problems = list(problems)
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class ControlPlaneSettings:
+    """Timings the control plane enforces and hands to every delegate at registration."""
+
+    heartbeat_seconds: float = 10.0
+    poll_wait_seconds: float = 20.0
+    lease_seconds: float = 30.0
+    #: A delegate silent this long is disconnected and its leases re-queue (default 3 heartbeats).
+    disconnect_after_seconds: float | None = None
+    #: How long a task may wait for an eligible delegate before it fails.
+    pickup_timeout_seconds: float = 30.0
+    #: Execution budget handed to the delegate (Harness: 2 minutes).
+    task_timeout_seconds: float = 120.0
+    max_attempts: int = 3
+    #: After timeout plus this, a running task fails even if its lease is still renewed.
+    execution_grace_seconds: float = 30.0
+    sweep_interval_seconds: float = 0.5
+    forget_disconnected_after_seconds: float = 6 * 3600.0
+    keep_done_tasks_seconds: float = 7 * 86400.0
+    audience: str = DEFAULT_AUDIENCE
+
+    @property
+    def disconnect_after(self) -> float:
+        return self.disconnect_after_seconds or 3 * self.heartbeat_seconds
+
+    def intervals(self) -> Intervals:
+        return Intervals(
+            heartbeat_seconds=self.heartbeat_seconds,
+            poll_wait_seconds=self.poll_wait_seconds,
+            lease_seconds=self.lease_seconds,
+        )
+
+
+def ts(value: float) -> datetime:
+    return datetime.fromtimestamp(value, UTC)
+
+
+def normalise_tags(tags: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(t.strip().lower() for t in tags if t.strip()))
+
+
+@dataclass
+class _Waiter:
+    delegate_id: str
+    tags: frozenset[str]
+    types: frozenset[str]
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+QueueKey = tuple[str, frozenset[str]]
+
+
+class ControlPlane:
+    """Owner of the control plane's state; one per process."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: ControlPlaneSettings | None = None,
+        *,
+        clock: Clock = time.time,
+        platform_validator: PlatformValidator | None = None,
+        task_signer: TaskSigner | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings or ControlPlaneSettings()
+        self._clock = clock
+        self._platform_validator = platform_validator
+        self._task_signer = task_signer
+        # In-memory index over the queued and running tasks (rebuilt by recover()).
+        self._heaps: dict[QueueKey, list[tuple[float, str]]] = {}
+        self._queued: dict[str, QueueKey] = {}
+        self._running: dict[str, TaskRow] = {}
+        self._waiters: list[_Waiter] = []
+        self._done_events: dict[str, asyncio.Event] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self.recover()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Rebuild the index from the database after a (re)start, without punishing anyone.
+
+        Delegates could not heartbeat and leases could not be renewed while we were down, so both
+        get a fresh allowance instead of expiring the moment we come back.
+        """
+        now = self._clock()
+        self._heaps.clear()
+        self._queued.clear()
+        self._running.clear()
+        with self.store.transaction():
+            for d in self.store.delegates():
+                if d.state != "disconnected":
+                    self.store.update_delegate(d.id, last_heartbeat=now)
+            for queued in self.store.tasks_in_state("queued"):
+                deadline = max(queued.pickup_deadline, now + queued.pickup_timeout)
+                self.store.update_task(queued.id, pickup_deadline=deadline)
+                self._enqueue(with_updates(queued, pickup_deadline=deadline))
+            for running in self.store.tasks_in_state("running"):
+                expires = max(running.lease_expires_at or 0.0, now + self.settings.lease_seconds)
+                self.store.update_task(running.id, lease_expires_at=expires)
+                self._running[running.id] = with_updates(running, lease_expires_at=expires)
+
+    async def start(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep_forever(), name="controlplane-sweeper")
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        for w in self._waiters:
+            w.event.set()
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            try:
+                self.sweep()
+            except Exception:
+                log.exception("controlplane.sweep_failed")
+            await asyncio.sleep(self.settings.sweep_interval_seconds)
+
+    # --- delegates ---------------------------------------------------------------------------
+
+    def register(self, req: RegisterRequest, *, token_name: str | None) -> RegisterResponse:
+        now = self._clock()
+        existing = self.store.delegate_by_instance(req.instance_id)
+        delegate_id = existing.id if existing else "dlg_" + secrets.token_hex(8)
+        tags = normalise_tags([*req.tags, req.name])
+        row = DelegateRow(
+            id=delegate_id,
+            name=req.name,
+            instance_id=req.instance_id,
+            hostname=req.hostname,
+            tags=tags,
+            version=req.version,
+            task_types=tuple(req.task_types),
+            capacity=req.capacity,
+            state="running",
+            in_flight=existing.in_flight if existing else 0,
+            token_name=token_name,
+            registered_at=existing.registered_at if existing else now,
+            last_heartbeat=now,
+        )
+        self.store.save_delegate(row)
+        log.info(
+            "controlplane.delegate_registered",
+            delegate_id=delegate_id,
+            delegate=req.name,
+            tags=list(tags),
+            again=existing is not None,
+        )
+        self._wake_for_delegate(row)
+        return RegisterResponse(delegate_id=delegate_id, intervals=self.settings.intervals(), server_time=ts(now))
+
+    def _delegate(self, delegate_id: str) -> DelegateRow:
+        d = self.store.get_delegate(delegate_id)
+        if d is None:
+            raise ApiFailure(404, Code.UNKNOWN_DELEGATE, f"unknown delegate {delegate_id}: register again")
+        return d
+
+    def _touch(self, d: DelegateRow, **values: Any) -> DelegateRow:
+        values["last_heartbeat"] = self._clock()
+        if d.state == "disconnected" and "state" not in values:
+            values["state"] = "running"
+            log.info("controlplane.delegate_reconnected", delegate_id=d.id, delegate=d.name)
+        self.store.update_delegate(d.id, **values)
+        return with_updates(d, **values)
+
+    def heartbeat(self, delegate_id: str, req: HeartbeatRequest) -> HeartbeatResponse:
+        d = self._touch(self._delegate(delegate_id), state=req.state, in_flight=len(req.in_flight))
+        cancel = [t.id for t in self._running.values() if t.delegate_id == d.id and t.cancel_requested]
+        return HeartbeatResponse(cancel=cancel, intervals=self.settings.intervals())
+
+    def deregister(self, delegate_id: str) -> None:
+        d = self._delegate(delegate_id)
+        with self.store.transaction():
+            self.store.update_delegate(d.id, state="disconnected", in_flight=0)
+            for t in list(self._running.values()):
+                if t.delegate_id == d.id:
+                    self._requeue(t, reason=f"delegate {d.name} deregistered", count_attempt=False)
+        log.info("controlplane.delegate_deregistered", delegate_id=d.id, delegate=d.name)
+
+    def forget_delegate(self, delegate_id: str) -> None:
+        """Remove a delegate entirely; if it is alive, it will be told to register again."""
+        d = self._delegate(delegate_id)
+        with self.store.transaction():
+            for t in list(self._running.values()):
+                if t.delegate_id == d.id:
+                    self._requeue(t, reason=f"delegate {d.name} was removed", count_attempt=False)
+            self.store.delete_delegate(d.id)
+
+    def delegate_views(self) -> list[DelegateView]:
+        return [self._delegate_view(d) for d in self.store.delegates()]
+
+    def _delegate_view(self, d: DelegateRow) -> DelegateView:
+        return DelegateView(
+            delegate_id=d.id,
+            name=d.name,
+            instance_id=d.instance_id,
+            hostname=d.hostname,
+            tags=list(d.tags),
+            version=d.version,
+            task_types=list(d.task_types),
+            capacity=d.capacity,
+            state=d.state,  # type: ignore[arg-type]
+            in_flight=sum(1 for t in self._running.values() if t.delegate_id == d.id),
+            registered_at=ts(d.registered_at),
+            last_heartbeat_at=ts(d.last_heartbeat),
+            token_name=d.token_name,
+        )
+
+    # --- acquisition -------------------------------------------------------------------------
+
+    async def acquire(
+        self,
+        delegate_id: str,
+        req: AcquireRequest,
+        *,
+        gone: Callable[[], bool] = lambda: False,
+    ) -> AcquireResponse:
+        """Lease up to ``max_tasks`` tasks, holding the request open up to ``wait_seconds``."""
+        d = self._touch(self._delegate(delegate_id))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(req.wait_seconds, self.settings.poll_wait_seconds + 5)
+        while True:
+            if d.state == "draining":
+                return AcquireResponse(tasks=[])
+            tasks = self._take(d, req.max_tasks)
+            if tasks:
+                return AcquireResponse(tasks=tasks)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return AcquireResponse(tasks=[])
+            waiter = _Waiter(d.id, frozenset(d.tags), frozenset(d.task_types))
+            self._waiters.append(waiter)
+            try:
+                async with asyncio.timeout(remaining):
+                    await waiter.event.wait()
+            except TimeoutError:
+                return AcquireResponse(tasks=[])
+            finally:
+                self._waiters.remove(waiter)
+            if gone():
+                # The delegate hung up while we waited: do not lease tasks into a closed socket.
+                return AcquireResponse(tasks=[])
+            refreshed = self.store.get_delegate(d.id)
+            if refreshed is None:
+                raise ApiFailure(404, Code.UNKNOWN_DELEGATE, f"unknown delegate {delegate_id}: register again")
+            d = refreshed
+
+    def _eligible_keys(self, d: DelegateRow) -> list[QueueKey]:
+        tags, types = frozenset(d.tags), frozenset(d.task_types)
+        return [k for k, heap in self._heaps.items() if heap and k[0] in types and k[1] <= tags]
+
+    def _take(self, d: DelegateRow, limit: int) -> list[Task]:
+        now = self._clock()
+        keys = self._eligible_keys(d)
+        chosen: list[str] = []
+        while keys and len(chosen) < limit:
+            # Oldest first across every queue this delegate may serve.
+            best: QueueKey | None = None
+            for k in keys:
+                heap = self._heaps[k]
+                while heap and self._queued.get(heap[0][1]) != k:
+                    heapq.heappop(heap)  # lazily drop entries already leased or failed
+                if heap and (best is None or heap[0] < self._heaps[best][0]):
+                    best = k
+            if best is None:
+                break
+            _, task_id = heapq.heappop(self._heaps[best])
+            del self._queued[task_id]
+            chosen.append(task_id)
+        if not chosen:
+            return []
+        leased: list[Task] = []
+        with self.store.transaction():
+            for task_id in chosen:
+                t = self.store.get_task(task_id)
+                if t is None or t.state != "queued":
+                    continue
+                if t.pickup_deadline < now:
+                    self._fail_unpicked(t)
+                    continue
+                lease_id = "lse_" + secrets.token_hex(12)
+                values = {
+                    "state": "running",
+                    "lease_id": lease_id,
+                    "delegate_id": d.id,
+                    "delegate_name": d.name,
+                    "lease_expires_at": now + self.settings.lease_seconds,
+                    "started_at": now,
+                    "attempts": t.attempts + 1,
+                }
+                self.store.update_task(t.id, **values)
+                t = with_updates(t, **values)
+                self._running[t.id] = t
+                leased.append(self._wire_task(t))
+        return leased
+
+    def _wire_task(self, t: TaskRow) -> Task:
+        assert t.lease_id is not None and t.lease_expires_at is not None
+        return Task(
+            task_id=t.id,
+            lease_id=t.lease_id,
+            type=t.type,
+            payload=t.payload,
+            created_at=ts(t.created_at),
+            lease_seconds=self.settings.lease_seconds,
+            lease_expires_at=ts(t.lease_expires_at),
+            timeout_seconds=t.timeout_seconds,
+            attempt=t.attempts,
+            signature=t.signature,
+        )
+
+    # --- leases and results ------------------------------------------------------------------
+
+    def _lease(self, lease_id: str) -> TaskRow:
+        now = self._clock()
+        t = next((r for r in self._running.values() if r.lease_id == lease_id), None)
+        if t is None:
+            raise ApiFailure(
+                409, Code.LEASE_FENCED, "the lease is no longer valid: the task expired, was reassigned or is finished"
+            )
+        if (t.lease_expires_at or 0) < now:
+            self._requeue(t, reason="lease expired before renewal")
+            raise ApiFailure(409, Code.LEASE_FENCED, "the lease expired; the task went back to the queue")
+        return t
+
+    def renew(self, lease_id: str) -> LeaseResponse:
+        t = self._lease(lease_id)
+        expires = self._clock() + self.settings.lease_seconds
+        self.store.update_task(t.id, lease_expires_at=expires)
+        t = with_updates(t, lease_expires_at=expires)
+        self._running[t.id] = t
+        if t.delegate_id:
+            d = self.store.get_delegate(t.delegate_id)
+            if d is not None:
+                self._touch(d)
+        return LeaseResponse(
+            lease_expires_at=ts(expires), lease_seconds=self.settings.lease_seconds, cancel_requested=t.cancel_requested
+        )
+
+    def release(self, lease_id: str) -> None:
+        """The delegate gives a task back (draining): it re-queues at once, without using an attempt."""
+        t = self._lease(lease_id)
+        self._requeue(t, reason="given back by the delegate", count_attempt=False)
+
+    def submit_result(self, task_id: str, result: TaskResult) -> str:
+        """Record a delegate's result; returns "accepted" or "duplicate" (idempotent per lease)."""
+        t = self.store.get_task(task_id)
+        if t is None:
+            raise ApiFailure(404, Code.NOT_FOUND, f"unknown task {task_id}")
+        if t.state == "done":
+            if t.result_lease_id == result.lease_id:
+                return "duplicate"
+            raise ApiFailure(409, Code.LEASE_FENCED, "the task was already completed under another lease")
+        if t.state != "running" or t.lease_id != result.lease_id:
+            raise ApiFailure(
+                409,
+                Code.LEASE_FENCED,
+                "this lease no longer owns the task (it expired and the task was re-queued or reassigned)",
+            )
+        if (t.lease_expires_at or 0) < self._clock():
+            self._requeue(t, reason="result arrived after the lease expired")
+            raise ApiFailure(
+                409, Code.LEASE_FENCED, "the lease expired before the result arrived; the task was re-queued"
+            )
+        output = dict(result.output)
+        output.setdefault("status", result.status)
+        self._complete(t, status=result.status, result=output, lease_id=result.lease_id)
+        return "accepted"
+
+    def _complete(
+        self,
+        t: TaskRow,
+        *,
+        status: str,
+        result: dict[str, Any],
+        lease_id: str | None = None,
+        failure_reason: str | None = None,
+    ) -> TaskRow:
+        now = self._clock()
+        values = {
+            "state": "done",
+            "status": status,
+            "result": result,
+            "result_lease_id": lease_id,
+            "failure_reason": failure_reason,
+            "completed_at": now,
+            "lease_expires_at": None,
+        }
+        with self.store.transaction():
+            self.store.update_task(t.id, **values)
+            if t.connector_id:
+                self.store.update_connector(
+                    t.connector_id,
+                    last_task_id=t.id,
+                    last_status=status,
+                    last_tested_at=now,
+                    last_delegate_name=t.delegate_name if lease_id else None,
+                    last_error_summary=result.get("errorSummary") if status != "SUCCESS" else None,
+                )
+        self._running.pop(t.id, None)
+        self._queued.pop(t.id, None)
+        event = self._done_events.pop(t.id, None)
+        if event is not None:
+            event.set()
+        log.info("controlplane.task_done", task_id=t.id, status=status, delegate=t.delegate_name, reason=failure_reason)
+        return with_updates(t, **values)
+
+    def _requeue(self, t: TaskRow, *, reason: str, count_attempt: bool = True) -> None:
+        attempts = t.attempts if count_attempt else max(0, t.attempts - 1)
+        if count_attempt and attempts >= t.max_attempts:
+            self._complete(
+                t,
+                status="FAILURE",
+                result=failure_document(
+                    f"The delegate {t.delegate_name} stopped responding while running the task "
+                    f"({attempts} attempt(s); last: {reason}).",
+                    reason="delegate_lost",
+                ),
+                failure_reason="delegate_lost",
+            )
+            return
+        now = self._clock()
+        values = {
+            "state": "queued",
+            "lease_id": None,
+            "delegate_id": None,
+            "lease_expires_at": None,
+            "started_at": None,
+            "attempts": attempts,
+            "pickup_deadline": now + t.pickup_timeout,
+        }
+        self.store.update_task(t.id, **values)
+        self._running.pop(t.id, None)
+        t = with_updates(t, **values)
+        self._enqueue(t)
+        log.info("controlplane.task_requeued", task_id=t.id, reason=reason, attempts=attempts)
+
+    # --- tasks -------------------------------------------------------------------------------
+
+    def create_task(
+        self,
+        *,
+        type: str,
+        payload: dict[str, Any],
+        selectors: Iterable[str] = (),
+        connector_id: str | None = None,
+        pickup_timeout: float | None = None,
+        timeout: float | None = None,
+        max_attempts: int | None = None,
+    ) -> TaskRow:
+        now = self._clock()
+        pickup = pickup_timeout or self.settings.pickup_timeout_seconds
+        row = TaskRow(
+            id="tsk_" + secrets.token_hex(10),
+            type=type,
+            payload=payload,
+            selectors=normalise_tags(selectors),
+            connector_id=connector_id,
+            state="queued",
+            created_at=now,
+            pickup_timeout=pickup,
+            pickup_deadline=now + pickup,
+            timeout_seconds=timeout or self.settings.task_timeout_seconds,
+            attempts=0,
+            max_attempts=max_attempts or self.settings.max_attempts,
+        )
+        if self._task_signer is not None:
+            row = with_updates(row, signature=self._task_signer(self._signable(row)))
+        self.store.insert_task(row)
+        self._enqueue(row)
+        return row
+
+    @staticmethod
+    def _signable(t: TaskRow) -> Task:
+        """The fields a task signature covers (everything but the lease, which changes per attempt)."""
+        return Task(
+            task_id=t.id,
+            lease_id="",
+            type=t.type,
+            payload=t.payload,
+            created_at=ts(t.created_at),
+            lease_seconds=0,
+            lease_expires_at=ts(0),
+            timeout_seconds=t.timeout_seconds,
+            attempt=0,
+        )
+
+    def _enqueue(self, t: TaskRow) -> None:
+        key: QueueKey = (t.type, frozenset(t.selectors))
+        heapq.heappush(self._heaps.setdefault(key, []), (t.created_at, t.id))
+        self._queued[t.id] = key
+        # Wake one long-polling delegate that can take it (the one waiting longest).
+        for w in self._waiters:
+            if not w.event.is_set() and t.type in w.types and key[1] <= w.tags:
+                w.event.set()
+                break
+
+    def _wake_for_delegate(self, d: DelegateRow) -> None:
+        for w in self._waiters:
+            if w.delegate_id == d.id:
+                w.event.set()
+
+    def get_task(self, task_id: str) -> TaskRow:
+        t = self.store.get_task(task_id)
+        if t is None:
+            raise ApiFailure(404, Code.NOT_FOUND, f"unknown task {task_id}")
+        return t
+
+    async def wait_task(self, task_id: str, timeout: float) -> TaskRow:
+        """The task once it is done, or as it is when ``timeout`` runs out."""
+        t = self.get_task(task_id)
+        if t.state == "done" or timeout <= 0:
+            return t
+        event = self._done_events.setdefault(task_id, asyncio.Event())
+        try:
+            async with asyncio.timeout(timeout):
+                await event.wait()
+        except TimeoutError:
+            pass
+        return self.get_task(task_id)
+
+    def cancel_task(self, task_id: str) -> TaskRow:
+        t = self.get_task(task_id)
+        if t.state == "queued":
+            return self._complete(
+                t,
+                status="FAILURE",
+                result=failure_document("The task was cancelled before any delegate picked it up.", reason="cancelled"),
+                failure_reason="cancelled",
+            )
+        if t.state == "running":
+            self.store.update_task(t.id, cancel_requested=True)
+            t = with_updates(t, cancel_requested=True)
+            self._running[t.id] = t
+        return t
+
+    def task_view(self, t: TaskRow) -> TaskView:
+        return TaskView(
+            task_id=t.id,
+            type=t.type,
+            state=t.state,  # type: ignore[arg-type]
+            status=t.status,  # type: ignore[arg-type]
+            selectors=list(t.selectors),
+            connector_id=t.connector_id,
+            created_at=ts(t.created_at),
+            completed_at=ts(t.completed_at) if t.completed_at else None,
+            attempts=t.attempts,
+            delegate_id=t.delegate_id,
+            delegate_name=t.delegate_name,
+            failure_reason=t.failure_reason,
+            result=t.result,
+        )
+
+    # --- the sweeper -------------------------------------------------------------------------
+
+    def sweep(self) -> None:
+        """Apply every deadline that has passed: disconnections, lease expiry, pickup, timeouts."""
+        now = self._clock()
+        with self.store.transaction():
+            for d in self.store.delegates():
+                silent = now - d.last_heartbeat
+                if d.state != "disconnected" and silent > self.settings.disconnect_after:
+                    self.store.update_delegate(d.id, state="disconnected")
+                    log.warning(
+                        "controlplane.delegate_disconnected",
+                        delegate_id=d.id,
+                        delegate=d.name,
+                        silent_seconds=round(silent, 1),
+                    )
+                    for t in list(self._running.values()):
+                        if t.delegate_id == d.id:
+                            self._requeue(t, reason=f"delegate {d.name} disconnected")
+                elif d.state == "disconnected" and silent > self.settings.forget_disconnected_after_seconds:
+                    self.store.delete_delegate(d.id)
+            for t in list(self._running.values()):
+                if (t.lease_expires_at or 0) < now:
+                    self._requeue(t, reason=f"lease held by {t.delegate_name} expired")
+                elif t.started_at and now > t.started_at + t.timeout_seconds + self.settings.execution_grace_seconds:
+                    self._complete(
+                        t,
+                        status="FAILURE",
+                        result=failure_document(
+                            f"The delegate {t.delegate_name} did not finish the task within its timeout "
+                            f"({t.timeout_seconds:.0f}s).",
+                            reason="timeout",
+                        ),
+                        failure_reason="timeout",
+                    )
+            for task_id in list(self._queued):
+                queued = self.store.get_task(task_id)
+                if queued is None:
+                    self._queued.pop(task_id, None)
+                elif queued.pickup_deadline < now:
+                    self._fail_unpicked(queued)
+            self.store.purge_done_tasks(now - self.settings.keep_done_tasks_seconds)
+
+    def _fail_unpicked(self, t: TaskRow) -> None:
+        self._complete(
+            t,
+            status="FAILURE",
+            result=failure_document(self.explain_unpicked(t), reason="no_eligible_delegate"),
+            failure_reason="no_eligible_delegate",
+        )
+
+    def explain_unpicked(self, t: TaskRow) -> str:
+        """Why nobody took a task, in the words a user needs to fix it."""
+        selectors = list(t.selectors)
+        connected = [d for d in self.store.delegates() if d.state != "disconnected"]
+        eligible = [d for d in connected if set(selectors) <= set(d.tags) and t.type in d.task_types]
+        wanted = f"[{', '.join(selectors)}]"
+        waited = f"{t.pickup_timeout:.0f}s"
+        if not connected:
+            return f"No delegate is connected, so nobody picked up the task within {waited}."
+        if not eligible:
+            if selectors:
+                return f"no connected delegate has all of the tags {wanted} (waited {waited})."
+            return f"no connected delegate supports tasks of type {t.type} (waited {waited})."
+        names = ", ".join(sorted(d.name for d in eligible))
+        return (
+            f"Eligible delegates [{names}] did not pick up the task within {waited}: they may be busy "
+            "(all slots in use), draining, or have lost connectivity."
+        )
+
+    # --- connectors --------------------------------------------------------------------------
+
+    def apply_connector(self, document: Any) -> ApplyResult:
+        try:
+            connector = parse_connector(document)
+        except ConnectorInvalid as exc:
+            raise ApiFailure(
+                400, Code.INVALID_CONNECTOR, f"the connector has {len(exc.problems)} problem(s)", problems=exc.problems
+            ) from None
+        now = self._clock()
+        outcome = self.store.put_connector(connector.identifier, connector.name, connector.to_document(), now)
+        row = self.store.get_connector(connector.identifier)
+        assert row is not None
+        return ApplyResult(identifier=connector.identifier, outcome=outcome, connector=self.connector_record(row))
+
+    def get_connector(self, identifier: str) -> ConnectorRow:
+        row = self.store.get_connector(identifier)
+        if row is None:
+            raise ApiFailure(404, Code.NOT_FOUND, f"no connector with identifier {identifier!r}")
+        return row
+
+    def connector_record(self, row: ConnectorRow) -> ConnectorRecord:
+        last = None
+        if row.last_task_id and row.last_status and row.last_tested_at:
+            last = ValidationSummary(
+                task_id=row.last_task_id,
+                status=row.last_status,  # type: ignore[arg-type]
+                tested_at=ts(row.last_tested_at),
+                delegate_name=row.last_delegate_name,
+                error_summary=row.last_error_summary,
+            )
+        return ConnectorRecord(
+            identifier=row.identifier,
+            name=row.name,
+            connector=row.body,
+            created_at=ts(row.created_at),
+            updated_at=ts(row.updated_at),
+            last_test=last,
+        )
+
+    def delete_connector(self, identifier: str) -> None:
+        if not self.store.delete_connector(identifier):
+            raise ApiFailure(404, Code.NOT_FOUND, f"no connector with identifier {identifier!r}")
+
+    async def test_connector(self, identifier: str, req: TestRequest) -> TaskRow:
+        """Queue a validation (or run it here for ``executeOnDelegate: false``) and wait for it."""
+        row = self.get_connector(identifier)
+        try:
+            connector = parse_connector(row.body)
+            permissions = parse_actions(None, req.permissions, "permissions") if req.permissions else ()
+        except ConnectorInvalid as exc:
+            raise ApiFailure(400, Code.INVALID_REQUEST, str(exc), problems=exc.problems) from None
+        payload: dict[str, Any] = {"connector": row.body}
+        if permissions:
+            payload["permissions"] = list(permissions)
+        if not connector.execute_on_delegate:
+            return await self._test_on_platform(connector, payload, permissions, req)
+        task = self.create_task(
+            type=TASK_TYPE_AWS_VALIDATE,
+            payload=payload,
+            selectors=connector.delegate_selectors,
+            connector_id=identifier,
+            pickup_timeout=req.pickup_timeout_seconds,
+            timeout=req.timeout_seconds,
+        )
+        return await self.wait_task(task.id, req.wait_seconds)
+
+    async def _test_on_platform(
+        self, connector: AwsConnector, payload: dict[str, Any], permissions: tuple[str, ...], req: TestRequest
+    ) -> TaskRow:
+        task = self.create_task(
+            type=TASK_TYPE_AWS_VALIDATE, payload=payload, connector_id=connector.identifier, timeout=req.timeout_seconds
+        )
+        # It never enters the delegate queue: the platform runs it now.
+        self._queued.pop(task.id, None)
+        now = self._clock()
+        self.store.update_task(task.id, state="running", delegate_name="platform", started_at=now, attempts=1)
+        task = with_updates(task, state="running", delegate_name="platform", started_at=now, attempts=1)
+        if self._platform_validator is None:
+            return self._complete(
+                task,
+                status="FAILURE",
+                result=failure_document(
+                    "This control plane has no platform validator configured.", reason="unsupported"
+                ),
+                failure_reason="unsupported",
+            )
+        try:
+            async with asyncio.timeout(task.timeout_seconds):
+                result = await self._platform_validator(connector, task.id, permissions)
+        except TimeoutError:
+            return self._complete(
+                task,
+                status="FAILURE",
+                result=failure_document(
+                    f"The platform validation did not finish within {task.timeout_seconds:.0f}s.", reason="timeout"
+                ),
+                failure_reason="timeout",
+            )
+        status = "SUCCESS" if result.get("status") == "SUCCESS" else "FAILURE"
+        return self._complete(task, status=status, result=result, lease_id="platform")
+
+
+def failure_document(message: str, *, reason: str) -> dict[str, Any]:
+    """A failure in the same shape the delegate reports, for failures decided here."""
+    return {
+        "status": "FAILURE",
+        "testedAt": datetime.now(UTC).isoformat(),
+        "errorSummary": message,
+        "errors": [{"reason": reason, "message": message, "code": 450}],
+        "failure": {
+            "step": "delegate_selection" if reason == "no_eligible_delegate" else "control_plane",
+            "category": reason,
+        },
+    }

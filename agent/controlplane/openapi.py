@@ -1,0 +1,195 @@
+"""The OpenAPI 3.1 document, generated from the route table and the shared wire models."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from agent._version import __version__
+from agent.controlplane.routes import ROUTES, Route
+from agent.protocol.models import ErrorBody
+
+_SECRET_REF = {
+    "type": "string",
+    "description": "A secret reference: account.NAME, org.NAME or NAME. The delegate "
+    "reads the file NAME in its AGENT_SECRETS_DIR.",
+    "examples": ["account.aws_secret_key"],
+}
+
+#: The Harness AWS connector document as accepted by POST/PUT /api/v1/connectors (YAML or JSON).
+CONNECTOR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["connector"],
+    "properties": {
+        "connector": {
+            "type": "object",
+            "required": ["name", "type", "spec"],
+            "properties": {
+                "name": {"type": "string", "maxLength": 128},
+                "identifier": {
+                    "type": "string",
+                    "pattern": "^[a-zA-Z_][0-9a-zA-Z_$]{0,127}$",
+                    "description": "Derived from the name when absent.",
+                },
+                "description": {"type": "string"},
+                "orgIdentifier": {"type": "string"},
+                "projectIdentifier": {"type": "string"},
+                "tags": {"type": "object", "additionalProperties": {"type": "string"}},
+                "type": {"const": "Aws"},
+                "spec": {
+                    "type": "object",
+                    "required": ["credential"],
+                    "properties": {
+                        "credential": {
+                            "type": "object",
+                            "required": ["type"],
+                            "properties": {
+                                "type": {"enum": ["InheritFromDelegate", "ManualConfig", "Irsa"]},
+                                "spec": {
+                                    "type": ["object", "null"],
+                                    "properties": {
+                                        "accessKey": {"type": "string"},
+                                        "accessKeyRef": _SECRET_REF,
+                                        "secretKeyRef": _SECRET_REF,
+                                        "delegateSelectors": {"type": "array", "items": {"type": "string"}},
+                                    },
+                                },
+                                "crossAccountAccess": {
+                                    "type": "object",
+                                    "required": ["crossAccountRoleArn"],
+                                    "properties": {
+                                        "crossAccountRoleArn": {"type": "string"},
+                                        "externalId": {"type": "string"},
+                                        "durationSeconds": {"type": "integer", "minimum": 900, "maximum": 43200},
+                                    },
+                                },
+                                "region": {"type": "string", "description": "Test region; default us-east-1."},
+                            },
+                        },
+                        "delegateSelectors": {"type": "array", "items": {"type": "string"}},
+                        "executeOnDelegate": {"type": "boolean", "default": True},
+                        "awsSdkClientBackOffStrategyOverride": {
+                            "type": "object",
+                            "properties": {
+                                "type": {
+                                    "enum": [
+                                        "FixedDelayBackoffStrategy",
+                                        "EqualJitterBackoffStrategy",
+                                        "FullJitterBackoffStrategy",
+                                    ]
+                                },
+                                "spec": {"type": "object"},
+                            },
+                        },
+                        "permissionCheck": {
+                            "type": "object",
+                            "properties": {
+                                "actions": {"type": "array", "items": {"type": "string"}},
+                                "resources": {"type": "array", "items": {"type": "string"}},
+                            },
+                        },
+                    },
+                },
+            },
+        }
+    },
+}
+
+
+def _models(routes: tuple[Route, ...]) -> list[type[Any]]:
+    found: list[type[Any]] = [ErrorBody]
+    for r in routes:
+        for t in [r.request, *(m for _, m in r.responses.values())]:
+            if t is not None and t not in found:
+                found.append(t)
+    return found
+
+
+def build_openapi(routes: tuple[Route, ...] = ROUTES) -> dict[str, Any]:
+    models = _models(routes)
+    schemas, components = msgspec.json.schema_components(models, ref_template="#/components/schemas/{name}")
+    ref = dict(zip(models, schemas, strict=True))
+    components = dict(components)
+    components["ConnectorDocument"] = CONNECTOR_SCHEMA
+    error = {"description": "", "content": {"application/json": {"schema": ref[ErrorBody]}}}
+
+    paths: dict[str, dict[str, Any]] = {}
+    for r in routes:
+        op: dict[str, Any] = {"operationId": r.handler, "summary": r.summary, "tags": [r.tag]}
+        params = [
+            {
+                "name": p.name,
+                "in": p.where,
+                "required": p.required if p.where == "query" else True,
+                "description": p.description,
+                "schema": dict(p.schema),
+            }
+            for p in r.params
+        ]
+        if params:
+            op["parameters"] = params
+        if r.request is not None:
+            op["requestBody"] = {
+                "required": not r.request_optional,
+                "content": {"application/json": {"schema": ref[r.request]}},
+            }
+        elif r.body_kind == "connector":
+            schema = {"$ref": "#/components/schemas/ConnectorDocument"}
+            op["requestBody"] = {
+                "required": True,
+                "content": {"application/yaml": {"schema": schema}, "application/json": {"schema": schema}},
+            }
+        responses: dict[str, Any] = {}
+        for status, (desc, model) in sorted(r.responses.items()):
+            entry: dict[str, Any] = {"description": desc}
+            if model is not None:
+                entry["content"] = {"application/json": {"schema": ref[model]}}
+            elif r.handler == "healthz":
+                entry["content"] = {
+                    "application/json": {"schema": {"type": "object", "properties": {"status": {"const": "ok"}}}}
+                }
+            elif r.handler == "openapi":
+                entry["content"] = {"application/json": {"schema": {"type": "object"}}}
+            responses[str(status)] = entry
+        if r.request is not None or r.body_kind == "connector" or r.params:
+            responses.setdefault("400", {**error, "description": "Invalid request: every problem is named"})
+        if r.request is not None or r.body_kind == "connector":
+            responses.setdefault("413", {**error, "description": "Body larger than 1 MiB"})
+            responses.setdefault("415", {**error, "description": "Unsupported content type"})
+        if r.auth == "delegate":
+            op["security"] = [{"delegateToken": []}]
+            responses["401"] = {**error, "description": "Missing, invalid or expired request token"}
+            responses["403"] = {**error, "description": "The delegate token was revoked (code token_revoked)"}
+        elif r.auth == "api":
+            op["security"] = [{"apiKey": []}, {"bearerApiKey": []}]
+            responses["401"] = {**error, "description": "Missing or wrong API key"}
+        else:
+            op["security"] = []
+        op["responses"] = responses
+        paths.setdefault(r.path, {})[r.method.lower()] = op
+
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "delegate-agent control plane",
+            "version": __version__,
+            "description": "Protocol v1 between delegates and the control plane (/v1), and the user API "
+            "(/api/v1) for connectors, tasks and delegates. See docs/protocol.md.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {
+                "delegateToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "bearerFormat": "JWT",
+                    "description": "HS256 JWT minted per request from the delegate token (kid = "
+                    "token fingerprint, aud = the server's audience, at most 1 h).",
+                },
+                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                "bearerApiKey": {"type": "http", "scheme": "bearer", "description": "The API key as a bearer token."},
+            },
+        },
+    }

@@ -1,0 +1,704 @@
+"""HTTP routes of the reference control plane: one table drives both the router and OpenAPI.
+
+Because the aiohttp router and ``/openapi.json`` are generated from the same :data:`ROUTES`, the
+document cannot list a route the server lacks (or the reverse); the tests also check every
+documented status against what the handlers actually return.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import msgspec
+import structlog
+import yaml
+from aiohttp import web
+
+from agent._version import __version__
+from agent.controlplane.core import ApiFailure, ControlPlane, ts
+from agent.protocol.auth import Claims, TokenVerifier
+from agent.protocol.errors import AuthError, Code, error_body
+from agent.protocol.models import (
+    PROTOCOL_VERSION,
+    AcquireRequest,
+    AcquireResponse,
+    ApplyResult,
+    ConnectorList,
+    ConnectorRecord,
+    CreateTaskRequest,
+    DelegateList,
+    ErrorBody,
+    HeartbeatRequest,
+    HeartbeatResponse,
+    LeaseResponse,
+    Problem,
+    RegisterRequest,
+    RegisterResponse,
+    ServerInfo,
+    SubmitResultResponse,
+    TaskList,
+    TaskResult,
+    TaskView,
+    TestRequest,
+    TokenList,
+    TokenView,
+)
+
+log = structlog.get_logger("controlplane.http")
+
+Auth = Literal["delegate", "api", "none"]
+MAX_BODY_BYTES = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    where: Literal["path", "query"]
+    description: str
+    schema: Mapping[str, Any] = field(default_factory=lambda: {"type": "string"})
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: str
+    summary: str
+    tag: str
+    auth: Auth
+    responses: Mapping[int, tuple[str, type[Any] | None]]
+    request: type[Any] | None = None
+    request_optional: bool = False
+    #: "json" bodies decode into ``request``; "connector" bodies are Harness YAML or JSON documents.
+    body_kind: Literal["json", "connector"] = "json"
+    params: tuple[Param, ...] = ()
+
+
+_DELEGATE_ID = Param("delegateId", "path", "The id returned by register.")
+_LEASE_ID = Param("leaseId", "path", "The lease id handed out with the task.")
+_TASK_ID = Param("taskId", "path", "A task id.")
+_IDENTIFIER = Param("identifier", "path", "A connector identifier.")
+
+ROUTES: tuple[Route, ...] = (
+    # --- delegate protocol ---------------------------------------------------------------------
+    Route(
+        "POST",
+        "/v1/delegates/register",
+        "register",
+        "Register a delegate (idempotent per instanceId)",
+        "delegate protocol",
+        "delegate",
+        {200: ("Registered; intervals the server wants", RegisterResponse)},
+        request=RegisterRequest,
+    ),
+    Route(
+        "POST",
+        "/v1/delegates/{delegateId}/heartbeat",
+        "heartbeat",
+        "Heartbeat; answers tasks to cancel",
+        "delegate protocol",
+        "delegate",
+        {
+            200: ("Tasks to cancel and current intervals", HeartbeatResponse),
+            404: ("Unknown delegate: register again (code unknown_delegate)", ErrorBody),
+        },
+        request=HeartbeatRequest,
+        params=(_DELEGATE_ID,),
+    ),
+    Route(
+        "POST",
+        "/v1/delegates/{delegateId}/acquire",
+        "acquire",
+        "Long-poll for up to maxTasks tasks; each comes with a lease",
+        "delegate protocol",
+        "delegate",
+        {
+            200: ("Leased tasks (possibly none when the wait ran out)", AcquireResponse),
+            404: ("Unknown delegate: register again (code unknown_delegate)", ErrorBody),
+        },
+        request=AcquireRequest,
+        params=(_DELEGATE_ID,),
+    ),
+    Route(
+        "POST",
+        "/v1/delegates/{delegateId}/deregister",
+        "deregister",
+        "Deregister (after draining)",
+        "delegate protocol",
+        "delegate",
+        {204: ("Deregistered", None), 404: ("Unknown delegate", ErrorBody)},
+        params=(_DELEGATE_ID,),
+    ),
+    Route(
+        "POST",
+        "/v1/leases/{leaseId}/renew",
+        "renew",
+        "Extend a lease while the task runs",
+        "delegate protocol",
+        "delegate",
+        {
+            200: ("New expiry; says whether a cancel was requested", LeaseResponse),
+            409: ("The lease is no longer valid (code lease_fenced)", ErrorBody),
+        },
+        params=(_LEASE_ID,),
+    ),
+    Route(
+        "POST",
+        "/v1/leases/{leaseId}/release",
+        "release",
+        "Give a task back so it re-queues at once",
+        "delegate protocol",
+        "delegate",
+        {204: ("Released", None), 409: ("The lease is no longer valid (code lease_fenced)", ErrorBody)},
+        params=(_LEASE_ID,),
+    ),
+    Route(
+        "PUT",
+        "/v1/tasks/{taskId}/result",
+        "submit_result",
+        "Submit a result (idempotent per lease)",
+        "delegate protocol",
+        "delegate",
+        {
+            200: ("accepted, or duplicate when this lease already delivered it", SubmitResultResponse),
+            404: ("Unknown task", ErrorBody),
+            409: ("The lease expired or the task was reassigned (code lease_fenced): drop the result", ErrorBody),
+        },
+        request=TaskResult,
+        params=(_TASK_ID,),
+    ),
+    # --- public --------------------------------------------------------------------------------
+    Route(
+        "GET",
+        "/v1/info",
+        "info",
+        "Who this server is (audience, protocol, task signing key)",
+        "public",
+        "none",
+        {200: ("Server information", ServerInfo)},
+    ),
+    Route("GET", "/healthz", "healthz", "Liveness of the control plane", "public", "none", {200: ("Alive", None)}),
+    Route("GET", "/openapi.json", "openapi", "This document", "public", "none", {200: ("OpenAPI 3.1", None)}),
+    # --- user API ------------------------------------------------------------------------------
+    Route(
+        "GET",
+        "/api/v1/connectors",
+        "list_connectors",
+        "List connectors",
+        "connectors",
+        "api",
+        {200: ("Connectors", ConnectorList)},
+    ),
+    Route(
+        "POST",
+        "/api/v1/connectors",
+        "apply_connector",
+        "Create or replace a connector from a Harness YAML or JSON document",
+        "connectors",
+        "api",
+        {
+            200: ("Updated or unchanged", ApplyResult),
+            201: ("Created", ApplyResult),
+            400: ("Invalid connector: every problem is listed", ErrorBody),
+        },
+        body_kind="connector",
+    ),
+    Route(
+        "GET",
+        "/api/v1/connectors/{identifier}",
+        "get_connector",
+        "Get a connector and its latest test",
+        "connectors",
+        "api",
+        {200: ("The connector", ConnectorRecord), 404: ("No such connector", ErrorBody)},
+        params=(_IDENTIFIER,),
+    ),
+    Route(
+        "PUT",
+        "/api/v1/connectors/{identifier}",
+        "put_connector",
+        "Create or replace a connector by identifier",
+        "connectors",
+        "api",
+        {
+            200: ("Updated or unchanged", ApplyResult),
+            201: ("Created", ApplyResult),
+            400: ("Invalid connector: every problem is listed", ErrorBody),
+        },
+        body_kind="connector",
+        params=(_IDENTIFIER,),
+    ),
+    Route(
+        "DELETE",
+        "/api/v1/connectors/{identifier}",
+        "delete_connector",
+        "Delete a connector",
+        "connectors",
+        "api",
+        {204: ("Deleted", None), 404: ("No such connector", ErrorBody)},
+        params=(_IDENTIFIER,),
+    ),
+    Route(
+        "POST",
+        "/api/v1/connectors/{identifier}/test",
+        "test_connector",
+        "Test the connection: queue a validation on an eligible delegate and wait for its result",
+        "connectors",
+        "api",
+        {
+            200: ("The test finished; the result is in the task", TaskView),
+            202: ("Still running after waitSeconds: poll GET /api/v1/tasks/{taskId}", TaskView),
+            400: ("Invalid test request", ErrorBody),
+            404: ("No such connector", ErrorBody),
+        },
+        request=TestRequest,
+        request_optional=True,
+        params=(_IDENTIFIER,),
+    ),
+    Route(
+        "GET",
+        "/api/v1/tasks",
+        "list_tasks",
+        "List recent tasks",
+        "tasks",
+        "api",
+        {200: ("Tasks", TaskList)},
+        params=(
+            Param("state", "query", "queued, running or done", {"enum": ["queued", "running", "done"]}, False),
+            Param("connectorId", "query", "Only this connector's tasks", required=False),
+            Param(
+                "limit",
+                "query",
+                "At most this many (1-1000)",
+                {"type": "integer", "minimum": 1, "maximum": 1000},
+                False,
+            ),
+        ),
+    ),
+    Route(
+        "POST",
+        "/api/v1/tasks",
+        "create_task",
+        "Queue a task of any type (for tooling and load tests)",
+        "tasks",
+        "api",
+        {201: ("Queued", TaskView), 400: ("Invalid task", ErrorBody)},
+        request=CreateTaskRequest,
+    ),
+    Route(
+        "GET",
+        "/api/v1/tasks/{taskId}",
+        "get_task",
+        "Get a task; ?wait=S waits up to S seconds for it to finish",
+        "tasks",
+        "api",
+        {200: ("The task", TaskView), 404: ("No such task", ErrorBody)},
+        params=(
+            _TASK_ID,
+            Param(
+                "wait",
+                "query",
+                "Seconds to wait for completion (0-600)",
+                {"type": "number", "minimum": 0, "maximum": 600},
+                False,
+            ),
+        ),
+    ),
+    Route(
+        "POST",
+        "/api/v1/tasks/{taskId}/cancel",
+        "cancel_task",
+        "Cancel a task",
+        "tasks",
+        "api",
+        {200: ("The task after the request", TaskView), 404: ("No such task", ErrorBody)},
+        params=(_TASK_ID,),
+    ),
+    Route(
+        "GET",
+        "/api/v1/delegates",
+        "list_delegates",
+        "List delegates with their tags and state",
+        "delegates",
+        "api",
+        {200: ("Delegates", DelegateList)},
+    ),
+    Route(
+        "DELETE",
+        "/api/v1/delegates/{delegateId}",
+        "forget_delegate",
+        "Remove a delegate (a live one registers again)",
+        "delegates",
+        "api",
+        {204: ("Removed", None), 404: ("No such delegate", ErrorBody)},
+        params=(_DELEGATE_ID,),
+    ),
+    Route(
+        "GET",
+        "/api/v1/delegate-tokens",
+        "list_tokens",
+        "Delegate tokens the server accepts",
+        "delegates",
+        "api",
+        {200: ("Tokens (fingerprints only)", TokenList)},
+    ),
+    Route(
+        "POST",
+        "/api/v1/delegate-tokens/{name}/revoke",
+        "revoke_token",
+        "Revoke a delegate token: requests signed with it get 403 token_revoked",
+        "delegates",
+        "api",
+        {200: ("Revoked", TokenView), 404: ("No such token", ErrorBody)},
+        params=(Param("name", "path", "Token name or id"),),
+    ),
+)
+
+_CLAIMS = web.RequestKey("claims", Claims)
+_json_encoder = msgspec.json.Encoder()
+
+
+def json_response(value: Any, status: int = 200) -> web.Response:
+    return web.Response(body=_json_encoder.encode(value), status=status, content_type="application/json")
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    *,
+    problems: list[Problem] | None = None,
+    retry_after: float | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    hdrs = dict(headers or {})
+    if retry_after is not None:
+        hdrs["Retry-After"] = str(int(retry_after + 0.999))
+    return web.Response(
+        body=error_body(code, message, problems=problems, retry_after=retry_after),
+        status=status,
+        content_type="application/json",
+        headers=hdrs,
+    )
+
+
+class Handlers:
+    """The route handlers: thin translation between HTTP and :class:`ControlPlane`."""
+
+    def __init__(
+        self,
+        cp: ControlPlane,
+        verifier: TokenVerifier,
+        api_keys: list[str],
+        openapi: dict[str, Any],
+        task_public_key: str | None = None,
+    ) -> None:
+        self.cp = cp
+        self.verifier = verifier
+        self._api_keys = [k.encode() for k in api_keys]
+        self._openapi = _json_encoder.encode(openapi)
+        self._task_public_key = task_public_key
+
+    # --- auth --------------------------------------------------------------------------------
+
+    def check_delegate(self, request: web.Request) -> Claims:
+        return self.verifier.verify(request.headers.get("Authorization"))
+
+    def check_api_key(self, request: web.Request) -> None:
+        given = request.headers.get("X-API-Key")
+        if given is None:
+            scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+            given = value.strip() if scheme.lower() == "bearer" else None
+        if not given:
+            raise AuthError(
+                "missing API key (Authorization: Bearer <key> or X-API-Key)", status=401, code=Code.UNAUTHENTICATED
+            )
+        raw = given.encode()
+        if not any(hmac.compare_digest(raw, k) for k in self._api_keys):
+            raise AuthError("wrong API key", status=401, code=Code.UNAUTHENTICATED)
+
+    # --- delegate protocol -------------------------------------------------------------------
+
+    async def register(self, request: web.Request, body: RegisterRequest) -> web.Response:
+        claims = request[_CLAIMS]
+        return json_response(self.cp.register(body, token_name=claims.token_name))
+
+    async def heartbeat(self, request: web.Request, body: HeartbeatRequest) -> web.Response:
+        return json_response(self.cp.heartbeat(request.match_info["delegateId"], body))
+
+    async def acquire(self, request: web.Request, body: AcquireRequest) -> web.Response:
+        def gone() -> bool:
+            return request.transport is None or request.transport.is_closing()
+
+        return json_response(await self.cp.acquire(request.match_info["delegateId"], body, gone=gone))
+
+    async def deregister(self, request: web.Request, body: None) -> web.Response:
+        self.cp.deregister(request.match_info["delegateId"])
+        return web.Response(status=204)
+
+    async def renew(self, request: web.Request, body: None) -> web.Response:
+        return json_response(self.cp.renew(request.match_info["leaseId"]))
+
+    async def release(self, request: web.Request, body: None) -> web.Response:
+        self.cp.release(request.match_info["leaseId"])
+        return web.Response(status=204)
+
+    async def submit_result(self, request: web.Request, body: TaskResult) -> web.Response:
+        outcome = self.cp.submit_result(request.match_info["taskId"], body)
+        return json_response(SubmitResultResponse(outcome=outcome))  # type: ignore[arg-type]
+
+    # --- public ------------------------------------------------------------------------------
+
+    async def info(self, request: web.Request, body: None) -> web.Response:
+        return json_response(
+            ServerInfo(
+                service="delegate-agent control plane",
+                version=__version__,
+                protocol=PROTOCOL_VERSION,
+                audience=self.cp.settings.audience,
+                task_public_key=self._task_public_key,
+            )
+        )
+
+    async def healthz(self, request: web.Request, body: None) -> web.Response:
+        return json_response({"status": "ok"})
+
+    async def openapi(self, request: web.Request, body: None) -> web.Response:
+        return web.Response(body=self._openapi, content_type="application/json")
+
+    # --- connectors --------------------------------------------------------------------------
+
+    async def list_connectors(self, request: web.Request, body: None) -> web.Response:
+        rows = self.cp.store.connectors()
+        return json_response(ConnectorList(connectors=[self.cp.connector_record(r) for r in rows]))
+
+    async def apply_connector(self, request: web.Request, body: Any) -> web.Response:
+        result = self.cp.apply_connector(body)
+        return json_response(result, 201 if result.outcome == "created" else 200)
+
+    async def get_connector(self, request: web.Request, body: None) -> web.Response:
+        return json_response(self.cp.connector_record(self.cp.get_connector(request.match_info["identifier"])))
+
+    async def put_connector(self, request: web.Request, body: Any) -> web.Response:
+        identifier = request.match_info["identifier"]
+        if isinstance(body, dict) and isinstance(body.get("connector"), dict):
+            given = body["connector"].get("identifier")
+            if given is None:
+                body = {**body, "connector": {**body["connector"], "identifier": identifier}}
+            elif given != identifier:
+                raise ApiFailure(
+                    400,
+                    Code.INVALID_CONNECTOR,
+                    "the identifier in the path and in the body differ",
+                    problems=[
+                        Problem(field="connector.identifier", message=f"is {given!r} but the URL says {identifier!r}")
+                    ],
+                )
+        return await self.apply_connector(request, body)
+
+    async def delete_connector(self, request: web.Request, body: None) -> web.Response:
+        self.cp.delete_connector(request.match_info["identifier"])
+        return web.Response(status=204)
+
+    async def test_connector(self, request: web.Request, body: TestRequest | None) -> web.Response:
+        task = await self.cp.test_connector(request.match_info["identifier"], body or TestRequest())
+        return json_response(self.cp.task_view(task), 200 if task.state == "done" else 202)
+
+    # --- tasks -------------------------------------------------------------------------------
+
+    async def list_tasks(self, request: web.Request, body: None) -> web.Response:
+        state = request.query.get("state")
+        if state not in (None, "queued", "running", "done"):
+            raise ApiFailure(
+                400,
+                Code.INVALID_REQUEST,
+                "state must be queued, running or done",
+                problems=[Problem(field="state", message=f"{state!r} is not a task state")],
+            )
+        limit = _number(request, "limit", 100, 1, 1000, integer=True)
+        rows = self.cp.store.list_tasks(state=state, connector_id=request.query.get("connectorId"), limit=int(limit))
+        return json_response(TaskList(tasks=[self.cp.task_view(t) for t in rows]))
+
+    async def create_task(self, request: web.Request, body: CreateTaskRequest) -> web.Response:
+        row = self.cp.create_task(
+            type=body.type,
+            payload=body.payload,
+            selectors=body.selectors,
+            pickup_timeout=body.pickup_timeout_seconds,
+            timeout=body.timeout_seconds,
+            max_attempts=body.max_attempts,
+        )
+        return json_response(self.cp.task_view(row), 201)
+
+    async def get_task(self, request: web.Request, body: None) -> web.Response:
+        wait = _number(request, "wait", 0, 0, 600)
+        task = await self.cp.wait_task(request.match_info["taskId"], wait)
+        return json_response(self.cp.task_view(task))
+
+    async def cancel_task(self, request: web.Request, body: None) -> web.Response:
+        return json_response(self.cp.task_view(self.cp.cancel_task(request.match_info["taskId"])))
+
+    # --- delegates and tokens ----------------------------------------------------------------
+
+    async def list_delegates(self, request: web.Request, body: None) -> web.Response:
+        return json_response(DelegateList(delegates=self.cp.delegate_views()))
+
+    async def forget_delegate(self, request: web.Request, body: None) -> web.Response:
+        self.cp.forget_delegate(request.match_info["delegateId"])
+        return web.Response(status=204)
+
+    async def list_tokens(self, request: web.Request, body: None) -> web.Response:
+        revoked = self.cp.store.revoked_tokens()
+        views = [
+            TokenView(name=k.name, token_id=k.kid, revoked=k.kid in revoked, revoked_at=_ts(revoked.get(k.kid)))
+            for k in self.verifier.keys
+        ]
+        return json_response(TokenList(tokens=views))
+
+    async def revoke_token(self, request: web.Request, body: None) -> web.Response:
+        name = request.match_info["name"]
+        key = self.verifier.find(name)
+        if key is None:
+            raise ApiFailure(404, Code.NOT_FOUND, f"no delegate token named {name!r}")
+        now = self.cp._clock()
+        self.cp.store.revoke_token(key.kid, key.name, now)
+        self.verifier.revoke(key.kid)
+        log.warning("controlplane.token_revoked", token=key.name, token_id=key.kid)
+        return json_response(TokenView(name=key.name, token_id=key.kid, revoked=True, revoked_at=_ts(now)))
+
+
+def _ts(value: float | None) -> Any:
+    return ts(value) if value is not None else None
+
+
+def _number(request: web.Request, name: str, default: float, lo: float, hi: float, *, integer: bool = False) -> float:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw) if integer else float(raw)
+    except ValueError:
+        value = None
+    if value is None or not lo <= value <= hi:
+        kind = "a whole number" if integer else "a number"
+        raise ApiFailure(
+            400,
+            Code.INVALID_REQUEST,
+            f"{name} must be {kind} from {lo:g} to {hi:g}",
+            problems=[Problem(field=name, message=f"{raw!r} is out of range")],
+        )
+    return value
+
+
+Handler = Callable[[web.Request, Any], Awaitable[web.StreamResponse]]
+
+
+def _decode_connector_body(request: web.Request, raw: bytes) -> Any:
+    ctype = request.content_type
+    text = raw.decode("utf-8", errors="replace")
+    try:
+        if ctype in ("application/json", "text/json"):
+            return json.loads(text)
+        if ctype in (
+            "application/yaml",
+            "application/x-yaml",
+            "text/yaml",
+            "text/x-yaml",
+            "text/plain",
+            "application/octet-stream",
+        ):
+            return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ApiFailure(
+            400, Code.INVALID_CONNECTOR, f"the body is not valid {_kind_name(ctype)}: {str(exc).splitlines()[0][:200]}"
+        ) from None
+    raise ApiFailure(
+        415, Code.UNSUPPORTED_MEDIA_TYPE, f"send the connector as application/json or application/yaml, not {ctype}"
+    )
+
+
+def _kind_name(ctype: str) -> str:
+    return "JSON" if "json" in ctype else "YAML"
+
+
+def bind(route: Route, handlers: Handlers) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """Wrap a handler with its route's auth and body decoding."""
+    fn: Handler = getattr(handlers, route.handler)
+    decoder = msgspec.json.Decoder(route.request) if route.request is not None else None
+
+    async def endpoint(request: web.Request) -> web.StreamResponse:
+        if route.auth == "delegate":
+            request[_CLAIMS] = handlers.check_delegate(request)
+        elif route.auth == "api":
+            handlers.check_api_key(request)
+        body: Any = None
+        if route.body_kind == "connector":
+            raw = await request.read()
+            if not raw.strip():
+                raise ApiFailure(400, Code.INVALID_CONNECTOR, "the body is empty: send a Harness connector document")
+            body = _decode_connector_body(request, raw)
+        elif decoder is not None:
+            raw = await request.read()
+            if raw.strip():
+                if request.content_type not in ("application/json", "text/json"):
+                    raise ApiFailure(
+                        415, Code.UNSUPPORTED_MEDIA_TYPE, f"send application/json, not {request.content_type}"
+                    )
+                try:
+                    body = decoder.decode(raw)
+                except msgspec.ValidationError as exc:
+                    raise ApiFailure(
+                        400, Code.INVALID_REQUEST, f"invalid request body: {exc}", problems=[_problem(exc)]
+                    ) from None
+                except msgspec.DecodeError as exc:
+                    raise ApiFailure(400, Code.INVALID_REQUEST, f"the body is not valid JSON: {exc}") from None
+            elif not route.request_optional:
+                raise ApiFailure(400, Code.INVALID_REQUEST, "this request needs a JSON body")
+        return await fn(request, body)
+
+    return endpoint
+
+
+def _problem(exc: msgspec.ValidationError) -> Problem:
+    text = str(exc)
+    where = "body"
+    if " - at `$" in text:
+        text, _, path = text.rpartition(" - at `")
+        where = path.rstrip("`").removeprefix("$").lstrip(".") or "body"
+    return Problem(field=where, message=text)
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Every error leaves as JSON with a code; nothing user-caused becomes a 500 or a traceback."""
+    try:
+        return await handler(request)
+    except ApiFailure as exc:
+        return error_response(exc.status, exc.code, exc.message, problems=exc.problems, retry_after=exc.retry_after)
+    except AuthError as exc:
+        status = exc.status or 401
+        headers = {"WWW-Authenticate": 'Bearer error="invalid_token"'} if status == 401 else None
+        return error_response(status, exc.code or Code.UNAUTHENTICATED, exc.message, headers=headers)
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(413, Code.PAYLOAD_TOO_LARGE, f"the body is larger than {MAX_BODY_BYTES} bytes")
+    except web.HTTPNotFound:
+        return error_response(404, Code.NOT_FOUND, f"no route for {request.method} {request.path}")
+    except web.HTTPMethodNotAllowed as exc:
+        return error_response(
+            405,
+            Code.INVALID_REQUEST,
+            f"{request.method} is not allowed on {request.path}",
+            headers={"Allow": ", ".join(sorted(exc.allowed_methods))},
+        )
+    except web.HTTPException as exc:
+        return error_response(exc.status, Code.INVALID_REQUEST, exc.reason)
+    except Exception:
+        log.exception("controlplane.http.internal_error", method=request.method, path=request.path)
+        return error_response(500, Code.INTERNAL, "internal error; see the control plane's log")

@@ -1,0 +1,350 @@
+"""SQLite persistence for the reference control plane.
+
+The database under the data dir is the truth: delegates, tasks (with their leases and results),
+connectors and revoked tokens all survive a restart. Calls are synchronous and short (a few
+hundred microseconds in WAL mode), so the event loop calls them directly.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS delegates(
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    instance_id TEXT NOT NULL UNIQUE,
+    hostname TEXT,
+    tags TEXT NOT NULL,
+    version TEXT NOT NULL,
+    task_types TEXT NOT NULL,
+    capacity INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    in_flight INTEGER NOT NULL DEFAULT 0,
+    token_name TEXT,
+    registered_at REAL NOT NULL,
+    last_heartbeat REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tasks(
+    id TEXT PRIMARY KEY,
+    type TEXT NOT NULL,
+    payload TEXT NOT NULL,
+    selectors TEXT NOT NULL,
+    connector_id TEXT,
+    state TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    pickup_timeout REAL NOT NULL,
+    pickup_deadline REAL NOT NULL,
+    timeout_seconds REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    max_attempts INTEGER NOT NULL,
+    lease_id TEXT,
+    delegate_id TEXT,
+    delegate_name TEXT,
+    lease_expires_at REAL,
+    started_at REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    result TEXT,
+    result_lease_id TEXT,
+    status TEXT,
+    failure_reason TEXT,
+    completed_at REAL,
+    signature TEXT
+);
+CREATE INDEX IF NOT EXISTS tasks_state ON tasks(state);
+CREATE INDEX IF NOT EXISTS tasks_lease ON tasks(lease_id);
+CREATE INDEX IF NOT EXISTS tasks_connector ON tasks(connector_id, created_at);
+CREATE TABLE IF NOT EXISTS connectors(
+    identifier TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    body TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    last_task_id TEXT,
+    last_status TEXT,
+    last_tested_at REAL,
+    last_delegate_name TEXT,
+    last_error_summary TEXT
+);
+CREATE TABLE IF NOT EXISTS revoked_tokens(kid TEXT PRIMARY KEY, name TEXT NOT NULL, revoked_at REAL NOT NULL);
+"""
+
+_json = msgspec.json.Encoder()
+_unjson = msgspec.json.Decoder()
+
+
+@dataclass(frozen=True)
+class DelegateRow:
+    id: str
+    name: str
+    instance_id: str
+    hostname: str | None
+    tags: tuple[str, ...]
+    version: str
+    task_types: tuple[str, ...]
+    capacity: int
+    state: str  # running | draining | disconnected
+    in_flight: int
+    token_name: str | None
+    registered_at: float
+    last_heartbeat: float
+
+
+@dataclass(frozen=True)
+class TaskRow:
+    id: str
+    type: str
+    payload: dict[str, Any]
+    selectors: tuple[str, ...]
+    connector_id: str | None
+    state: str  # queued | running | done
+    created_at: float
+    pickup_timeout: float
+    pickup_deadline: float
+    timeout_seconds: float
+    attempts: int
+    max_attempts: int
+    lease_id: str | None = None
+    delegate_id: str | None = None
+    delegate_name: str | None = None
+    lease_expires_at: float | None = None
+    started_at: float | None = None
+    cancel_requested: bool = False
+    result: dict[str, Any] | None = None
+    result_lease_id: str | None = None
+    status: str | None = None
+    failure_reason: str | None = None
+    completed_at: float | None = None
+    signature: str | None = None
+
+
+@dataclass(frozen=True)
+class ConnectorRow:
+    identifier: str
+    name: str
+    body: dict[str, Any]
+    created_at: float
+    updated_at: float
+    last_task_id: str | None = None
+    last_status: str | None = None
+    last_tested_at: float | None = None
+    last_delegate_name: str | None = None
+    last_error_summary: str | None = None
+
+
+_JSON_COLUMNS = {"tags", "task_types", "payload", "selectors", "result", "body"}
+_TUPLE_COLUMNS = {"tags", "task_types", "selectors"}
+
+
+def _encode(name: str, value: Any) -> Any:
+    if name in _JSON_COLUMNS and value is not None:
+        return _json.encode(list(value) if isinstance(value, tuple) else value).decode()
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def _decode_row(cls: type[Any], row: sqlite3.Row) -> Any:
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        value = row[f.name]
+        if f.name in _JSON_COLUMNS and value is not None:
+            value = _unjson.decode(value)
+            if f.name in _TUPLE_COLUMNS:
+                value = tuple(value)
+        elif f.name == "cancel_requested":
+            value = bool(value)
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+class Store:
+    """All durable state. ``path=None`` keeps everything in memory (tests, throwaway runs)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._db = sqlite3.connect(str(path) if path else ":memory:", isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        if path is not None:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode survives a process crash; only a power loss can drop the last commits.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+        self._depth = 0
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group writes; nested uses join the outer transaction."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        self._depth = 1
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        else:
+            self._db.execute("COMMIT")
+        finally:
+            self._depth = 0
+
+    # --- meta --------------------------------------------------------------------------------
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._db.execute(
+            "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+            (key, value),
+        )
+
+    # --- delegates ---------------------------------------------------------------------------
+
+    def save_delegate(self, row: DelegateRow) -> None:
+        self._upsert("delegates", row, "id")
+
+    def get_delegate(self, delegate_id: str) -> DelegateRow | None:
+        row = self._db.execute("SELECT * FROM delegates WHERE id=?", (delegate_id,)).fetchone()
+        return None if row is None else _decode_row(DelegateRow, row)
+
+    def delegate_by_instance(self, instance_id: str) -> DelegateRow | None:
+        row = self._db.execute("SELECT * FROM delegates WHERE instance_id=?", (instance_id,)).fetchone()
+        return None if row is None else _decode_row(DelegateRow, row)
+
+    def delegates(self) -> list[DelegateRow]:
+        rows = self._db.execute("SELECT * FROM delegates ORDER BY registered_at").fetchall()
+        return [_decode_row(DelegateRow, r) for r in rows]
+
+    def update_delegate(self, delegate_id: str, **values: Any) -> None:
+        self._update("delegates", "id", delegate_id, values)
+
+    def delete_delegate(self, delegate_id: str) -> bool:
+        return self._db.execute("DELETE FROM delegates WHERE id=?", (delegate_id,)).rowcount > 0
+
+    # --- tasks -------------------------------------------------------------------------------
+
+    def insert_task(self, row: TaskRow) -> None:
+        self._upsert("tasks", row, "id")
+
+    def get_task(self, task_id: str) -> TaskRow | None:
+        row = self._db.execute("SELECT * FROM tasks WHERE id=?", (task_id,)).fetchone()
+        return None if row is None else _decode_row(TaskRow, row)
+
+    def task_by_lease(self, lease_id: str) -> TaskRow | None:
+        row = self._db.execute("SELECT * FROM tasks WHERE lease_id=?", (lease_id,)).fetchone()
+        return None if row is None else _decode_row(TaskRow, row)
+
+    def tasks_in_state(self, state: str) -> list[TaskRow]:
+        rows = self._db.execute("SELECT * FROM tasks WHERE state=? ORDER BY created_at", (state,)).fetchall()
+        return [_decode_row(TaskRow, r) for r in rows]
+
+    def list_tasks(
+        self, *, state: str | None = None, connector_id: str | None = None, limit: int = 100
+    ) -> list[TaskRow]:
+        clauses, args = [], []
+        if state:
+            clauses.append("state=?")
+            args.append(state)
+        if connector_id:
+            clauses.append("connector_id=?")
+            args.append(connector_id)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = self._db.execute(
+            f"SELECT * FROM tasks {where} ORDER BY created_at DESC LIMIT ?", (*args, limit)
+        ).fetchall()
+        return [_decode_row(TaskRow, r) for r in rows]
+
+    def count_tasks(self) -> dict[str, int]:
+        return {str(r[0]): int(r[1]) for r in self._db.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state")}
+
+    def update_task(self, task_id: str, **values: Any) -> None:
+        self._update("tasks", "id", task_id, values)
+
+    def purge_done_tasks(self, older_than: float) -> int:
+        return self._db.execute("DELETE FROM tasks WHERE state='done' AND completed_at < ?", (older_than,)).rowcount
+
+    # --- connectors --------------------------------------------------------------------------
+
+    def put_connector(
+        self, identifier: str, name: str, body: dict[str, Any], now: float
+    ) -> Literal["created", "updated", "unchanged"]:
+        existing = self.get_connector(identifier)
+        if existing is None:
+            self._upsert("connectors", ConnectorRow(identifier, name, body, now, now), "identifier")
+            return "created"
+        if existing.body == body and existing.name == name:
+            return "unchanged"
+        self._update("connectors", "identifier", identifier, {"name": name, "body": body, "updated_at": now})
+        return "updated"
+
+    def get_connector(self, identifier: str) -> ConnectorRow | None:
+        row = self._db.execute("SELECT * FROM connectors WHERE identifier=?", (identifier,)).fetchone()
+        return None if row is None else _decode_row(ConnectorRow, row)
+
+    def connectors(self) -> list[ConnectorRow]:
+        rows = self._db.execute("SELECT * FROM connectors ORDER BY identifier").fetchall()
+        return [_decode_row(ConnectorRow, r) for r in rows]
+
+    def delete_connector(self, identifier: str) -> bool:
+        return self._db.execute("DELETE FROM connectors WHERE identifier=?", (identifier,)).rowcount > 0
+
+    def update_connector(self, identifier: str, **values: Any) -> None:
+        self._update("connectors", "identifier", identifier, values)
+
+    # --- tokens ------------------------------------------------------------------------------
+
+    def revoked_tokens(self) -> dict[str, float]:
+        return {str(r[0]): float(r[1]) for r in self._db.execute("SELECT kid, revoked_at FROM revoked_tokens")}
+
+    def revoke_token(self, kid: str, name: str, now: float) -> None:
+        self._db.execute(
+            "INSERT OR IGNORE INTO revoked_tokens(kid, name, revoked_at) VALUES(?, ?, ?)", (kid, name, now)
+        )
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _upsert(self, table: str, row: Any, key: str) -> None:
+        names = [f.name for f in fields(row)]
+        values = [_encode(n, getattr(row, n)) for n in names]
+        updates = ", ".join(f"{n}=excluded.{n}" for n in names if n != key)
+        self._db.execute(
+            f"INSERT INTO {table}({', '.join(names)}) VALUES({', '.join('?' * len(names))}) "
+            f"ON CONFLICT({key}) DO UPDATE SET {updates}",
+            values,
+        )
+
+    def _update(self, table: str, key: str, key_value: str, values: dict[str, Any]) -> None:
+        if not values:
+            return
+        cols: Sequence[str] = list(values)
+        sets = ", ".join(f"{c}=?" for c in cols)
+        self._db.execute(
+            f"UPDATE {table} SET {sets} WHERE {key}=?", [*(_encode(c, values[c]) for c in cols), key_value]
+        )
+
+
+R = TypeVar("R")
+
+
+def with_updates(row: R, **values: Any) -> R:
+    """A copy of a frozen row with some fields changed (the in-memory mirror of an UPDATE)."""
+    return replace(row, **values)  # type: ignore[type-var]
