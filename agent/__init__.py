@@ -1,0 +1,9 @@
+"""delegate-agent: a lightweight delegate that validates AWS connectors from inside your cluster.
+
+The public surface is small on purpose; everything else is internal and may move.
+"""
+
+from agent._version import __version__
+from agent.cli import main
+
+__all__ = ["__version__", "main"]

@@ -1,0 +1,454 @@
+"""``delegate-agent``: the command line, where objects are wired and errors become exit codes.
+
+Exit codes: 0 success; 1 a connection test (or validation) failed; 2 usage or input error;
+3 the control plane is unreachable or refused our credentials. A user's mistake is one clear
+line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+
+from agent._version import __version__
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+
+DEFAULT_CONTROL_PLANE = "http://127.0.0.1:8080"
+
+
+class UsageError(Exception):
+    """A mistake in what the user asked for: reported in one line, exit code 2."""
+
+
+# --- output helpers ----------------------------------------------------------------------------
+
+
+def _print_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], out: Any = None) -> None:
+    out = out or sys.stdout
+    cells = [[("" if c is None else str(c)) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    line = "  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True))
+    print(line.rstrip(), file=out)
+    for r in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip(), file=out)
+
+
+def _print_json(value: Any) -> None:
+    data = msgspec.to_builtins(value) if isinstance(value, msgspec.Struct) else value
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _err(message: str) -> None:
+    print(f"delegate-agent: {message}", file=sys.stderr)
+
+
+# --- the control plane -------------------------------------------------------------------------
+
+
+def _parse_listen(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UsageError(f"--listen must be HOST:PORT, not {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - explicit opt-in via the flag
+
+
+def cmd_control_plane(args: argparse.Namespace) -> int:
+    from agent.controlplane.app import ControlPlaneService, CredentialsError, config_from_env
+    from agent.controlplane.core import ControlPlaneSettings
+    from agent.observability.logging import Redactor, configure_logging
+
+    host, port = _parse_listen(args.listen)
+    redactor = Redactor()
+    configure_logging(fmt=args.log_format, level=args.log_level, redactor=redactor, static={"service": "control-plane"})
+    settings = ControlPlaneSettings(
+        heartbeat_seconds=args.heartbeat_seconds,
+        poll_wait_seconds=args.poll_wait_seconds,
+        lease_seconds=args.lease_seconds,
+        pickup_timeout_seconds=args.pickup_timeout_seconds,
+        task_timeout_seconds=args.task_timeout_seconds,
+        **({"audience": args.audience} if args.audience else {}),
+    )
+    config = config_from_env(
+        os.environ,
+        host=host,
+        port=port,
+        data_dir=Path(args.data_dir),
+        delegate_token_file=Path(args.delegate_token_file) if args.delegate_token_file else None,
+        api_key_file=Path(args.api_key_file) if args.api_key_file else None,
+        secrets_dir=Path(args.secrets_dir) if args.secrets_dir else None,
+        settings=settings,
+    )
+    try:
+        from agent.aws.platform import platform_validator_from_env
+
+        validator = platform_validator_from_env(os.environ, secrets_dir=config.secrets_dir, redactor=redactor)
+    except ImportError:  # pragma: no cover - the AWS package is part of the distribution
+        validator = None
+    try:
+        service = ControlPlaneService(config, platform_validator=validator)
+    except CredentialsError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    redactor.add(*(k.secret for k in service.verifier.keys), *service.credentials.api_keys)
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await service.start()
+        print(f"control plane listening on {service.url} (data in {config.data_dir})", file=sys.stderr, flush=True)
+        try:
+            await stop.wait()
+        finally:
+            await service.stop()
+
+    try:
+        asyncio.run(serve())
+    except OSError as exc:
+        _err(f"cannot listen on {args.listen}: {exc.strerror or exc}")
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+# --- user API commands -------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from agent.protocol.api_client import ApiClient
+
+    url = args.control_plane or os.environ.get("CONTROL_PLANE_URL") or DEFAULT_CONTROL_PLANE
+    key = args.api_key or os.environ.get("CONTROL_PLANE_API_KEY")
+    if not key:
+        raise UsageError(
+            "no API key: pass --api-key or set CONTROL_PLANE_API_KEY (the control plane prints where it generated one)"
+        )
+    return ApiClient(url, key)
+
+
+def load_documents(path: str) -> list[Any]:
+    """Connector documents from a YAML (several documents allowed) or JSON file, or ``-`` for stdin."""
+    try:
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        docs = [d for d in yaml.load_all(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) if d is not None]
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path} is not valid YAML or JSON: {' '.join(str(exc).split())}") from None
+    if not docs:
+        raise UsageError(f"{path} holds no document")
+    return docs
+
+
+def cmd_connector_apply(args: argparse.Namespace) -> int:
+    client = _client(args)
+    results = []
+    for doc in load_documents(args.file):
+        result = client.apply_connector(doc)
+        results.append(result)
+        if args.output != "json":
+            print(f"connector/{result.identifier} {result.outcome}")
+    if args.output == "json":
+        _print_json([msgspec.to_builtins(r) for r in results])
+    return EXIT_OK
+
+
+def cmd_connector_get(args: argparse.Namespace) -> int:
+    record = _client(args).get_connector(args.identifier)
+    if args.output == "json":
+        _print_json(record)
+    else:
+        print(yaml.safe_dump(record.connector, sort_keys=False).rstrip())
+        if record.last_test:
+            t = record.last_test
+            print(
+                f"# last test: {t.status} at {t.tested_at:%Y-%m-%d %H:%M:%S}Z by {t.delegate_name or '-'}"
+                + (f": {t.error_summary}" if t.error_summary else "")
+            )
+    return EXIT_OK
+
+
+def cmd_connector_list(args: argparse.Namespace) -> int:
+    records = _client(args).list_connectors().connectors
+    if args.output == "json":
+        _print_json([msgspec.to_builtins(r) for r in records])
+        return EXIT_OK
+    rows = []
+    for r in records:
+        spec = r.connector.get("connector", {}).get("spec", {})
+        cred = spec.get("credential", {})
+        last = r.last_test
+        rows.append(
+            [
+                r.identifier,
+                cred.get("type"),
+                cred.get("region", "us-east-1"),
+                ",".join(spec.get("delegateSelectors", [])) or "(any)",
+                "platform" if spec.get("executeOnDelegate") is False else "delegate",
+                f"{last.status} {last.tested_at:%H:%M:%S}" if last else "-",
+            ]
+        )
+    _print_table(rows, ["identifier", "credential", "region", "selectors", "runs on", "last test"])
+    return EXIT_OK
+
+
+def cmd_connector_delete(args: argparse.Namespace) -> int:
+    _client(args).delete_connector(args.identifier)
+    print(f"connector/{args.identifier} deleted")
+    return EXIT_OK
+
+
+def cmd_connector_test(args: argparse.Namespace) -> int:
+    from agent.protocol.models import TestRequest
+
+    client = _client(args)
+    deadline = time.monotonic() + args.timeout
+    perms = list(args.permission or [])
+    _, task = client.test_connector(
+        args.identifier, TestRequest(wait_seconds=min(args.timeout, 600), permissions=perms)
+    )
+    while task.state != "done" and time.monotonic() < deadline:
+        task = client.get_task(task.task_id, wait=min(30.0, max(0.0, deadline - time.monotonic())))
+    if args.output == "json":
+        _print_json(task)
+    else:
+        print_test_result(task)
+    if task.state != "done":
+        _err(f"no result within {args.timeout:.0f}s; the task {task.task_id} is still {task.state}")
+        return EXIT_FAILED
+    return EXIT_OK if task.status == "SUCCESS" else EXIT_FAILED
+
+
+def print_test_result(task: Any, out: Any = None) -> None:
+    """A human summary of a connection test: who, where, which step, why, and what to do."""
+    out = out or sys.stdout
+    result = task.result or {}
+    status = task.status or "PENDING"
+    print(f"{status}  task {task.task_id}  delegate {task.delegate_name or '-'}", file=out)
+    ident = result.get("identity") or {}
+    if ident:
+        print(f"  identity:  {ident.get('arn')} (account {ident.get('account')})", file=out)
+    if result.get("testRegion"):
+        print(
+            f"  region:    {result['testRegion']} ({result.get('partition', 'aws')})  credentials: "
+            f"{result.get('credentialSource', '-')}",
+            file=out,
+        )
+    for step in result.get("steps", []):
+        mark = {"SUCCESS": "ok", "FAILURE": "FAILED", "SKIPPED": "skipped"}.get(step.get("status"), step.get("status"))
+        print(f"  step {step.get('name'):<22} {mark:<8} {step.get('durationMs', 0):>6} ms", file=out)
+    failure = result.get("failure")
+    if status != "SUCCESS":
+        print(f"  error:     {result.get('errorSummary') or task.failure_reason or 'unknown'}", file=out)
+        if failure:
+            code = failure.get("awsErrorCode")
+            print(
+                f"  failed at: {failure.get('step')} ({failure.get('category')}"
+                + (f", AWS {code}" if code else "")
+                + ")",
+                file=out,
+            )
+            if failure.get("hint"):
+                print(f"  hint:      {failure['hint']}", file=out)
+    denied = result.get("deniedActions")
+    if denied:
+        print(f"  denied:    {', '.join(denied)}", file=out)
+
+
+def cmd_delegates_list(args: argparse.Namespace) -> int:
+    delegates = _client(args).list_delegates().delegates
+    if args.output == "json":
+        _print_json([msgspec.to_builtins(d) for d in delegates])
+        return EXIT_OK
+    now = time.time()
+    rows = [
+        [
+            d.name,
+            d.delegate_id,
+            ",".join(d.tags),
+            d.state,
+            f"{d.in_flight}/{d.capacity}",
+            d.version,
+            f"{now - d.last_heartbeat_at.timestamp():.0f}s ago",
+        ]
+        for d in delegates
+    ]
+    _print_table(rows, ["name", "id", "tags", "state", "busy", "version", "last heartbeat"])
+    return EXIT_OK
+
+
+def cmd_tokens_list(args: argparse.Namespace) -> int:
+    tokens = _client(args).list_tokens().tokens
+    if args.output == "json":
+        _print_json([msgspec.to_builtins(t) for t in tokens])
+        return EXIT_OK
+    _print_table([[t.name, t.token_id, "revoked" if t.revoked else "active"] for t in tokens], ["name", "id", "state"])
+    return EXIT_OK
+
+
+def cmd_tokens_revoke(args: argparse.Namespace) -> int:
+    t = _client(args).revoke_token(args.name)
+    print(f"token {t.name} ({t.token_id}) revoked")
+    return EXIT_OK
+
+
+# --- parser ------------------------------------------------------------------------------------
+
+
+def _positive(value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError("must be greater than 0")
+    return v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="delegate-agent",
+        description="A delegate that validates AWS connectors "
+        "from inside your cluster, and its reference control plane.",
+    )
+    parser.add_argument("--version", action="version", version=f"delegate-agent {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    client_opts = argparse.ArgumentParser(add_help=False)
+    client_opts.add_argument(
+        "--control-plane",
+        metavar="URL",
+        help=f"control plane URL (env CONTROL_PLANE_URL; default {DEFAULT_CONTROL_PLANE})",
+    )
+    client_opts.add_argument("--api-key", metavar="KEY", help="API key (env CONTROL_PLANE_API_KEY)")
+    client_opts.add_argument("-o", "--output", choices=["table", "json"], default="table", help="output format")
+
+    for register in _COMMANDS:
+        register(sub, client_opts)
+    return parser
+
+
+def _add_control_plane(sub: Any, _: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("control-plane", help="run the reference control plane")
+    p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT", help="address to serve on")
+    p.add_argument("--data-dir", required=True, metavar="DIR", help="SQLite state, generated credentials")
+    p.add_argument(
+        "--delegate-token-file",
+        metavar="FILE",
+        help="accepted delegate tokens, one per line "
+        "(name:token or token); re-read when it changes. Else CONTROL_PLANE_DELEGATE_TOKENS",
+    )
+    p.add_argument(
+        "--api-key-file",
+        metavar="FILE",
+        help="API keys for the connector API (else "
+        "CONTROL_PLANE_API_KEY; with neither, one is generated into the data dir)",
+    )
+    p.add_argument("--secrets-dir", metavar="DIR", help="secrets for executeOnDelegate: false connectors")
+    p.add_argument("--audience", help="JWT audience delegates must use")
+    p.add_argument("--heartbeat-seconds", type=_positive, default=10.0)
+    p.add_argument("--poll-wait-seconds", type=_positive, default=20.0)
+    p.add_argument("--lease-seconds", type=_positive, default=30.0)
+    p.add_argument("--pickup-timeout-seconds", type=_positive, default=30.0)
+    p.add_argument("--task-timeout-seconds", type=_positive, default=120.0)
+    p.add_argument("--log-format", choices=["json", "console"])
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_control_plane)
+
+
+def _add_connector(sub: Any, client_opts: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("connector", help="manage connectors on the control plane")
+    csub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    a = csub.add_parser("apply", parents=[client_opts], help="create or replace connectors from a YAML/JSON file")
+    a.add_argument("-f", "--file", required=True, help="file with one or more connector documents, or - for stdin")
+    a.set_defaults(func=cmd_connector_apply)
+    g = csub.add_parser("get", parents=[client_opts], help="show a connector")
+    g.add_argument("identifier")
+    g.set_defaults(func=cmd_connector_get)
+    lst = csub.add_parser("list", parents=[client_opts], help="list connectors")
+    lst.set_defaults(func=cmd_connector_list)
+    d = csub.add_parser("delete", parents=[client_opts], help="delete a connector")
+    d.add_argument("identifier")
+    d.set_defaults(func=cmd_connector_delete)
+    t = csub.add_parser("test", parents=[client_opts], help="test the connection; exit 0 on SUCCESS, 1 on FAILURE")
+    t.add_argument("identifier")
+    t.add_argument("--timeout", type=_positive, default=150.0, metavar="S", help="seconds to wait for the result")
+    t.add_argument("--permission", action="append", metavar="ACTION", help="also check this IAM action (repeat)")
+    t.set_defaults(func=cmd_connector_test)
+
+
+def _add_delegates(sub: Any, client_opts: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("delegates", help="delegates known to the control plane")
+    dsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    lst = dsub.add_parser("list", parents=[client_opts], help="list delegates")
+    lst.set_defaults(func=cmd_delegates_list)
+
+
+def _add_tokens(sub: Any, client_opts: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("tokens", help="delegate tokens the control plane accepts")
+    tsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    lst = tsub.add_parser("list", parents=[client_opts], help="list tokens (fingerprints only)")
+    lst.set_defaults(func=cmd_tokens_list)
+    r = tsub.add_parser("revoke", parents=[client_opts], help="revoke a token by name or id")
+    r.add_argument("name")
+    r.set_defaults(func=cmd_tokens_revoke)
+
+
+_COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
+    _add_control_plane,
+    _add_connector,
+    _add_delegates,
+    _add_tokens,
+]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``delegate-agent`` and ``python -m agent``."""
+    from agent.protocol.api_client import Unreachable
+    from agent.protocol.errors import AuthError, ProtocolError, RequestRejected, TransientError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UsageError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except Unreachable as exc:
+        _err(str(exc))
+        return EXIT_UNREACHABLE
+    except AuthError as exc:
+        _err(f"the control plane refused our credentials: {exc.message}")
+        return EXIT_UNREACHABLE
+    except TransientError as exc:
+        _err(f"the control plane failed: {exc}")
+        return EXIT_UNREACHABLE
+    except ProtocolError as exc:
+        _err(exc.message)
+        for p in exc.problems:
+            print(f"  {p.field}: {p.message}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, RequestRejected) or (exc.status or 0) < 500 else EXIT_UNREACHABLE
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
