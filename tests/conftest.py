@@ -1,0 +1,211 @@
+"""Shared fixtures: an isolated AWS environment, a manual clock, and real control planes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from agent.controlplane.app import ControlPlaneConfig, ControlPlaneService
+from agent.controlplane.core import ControlPlaneSettings
+from agent.observability.logging import configure_logging
+from agent.protocol.auth import RequestSigner, TokenSource
+from agent.protocol.client import ControlPlaneClient
+from agent.protocol.models import RegisterRequest
+
+AWS_VARS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_ROLE_ARN",
+    "AWS_ROLE_SESSION_NAME",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_STS",
+    "AWS_ENDPOINT_URL_EC2",
+    "AWS_ENDPOINT_URL_IAM",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_CA_BUNDLE",
+    "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+    "AWS_MAX_ATTEMPTS",
+    "AWS_RETRY_MODE",
+    "AWS_STS_REGIONAL_ENDPOINTS",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "NO_PROXY",
+    "no_proxy",
+    "DELEGATE_TOKEN",
+    "DELEGATE_TOKEN_FILE",
+    "MANAGER_HOST_AND_PORT",
+    "DELEGATE_NAME",
+    "DELEGATE_TAGS",
+    "DELEGATE_TASK_CAPACITY",
+    "CONTROL_PLANE_URL",
+    "CONTROL_PLANE_API_KEY",
+    "CONTROL_PLANE_DELEGATE_TOKENS",
+)
+
+TOKEN = "test-delegate-token-0123456789abcdef"
+API_KEY = "test-api-key-0123456789abcdef"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _logging() -> None:
+    """Logs go to stderr as JSON, as they do in production; stdout stays for command output."""
+    configure_logging(fmt="json", level="info", stream=sys.__stderr__)
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No test sees the developer's AWS config, credentials or proxies, nor talks to 169.254.169.254."""
+    for var in AWS_VARS:
+        monkeypatch.delenv(var, raising=False)
+    for var in [v for v in os.environ if v.startswith(("AGENT_", "AWS_"))]:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+
+
+class ManualClock:
+    """Wall-clock time that only moves when a test says so."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+ControlPlaneFactory = Callable[..., Awaitable[ControlPlaneService]]
+
+
+@pytest.fixture
+async def control_plane_factory(tmp_path: Path) -> AsyncIterator[ControlPlaneFactory]:
+    """Start real control planes on 127.0.0.1 (stopped at the end of the test)."""
+    started: list[ControlPlaneService] = []
+
+    async def make(
+        *,
+        data_dir: Path | None = None,
+        settings: ControlPlaneSettings | None = None,
+        tokens: str = f"default:{TOKEN}",
+        clock: Any = None,
+        port: int = 0,
+        **kwargs: Any,
+    ) -> ControlPlaneService:
+        data_dir = data_dir or tmp_path / f"cp-{len(started)}"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        token_file = data_dir / "tokens.txt"
+        if not token_file.exists():
+            token_file.write_text(tokens + "\n")
+        config = ControlPlaneConfig(
+            host="127.0.0.1",
+            port=port,
+            data_dir=data_dir,
+            delegate_token_file=token_file,
+            api_key=API_KEY,
+            settings=settings
+            or ControlPlaneSettings(
+                heartbeat_seconds=5,
+                poll_wait_seconds=2,
+                lease_seconds=30,
+                pickup_timeout_seconds=30,
+                sweep_interval_seconds=3600,
+            ),
+        )
+        service = ControlPlaneService(config, clock=clock, **kwargs)
+        await service.start()
+        started.append(service)
+        return service
+
+    yield make
+    for service in reversed(started):
+        if service._runner is not None:
+            await service.stop()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def delegate_client(
+    http: aiohttp.ClientSession,
+    url: str,
+    *,
+    token: str = TOKEN,
+    clock: Callable[[], float] | None = None,
+    audience: str | None = None,
+) -> ControlPlaneClient:
+    kwargs: dict[str, Any] = {"issuer": "test-delegate"}
+    if clock is not None:
+        kwargs["clock"] = clock
+    if audience is not None:
+        kwargs["audience"] = audience
+    signer = RequestSigner(TokenSource(value=token), **kwargs)
+    return ControlPlaneClient(http, url, signer)
+
+
+def register_request(
+    name: str = "d1", tags: list[str] | None = None, *, capacity: int = 4, task_types: list[str] | None = None
+) -> RegisterRequest:
+    return RegisterRequest(
+        name=name,
+        instance_id=f"{name}-{uuid.uuid4().hex[:8]}",
+        tags=tags or [],
+        version="test",
+        task_types=task_types or ["aws.validate-connector", "test.echo"],
+        capacity=capacity,
+    )
+
+
+def manual_connector(name: str = "Prod account", **spec_extra: Any) -> dict[str, Any]:
+    """A valid ManualConfig connector document; keyword arguments override parts of ``spec``."""
+    credential = {
+        "type": "ManualConfig",
+        "spec": {"accessKey": "AKIAIOSFODNN7EXAMPLE", "secretKeyRef": "account.aws_secret_key"},
+        "region": "us-east-1",
+    }
+    spec: dict[str, Any] = {"credential": credential, "delegateSelectors": [], "executeOnDelegate": True}
+    spec.update(spec_extra)
+    return {"connector": {"name": name, "type": "Aws", "spec": spec}}
+
+
+@pytest.fixture
+def tmp_secrets(tmp_path: Path) -> Path:
+    d = tmp_path / "secrets"
+    d.mkdir()
+    return d
