@@ -9,6 +9,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # pip prints a warning per package for this machine's file:// extra indexes; keep the output readable.
+LINT_PATHS := $(wildcard agent tests bench)
 PIPQUIET := grep -v -E "is ignored: it is neither a file nor a directory" || true
 
 .PHONY: help venv test lint typecheck check demo bench lock models clean tools
@@ -27,8 +28,8 @@ $(STAMP): pyproject.toml constraints.txt
 venv: $(STAMP) ## create .venv and install the pinned set (idempotent)
 
 lint: $(STAMP) ## ruff: style and static checks
-	$(BIN)/ruff check agent tests bench tools
-	$(BIN)/ruff format --check agent tests bench tools
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
 
 typecheck: $(STAMP) ## mypy --strict on the package
 	$(BIN)/mypy
