@@ -18,6 +18,7 @@ import structlog
 import yaml
 from aiohttp import web
 
+from agent._values import bounded_message, parse_bounded
 from agent._version import __version__
 from agent.controlplane.core import ApiFailure, ControlPlane, ts
 from agent.protocol.auth import Claims, TokenVerifier
@@ -580,17 +581,11 @@ def _number(request: web.Request, name: str, default: float, lo: float, hi: floa
     raw = request.query.get(name)
     if raw is None:
         return default
-    try:
-        value = int(raw) if integer else float(raw)
-    except ValueError:
-        value = None
-    if value is None or not lo <= value <= hi:
-        kind = "a whole number" if integer else "a number"
+    value = parse_bounded(raw, lo, hi, integer=integer)
+    if value is None:
+        message = bounded_message(raw, lo, hi, integer=integer)
         raise ApiFailure(
-            400,
-            Code.INVALID_REQUEST,
-            f"{name} must be {kind} from {lo:g} to {hi:g}",
-            problems=[Problem(field=name, message=f"{raw!r} is out of range")],
+            400, Code.INVALID_REQUEST, f"{name} {message}", problems=[Problem(field=name, message=message)]
         )
     return value
 
