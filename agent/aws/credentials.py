@@ -1,0 +1,230 @@
+"""Credentials per connector, with aiobotocore's own providers and fetchers, never via ``os.environ``.
+
+- ``ManualConfig``: the access key (plain or a secret reference) and the secret key reference,
+  resolved on the delegate.
+- ``Irsa``: ``AWS_ROLE_ARN`` and ``AWS_WEB_IDENTITY_TOKEN_FILE`` as EKS injects them; the token
+  file is re-read on every refresh.
+- ``InheritFromDelegate``: the delegate's own identity through the default chain: environment,
+  web identity, container credentials (ECS, EKS Pod Identity), instance profile over IMDSv2.
+- ``crossAccountAccess`` on any of them: STS AssumeRole with the External ID.
+
+The delegate's own identity (IRSA, default chain) is resolved once per region and reused:
+refreshable credentials renew themselves. A connector's credentials are never cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiobotocore.credentials import (
+    AioAssumeRoleCredentialFetcher,
+    AioAssumeRoleWithWebIdentityCredentialFetcher,
+    AioContainerProvider,
+    AioCredentials,
+    AioDeferredRefreshableCredentials,
+    AioEnvProvider,
+    AioInstanceMetadataProvider,
+)
+from aiobotocore.utils import AioInstanceMetadataFetcher
+from botocore.credentials import FileWebIdentityTokenLoader
+from botocore.exceptions import CredentialRetrievalError, MetadataRetrievalError
+
+from agent.aws.clients import AwsClients, RetryPolicy
+from agent.aws.connector import AwsConnector, CrossAccountAccess
+from agent.aws.environment import AwsEnvironment
+from agent.aws.secrets import SecretStore
+
+_SESSION_NAME_BAD = re.compile(r"[^\w+=,.@-]")
+
+
+class CredentialProblem(Exception):
+    """Credentials could not be put together before AWS had a say; ``kind`` selects the hint."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class Resolved:
+    credentials: Any = field(repr=False)
+    #: A short id for metrics and results: static, web-identity, environment, container, instance-metadata.
+    method: str
+    #: What a person reads: where these credentials came from.
+    source: str
+    #: The IAM role behind the credentials when we know its exact ARN (path included).
+    role_arn: str | None = None
+
+
+def session_name(delegate_name: str, task_id: str) -> str:
+    """A RoleSessionName that says which delegate ran which task (CloudTrail shows it)."""
+    name = _SESSION_NAME_BAD.sub("-", f"{delegate_name}@{task_id}")
+    return name[:64] if len(name) >= 2 else "delegate-agent"
+
+
+class CredentialResolver:
+    def __init__(self, env: AwsEnvironment, clients: AwsClients, secrets: SecretStore) -> None:
+        self._env = env
+        self._clients = clients
+        self._secrets = secrets
+        self._ambient: dict[tuple[str, str], Resolved] = {}
+        self._ambient_lock = asyncio.Lock()
+
+    async def base(self, connector: AwsConnector, *, region: str, delegate_name: str) -> Resolved:
+        """The connector's own credentials (before any cross-account role)."""
+        if connector.credential_type == "ManualConfig":
+            return self._static(connector)
+        if connector.credential_type == "Irsa":
+            return await self._ambient_cached("irsa", region, lambda: self._irsa(region, delegate_name))
+        return await self._ambient_cached("chain", region, lambda: self._default_chain(region, delegate_name))
+
+    def _static(self, connector: AwsConnector) -> Resolved:
+        access_key = connector.access_key
+        if connector.access_key_ref is not None:
+            access_key = self._secrets.resolve(connector.access_key_ref)
+        assert connector.secret_key_ref is not None and access_key is not None
+        secret_key = self._secrets.resolve(connector.secret_key_ref)
+        return Resolved(
+            AioCredentials(access_key, secret_key, method="explicit"),
+            method="static",
+            source=f"access key {access_key[:4]}...{access_key[-4:]} with secret {connector.secret_key_ref}",
+        )
+
+    async def _ambient_cached(self, kind: str, region: str, make: Any) -> Resolved:
+        key = (kind, region)
+        hit = self._ambient.get(key)
+        if hit is not None:
+            return hit
+        async with self._ambient_lock:
+            hit = self._ambient.get(key)
+            if hit is None:
+                hit = await make()
+                # Only a resolution that produced working credentials is kept (checked by the caller first).
+                self._ambient[key] = hit
+            return hit
+
+    def forget(self, resolved: Resolved) -> None:
+        """Drop a cached delegate identity that failed, so the next task resolves it afresh."""
+        for key, value in list(self._ambient.items()):
+            if value is resolved:
+                del self._ambient[key]
+
+    async def _irsa(self, region: str, delegate_name: str) -> Resolved:
+        v = self._env.variables
+        role_arn, token_file = v.get("AWS_ROLE_ARN"), v.get("AWS_WEB_IDENTITY_TOKEN_FILE")
+        if not role_arn or not token_file:
+            missing = [n for n, x in (("AWS_ROLE_ARN", role_arn), ("AWS_WEB_IDENTITY_TOKEN_FILE", token_file)) if not x]
+            raise CredentialProblem(
+                "irsa_not_configured",
+                f"IRSA is not set up on this delegate: {' and '.join(missing)} "
+                f"{'is' if len(missing) == 1 else 'are'} not set",
+            )
+        return self._web_identity(
+            role_arn,
+            token_file,
+            region,
+            v.get("AWS_ROLE_SESSION_NAME") or session_name(delegate_name, "irsa"),
+            method="web-identity",
+            label="IRSA",
+        )
+
+    def _web_identity(
+        self, role_arn: str, token_file: str, region: str, name: str, *, method: str, label: str
+    ) -> Resolved:
+        if not Path(token_file).is_file():
+            raise CredentialProblem("token_file_missing", f"the web identity token file {token_file} does not exist")
+        fetcher = AioAssumeRoleWithWebIdentityCredentialFetcher(
+            client_creator=self._clients.sts_creator(region),
+            web_identity_token_loader=FileWebIdentityTokenLoader(token_file),  # re-read on every refresh
+            role_arn=role_arn,
+            extra_args={"RoleSessionName": name},
+        )
+        creds = AioDeferredRefreshableCredentials(
+            refresh_using=fetcher.fetch_credentials, method="assume-role-with-web-identity"
+        )
+        return Resolved(creds, method=method, source=f"{label} web identity for {role_arn}", role_arn=role_arn)
+
+    async def _default_chain(self, region: str, delegate_name: str) -> Resolved:
+        """The pod's own identity, in the SDK's order; what was tried is said when nothing works."""
+        v = dict(self._env.variables)
+        tried: list[str] = []
+        env_creds = await AioEnvProvider(environ=v).load()
+        if env_creds is not None:
+            return Resolved(env_creds, method="environment", source="AWS_ACCESS_KEY_ID in the delegate's environment")
+        tried.append("no AWS_ACCESS_KEY_ID")
+        if v.get("AWS_ROLE_ARN") and v.get("AWS_WEB_IDENTITY_TOKEN_FILE"):
+            return self._web_identity(
+                v["AWS_ROLE_ARN"],
+                v["AWS_WEB_IDENTITY_TOKEN_FILE"],
+                region,
+                v.get("AWS_ROLE_SESSION_NAME") or session_name(delegate_name, "pod"),
+                method="web-identity",
+                label="web identity (IRSA)",
+            )
+        tried.append("no web identity (AWS_ROLE_ARN)")
+        container = AioContainerProvider(environ=v)
+        if "AWS_CONTAINER_CREDENTIALS_FULL_URI" in v or "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI" in v:
+            where = v.get("AWS_CONTAINER_CREDENTIALS_FULL_URI") or v.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+            try:
+                creds = await container.load()
+            except (CredentialRetrievalError, MetadataRetrievalError, OSError) as exc:
+                raise CredentialProblem(
+                    "container_failed", f"the container credentials endpoint {where} failed: {_short(exc)}"
+                ) from None
+            if creds is not None:
+                label = "EKS Pod Identity" if "169.254.170.23" in str(where) else "container credentials"
+                return Resolved(creds, method="container", source=f"{label} ({where})")
+        tried.append("no container credentials endpoint")
+        if self._env.metadata_disabled:
+            tried.append("instance metadata disabled (AWS_EC2_METADATA_DISABLED)")
+        else:
+            endpoint = self._env.metadata_endpoint or "http://169.254.169.254"
+            config = {
+                "ec2_metadata_v1_disabled": self._env.metadata_v1_disabled,
+                "ec2_metadata_service_endpoint": endpoint,
+            }
+            fetcher = AioInstanceMetadataFetcher(
+                timeout=self._env.metadata_timeout, num_attempts=self._env.metadata_attempts, env=v, config=config
+            )
+            try:
+                creds = await AioInstanceMetadataProvider(iam_role_fetcher=fetcher).load()
+            except (MetadataRetrievalError, CredentialRetrievalError, OSError) as exc:
+                raise CredentialProblem(
+                    "imds_unreachable",
+                    f"no credentials found on the delegate ({', '.join(tried)});"
+                    f" instance metadata at {endpoint} did not answer: {_short(exc)}",
+                ) from None
+            if creds is not None:
+                return Resolved(creds, method="instance-metadata", source=f"instance profile via IMDSv2 ({endpoint})")
+            tried.append(f"instance metadata at {endpoint} has no role")
+        raise CredentialProblem("no_credentials", f"no credentials found on the delegate: {', '.join(tried)}")
+
+    def assume(
+        self, base: Resolved, xa: CrossAccountAccess, *, region: str, policy: RetryPolicy, name: str
+    ) -> Resolved:
+        """Cross-account access: the base credentials assume the connector's role (with its External ID)."""
+        extra: dict[str, Any] = {"RoleSessionName": name, "DurationSeconds": xa.duration_seconds}
+        if xa.external_id:
+            extra["ExternalId"] = xa.external_id
+        fetcher = AioAssumeRoleCredentialFetcher(
+            client_creator=self._clients.sts_creator(region, policy),
+            source_credentials=base.credentials,
+            role_arn=xa.role_arn,
+            extra_args=extra,
+        )
+        creds = AioDeferredRefreshableCredentials(refresh_using=fetcher.fetch_credentials, method="assume-role")
+        return Resolved(
+            creds,
+            method=f"{base.method}+assume-role",
+            source=f"{base.source}, then role {xa.role_arn}",
+            role_arn=xa.role_arn,
+        )
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text[:300]
