@@ -93,12 +93,9 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
         secrets_dir=Path(args.secrets_dir) if args.secrets_dir else None,
         settings=settings,
     )
-    try:
-        from agent.aws.platform import platform_validator_from_env
+    from agent.aws.platform import platform_validator_from_env
 
-        validator = platform_validator_from_env(os.environ, secrets_dir=config.secrets_dir, redactor=redactor)
-    except ImportError:  # pragma: no cover - the AWS package is part of the distribution
-        validator = None
+    validator = platform_validator_from_env(os.environ, secrets_dir=config.secrets_dir, redactor=redactor)
     try:
         service = ControlPlaneService(config, platform_validator=validator)
     except CredentialsError as exc:
@@ -266,9 +263,13 @@ def print_test_result(task: Any, out: Any = None) -> None:
             )
             if failure.get("hint"):
                 print(f"  hint:      {failure['hint']}", file=out)
-    denied = result.get("deniedActions")
-    if denied:
-        print(f"  denied:    {', '.join(denied)}", file=out)
+    check = result.get("permissionCheck")
+    if check:
+        denied = ", ".join(f"{d['action']} ({d['decision']})" for d in check.get("denied", []))
+        print(
+            f"  permissions: {len(check.get('allowed', []))} allowed" + (f"; denied: {denied}" if denied else ""),
+            file=out,
+        )
 
 
 def cmd_delegates_list(args: argparse.Namespace) -> int:
@@ -306,6 +307,72 @@ def cmd_tokens_revoke(args: argparse.Namespace) -> int:
     t = _client(args).revoke_token(args.name)
     print(f"token {t.name} ({t.token_id}) revoked")
     return EXIT_OK
+
+
+# --- local validation --------------------------------------------------------------------------
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    """Run the connection test here, without a control plane: the quickest way to debug a connector."""
+    from agent.aws.clients import AwsClients
+    from agent.aws.connector import ConnectorInvalid, parse_actions, parse_connector
+    from agent.aws.environment import AwsEnvironment
+    from agent.aws.secrets import SecretStore
+    from agent.aws.validator import AwsValidator
+    from agent.observability.logging import Redactor, configure_logging
+
+    redactor = Redactor()
+    configure_logging(fmt=args.log_format, level="warning", redactor=redactor)
+    docs = load_documents(args.file)
+    if len(docs) != 1:
+        raise UsageError(f"{args.file} holds {len(docs)} documents; validate one connector at a time")
+    try:
+        connector = parse_connector(docs[0])
+        permissions = parse_actions(None, args.permission, "--permission") if args.permission else ()
+    except ConnectorInvalid as exc:
+        _err(f"{args.file} is not a valid connector:")
+        for p in exc.problems:
+            print(f"  {p.field}: {p.message}", file=sys.stderr)
+        return EXIT_USAGE
+    env, problems = AwsEnvironment.from_environ(os.environ)
+    if problems:
+        for p in problems:
+            _err(f"{p.field} {p.message}")
+        return EXIT_USAGE
+    secrets_dir = args.secrets_dir or os.environ.get("AGENT_SECRETS_DIR")
+    secrets = SecretStore(Path(secrets_dir) if secrets_dir else None, on_read=redactor.add)
+
+    async def run() -> dict[str, Any]:
+        clients = AwsClients(env)
+        try:
+            validator = AwsValidator(env, clients, secrets, redact=redactor.value)
+            return await validator.validate(
+                connector,
+                task_id="local",
+                delegate_id=None,
+                delegate_name=os.environ.get("DELEGATE_NAME") or "local",
+                permissions=permissions,
+                timeout=args.timeout,
+            )
+        finally:
+            await clients.close()
+
+    result = asyncio.run(run())
+    if args.output == "json":
+        _print_json(result)
+    else:
+        from types import SimpleNamespace
+
+        print_test_result(
+            SimpleNamespace(
+                task_id="(local)",
+                status=result["status"],
+                delegate_name="this machine",
+                result=result,
+                failure_reason=None,
+            )
+        )
+    return EXIT_OK if result["status"] == "SUCCESS" else EXIT_FAILED
 
 
 # --- parser ------------------------------------------------------------------------------------
@@ -410,11 +477,23 @@ def _add_tokens(sub: Any, client_opts: argparse.ArgumentParser) -> None:
     r.set_defaults(func=cmd_tokens_revoke)
 
 
+def _add_validate(sub: Any, _: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("validate", help="test a connector from this machine, without a control plane")
+    p.add_argument("-f", "--file", required=True, help="the connector (Harness YAML or JSON), or - for stdin")
+    p.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    p.add_argument("--secrets-dir", metavar="DIR", help="where secret references resolve (default AGENT_SECRETS_DIR)")
+    p.add_argument("--permission", action="append", metavar="ACTION", help="also check this IAM action (repeat)")
+    p.add_argument("--timeout", type=_positive, default=120.0, metavar="S", help="bound for the whole test")
+    p.add_argument("--log-format", choices=["json", "console"])
+    p.set_defaults(func=cmd_validate)
+
+
 _COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     _add_control_plane,
     _add_connector,
     _add_delegates,
     _add_tokens,
+    _add_validate,
 ]
 
 

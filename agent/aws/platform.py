@@ -1,4 +1,4 @@
-"""Validation "through the platform" (``executeOnDelegate: false``): the control plane's seam."""
+"""Validation "through the platform" (``executeOnDelegate: false``): the same validator, in the control plane."""
 
 from __future__ import annotations
 
@@ -6,14 +6,43 @@ from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import structlog
+
+from agent.aws.clients import AwsClients
 from agent.aws.connector import AwsConnector
+from agent.aws.environment import AwsEnvironment
+from agent.aws.secrets import SecretStore
+from agent.aws.validator import AwsValidator
 from agent.observability.logging import Redactor
 
 #: Runs a connector test inside the control plane: (connector, task id, IAM actions) -> result document.
 PlatformValidator = Callable[[AwsConnector, str, tuple[str, ...]], Awaitable[dict[str, Any]]]
 
+log = structlog.get_logger("controlplane.platform")
+
+
+class PlatformValidation:
+    """The control plane's validator; :meth:`aclose` releases its AWS clients."""
+
+    def __init__(self, validator: AwsValidator) -> None:
+        self.validator = validator
+
+    async def __call__(self, connector: AwsConnector, task_id: str, permissions: tuple[str, ...]) -> dict[str, Any]:
+        return await self.validator.validate(
+            connector, task_id=task_id, delegate_id=None, delegate_name="platform", permissions=permissions
+        )
+
+    async def aclose(self) -> None:
+        await self.validator.close()
+
 
 def platform_validator_from_env(
     environ: Mapping[str, str], *, secrets_dir: Path | None, redactor: Redactor
-) -> PlatformValidator | None:
-    return None
+) -> PlatformValidation:
+    env, problems = AwsEnvironment.from_environ(environ)
+    for p in problems:
+        log.warning("controlplane.aws_setting_ignored", setting=p.field, problem=p.message)
+    validator = AwsValidator(
+        env, AwsClients(env), SecretStore(secrets_dir, on_read=redactor.add), redact=redactor.value
+    )
+    return PlatformValidation(validator)

@@ -147,6 +147,7 @@ class ControlPlaneService:
         clock: Any = None,
     ) -> None:
         self.config = config
+        self._platform_validator = platform_validator
         creds = load_credentials(config)
         self.credentials = creds
         if config.data_dir is not None:
@@ -205,6 +206,9 @@ class ControlPlaneService:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        closer = getattr(self._platform_validator, "aclose", None)
+        if closer is not None:
+            await closer()
         self.store.close()
         log.info("controlplane.stopped")
 

@@ -1,0 +1,375 @@
+"""From an exception at a step to what a person needs: category, AWS code, and the one hint that fits.
+
+Harness answers every failure with the same list of possible causes. Here the hint is chosen by
+the step that failed, the AWS error code and the credential type, and it names the things to
+change (the principal, the role, the region, the secret reference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ParamValidationError,
+    ProxyConnectionError,
+    ReadTimeoutError,
+    SSLError,
+)
+from botocore.parsers import ResponseParserError
+
+from agent.aws.credentials import CredentialProblem
+from agent.aws.secrets import SecretNotFound
+
+CATEGORIES = (
+    "invalid_config",
+    "secret_not_found",
+    "credentials_invalid",
+    "permission_denied",
+    "assume_role_denied",
+    "network",
+    "timeout",
+    "throttled",
+    "internal",
+)
+
+THROTTLING = {
+    "Throttling",
+    "ThrottlingException",
+    "ThrottledException",
+    "RequestThrottledException",
+    "TooManyRequestsException",
+    "RequestLimitExceeded",
+    "PriorRequestNotComplete",
+    "SlowDown",
+    "RequestThrottled",
+    "EC2ThrottledException",
+    "BandwidthLimitExceeded",
+    "LimitExceededException",
+}
+SERVER_ERRORS = {
+    "InternalError",
+    "InternalFailure",
+    "ServiceUnavailable",
+    "ServiceUnavailableException",
+    "InternalServerError",
+    "Unavailable",
+    "RequestTimeout",
+    "RequestTimeoutException",
+}
+BAD_KEY = {
+    "InvalidClientTokenId",
+    "UnrecognizedClientException",
+    "AuthFailure",
+    "InvalidAccessKeyId",
+    "InvalidToken",
+    "IncompleteSignature",
+}
+DENIED = {"AccessDenied", "AccessDeniedException", "UnauthorizedOperation", "Forbidden"}
+
+
+@dataclass(frozen=True)
+class Context:
+    """What the validator knows when something fails: enough to make the hint concrete."""
+
+    credential_type: str
+    region: str
+    partition: str
+    principal: str | None = None
+    role_arn: str | None = None
+    external_id_set: bool = False
+    secret_ref: str | None = None
+    endpoint_overridden: bool = False
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    category: str
+    message: str
+    hint: str
+    aws_code: str | None = None
+
+
+def _who(ctx: Context) -> str:
+    return ctx.principal or {
+        "ManualConfig": "the IAM user of the access key",
+        "Irsa": "the IRSA role",
+        "InheritFromDelegate": "the delegate's own role",
+    }.get(ctx.credential_type, "the caller")
+
+
+def _bad_key_hint(ctx: Context) -> str:
+    if ctx.credential_type == "ManualConfig":
+        return (
+            f"AWS does not recognise the access key in the {ctx.partition} partition: it may be deleted or "
+            "inactive, mistyped, or belong to another partition (GovCloud and China keys only work in their own "
+            "regions; pick a test region in the key's partition)"
+        )
+    return (
+        "AWS rejected the delegate's temporary credentials: the role session may have been revoked, or the "
+        "credentials come from another partition than the test region"
+    )
+
+
+def diagnose(exc: BaseException, *, step: str, ctx: Context) -> Diagnosis:
+    if isinstance(exc, SecretNotFound):
+        return Diagnosis(
+            "secret_not_found",
+            str(exc),
+            f"create the key {exc.ref.name!r} in the Kubernetes Secret mounted at AGENT_SECRETS_DIR "
+            "(helm: connectorSecrets.existingSecret), or fix the reference in the connector",
+        )
+    if isinstance(exc, CredentialProblem):
+        return _credential_problem(exc)
+    if isinstance(exc, ClientError):
+        return _client_error(exc, step, ctx)
+    if isinstance(exc, TimeoutError | ReadTimeoutError):
+        return Diagnosis(
+            "timeout",
+            f"{step} did not finish in time: {_text(exc) or 'no answer'}",
+            "AWS (or the proxy in between) did not answer; check network egress from the delegate, and "
+            "retry: a slow moment is not a broken connector",
+        )
+    if isinstance(exc, SSLError):
+        return Diagnosis(
+            "network",
+            f"TLS to AWS failed at {step}: {_text(exc)}",
+            "if a proxy intercepts TLS, give the delegate its CA with AWS_CA_BUNDLE",
+        )
+    if isinstance(exc, ProxyConnectionError):
+        return Diagnosis(
+            "network",
+            f"the proxy failed at {step}: {_text(exc)}",
+            "check HTTPS_PROXY, and NO_PROXY for endpoints that must bypass it",
+        )
+    if isinstance(exc, ConnectTimeoutError | EndpointConnectionError):
+        where = "the endpoint in AWS_ENDPOINT_URL" if ctx.endpoint_overridden else f"AWS in {ctx.region}"
+        return Diagnosis(
+            "network",
+            f"cannot connect to {where} at {step}: {_text(exc)}",
+            "allow HTTPS egress from the delegate to AWS (NetworkPolicy, security groups, NAT), set "
+            "HTTPS_PROXY if a proxy is required, or add a VPC endpoint for the service",
+        )
+    if isinstance(exc, NoCredentialsError):
+        return Diagnosis(
+            "credentials_invalid",
+            "no credentials were available to sign the request",
+            "this is a bug in credential resolution; report it with the delegate's log",
+        )
+    if isinstance(exc, ParamValidationError):
+        return Diagnosis(
+            "invalid_config",
+            f"AWS would refuse these parameters: {_text(exc)}",
+            "check crossAccountAccess (role ARN, externalId at least 2 characters, durationSeconds)",
+        )
+    if isinstance(exc, ResponseParserError):
+        return Diagnosis(
+            "network",
+            f"the answer at {step} was not an AWS API response",
+            "something other than AWS answered: check AWS_ENDPOINT_URL and any proxy in between",
+        )
+    if isinstance(exc, BotoCoreError):
+        return Diagnosis("internal", f"{type(exc).__name__} at {step}: {_text(exc)}", "see the delegate's log")
+    return Diagnosis("internal", f"unexpected {type(exc).__name__} at {step}", "see the delegate's log; this is a bug")
+
+
+def _credential_problem(exc: CredentialProblem) -> Diagnosis:
+    hints = {
+        "irsa_not_configured": (
+            "invalid_config",
+            "the delegate's service account lacks the eks.amazonaws.com/role-arn "
+            "annotation: set it (helm: serviceAccount.roleArn) and restart the pod so EKS injects "
+            "AWS_ROLE_ARN and AWS_WEB_IDENTITY_TOKEN_FILE",
+        ),
+        "token_file_missing": (
+            "invalid_config",
+            "the projected service account token is not mounted where "
+            "AWS_WEB_IDENTITY_TOKEN_FILE says: check the pod's aws-iam-token volume (EKS adds it "
+            "when the service account has the eks.amazonaws.com/role-arn annotation)",
+        ),
+        "container_failed": (
+            "network",
+            "the EKS Pod Identity agent (or ECS agent) did not answer: check the "
+            "eks-pod-identity-agent add-on and that a pod identity association exists for the "
+            "delegate's service account",
+        ),
+        "imds_unreachable": (
+            "network",
+            "from a container, IMDSv2 needs a hop limit of 2 (aws ec2 "
+            "modify-instance-metadata-options --http-put-response-hop-limit 2 --http-tokens required); "
+            "on EKS, prefer IRSA or EKS Pod Identity for the delegate",
+        ),
+        "no_credentials": (
+            "credentials_invalid",
+            "give the delegate an identity: IRSA (serviceAccount.roleArn), EKS "
+            "Pod Identity, or an instance profile on the node",
+        ),
+    }
+    category, hint = hints.get(exc.kind, ("credentials_invalid", "see the delegate's log"))
+    return Diagnosis(category, str(exc), hint)
+
+
+def _client_error(exc: ClientError, step: str, ctx: Context) -> Diagnosis:
+    err: dict[str, Any] = exc.response.get("Error", {})
+    code = str(err.get("Code") or "Unknown")
+    message = _text(err.get("Message") or exc)
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    summary = f"{code}: {message}" if message else code
+
+    if code in THROTTLING:
+        return Diagnosis(
+            "throttled",
+            f"AWS throttled {step} ({summary})",
+            "the request was retried and still throttled; try again shortly, or lower how many "
+            "connectors are tested at once",
+            code,
+        )
+    if code in SERVER_ERRORS or status >= 500:
+        return Diagnosis(
+            "network",
+            f"AWS failed at {step} ({summary})",
+            "a server-side error at AWS; it is usually transient, so test again",
+            code,
+        )
+    if step == "resolve_credentials":
+        return _web_identity_error(code, summary, ctx)
+    if step == "assume_role":
+        if code in DENIED:
+            ext = (
+                "the trust policy's sts:ExternalId condition must equal the connector's externalId"
+                if ctx.external_id_set
+                else "if the trust policy requires an External ID, set crossAccountAccess.externalId"
+            )
+            return Diagnosis(
+                "assume_role_denied",
+                f"AssumeRole of {ctx.role_arn} was denied ({summary})",
+                f"the trust policy of {ctx.role_arn} must allow {_who(ctx)} to call sts:AssumeRole; "
+                f"{ext}; and {_who(ctx)} needs sts:AssumeRole on that role in its own policy",
+                code,
+            )
+        if code == "RegionDisabledException":
+            return Diagnosis(
+                "invalid_config",
+                f"STS is not active in {ctx.region} ({summary})",
+                f"activate STS in {ctx.region} (IAM > Account settings) or pick another test region",
+                code,
+            )
+        if code == "ValidationError":
+            return Diagnosis(
+                "invalid_config",
+                f"AssumeRole refused the request ({summary})",
+                "check the role ARN, and that durationSeconds is within the role's maximum session duration",
+                code,
+            )
+    if code in BAD_KEY:
+        return Diagnosis(
+            "credentials_invalid", f"{step} rejected the credentials ({summary})", _bad_key_hint(ctx), code
+        )
+    if code == "SignatureDoesNotMatch":
+        ref = f" referenced by secretKeyRef ({ctx.secret_ref})" if ctx.secret_ref else ""
+        hint = (
+            f"the secret key does not belong to the access key: check the secret{ref}"
+            if ctx.credential_type == "ManualConfig"
+            else "the delegate's credentials are malformed"
+        )
+        return Diagnosis("credentials_invalid", f"{step}: the signature did not match ({code})", hint, code)
+    if code in ("ExpiredToken", "ExpiredTokenException", "TokenRefreshRequired"):
+        return Diagnosis(
+            "credentials_invalid",
+            f"{step}: the session token has expired ({summary})",
+            "temporary credentials expired; they are renewed automatically, so test again, and check "
+            "the delegate's clock",
+            code,
+        )
+    if code in ("RequestExpired", "SignatureExpired", "RequestTimeTooSkewed"):
+        return Diagnosis(
+            "credentials_invalid",
+            f"{step}: the request's time was refused ({summary})",
+            "the delegate's clock is off by more than 5 minutes: fix time sync (NTP) on its node",
+            code,
+        )
+    if code in ("OptInRequired", "InvalidRegion"):
+        return Diagnosis(
+            "invalid_config",
+            f"{ctx.region} is not available to this account ({summary})",
+            f"enable {ctx.region} for the account (Account > AWS Regions) or pick another test region",
+            code,
+        )
+    if step == "describe_regions" and code in DENIED:
+        return Diagnosis(
+            "permission_denied",
+            f"{_who(ctx)} may not call ec2:DescribeRegions ({code})",
+            f'grant ec2:DescribeRegions (Resource "*") to {_who(ctx)}: every AWS connector needs it, as in Harness',
+            code,
+        )
+    if step == "simulate_permissions":
+        if code in DENIED:
+            return Diagnosis(
+                "permission_denied",
+                f"the permission check was refused ({code})",
+                f"grant iam:SimulatePrincipalPolicy on {_who(ctx)} to {_who(ctx)}, or remove "
+                "permissionCheck from the connector",
+                code,
+            )
+        if code in ("NoSuchEntity", "InvalidInput"):
+            return Diagnosis(
+                "invalid_config",
+                f"IAM cannot simulate {_who(ctx)} ({summary})",
+                "the permission check needs an IAM user or role; it cannot simulate the account root "
+                "or a federated user",
+                code,
+            )
+    if code in DENIED:
+        return Diagnosis(
+            "permission_denied", f"{step} was denied ({summary})", f"grant {_who(ctx)} what {step} needs", code
+        )
+    return Diagnosis(
+        "internal" if status == 0 else "invalid_config",
+        f"{step} failed ({summary})",
+        "see the AWS error message above",
+        code,
+    )
+
+
+def _web_identity_error(code: str, summary: str, ctx: Context) -> Diagnosis:
+    if code in ("InvalidIdentityToken", "IDPRejectedClaim"):
+        return Diagnosis(
+            "credentials_invalid",
+            f"STS rejected the service account token ({summary})",
+            "register the cluster's OIDC provider in IAM (eksctl utils associate-iam-oidc-provider) and "
+            "make sure the token audience is sts.amazonaws.com",
+            code,
+        )
+    if code in ("ExpiredTokenException", "ExpiredToken"):
+        return Diagnosis(
+            "credentials_invalid",
+            f"the service account token has expired ({summary})",
+            "kubelet renews the projected token; check AWS_WEB_IDENTITY_TOKEN_FILE points at it and the "
+            "node's clock is right",
+            code,
+        )
+    if code in DENIED:
+        return Diagnosis(
+            "assume_role_denied",
+            f"AssumeRoleWithWebIdentity for {ctx.role_arn} was denied ({summary})",
+            f"the trust policy of {ctx.role_arn} must allow sts:AssumeRoleWithWebIdentity from the "
+            "cluster's OIDC provider, with the condition sub = system:serviceaccount:<namespace>:"
+            "<service account> of this delegate",
+            code,
+        )
+    if code in BAD_KEY or code == "SignatureDoesNotMatch":
+        return Diagnosis(
+            "credentials_invalid", f"the delegate's own credentials were rejected ({summary})", _bad_key_hint(ctx), code
+        )
+    return Diagnosis(
+        "credentials_invalid", f"resolving credentials failed ({summary})", "see the AWS error message", code
+    )
+
+
+def _text(value: Any) -> str:
+    return " ".join(str(value).split())[:400]

@@ -1,0 +1,335 @@
+"""The connection test: resolve -> (assume role) -> who am I -> DescribeRegions -> (permissions).
+
+Every step is timed and reported. The result has Harness's shape (status, testedAt, errorSummary,
+errors) plus what Harness lacks: the identity, the step that failed, the AWS error code and the
+one hint that fits. The whole test is bounded (Harness: 2 minutes), and so is every call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from botocore.exceptions import BotoCoreError, ClientError
+
+from agent.aws.clients import AwsClients, RetryPolicy
+from agent.aws.connector import AwsConnector
+from agent.aws.credentials import CredentialResolver, Resolved, session_name
+from agent.aws.diagnosis import Context, Diagnosis, diagnose
+from agent.aws.environment import AwsEnvironment
+from agent.aws.partitions import principal_for_simulation
+from agent.aws.secrets import SecretStore
+
+log = structlog.get_logger("aws")
+
+STEPS = ("resolve_credentials", "assume_role", "get_caller_identity", "describe_regions", "simulate_permissions")
+DEFAULT_TIMEOUT = 120.0
+
+#: Called once per step: (step, status, seconds, credential type, failure category or None).
+StepObserver = Callable[[str, str, float, str, str | None], None]
+Redact = Callable[[Any], Any]
+
+
+class _StepFailed(Exception):
+    def __init__(self, step: str, diagnosis: Diagnosis) -> None:
+        super().__init__(diagnosis.message)
+        self.step = step
+        self.diagnosis = diagnosis
+
+
+@dataclass
+class _Run:
+    connector: AwsConnector
+    ctx: Context
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    current: str | None = None
+    observer: StepObserver | None = None
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        self.current = name
+        started = time.perf_counter()
+        try:
+            yield
+        except _StepFailed:
+            raise
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            diagnosis = diagnose(exc, step=name, ctx=self.ctx)
+            if diagnosis.category == "internal":
+                # Not the user's mistake: keep the traceback (redacted like every log line).
+                log.error("aws.validation_internal_error", step=name, connector=self.connector.identifier, exc_info=exc)
+            self._record(name, "FAILURE", started, diagnosis.category)
+            raise _StepFailed(name, diagnosis) from None
+        self._record(name, "SUCCESS", started, None)
+
+    def fail(self, name: str, started: float, diagnosis: Diagnosis) -> _StepFailed:
+        self._record(name, "FAILURE", started, diagnosis.category)
+        return _StepFailed(name, diagnosis)
+
+    def _record(self, name: str, status: str, started: float, category: str | None) -> None:
+        seconds = time.perf_counter() - started
+        self.steps.append({"name": name, "status": status, "durationMs": round(seconds * 1000)})
+        if self.observer is not None:
+            self.observer(name, status, seconds, self.connector.credential_type, category)
+
+    def skip_rest(self, planned: list[str]) -> None:
+        done = {s["name"] for s in self.steps}
+        for name in planned:
+            if name not in done:
+                self.steps.append({"name": name, "status": "SKIPPED", "durationMs": 0})
+
+
+class AwsValidator:
+    """Runs connection tests. One per process; safe for many concurrent tests."""
+
+    def __init__(
+        self,
+        env: AwsEnvironment,
+        clients: AwsClients,
+        secrets: SecretStore,
+        *,
+        redact: Redact = lambda v: v,
+        observer: StepObserver | None = None,
+    ) -> None:
+        self.env = env
+        self.clients = clients
+        self.secrets = secrets
+        self._redact = redact
+        self._observer = observer
+        self.resolver = CredentialResolver(env, clients, secrets)
+
+    async def validate(
+        self,
+        connector: AwsConnector,
+        *,
+        task_id: str,
+        delegate_id: str | None,
+        delegate_name: str,
+        permissions: tuple[str, ...] = (),
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> dict[str, Any]:
+        """Test the connector; always returns a result document, never raises for a failed test."""
+        region = connector.region
+        actions = tuple(dict.fromkeys(connector.permissions + permissions))
+        planned = [
+            "resolve_credentials",
+            *(["assume_role"] if connector.cross_account else []),
+            "get_caller_identity",
+            "describe_regions",
+            *(["simulate_permissions"] if actions else []),
+        ]
+        ctx = Context(
+            credential_type=connector.credential_type,
+            region=region,
+            partition=connector.partition,
+            role_arn=connector.cross_account.role_arn if connector.cross_account else None,
+            external_id_set=bool(connector.cross_account and connector.cross_account.external_id),
+            secret_ref=connector.secret_key_ref.raw if connector.secret_key_ref else None,
+            endpoint_overridden=bool(self.env.endpoint_url or self.env.service_endpoints),
+        )
+        run = _Run(connector, ctx, observer=self._observer)
+        policy = RetryPolicy.for_connector(self.env, connector.backoff)
+        result: dict[str, Any] = {
+            "status": "SUCCESS",
+            "testedAt": datetime.now(UTC).isoformat(),
+            "delegateId": delegate_id,
+            "delegateName": delegate_name,
+            "connectorIdentifier": connector.identifier,
+            "credentialType": connector.credential_type,
+            "testRegion": region,
+            "partition": connector.partition,
+            "credentialSource": None,
+            "identity": None,
+            "errorSummary": None,
+            "errors": [],
+            "steps": run.steps,
+            "failure": None,
+        }
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._steps(run, result, policy, task_id=task_id, delegate_name=delegate_name, actions=actions)
+        except _StepFailed as failed:
+            self._fail(result, failed.step, failed.diagnosis)
+        except TimeoutError:
+            step = run.current or "resolve_credentials"
+            if not any(s["name"] == step for s in run.steps):
+                run.steps.append(
+                    {"name": step, "status": "FAILURE", "durationMs": round((time.perf_counter() - started) * 1000)}
+                )
+            self._fail(
+                result,
+                step,
+                Diagnosis(
+                    "timeout",
+                    f"the connection test did not finish within {timeout:.0f}s (at {step})",
+                    "AWS or the network in between is not answering; check egress from the delegate and test again",
+                ),
+            )
+        run.skip_rest(planned)
+        result["durationMs"] = round((time.perf_counter() - started) * 1000)
+        return self._redact(result)  # type: ignore[no-any-return]
+
+    async def _steps(
+        self,
+        run: _Run,
+        result: dict[str, Any],
+        policy: RetryPolicy,
+        *,
+        task_id: str,
+        delegate_name: str,
+        actions: tuple[str, ...],
+    ) -> None:
+        connector, region = run.connector, run.connector.region
+        resolved: Resolved
+        with run.step("resolve_credentials"):
+            resolved = await self.resolver.base(connector, region=region, delegate_name=delegate_name)
+            try:
+                # Deferred credentials (web identity) fetch now, so errors land on this step.
+                await resolved.credentials.get_frozen_credentials()
+            except BaseException:
+                self.resolver.forget(resolved)
+                raise
+        result["credentialSource"] = resolved.source
+        if connector.cross_account is not None:
+            with run.step("assume_role"):
+                base = resolved
+                resolved = self.resolver.assume(
+                    base,
+                    connector.cross_account,
+                    region=region,
+                    policy=policy,
+                    name=session_name(delegate_name, task_id),
+                )
+                try:
+                    await resolved.credentials.get_frozen_credentials()
+                except ClientError:
+                    # Name who was refused: the hint is about *that* principal's trust relationship.
+                    run.ctx = replace(run.ctx, principal=await self._whoami(base, region, policy) or base.role_arn)
+                    raise
+            result["credentialSource"] = resolved.source
+        with self.clients.bound(resolved.credentials):
+            with run.step("get_caller_identity"):
+                async with self.clients.client("sts", region, policy) as sts:
+                    ident = await sts.get_caller_identity()
+                result["identity"] = {
+                    "account": ident.get("Account"),
+                    "arn": ident.get("Arn"),
+                    "userId": ident.get("UserId"),
+                }
+                run.ctx = replace(run.ctx, principal=ident.get("Arn"))
+            with run.step("describe_regions"):
+                async with self.clients.client("ec2", region, policy) as ec2:
+                    answer = await ec2.describe_regions(RegionNames=[region], AllRegions=True)
+            regions = {r.get("RegionName"): r for r in answer.get("Regions", [])}
+            info = regions.get(region)
+            if info is not None and info.get("OptInStatus") == "not-opted-in":
+                run.steps[-1]["status"] = "FAILURE"
+                raise _StepFailed(
+                    "describe_regions",
+                    Diagnosis(
+                        "invalid_config",
+                        f"{region} is not enabled for account {result['identity']['account']}",
+                        f"enable {region} (Account > AWS Regions) or pick another test region",
+                        "OptInRequired",
+                    ),
+                )
+            if actions:
+                await self._simulate(run, result, policy, resolved, actions)
+
+    async def _simulate(
+        self, run: _Run, result: dict[str, Any], policy: RetryPolicy, resolved: Resolved, actions: tuple[str, ...]
+    ) -> None:
+        started = time.perf_counter()
+        principal = principal_for_simulation(result["identity"]["arn"], resolved.role_arn)
+        if principal is None:
+            raise run.fail(
+                "simulate_permissions",
+                started,
+                Diagnosis(
+                    "invalid_config",
+                    f"{result['identity']['arn']} cannot be simulated",
+                    "the permission check needs an IAM user or role; it cannot check the account root or a "
+                    "federated user",
+                ),
+            )
+        with run.step("simulate_permissions"):
+            decisions: dict[str, str] = {}
+            resources = list(run.connector.permission_resources) or ["*"]
+            async with self.clients.client("iam", run.connector.region, policy) as iam:
+                marker = None
+                while True:
+                    kwargs: dict[str, Any] = {
+                        "PolicySourceArn": principal,
+                        "ActionNames": list(actions),
+                        "ResourceArns": resources,
+                    }
+                    if marker:
+                        kwargs["Marker"] = marker
+                    page = await iam.simulate_principal_policy(**kwargs)
+                    for r in page.get("EvaluationResults", []):
+                        name, decision = r.get("EvalActionName"), r.get("EvalDecision", "implicitDeny")
+                        # With several resources an action is allowed only if every resource is.
+                        if decisions.get(name, "allowed") == "allowed":
+                            decisions[name] = decision
+                    marker = page.get("Marker") if page.get("IsTruncated") else None
+                    if not marker:
+                        break
+        allowed = [a for a in actions if decisions.get(a) == "allowed"]
+        denied = [
+            {"action": a, "decision": decisions.get(a, "implicitDeny")}
+            for a in actions
+            if decisions.get(a) != "allowed"
+        ]
+        result["permissionCheck"] = {
+            "principal": principal,
+            "resources": resources,
+            "allowed": allowed,
+            "denied": denied,
+        }
+        if denied:
+            run.steps[-1]["status"] = "FAILURE"
+            names = ", ".join(d["action"] for d in denied)
+            explicit = any(d["decision"] == "explicitDeny" for d in denied)
+            raise _StepFailed(
+                "simulate_permissions",
+                Diagnosis(
+                    "permission_denied",
+                    f"{principal} is not allowed: {names}",
+                    f"grant {names} to {principal} before pipelines use this connector"
+                    + (
+                        "; an explicit Deny (policy, permission boundary or SCP) blocks some of them"
+                        if explicit
+                        else ""
+                    ),
+                    "ImplicitDeny" if not explicit else "ExplicitDeny",
+                ),
+            )
+
+    async def _whoami(self, resolved: Resolved, region: str, policy: RetryPolicy) -> str | None:
+        """Best effort, for a better hint only: the ARN behind some credentials, or None."""
+        try:
+            async with asyncio.timeout(5):
+                with self.clients.bound(resolved.credentials):
+                    async with self.clients.client("sts", region, policy) as sts:
+                        return str((await sts.get_caller_identity())["Arn"])
+        except (ClientError, BotoCoreError, TimeoutError, OSError):
+            return None
+
+    @staticmethod
+    def _fail(result: dict[str, Any], step: str, d: Diagnosis) -> None:
+        result["status"] = "FAILURE"
+        result["errorSummary"] = d.message
+        result["errors"] = [{"reason": d.category, "message": d.message, "code": d.aws_code or d.category}]
+        result["failure"] = {"step": step, "category": d.category, "awsErrorCode": d.aws_code, "hint": d.hint}
+
+    async def close(self) -> None:
+        await self.clients.close()
