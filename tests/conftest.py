@@ -6,7 +6,7 @@ import os
 import socket
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +66,13 @@ TOKEN = "test-delegate-token-0123456789abcdef"
 API_KEY = "test-api-key-0123456789abcdef"
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(autouse=True)
 def _logging() -> None:
-    """Logs go to stderr as JSON, as they do in production; stdout stays for command output."""
+    """Logs go to stderr as JSON, as they do in production; stdout stays for command output.
+
+    Re-applied before every test: a CLI test configures logging onto pytest's capture stream,
+    which is closed once that test ends.
+    """
     configure_logging(fmt="json", level="info", stream=sys.__stderr__)
 
 
@@ -209,3 +213,39 @@ def tmp_secrets(tmp_path: Path) -> Path:
     d = tmp_path / "secrets"
     d.mkdir()
     return d
+
+
+# --- AWS: moto as a real server on loopback -------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def moto_url() -> Iterator[str]:
+    """moto's server on 127.0.0.1 (its in-process mock does not work with aiobotocore)."""
+    from moto.server import ThreadedMotoServer
+
+    os.environ["MOTO_EC2_LOAD_DEFAULT_AMIS"] = "false"  # makes /moto-api/reset fast
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def moto(moto_url: str) -> Iterator[str]:
+    """A moto with empty state for this test (and IAM enforcement off)."""
+    from tests.awsfakes import moto_api
+
+    moto_api(moto_url, "/moto-api/reset")
+    yield moto_url
+    moto_api(moto_url, "/moto-api/reset-auth", b"inf")
+
+
+@pytest.fixture
+def iam_enforced(moto: str) -> Iterator[None]:
+    """moto checks IAM policies from now on (request this after seeding users and roles)."""
+    from tests.awsfakes import moto_api
+
+    moto_api(moto, "/moto-api/reset-auth", b"0")
+    yield
+    moto_api(moto, "/moto-api/reset-auth", b"inf")
