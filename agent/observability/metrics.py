@@ -1,0 +1,132 @@
+"""The delegate's Prometheus metrics, on a registry of its own (never the global one).
+
+Names follow the Prometheus conventions (``_total`` counters, ``_seconds`` units, base units) and
+pass ``promtool check metrics``. State that is cheap to read (slots, outbox depth, seconds since
+the last heartbeat) is sampled at scrape time through callbacks instead of being pushed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+from prometheus_client.gc_collector import GCCollector
+
+from agent._version import __version__
+
+_TASK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_PICKUP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class AgentMetrics:
+    def __init__(self, *, name: str, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.info = Info("delegate_agent", "The delegate's version and name.", registry=r)
+        self.info.info({"version": __version__, "name": name})
+        self.registered = Gauge(
+            "delegate_registered", "1 while the delegate is registered with the control plane.", registry=r
+        )
+        self.draining = Gauge("delegate_draining", "1 while the delegate drains for shutdown.", registry=r)
+        self.auth_refused = Gauge(
+            "delegate_control_plane_auth_refused",
+            "1 while the control plane refuses the delegate's token (401/403).",
+            registry=r,
+        )
+        self.slots = Gauge("delegate_task_slots", "Tasks the delegate may run at once (its capacity).", registry=r)
+        self.slots_busy = Gauge("delegate_task_slots_busy", "Task slots in use, polls in flight included.", registry=r)
+        self.tasks_started = Counter("delegate_tasks_started", "Tasks started, by type.", ["type"], registry=r)
+        self.tasks_completed = Counter(
+            "delegate_tasks_completed",
+            "Tasks finished, by type and outcome (success, failure, timeout, cancelled, invalid, error).",
+            ["type", "outcome"],
+            registry=r,
+        )
+        self.task_duration = Histogram(
+            "delegate_task_duration_seconds",
+            "Time from start to result, by type.",
+            ["type"],
+            buckets=_TASK_BUCKETS,
+            registry=r,
+        )
+        self.pickup_latency = Histogram(
+            "delegate_task_pickup_latency_seconds",
+            "Time from the task's creation on the control plane to its start here.",
+            buckets=_PICKUP_BUCKETS,
+            registry=r,
+        )
+        self.cp_requests = Counter(
+            "delegate_control_plane_requests",
+            "Requests to the control plane, by operation and status (HTTP status, or error/timeout).",
+            ["operation", "status"],
+            registry=r,
+        )
+        self.cp_latency = Histogram(
+            "delegate_control_plane_request_duration_seconds",
+            "Control plane request latency, by operation (long polls included).",
+            ["operation"],
+            buckets=_REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.outbox_depth = Gauge("delegate_outbox_depth", "Results written but not yet acknowledged.", registry=r)
+        self.heartbeat_age = Gauge(
+            "delegate_seconds_since_last_heartbeat",
+            "Seconds since the last heartbeat the control plane acknowledged.",
+            registry=r,
+        )
+        self.results_dropped = Counter(
+            "delegate_results_dropped",
+            "Results the control plane will never accept, by reason (lease_fenced, unknown_task, rejected).",
+            ["reason"],
+            registry=r,
+        )
+        self.registrations = Counter(
+            "delegate_registrations", "Successful registrations (re-registrations included).", registry=r
+        )
+        self.aws_steps = Histogram(
+            "delegate_aws_validation_step_duration_seconds",
+            "Duration of each AWS validation step, by step and status.",
+            ["step", "status"],
+            buckets=_TASK_BUCKETS,
+            registry=r,
+        )
+        self.aws_failures = Counter(
+            "delegate_aws_validation_failures",
+            "Failed AWS validations, by failing step, failure category and credential type.",
+            ["step", "category", "credential_type"],
+            registry=r,
+        )
+
+    def observe_request(self, operation: str, status: str, seconds: float) -> None:
+        self.cp_requests.labels(operation, status).inc()
+        self.cp_latency.labels(operation).observe(seconds)
+
+    def observe_aws_step(
+        self, step: str, status: str, seconds: float, credential_type: str, category: str | None
+    ) -> None:
+        self.aws_steps.labels(step, status).observe(seconds)
+        if status == "FAILURE":
+            self.aws_failures.labels(step, category or "unknown", credential_type).inc()
+
+    def sample(
+        self, *, busy: Callable[[], float], outbox: Callable[[], float], heartbeat_age: Callable[[], float]
+    ) -> None:
+        """Read these at scrape time instead of updating them on every change."""
+        self.slots_busy.set_function(busy)
+        self.outbox_depth.set_function(outbox)
+        self.heartbeat_age.set_function(heartbeat_age)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
