@@ -309,6 +309,73 @@ def cmd_tokens_revoke(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- the daemon ----------------------------------------------------------------------------------
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from agent.runtime.settings import ConfigError, load_settings
+
+    config = args.config or os.environ.get("AGENT_CONFIG_FILE")
+    try:
+        return load_settings(os.environ, Path(config) if config else None)
+    except ConfigError as exc:
+        _err(f"the configuration has {len(exc.problems)} problem(s):")
+        for p in exc.problems:
+            print(f"  {p.field}: {p.message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE) from None
+
+
+def build_handlers(settings: Any, redactor: Any, metrics: Any) -> list[Any]:
+    """The task handlers this delegate runs (wired here, in one place)."""
+    from agent.aws.clients import AwsClients
+    from agent.aws.handler import AwsValidationHandler
+    from agent.aws.secrets import SecretStore
+    from agent.aws.validator import AwsValidator
+
+    validator = AwsValidator(
+        settings.aws,
+        AwsClients(settings.aws, pool_connections=max(10, settings.capacity)),
+        SecretStore(settings.secrets_dir, on_read=redactor.add),
+        redact=redactor.value,
+        observer=metrics.observe_aws_step,
+    )
+    return [AwsValidationHandler(validator)]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.observability.logging import Redactor, configure_logging
+    from agent.observability.metrics import AgentMetrics
+    from agent.runtime.agent import Agent, serve
+    from agent.runtime.signing import task_check_from_key
+
+    settings = _settings(args)
+    redactor = Redactor()
+    configure_logging(
+        fmt=settings.log_format, level=settings.log_level, redactor=redactor, static={"delegate": settings.name}
+    )
+    metrics = AgentMetrics(name=settings.name)
+    agent = Agent(
+        settings,
+        handlers=build_handlers(settings, redactor, metrics),
+        redactor=redactor,
+        metrics=metrics,
+        task_check=task_check_from_key(settings.control_plane.task_public_key),
+    )
+
+    try:
+        return asyncio.run(serve(agent))
+    except OSError as exc:
+        _err(f"cannot start: {exc.strerror or exc} (is {settings.http_listen} already in use?)")
+        return EXIT_USAGE
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    print(yaml.safe_dump(settings.describe(), sort_keys=False).rstrip())
+    print("configuration OK", file=sys.stderr)
+    return EXIT_OK
+
+
 # --- local validation --------------------------------------------------------------------------
 
 
@@ -477,6 +544,21 @@ def _add_tokens(sub: Any, client_opts: argparse.ArgumentParser) -> None:
     r.set_defaults(func=cmd_tokens_revoke)
 
 
+def _add_run(sub: Any, _: argparse.ArgumentParser) -> None:
+    for name, func, text in (
+        ("run", cmd_run, "run the delegate (register, poll, validate, report)"),
+        ("check-config", cmd_check_config, "check the delegate's configuration and exit"),
+    ):
+        p = sub.add_parser(
+            name,
+            help=text,
+            description="Settings come from the YAML file and the environment "
+            "(environment wins); see config/agent.yaml.",
+        )
+        p.add_argument("--config", metavar="FILE", help="YAML settings file (env AGENT_CONFIG_FILE)")
+        p.set_defaults(func=func)
+
+
 def _add_validate(sub: Any, _: argparse.ArgumentParser) -> None:
     p = sub.add_parser("validate", help="test a connector from this machine, without a control plane")
     p.add_argument("-f", "--file", required=True, help="the connector (Harness YAML or JSON), or - for stdin")
@@ -489,6 +571,7 @@ def _add_validate(sub: Any, _: argparse.ArgumentParser) -> None:
 
 
 _COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
+    _add_run,
     _add_control_plane,
     _add_connector,
     _add_delegates,

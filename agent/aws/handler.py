@@ -19,6 +19,13 @@ class AwsValidationHandler:
     def __init__(self, validator: AwsValidator) -> None:
         self.validator = validator
 
+    async def warm(self) -> None:
+        """Load the AWS models and endpoint rules before the first task (not during it)."""
+        await self.validator.clients.warm()
+
+    async def aclose(self) -> None:
+        await self.validator.close()
+
     async def __call__(self, ctx: TaskContext) -> TaskOutcome:
         document = ctx.payload.get("connector")
         if document is None:

@@ -194,7 +194,7 @@ class ControlPlaneService:
             "controlplane.started",
             url=self.url,
             data_dir=str(self.config.data_dir or "(memory)"),
-            tokens=[k.name for k in self.verifier.keys],
+            token_names=[k.name for k in self.verifier.keys],
         )
         return self.url
 
@@ -250,7 +250,7 @@ class ControlPlaneService:
             )
             return False
         self.verifier.replace_keys(keys)
-        log.info("controlplane.tokens_reloaded", tokens=[k.name for k in keys])
+        log.info("controlplane.tokens_reloaded", token_names=[k.name for k in keys])
         return True
 
     async def _watch_tokens(self) -> None:

@@ -1,0 +1,326 @@
+"""The delegate daemon: one owner object, wired in one place, with a written-down shutdown order.
+
+Root loops: the connection (register, heartbeat), the poller (long poll gated by free slots), and
+the reporter (outbox -> control plane). Tasks run in the executor. The HTTP server (probes,
+metrics, status) starts first and stops last.
+
+Shutdown ladder (first SIGTERM/SIGINT):
+
+1. drain: stop polling, report "draining" at once (readiness turns 503 now; heartbeats go on);
+2. wait for running tasks, up to the drain timeout;
+3. cancel what remains; each reports a "cancelled: the delegate is shutting down" result;
+4. flush the outbox (whatever cannot be sent stays in a durable outbox for the next start);
+5. deregister;
+6. close clients and the outbox; stop the HTTP server; exit 0.
+
+A second signal skips the wait (step 2). A watchdog thread exits hard if the whole ladder takes
+longer than drain timeout + grace. Signal handlers only call :meth:`Agent.request_shutdown`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import ssl
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+import aiohttp
+import structlog
+
+from agent._version import __version__
+from agent.observability.http import HealthServer
+from agent.observability.logging import Redactor
+from agent.observability.metrics import AgentMetrics
+from agent.protocol.auth import RequestSigner, TokenSource
+from agent.protocol.client import ControlPlaneClient
+from agent.runtime.connection import Connection
+from agent.runtime.executor import Executor, Slots, TaskCheck
+from agent.runtime.outbox import open_outbox
+from agent.runtime.poller import Poller
+from agent.runtime.reporter import Reporter
+from agent.runtime.settings import AgentSettings
+from agent.runtime.state import AgentState
+from agent.taskapi import TaskHandler
+
+log = structlog.get_logger("agent")
+
+#: Minimum time kept for flushing results and deregistering, even after a long drain.
+FLUSH_SECONDS = 3.0
+#: Exit code when the watchdog has to end a shutdown that hangs.
+HARD_EXIT_CODE = 70
+
+
+class Agent:
+    def __init__(
+        self,
+        settings: AgentSettings,
+        *,
+        handlers: Sequence[TaskHandler],
+        redactor: Redactor | None = None,
+        metrics: AgentMetrics | None = None,
+        task_check: TaskCheck | None = None,
+        watchdog: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.handlers = {h.task_type: h for h in handlers}
+        self.redactor = redactor or Redactor()
+        self.metrics = metrics or AgentMetrics(name=settings.name)
+        self.state = AgentState(
+            name=settings.name,
+            tags=settings.tags,
+            capacity=settings.capacity,
+            instance_id=f"{settings.name}-{uuid.uuid4().hex[:12]}",
+        )
+        self._task_check = task_check
+        self._watchdog_enabled = watchdog
+        self._stop = asyncio.Event()
+        self._force = asyncio.Event()
+        self._stop_requested_at: float | None = None
+        self.started = asyncio.Event()
+        self.http_url = ""
+        if settings.token is not None:
+            self.redactor.add(settings.token)
+
+    # --- signals -----------------------------------------------------------------------------
+
+    def request_shutdown(self) -> None:
+        """First call drains; the second cancels at once. Safe from a signal handler."""
+        if self._stop.is_set():
+            if not self._force.is_set():
+                log.warning("agent.shutdown_forced", hint="second signal: cancelling running tasks now")
+            self._force.set()
+            return
+        self._stop_requested_at = time.monotonic()
+        self._stop.set()
+        if self._watchdog_enabled:
+            self._start_watchdog()
+
+    def _start_watchdog(self) -> None:
+        limit = self.settings.drain_timeout + self.settings.shutdown_grace
+
+        def fire() -> None:
+            sys.stderr.write(f"delegate-agent: shutdown did not finish within {limit:.0f}s; exiting hard\n")
+            sys.stderr.flush()
+            os._exit(HARD_EXIT_CODE)
+
+        timer = threading.Timer(limit, fire)
+        timer.daemon = True
+        timer.start()
+        self._watchdog = timer
+
+    # --- run ---------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run until asked to stop; returns the process exit code."""
+        s = self.settings
+        outbox = open_outbox(s.data_dir)
+        if not outbox.durable:
+            log.warning(
+                "agent.outbox_in_memory",
+                hint="results not yet delivered are lost if the delegate stops; set AGENT_DATA_DIR to keep them",
+            )
+        elif len(outbox):
+            log.info("agent.outbox_replay", pending=len(outbox), path=str(s.data_dir))
+        slots = Slots(s.capacity)
+        self.metrics.slots.set(s.capacity)
+        self.metrics.sample(busy=lambda: slots.busy, outbox=lambda: len(outbox), heartbeat_age=self._heartbeat_age)
+        http = HealthServer(
+            state=self.state,
+            metrics=self.metrics,
+            busy=lambda: slots.busy,
+            outbox_depth=lambda: len(outbox),
+            outbox_durable=outbox.durable,
+            control_plane=s.control_plane.url,
+            host=s.http_host,
+            port=s.http_port,
+        )
+        self.http_url = await http.start()
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl_context(), limit=s.capacity + 8))
+        token = TokenSource(path=s.token_file) if s.token_file else TokenSource(value=s.token or "")
+        signer = RequestSigner(token, audience=s.control_plane.audience, issuer=s.name)
+        client = ControlPlaneClient(
+            session,
+            s.control_plane.url,
+            signer,
+            observer=self.metrics.observe_request,
+            request_timeout=s.control_plane.request_timeout,
+        )
+        executor = Executor(
+            handlers=self.handlers,
+            client=client,
+            outbox=outbox,
+            slots=slots,
+            state=self.state,
+            metrics=self.metrics,
+            redact=self.redactor.value,
+            check=self._task_check,
+        )
+        connection = Connection(
+            client=client,
+            state=self.state,
+            metrics=self.metrics,
+            task_types=executor.task_types,
+            free_slots=lambda: slots.free,
+            in_flight=lambda: executor.in_flight,
+            cancel=executor.cancel,
+        )
+        poller = Poller(client=client, connection=connection, executor=executor, slots=slots, state=self.state)
+        reporter = Reporter(client=client, outbox=outbox, state=self.state, metrics=self.metrics)
+        code = 0
+        roots: dict[str, asyncio.Task[None]] = {}
+        try:
+            log.info("agent.starting", version=__version__, endpoints=self.http_url, settings=s.describe())
+            await self._warm()
+            roots = {
+                "connection": _guarded("connection", connection.run()),
+                "poller": _guarded("poller", poller.run()),
+                "reporter": _guarded("reporter", reporter.run()),
+            }
+            self.started.set()
+            stop = asyncio.create_task(self._stop.wait(), name="stop-request")
+            done, _ = await asyncio.wait({stop, *roots.values()}, return_when=asyncio.FIRST_COMPLETED)
+            if stop not in done:
+                failed = [name for name, t in roots.items() if t in done]
+                log.error("agent.root_task_ended", tasks=failed, hint="a bug: shutting down so Kubernetes restarts us")
+                code = 1
+                self._stop.set()
+            stop.cancel()
+            await self._shutdown(roots, connection, poller, reporter, executor)
+        finally:
+            for task in roots.values():
+                task.cancel()
+            await asyncio.gather(*roots.values(), return_exceptions=True)
+            await self._close_handlers()
+            await session.close()
+            outbox.close()
+            await http.stop()
+            timer = getattr(self, "_watchdog", None)
+            if timer is not None:
+                timer.cancel()
+        log.info("agent.stopped", exit_code=code)
+        return code
+
+    async def _shutdown(
+        self,
+        roots: dict[str, asyncio.Task[None]],
+        connection: Connection,
+        poller: Poller,
+        reporter: Reporter,
+        executor: Executor,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        s = self.settings
+        started = loop.time()
+        drain_until = started + s.drain_timeout
+        # 1. drain: readiness flips now; the server hears "draining" at once and stops handing us work.
+        self.state.draining = True
+        self.metrics.draining.set(1)
+        log.info("agent.draining", running=len(executor.in_flight), drain_timeout=s.drain_timeout)
+        connection.wake()
+        poller.stop()
+        roots["poller"].cancel()
+        await asyncio.gather(roots["poller"], return_exceptions=True)
+        # 2. wait for running tasks (or a second signal).
+        if executor.in_flight and not self._force.is_set():
+            force = asyncio.create_task(self._force.wait())
+            idle = asyncio.create_task(executor.wait_idle(drain_until - loop.time()))
+            await asyncio.wait({force, idle}, return_when=asyncio.FIRST_COMPLETED)
+            force.cancel()
+            idle.cancel()
+        # 3. cancel what remains; each writes a "cancelled" result.
+        if executor.in_flight:
+            cancelled = executor.cancel_all("the delegate is shutting down")
+            log.warning("agent.cancelling_tasks", count=cancelled)
+            await executor.wait_idle(5.0)
+        # 4. flush the outbox.
+        reporter.stop()
+        await asyncio.gather(roots["reporter"], return_exceptions=True)
+        budget = max(FLUSH_SECONDS, drain_until + s.shutdown_grace / 2 - loop.time())
+        if not await reporter.flush(budget):
+            log.warning(
+                "agent.results_undelivered",
+                pending=len(reporter._outbox),
+                kept="in the durable outbox" if reporter._outbox.durable else "lost (memory outbox)",
+            )
+        # 5. deregister (after the flush, so results arrive while the lease is ours).
+        connection.stop()
+        await asyncio.gather(roots["connection"], return_exceptions=True)
+        await asyncio.shield(connection.deregister())
+        log.info("agent.drained", seconds=round(loop.time() - started, 3))
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _heartbeat_age(self) -> float:
+        if self.state.last_heartbeat is None:
+            return float("nan")
+        try:
+            return max(0.0, asyncio.get_running_loop().time() - self.state.last_heartbeat)
+        except RuntimeError:
+            return float("nan")
+
+    def _ssl_context(self) -> ssl.SSLContext | bool:
+        cp = self.settings.control_plane
+        if not cp.url.startswith("https://"):
+            return True
+        ctx = ssl.create_default_context(cafile=str(cp.ca_file) if cp.ca_file else None)
+        if cp.client_cert_file is not None and cp.client_key_file is not None:
+            ctx.load_cert_chain(cp.client_cert_file, cp.client_key_file)
+        return ctx
+
+    async def _warm(self) -> None:
+        for handler in self.handlers.values():
+            warm = getattr(handler, "warm", None)
+            if warm is not None:
+                started = time.perf_counter()
+                await warm()
+                log.info(
+                    "agent.handler_warmed",
+                    task_type=handler.task_type,
+                    ms=round((time.perf_counter() - started) * 1000),
+                )
+
+    async def _close_handlers(self) -> None:
+        for handler in self.handlers.values():
+            close = getattr(handler, "aclose", None)
+            if close is not None:
+                try:
+                    await close()
+                except Exception:
+                    log.exception("agent.handler_close_failed", task_type=handler.task_type)
+
+
+async def serve(agent: Agent) -> int:
+    """Run ``agent`` as a process's main job: SIGTERM and SIGINT request the shutdown ladder.
+
+    The handlers only call :meth:`Agent.request_shutdown`; as PID 1 in a container, handling
+    SIGTERM ourselves is what makes the pod stop gracefully instead of waiting to be killed.
+    """
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, agent.request_shutdown)
+    try:
+        return await agent.run()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def _guarded(name: str, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    """A root task that logs how it ended: failing or returning early is a bug worth a line."""
+
+    async def guard() -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("agent.root_task_failed", task=name)
+            raise
+
+    return asyncio.create_task(guard(), name=name)

@@ -1,0 +1,327 @@
+"""Runs leased tasks: one asyncio task each, isolated, bounded, renewed, cancellable, always reported.
+
+Whatever happens to a task (its handler returns, raises, times out, is cancelled by the control
+plane or by shutdown, or the task type is unknown), exactly one result is written to the outbox,
+unless the lease was lost, in which case the control plane would refuse it anyway. One task's
+crash never touches another: each handler runs in its own asyncio task and every exception is
+caught at that boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+
+from agent.protocol.client import ControlPlaneClient
+from agent.protocol.errors import LeaseFenced, ProtocolError
+from agent.protocol.models import Task, TaskResult
+from agent.runtime.outbox import Entry, Outbox
+from agent.runtime.state import AgentState, RunningTask
+from agent.taskapi import InvalidTask, TaskContext, TaskHandler, TaskOutcome, failure_output
+
+log = structlog.get_logger("agent.executor")
+
+#: After cancelling a handler, how long to wait for it to unwind before reporting anyway.
+UNWIND_SECONDS = 5.0
+
+Redact = Callable[[Any], Any]
+#: Checks a task before it runs; returns a reason to refuse it, or None.
+TaskCheck = Callable[[Task], str | None]
+
+
+class Slots:
+    """Capacity: the poller takes slots *before* asking for work; each finished task gives one back."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.busy = 0
+        self._freed = asyncio.Event()
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.busy
+
+    def take(self, n: int) -> None:
+        if n > self.free:
+            raise RuntimeError(f"taking {n} slots with only {self.free} free")
+        self.busy += n
+
+    def release(self, n: int = 1) -> None:
+        self.busy -= n
+        self._freed.set()
+
+    async def wait_free(self) -> int:
+        while self.free <= 0:
+            self._freed.clear()
+            await self._freed.wait()
+        return self.free
+
+
+@dataclass
+class _Run:
+    task: Task
+    work: asyncio.Task[TaskOutcome] | None = None
+    cancel_reason: str | None = None
+    lease_lost: bool = False
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class Executor:
+    def __init__(
+        self,
+        *,
+        handlers: Mapping[str, TaskHandler],
+        client: ControlPlaneClient,
+        outbox: Outbox,
+        slots: Slots,
+        state: AgentState,
+        metrics: Any,
+        redact: Redact,
+        check: TaskCheck | None = None,
+    ) -> None:
+        self._handlers = dict(handlers)
+        self._client = client
+        self._outbox = outbox
+        self._slots = slots
+        self._state = state
+        self._metrics = metrics
+        self._redact = redact
+        self._check = check
+        self._runs: dict[str, _Run] = {}
+        self._jobs: set[asyncio.Task[None]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def task_types(self) -> list[str]:
+        return sorted(self._handlers)
+
+    @property
+    def in_flight(self) -> list[str]:
+        return list(self._runs)
+
+    def start(self, task: Task) -> None:
+        """Run a leased task; its slot is already taken and is released when it finishes."""
+        run = _Run(task)
+        self._runs[task.task_id] = run
+        self._idle.clear()
+        job = asyncio.create_task(self._run(run), name=f"task-{task.task_id}")
+        self._jobs.add(job)  # keep a reference until it finishes
+        job.add_done_callback(self._jobs.discard)
+
+    def cancel(self, task_id: str, reason: str) -> bool:
+        run = self._runs.get(task_id)
+        if run is None:
+            return False
+        if run.cancel_reason is None:
+            run.cancel_reason = reason
+        if run.work is not None and not run.work.done():
+            run.work.cancel(reason)
+        return True
+
+    def cancel_all(self, reason: str) -> int:
+        return sum(self.cancel(task_id, reason) for task_id in list(self._runs))
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True when nothing is running (within ``timeout`` seconds)."""
+        if not self._runs:
+            return True
+        try:
+            async with asyncio.timeout(max(0.0, timeout)):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    # --- one task ----------------------------------------------------------------------------
+
+    async def _run(self, run: _Run) -> None:
+        task = run.task
+        loop = asyncio.get_running_loop()
+        started_wall = datetime.now(UTC)
+        started = loop.time()
+        self._state.running[task.task_id] = RunningTask(task.task_id, task.type, task.lease_id, started, task.attempt)
+        self._metrics.tasks_started.labels(task.type).inc()
+        self._metrics.pickup_latency.observe(max(0.0, time.time() - task.created_at.timestamp()))
+        renewer = asyncio.create_task(self._renew(run), name=f"renew-{task.task_id}")
+        outcome_kind = "error"
+        output: dict[str, Any]
+        try:
+            with structlog.contextvars.bound_contextvars(
+                task_id=task.task_id, task_type=task.type, attempt=task.attempt
+            ):
+                outcome_kind, output = await self._execute(run, loop)
+                status = "SUCCESS" if outcome_kind == "success" else "FAILURE"
+                output = self._redact(output)
+                finished = datetime.now(UTC)
+                seconds = loop.time() - started
+                if run.lease_lost:
+                    log.warning(
+                        "task.result_dropped",
+                        reason="lease lost: the control plane gave the task to another delegate",
+                        duration_ms=round(seconds * 1000),
+                    )
+                else:
+                    self._outbox.put(
+                        Entry(
+                            task.task_id,
+                            TaskResult(
+                                lease_id=task.lease_id,
+                                status=status,  # type: ignore[arg-type]
+                                output=output,
+                                started_at=started_wall,
+                                finished_at=finished,
+                            ),
+                        )
+                    )
+                self._metrics.tasks_completed.labels(task.type, outcome_kind).inc()
+                self._metrics.task_duration.labels(task.type).observe(seconds)
+                _summary(task, outcome_kind, status, output, seconds)
+        except Exception:
+            # The boundary: nothing a task does may escape into the delegate.
+            log.exception("task.executor_error", task_id=task.task_id)
+        finally:
+            renewer.cancel()
+            self._state.running.pop(task.task_id, None)
+            self._runs.pop(task.task_id, None)
+            self._slots.release()
+            run.done.set()
+            if not self._runs:
+                self._idle.set()
+
+    async def _execute(self, run: _Run, loop: asyncio.AbstractEventLoop) -> tuple[str, dict[str, Any]]:
+        task = run.task
+        handler = self._handlers.get(task.type)
+        if handler is None:
+            return "invalid", self._failure(
+                "invalid_task",
+                f"this delegate cannot run tasks of type {task.type!r} (it runs: "
+                f"{', '.join(self.task_types) or 'nothing'})",
+                step="dispatch",
+            )
+        if self._check is not None:
+            refused = self._check(task)
+            if refused is not None:
+                log.warning("task.refused", reason=refused)
+                return "invalid", self._failure(
+                    "invalid_task",
+                    refused,
+                    step="verify_signature",
+                    hint="the task was not run; check the control plane's signing key",
+                )
+        ctx = TaskContext(
+            task_id=task.task_id,
+            type=task.type,
+            payload=task.payload,
+            delegate_id=self._state.delegate_id or "",
+            delegate_name=self._state.name,
+            timeout=task.timeout_seconds,
+            attempt=task.attempt,
+        )
+        run.work = asyncio.create_task(handler(ctx), name=f"work-{task.task_id}")
+        if run.cancel_reason is not None:  # cancelled before it even started
+            run.work.cancel()
+        done, _ = await asyncio.wait({run.work}, timeout=task.timeout_seconds)
+        if not done:
+            run.cancel_reason = run.cancel_reason or "timeout"
+            run.work.cancel()
+            await asyncio.wait({run.work}, timeout=UNWIND_SECONDS)
+        if run.cancel_reason is not None and (run.work.cancelled() or not run.work.done()):
+            if run.cancel_reason == "timeout":
+                return "timeout", self._failure(
+                    "timeout",
+                    f"the task did not finish within its timeout of {task.timeout_seconds:g}s",
+                    step="execute",
+                    hint="the task was stopped; check what the handler waits on",
+                )
+            return "cancelled", self._failure("cancelled", f"cancelled: {run.cancel_reason}", step="execute")
+        if run.work.cancelled():
+            return "cancelled", self._failure("cancelled", "cancelled", step="execute")
+        exc = run.work.exception()
+        if isinstance(exc, InvalidTask):
+            return "invalid", self._failure(
+                "invalid_task", f"invalid task: {exc}", step="dispatch", problems=[(exc.field, exc.message)]
+            )
+        if exc is not None:
+            log.error("task.handler_crashed", error_type=type(exc).__name__, exc_info=exc)
+            return "error", self._failure(
+                "internal",
+                f"the handler failed with {type(exc).__name__}",
+                step="execute",
+                hint="a bug in the delegate; see its log",
+            )
+        outcome = run.work.result()
+        return ("success" if outcome.status == "SUCCESS" else "failure"), dict(outcome.output)
+
+    def _failure(
+        self,
+        category: str,
+        message: str,
+        *,
+        step: str,
+        hint: str | None = None,
+        problems: list[tuple[str, str]] | None = None,
+    ) -> dict[str, Any]:
+        return failure_output(
+            category,
+            message,
+            step=step,
+            hint=hint,
+            problems=problems,
+            delegate_id=self._state.delegate_id,
+            delegate_name=self._state.name,
+        )
+
+    async def _renew(self, run: _Run) -> None:
+        """Keep the lease while the task runs; stop the task if the lease is lost or cancelled."""
+        task = run.task
+        interval = max(0.05, task.lease_seconds / 3)
+        while True:
+            await asyncio.sleep(interval * random.uniform(0.8, 1.0))  # noqa: S311 - jitter, not crypto
+            try:
+                lease = await self._client.renew_lease(task.lease_id)
+            except LeaseFenced:
+                run.lease_lost = True
+                self.cancel(task.task_id, "the lease was lost (the control plane reassigned the task)")
+                return
+            except ProtocolError as exc:
+                log.warning("task.lease_renewal_failed", error=str(exc), retry_in=round(interval, 1))
+                continue
+            if lease.cancel_requested:
+                self.cancel(task.task_id, "cancelled by the control plane")
+                return
+            interval = max(0.05, lease.lease_seconds / 3)
+
+
+def _summary(task: Task, outcome: str, status: str, output: Mapping[str, Any], seconds: float) -> None:
+    """The one line per task: enough to know what happened without reading the result."""
+    failure = output.get("failure") or {}
+    identity = output.get("identity") or {}
+    fields: dict[str, Any] = {
+        "task_id": task.task_id,
+        "task_type": task.type,
+        "status": status,
+        "outcome": outcome,
+        "duration_ms": round(seconds * 1000),
+        "attempt": task.attempt,
+    }
+    for key, value in (
+        ("connector", output.get("connectorIdentifier")),
+        ("credential_type", output.get("credentialType")),
+        ("region", output.get("testRegion")),
+        ("identity", identity.get("arn")),
+        ("failed_step", failure.get("step")),
+        ("category", failure.get("category")),
+        ("aws_error_code", failure.get("awsErrorCode")),
+        ("error", output.get("errorSummary")),
+    ):
+        if value:
+            fields[key] = value
+    (log.info if status == "SUCCESS" else log.warning)("task.finished", **fields)

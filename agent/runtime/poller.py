@@ -1,0 +1,116 @@
+"""The poll loop: take every free slot, long-poll for that many tasks, hand them to the executor.
+
+Slots are taken *before* the request, so the delegate never asks for work it cannot start, and
+never asks at all while full. The long poll means a task is picked up the moment it is queued
+(no polling interval). Errors are classified: refused credentials back off slowly, a 429 waits as
+told, an unknown delegate triggers registration, anything else backs off with full jitter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+import structlog
+
+from agent.protocol.client import ControlPlaneClient
+from agent.protocol.errors import AuthError, ProtocolError, RateLimited, UnknownDelegate
+from agent.protocol.models import AcquireRequest
+from agent.runtime.backoff import auth_backoff, transient_backoff
+from agent.runtime.connection import Connection
+from agent.runtime.executor import Executor, Slots
+from agent.runtime.state import AgentState
+
+log = structlog.get_logger("agent.poller")
+
+#: After an empty answer, wait up to this before asking again, so a fleet drifts out of step.
+EMPTY_POLL_JITTER = 0.05
+
+
+class Poller:
+    def __init__(
+        self, *, client: ControlPlaneClient, connection: Connection, executor: Executor, slots: Slots, state: AgentState
+    ) -> None:
+        self._client = client
+        self._connection = connection
+        self._executor = executor
+        self._slots = slots
+        self._state = state
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        """Stop asking for work (the loop ends after the request in flight, which is cancelled)."""
+        self._stop.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        transient, auth = transient_backoff(), auth_backoff()
+        while not self._stop.is_set():
+            self._state.poll_progress = loop.time()
+            delegate_id = await self._connection.wait_registered()
+            if self._stop.is_set():
+                return
+            self._state.waiting_for_slots = True
+            free = await self._slots.wait_free()
+            self._state.waiting_for_slots = False
+            self._state.poll_progress = loop.time()
+            if self._stop.is_set():
+                return
+            self._slots.take(free)
+            wait = self._state.intervals.poll_wait_seconds * random.uniform(0.85, 1.0)  # noqa: S311 - jitter
+            try:
+                answer = await self._client.acquire(delegate_id, AcquireRequest(max_tasks=free, wait_seconds=wait))
+            except asyncio.CancelledError:
+                self._slots.release(free)
+                raise
+            except UnknownDelegate:
+                self._slots.release(free)
+                log.warning(
+                    "agent.poll_unknown_delegate", hint="the control plane forgot this delegate; registering again"
+                )
+                self._connection.reregister(delegate_id)
+                continue
+            except AuthError as exc:
+                self._slots.release(free)
+                await self._pause(auth.next(exc.retry_after), f"token refused: {exc}", loud=True)
+                continue
+            except RateLimited as exc:
+                self._slots.release(free)
+                await self._pause(transient.next(exc.retry_after), f"rate limited: {exc}")
+                continue
+            except ProtocolError as exc:
+                self._slots.release(free)
+                self._state.consecutive_failures += 1
+                await self._pause(transient.next(exc.retry_after), str(exc))
+                continue
+            transient.reset()
+            auth.reset()
+            self._state.contact(loop.time(), time.time())
+            tasks = answer.tasks[:free]
+            self._slots.release(free - len(tasks))
+            if self._stop.is_set() and tasks:
+                # Drain began while the answer was on its way: give the tasks straight back.
+                await self._give_back([t.lease_id for t in tasks], len(tasks))
+                return
+            for task in tasks:
+                self._executor.start(task)
+            if not tasks:
+                await self._pause(random.uniform(0, EMPTY_POLL_JITTER), None)  # noqa: S311 - jitter
+
+    async def _give_back(self, lease_ids: list[str], slots: int) -> None:
+        for lease_id in lease_ids:
+            try:
+                await self._client.release_lease(lease_id)
+            except ProtocolError as exc:
+                log.warning("agent.release_failed", lease_id=lease_id, error=str(exc))
+        self._slots.release(slots)
+
+    async def _pause(self, seconds: float, reason: str | None, *, loud: bool = False) -> None:
+        if reason is not None:
+            (log.error if loud else log.warning)("agent.poll_failed", error=reason, retry_in=round(seconds, 2))
+        try:
+            async with asyncio.timeout(seconds):
+                await self._stop.wait()
+        except TimeoutError:
+            pass
