@@ -210,15 +210,20 @@ class FaultProxy:
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
-        self.plan: list[int | str] = []
+        self.plan: list[int | str | tuple[int, int]] = []
         self.requests = 0
+        self.answered: list[tuple[int, float]] = []
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
         step = self.plan.pop(0) if self.plan else "pass"
         if step == "hang":
             await asyncio.sleep(3600)
+        if isinstance(step, tuple):  # (status, Retry-After seconds)
+            self.answered.append((step[0], asyncio.get_running_loop().time()))
+            return web.Response(status=step[0], headers={"Retry-After": str(step[1])}, text="slow down")
         if isinstance(step, int):
+            self.answered.append((step, asyncio.get_running_loop().time()))
             if step == 400:
                 body = (
                     "<ErrorResponse><Error><Type>Sender</Type><Code>Throttling</Code><Message>Rate exceeded"
@@ -235,6 +240,7 @@ class FaultProxy:
             session.request(request.method, self.upstream + request.path_qs, data=body, headers=headers) as resp,
         ):
             data = await resp.read()
+            self.answered.append((resp.status, asyncio.get_running_loop().time()))
             return web.Response(status=resp.status, body=data, content_type=resp.content_type)
 
     @asynccontextmanager

@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from agent.aws.environment import AwsEnvironment
 from agent.controlplane.app import ControlPlaneConfig, ControlPlaneService
 from agent.controlplane.core import ControlPlaneSettings
 from agent.observability.logging import configure_logging
 from agent.protocol.auth import RequestSigner, TokenSource
 from agent.protocol.client import ControlPlaneClient
 from agent.protocol.models import RegisterRequest
+from agent.runtime.agent import Agent
+from agent.runtime.settings import AgentSettings
+from agent.runtime.settings import ControlPlaneSettings as CpSettings
+from tests.handlers import GateHandler, all_handlers
+from tests.helpers import wait_for
 
 AWS_VARS = (
     "AWS_ACCESS_KEY_ID",
@@ -249,3 +257,85 @@ def iam_enforced(moto: str) -> Iterator[None]:
     moto_api(moto, "/moto-api/reset-auth", b"0")
     yield
     moto_api(moto, "/moto-api/reset-auth", b"inf")
+
+
+# --- delegates in-process -------------------------------------------------------------------------
+
+FAST = ControlPlaneSettings(
+    heartbeat_seconds=1, poll_wait_seconds=2, lease_seconds=3, pickup_timeout_seconds=30, sweep_interval_seconds=0.1
+)
+
+
+@dataclass
+class Running:
+    agent: Agent
+    task: asyncio.Task[int]
+    handlers: dict[str, Any]
+
+    @property
+    def gate(self) -> GateHandler:
+        return self.handlers["test.gate"]  # type: ignore[no-any-return]
+
+    async def registered(self) -> str:
+        await wait_for(lambda: self.agent.state.registered, f"{self.agent.settings.name} to register")
+        assert self.agent.state.delegate_id is not None
+        return self.agent.state.delegate_id
+
+    async def stop(self, timeout: float = 30) -> int:
+        self.agent.request_shutdown()
+        return await asyncio.wait_for(self.task, timeout)
+
+
+AgentFactory = Callable[..., Awaitable[Running]]
+
+
+@pytest.fixture
+async def agent_factory(tmp_path: Path) -> AsyncIterator[AgentFactory]:
+    started: list[Running] = []
+
+    async def make(
+        cp: ControlPlaneService | str,
+        *,
+        name: str = "d1",
+        tags: tuple[str, ...] = (),
+        capacity: int = 4,
+        data_dir: Path | None = None,
+        token: str | None = TOKEN,
+        token_file: Path | None = None,
+        drain_timeout: float = 5.0,
+    ) -> Running:
+        url = cp if isinstance(cp, str) else cp.url
+        settings = AgentSettings(
+            control_plane=CpSettings(url=url, request_timeout=5),
+            token=token,
+            token_file=token_file,
+            name=name,
+            tags=tags,
+            capacity=capacity,
+            http_host="127.0.0.1",
+            http_port=0,
+            data_dir=data_dir,
+            drain_timeout=drain_timeout,
+            shutdown_grace=5,
+            aws=AwsEnvironment(),
+        )
+        handlers = all_handlers()
+        agent = Agent(settings, handlers=list(handlers.values()), watchdog=False)
+        task = asyncio.create_task(agent.run())
+        await asyncio.wait_for(agent.started.wait(), 10)
+        running = Running(agent, task, handlers)
+        started.append(running)
+        return running
+
+    yield make
+    for r in started:
+        if not r.task.done():
+            r.agent.request_shutdown()
+            r.agent.request_shutdown()
+            await asyncio.wait_for(r.task, 30)
+
+
+async def done(cp: ControlPlaneService, task_id: str, timeout: float = 15) -> Any:
+    return await wait_for(
+        lambda: (t := cp.core.get_task(task_id)).state == "done" and t, f"task {task_id} to finish", timeout
+    )

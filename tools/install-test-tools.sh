@@ -1,5 +1,19 @@
 #!/usr/bin/env bash
-# External tools the tests use, installed by the project itself (a fresh CI machine has none).
-# Idempotent and quick when everything is already present.
+# External tools the tests use, installed by the project itself (a fresh CI machine has none of them).
+# Idempotent: quick when everything is already present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+  echo "install-test-tools: need root (or sudo) to run: $*" >&2; return 1; fi; }
+
+apt_packages=()
+command -v promtool >/dev/null || apt_packages+=(prometheus)       # promtool + a real Prometheus server
+command -v unshare >/dev/null || apt_packages+=(util-linux)        # PID-namespace test of SIGTERM as PID 1
+if [ "${#apt_packages[@]}" -gt 0 ]; then
+  echo "install-test-tools: apt-get install ${apt_packages[*]}"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" >/dev/null
+  # Debian may start a packaged prometheus service; the tests run their own.
+  as_root pkill -x prometheus 2>/dev/null || true
+fi

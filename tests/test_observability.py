@@ -1,0 +1,194 @@
+"""Metrics (checked by promtool), log redaction, backoff, settings and token files."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import socket
+import subprocess
+from pathlib import Path
+
+import aiohttp
+import pytest
+import structlog
+
+from agent.observability.logging import MASK, Redactor, configure_logging
+from agent.protocol.auth import TokenSource, TokenUnavailable
+from agent.runtime.backoff import MAX_RETRY_AFTER, Backoff
+from agent.runtime.settings import ConfigError, load_settings
+from tests.conftest import FAST, AgentFactory, ControlPlaneFactory, done
+from tests.helpers import wait_for
+
+EXPECTED_FAMILIES = [
+    "delegate_agent_info",
+    "delegate_registered",
+    "delegate_draining",
+    "delegate_control_plane_auth_refused",
+    "delegate_task_slots",
+    "delegate_task_slots_busy",
+    "delegate_tasks_started_total",
+    "delegate_tasks_completed_total",
+    "delegate_task_duration_seconds",
+    "delegate_task_pickup_latency_seconds",
+    "delegate_control_plane_requests_total",
+    "delegate_control_plane_request_duration_seconds",
+    "delegate_outbox_depth",
+    "delegate_seconds_since_last_heartbeat",
+    "process_resident_memory_bytes",
+    "python_info",
+]
+
+
+async def test_metrics_pass_promtool_and_say_what_happened(
+    control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory, http: aiohttp.ClientSession
+) -> None:
+    """The live /metrics of a delegate that ran tasks is clean for promtool and carries every family."""
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: run tools/install-test-tools.sh (make test does)"
+    cp = await control_plane_factory(settings=FAST)
+    a = await agent_factory(cp, capacity=3)
+    await a.registered()
+    ok = cp.core.create_task(type="test.echo", payload={"message": "x"})
+    bad = cp.core.create_task(type="test.echo", payload={})
+    await done(cp, ok.id)
+    await done(cp, bad.id)
+    await wait_for(lambda: a.agent.state.last_heartbeat, "a heartbeat")
+    async with http.get(a.agent.http_url + "/metrics") as resp:
+        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = await resp.text()
+    check = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    for family in EXPECTED_FAMILIES:
+        assert f"\n{family}" in text or text.startswith(family), family
+    assert 'delegate_tasks_completed_total{outcome="success",type="test.echo"} 1.0' in text
+    assert 'delegate_tasks_completed_total{outcome="invalid",type="test.echo"} 1.0' in text
+    assert "delegate_task_slots 3.0" in text
+    assert "delegate_registered 1.0" in text
+
+
+def test_the_redactor_masks_values_and_secret_keys() -> None:
+    """Known secret values are masked anywhere in a string; secret-looking keys are masked whole."""
+    r = Redactor()
+    r.add("hunter2-very-secret", None, "abc")  # too short values are ignored (they would mask everything)
+    event = {
+        "event": "x hunter2-very-secret y",
+        "nested": {"password": "pw-value", "token_file": "/run/t", "list": ["hunter2-very-secret"]},
+        "authorization": "Bearer abc",
+        "count": 3,
+    }
+    out = r(None, "info", dict(event))
+    assert out["event"] == f"x {MASK} y"
+    assert out["nested"] == {"password": MASK, "token_file": "/run/t", "list": [MASK]}
+    assert out["authorization"] == MASK
+    assert out["count"] == 3
+
+
+def test_stdlib_logs_and_tracebacks_are_redacted_too() -> None:
+    """botocore and aiohttp log through stdlib logging; those lines go through the redactor as well."""
+    stream = io.StringIO()
+    r = Redactor()
+    r.add("canary-secret-0123456789")
+    configure_logging(fmt="json", level="info", redactor=r, stream=stream)
+    logging.getLogger("botocore.credentials").warning("refresh failed for canary-secret-0123456789")
+    try:
+        raise ValueError("bad canary-secret-0123456789")
+    except ValueError:
+        structlog.get_logger("t").exception("oops")
+    text = stream.getvalue()
+    assert "canary-secret-0123456789" not in text
+    lines = [json.loads(line) for line in text.splitlines()]
+    assert lines[0]["event"] == f"refresh failed for {MASK}"
+    assert "ValueError" in lines[1]["exception"]
+
+
+def test_backoff_is_full_jitter_capped_and_honours_retry_after() -> None:
+    """Exponential ceilings, a uniform draw below them, a cap, and Retry-After as a floor."""
+    high = Backoff(base=0.5, cap=4.0, rand=lambda: 1.0)
+    assert [high.next() for _ in range(6)] == [0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+    low = Backoff(base=0.5, cap=4.0, rand=lambda: 0.0)
+    assert low.next() == 0.0
+    assert low.next(retry_after=7) == 7
+    assert low.next(retry_after=10_000) == MAX_RETRY_AFTER
+    low.reset()
+    assert low.attempt == 0
+
+
+def test_settings_from_file_and_environment(tmp_path: Path) -> None:
+    """The environment wins over the file; Harness's names work; tags parse as Harness parses them."""
+    token = tmp_path / "token"
+    token.write_text("file-token-0123456789\n")
+    config = tmp_path / "agent.yaml"
+    config.write_text(f"""
+controlPlane: {{url: "http://file-cp:8080"}}
+delegate: {{name: from-file, tags: [a, b], capacity: 4, tokenFile: {token}}}
+http: {{listen: "127.0.0.1:9999"}}
+shutdown: {{drainTimeoutSeconds: 12}}
+""")
+    s = load_settings(
+        {
+            "MANAGER_HOST_AND_PORT": "https://env-cp:8443/",
+            "DELEGATE_TAGS": " eks, prod,,gov ",
+            "DELEGATE_TASK_CAPACITY": "8",
+        },
+        config,
+    )
+    assert s.control_plane.url == "https://env-cp:8443"
+    assert (s.name, s.tags, s.capacity) == ("from-file", ("eks", "prod", "gov"), 8)
+    assert (s.http_host, s.http_port, s.drain_timeout, s.token_file) == ("127.0.0.1", 9999, 12.0, token)
+    defaults = load_settings({"MANAGER_HOST_AND_PORT": "http://cp", "DELEGATE_TOKEN": "t" * 20})
+    assert defaults.name == socket.gethostname()
+    assert (defaults.capacity, defaults.http_listen, defaults.data_dir) == (16, "0.0.0.0:3460", None)
+
+
+def test_settings_problems_are_all_reported(tmp_path: Path) -> None:
+    """One ConfigError with every problem."""
+    with pytest.raises(ConfigError) as err:
+        load_settings(
+            {
+                "DELEGATE_TOKEN": "x" * 20,
+                "DELEGATE_TOKEN_FILE": str(tmp_path / "missing"),
+                "DELEGATE_NAME": "bad name",
+                "AGENT_DRAIN_TIMEOUT_SECONDS": "-1",
+                "AGENT_CONTROL_PLANE_CLIENT_CERT_FILE": str(tmp_path),
+            }
+        )
+    fields = [p.field for p in err.value.problems]
+    assert fields == [
+        "MANAGER_HOST_AND_PORT",
+        "DELEGATE_TOKEN_FILE",
+        "DELEGATE_TOKEN",
+        "DELEGATE_NAME",
+        "AGENT_CONTROL_PLANE_CLIENT_CERT_FILE",
+        "AGENT_CONTROL_PLANE_CLIENT_CERT_FILE",
+        "AGENT_DRAIN_TIMEOUT_SECONDS",
+    ]
+
+
+def test_a_token_file_is_reread_when_it_changes(tmp_path: Path) -> None:
+    """Rotation needs no restart: the next read sees the new token; an empty file is an error."""
+    path = tmp_path / "token"
+    path.write_text("first-token-0123456789\n")
+    source = TokenSource(path=path)
+    assert source.current() == "first-token-0123456789"
+    path.write_text("second-token-0123456789-longer\n")
+    assert source.current() == "second-token-0123456789-longer"
+    path.write_text("")
+    with pytest.raises(TokenUnavailable, match="is empty"):
+        source.current()
+    assert "second-token" not in repr(source)
+
+
+def test_the_documented_config_file_is_valid(tmp_path: Path) -> None:
+    """config/agent.yaml, the reference users copy, parses (with its token file present)."""
+    text = (Path(__file__).parent.parent / "config" / "agent.yaml").read_text()
+    token = tmp_path / "token"
+    token.write_text("t" * 24)
+    text = text.replace("/var/run/secrets/delegate-agent/token", str(token)).replace(
+        "/var/lib/delegate-agent", str(tmp_path / "data")
+    )
+    config = tmp_path / "agent.yaml"
+    config.write_text(text)
+    s = load_settings({}, config)
+    assert (s.tags, s.capacity, s.drain_timeout, s.log_format) == (("eks", "prod"), 16, 20.0, "json")
