@@ -544,6 +544,25 @@ def _add_tokens(sub: Any, client_opts: argparse.ArgumentParser) -> None:
     r.set_defaults(func=cmd_tokens_revoke)
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from agent.demo import run_demo
+
+    return run_demo(keep_running=args.keep_running, workdir=Path(args.workdir) if args.workdir else None)
+
+
+def _add_demo(sub: Any, _: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="the whole story on this machine: AWS stand-in, control plane, two delegates",
+        description="Starts moto (seeded, IAM enforced), the control plane and two delegate "
+        "processes on 127.0.0.1, tests eight connectors and prints what happened. Exit 0 when "
+        "every outcome is the expected one.",
+    )
+    p.add_argument("--keep-running", action="store_true", help="leave the stack up to try by hand; Ctrl-C stops it")
+    p.add_argument("--workdir", metavar="DIR", help="keep the demo's files here instead of a temporary directory")
+    p.set_defaults(func=cmd_demo)
+
+
 def _add_run(sub: Any, _: argparse.ArgumentParser) -> None:
     for name, func, text in (
         ("run", cmd_run, "run the delegate (register, poll, validate, report)"),
@@ -577,6 +596,7 @@ _COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     _add_delegates,
     _add_tokens,
     _add_validate,
+    _add_demo,
 ]
 
 

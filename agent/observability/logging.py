@@ -178,6 +178,10 @@ def configure_logging(
     root.setLevel(max(numeric, logging.INFO))
     for noisy in ("botocore", "aiobotocore", "aiohttp.access", "urllib3", "werkzeug", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # A failed credential refresh (a denied AssumeRole, say) is reported precisely in the task's
+    # result; botocore's own warning with a traceback would only repeat it, louder.
+    for quiet in ("botocore.credentials", "aiobotocore.credentials"):
+        logging.getLogger(quiet).setLevel(logging.ERROR)
 
 
 def known_secret_values(values: Iterable[str | None]) -> list[str]:

@@ -1,0 +1,362 @@
+"""``delegate-agent demo``: the whole story on one machine.
+
+It starts, on 127.0.0.1 with free ports and a temporary directory: an AWS stand-in (moto, seeded,
+IAM enforced), the reference control plane, and two delegates as separate processes with their own
+environments (``eks-prod-0`` with IRSA, ``ec2-gov-0`` with an instance role and a GovCloud secret),
+as pods would have. It applies eight Harness connectors, tests each through the control plane,
+and prints who ran it, who the credentials are, and why it failed where it must fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+from agent.controlplane.app import ControlPlaneConfig, ControlPlaneService
+from agent.controlplane.core import ControlPlaneSettings
+from agent.demo.scenario import Case, cases
+from agent.demo.standin import AwsStandIn, DemoExtraMissing, InstanceMetadata, Seeded, write_irsa_token
+from agent.observability.logging import configure_logging
+from agent.protocol.api_client import ApiClient
+from agent.protocol.auth import generate_token
+from agent.protocol.models import TaskView, TestRequest
+
+__all__ = ["run_demo"]
+
+
+@dataclass
+class Delegate:
+    name: str
+    tags: str
+    process: subprocess.Popen[bytes]
+    http: str
+    log: Path
+
+
+class Demo:
+    def __init__(self, out: TextIO, *, keep_running: bool, workdir: Path) -> None:
+        self.out = out
+        self.keep_running = keep_running
+        self.dir = workdir
+        self.started = time.monotonic()
+        self.delegates: list[Delegate] = []
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    def step(self, text: str) -> None:
+        self.say(f"[{time.monotonic() - self.started:5.1f}s] {text}")
+
+    async def run(self) -> int:
+        aws = AwsStandIn()
+        self.step("starting the AWS stand-in (moto on 127.0.0.1, IAM enforced)")
+        aws.start()
+        try:
+            seeded = await aws.seed()
+            self._seeded = seeded
+            imds = InstanceMetadata("ec2-node-role", seeded.node_credentials)
+            async with imds.running() as imds_url:
+                return await self._with_aws(aws.url, imds_url, seeded)
+        finally:
+            aws.stop()
+
+    async def _with_aws(self, aws_url: str, imds_url: str, seeded: Seeded) -> int:
+        self.step("starting the reference control plane")
+        cp_dir = self.dir / "control-plane"
+        cp_dir.mkdir(parents=True, exist_ok=True)
+        token_file, key_file = cp_dir / "delegate-token", cp_dir / "api-key"
+        for path in (token_file, key_file):
+            path.write_text(generate_token() + "\n")
+            path.chmod(0o600)
+        cp = ControlPlaneService(
+            ControlPlaneConfig(
+                host="127.0.0.1",
+                port=0,
+                data_dir=cp_dir,
+                delegate_token_file=token_file,
+                api_key_file=key_file,
+                settings=ControlPlaneSettings(
+                    heartbeat_seconds=2, poll_wait_seconds=10, lease_seconds=15, pickup_timeout_seconds=20
+                ),
+            )
+        )
+        await cp.start()
+        try:
+            self._start_delegates(cp, aws_url, imds_url, seeded)
+            await self._wait_registered(cp)
+            client = ApiClient(cp.url, cp.api_key, timeout=60)
+            scenario = cases(seeded)
+            self.step(f"applying {len(scenario)} connectors (Harness YAML) through the API")
+            for case in scenario:
+                result = await asyncio.to_thread(client.apply_connector, case.document)
+                self.say(f"         connector/{result.identifier} {result.outcome}")
+            self.step("testing every connector through the control plane (in parallel)")
+            views = await asyncio.gather(*(self._test(client, c) for c in scenario))
+            code = self._report(scenario, views)
+            if self.keep_running:
+                await self._keep_running(cp, aws_url)
+            return code
+        finally:
+            await self._stop_delegates()
+            await cp.stop()
+
+    # --- delegates ---------------------------------------------------------------------------
+
+    def _start_delegates(self, cp: ControlPlaneService, aws_url: str, imds_url: str, s: Seeded) -> None:
+        token_file = self.dir / "control-plane" / "delegate-token"
+        irsa_token = write_irsa_token(self.dir / "eks-prod-0")
+        eks_secrets = self._secrets(
+            "eks-prod-0", {"deployer_secret_key": s.deployer_secret, "auditor_secret_key": s.auditor_secret}
+        )
+        gov_secrets = self._secrets("ec2-gov-0", {"gov_secret_key": s.gov_secret})
+        common = {
+            "MANAGER_HOST_AND_PORT": cp.url,
+            "DELEGATE_TOKEN_FILE": str(token_file),
+            "AWS_ENDPOINT_URL": aws_url,
+            "AGENT_LOG_FORMAT": "json",
+            "AGENT_DRAIN_TIMEOUT_SECONDS": "5",
+        }
+        self._spawn(
+            "eks-prod-0",
+            "eks,prod",
+            {
+                **common,
+                "AGENT_SECRETS_DIR": str(eks_secrets),
+                "AWS_ROLE_ARN": s.irsa_role,
+                "AWS_WEB_IDENTITY_TOKEN_FILE": str(irsa_token),
+                "AWS_EC2_METADATA_DISABLED": "true",
+            },
+        )
+        self._spawn(
+            "ec2-gov-0",
+            "ec2,gov",
+            {
+                **common,
+                "AGENT_SECRETS_DIR": str(gov_secrets),
+                "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds_url,
+                "AWS_EC2_METADATA_DISABLED": "false",
+            },
+        )
+
+    def _secrets(self, name: str, values: dict[str, str]) -> Path:
+        d = self.dir / name / "secrets"
+        d.mkdir(parents=True, exist_ok=True)
+        for key, value in values.items():
+            (d / key).write_text(value)
+            (d / key).chmod(0o600)
+        return d
+
+    def _spawn(self, name: str, tags: str, extra: dict[str, str]) -> None:
+        port = _free_port()
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("AWS_", "AGENT_", "DELEGATE_", "MANAGER_", "CONTROL_PLANE_"))
+        }
+        env.update(
+            {
+                "DELEGATE_NAME": name,
+                "DELEGATE_TAGS": tags,
+                "AGENT_HTTP_LISTEN": f"127.0.0.1:{port}",
+                "AGENT_DATA_DIR": str(self.dir / name / "data"),
+                "AWS_CONFIG_FILE": os.devnull,
+                "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+                "NO_PROXY": "127.0.0.1,localhost",
+                **extra,
+            }
+        )
+        log = self.dir / name / "delegate.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("wb") as f:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "agent", "run"],
+                env=env,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+            )
+        self.delegates.append(Delegate(name, tags, process, f"http://127.0.0.1:{port}", log))
+        self.step(f"started delegate {name} (tags {tags}) as process {process.pid}")
+
+    async def _wait_registered(self, cp: ControlPlaneService, timeout: float = 45) -> None:
+        deadline = time.monotonic() + timeout
+        names = {d.name for d in self.delegates}
+        while True:
+            for d in self.delegates:
+                if d.process.poll() is not None:
+                    raise DemoFailed(f"delegate {d.name} exited with {d.process.returncode}:\n{_tail(d.log)}")
+            registered = {v.name for v in cp.core.delegate_views() if v.state == "running"}
+            if names <= registered:
+                self.step(f"both delegates registered: {', '.join(sorted(names))}")
+                return
+            if time.monotonic() > deadline:
+                raise DemoFailed(f"delegates did not register within {timeout:.0f}s (registered: {sorted(registered)})")
+            await asyncio.sleep(0.1)
+
+    async def _stop_delegates(self) -> None:
+        """SIGTERM each delegate and wait, without blocking the loop the control plane runs on."""
+        for d in self.delegates:
+            if d.process.poll() is None:
+                d.process.send_signal(signal.SIGTERM)
+        for d in self.delegates:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                await asyncio.to_thread(d.process.wait, 20)
+            if d.process.poll() is None:
+                d.process.kill()
+                d.process.wait()
+            elif d.process.returncode != 0:
+                self.step(f"delegate {d.name} exited with {d.process.returncode}")
+
+    # --- tests and the report ----------------------------------------------------------------
+
+    async def _test(self, client: ApiClient, case: Case) -> TaskView:
+        request = TestRequest(wait_seconds=60, pickup_timeout_seconds=case.pickup_timeout)
+        _, view = await asyncio.to_thread(client.test_connector, case.identifier, request)
+        ok = _outcome(view) == case.expect
+        self.step(
+            f"  {'ok  ' if ok else 'FAIL'} {case.identifier}: {_outcome(view)} "
+            f"(on {view.delegate_name or 'no delegate'})"
+        )
+        return view
+
+    def _report(self, scenario: list[Case], views: list[TaskView]) -> int:
+        rows, notes, wrong = [], [], []
+        for case, view in zip(scenario, views, strict=True):
+            r = view.result or {}
+            failure = r.get("failure") or {}
+            outcome = _outcome(view)
+            matched = outcome == case.expect and (case.expect_step is None or failure.get("step") == case.expect_step)
+            if not matched:
+                wrong.append(f"{case.identifier}: expected {case.expect}, got {outcome}")
+            rows.append(
+                [
+                    case.identifier,
+                    r.get("credentialType") or _credential_type(case),
+                    view.delegate_name or "-",
+                    (r.get("identity") or {}).get("arn") or "-",
+                    ("as expected: " if matched else "UNEXPECTED: ") + (view.status or "?"),
+                ]
+            )
+            if view.status != "SUCCESS":
+                code = f", AWS {failure['awsErrorCode']}" if failure.get("awsErrorCode") else ""
+                notes.append(
+                    f"  {case.identifier}: failed at {failure.get('step', '-')} ({failure.get('category', '-')}{code})"
+                )
+                notes.append(f"      {r.get('errorSummary') or view.failure_reason}")
+                if failure.get("hint"):
+                    notes.append(f"      hint: {failure['hint']}")
+        self.say("")
+        _table(self.out, rows, ["connector", "credentials", "delegate", "identity", "outcome"])
+        self.say("")
+        self.say("Failures (each one expected), with the step, the AWS error code and the hint:")
+        for line in notes:
+            self.say(line)
+        self.say("")
+        if wrong:
+            self.say("The demo did NOT go as expected:")
+            for w in wrong:
+                self.say(f"  {w}")
+            self.say(f"Delegate logs: {', '.join(str(d.log) for d in self.delegates)}")
+            return 1
+        self.step(f"all {len(scenario)} outcomes as expected")
+        return 0
+
+    async def _keep_running(self, cp: ControlPlaneService, aws_url: str) -> None:
+        key_file = self.dir / "control-plane" / "api-key"
+        connectors = self.dir / "connectors"
+        connectors.mkdir(exist_ok=True)
+        for case in cases(self._seeded):
+            (connectors / f"{case.identifier}.yaml").write_text(case.yaml)
+        me = "delegate-agent" if shutil.which("delegate-agent") else f"{sys.executable} -m agent"
+        self.say("")
+        self.say("The stack keeps running. Try it by hand (Ctrl-C stops everything):")
+        self.say(f"  control plane   {cp.url}   (OpenAPI: {cp.url}/openapi.json)")
+        for d in self.delegates:
+            self.say(f"  {d.name:<15} {d.http}/status   {d.http}/metrics   log: {d.log}")
+        self.say(f"  AWS stand-in    {aws_url}")
+        self.say("")
+        self.say(f"  export CONTROL_PLANE_URL={cp.url} CONTROL_PLANE_API_KEY=$(cat {key_file})")
+        self.say(f"  {me} delegates list")
+        self.say(f"  {me} connector list")
+        self.say(f"  {me} connector test aws_irsa")
+        self.say(f"  {me} connector apply -f {connectors / 'aws_access_key.yaml'}")
+        self.say(
+            f"  AWS_ENDPOINT_URL={aws_url} {me} validate -f {connectors / 'aws_access_key.yaml'} "
+            f"--secrets-dir {self.dir / 'eks-prod-0' / 'secrets'}"
+        )
+        self.say(
+            "",
+        )
+        self.say("Ctrl-C stops everything cleanly.")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        self.step("stopping: delegates drain and deregister, then the control plane and AWS stop")
+
+
+class DemoFailed(Exception):
+    pass
+
+
+def _outcome(view: TaskView) -> str:
+    if view.status == "SUCCESS":
+        return "SUCCESS"
+    if view.failure_reason:
+        return view.failure_reason
+    return str(((view.result or {}).get("failure") or {}).get("category") or view.state)
+
+
+def _credential_type(case: Case) -> str:
+    return str(case.document["connector"]["spec"]["credential"]["type"])
+
+
+def _table(out: TextIO, rows: list[list[str]], headers: list[str]) -> None:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    print("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(), file=out)
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip(), file=out)
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text().splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_demo(*, keep_running: bool = False, workdir: Path | None = None, out: TextIO | None = None) -> int:
+    """Run the demo; returns the exit code (0 when every outcome is the expected one)."""
+    out = out or sys.stdout
+    configure_logging(fmt="console", level="warning")
+    temporary = workdir is None
+    directory = workdir or Path(tempfile.mkdtemp(prefix="delegate-agent-demo-"))
+    demo = Demo(out, keep_running=keep_running, workdir=directory)
+    try:
+        return asyncio.run(demo.run())
+    except DemoExtraMissing as exc:
+        print(f"delegate-agent demo: {exc}", file=sys.stderr)
+        return 2
+    except DemoFailed as exc:
+        print(f"delegate-agent demo: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if temporary:
+            shutil.rmtree(directory, ignore_errors=True)
