@@ -91,7 +91,7 @@ def test_stdlib_logs_and_tracebacks_are_redacted_too() -> None:
     r = Redactor()
     r.add("canary-secret-0123456789")
     configure_logging(fmt="json", level="info", redactor=r, stream=stream)
-    logging.getLogger("botocore.credentials").warning("refresh failed for canary-secret-0123456789")
+    logging.getLogger("botocore.endpoint").warning("refresh failed for canary-secret-0123456789")
     try:
         raise ValueError("bad canary-secret-0123456789")
     except ValueError:
