@@ -136,9 +136,10 @@ def test_the_deployment_drains_within_its_grace_period_and_keeps_capacity() -> N
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "3460"
     assert env["DELEGATE_TOKEN_FILE"] == "/var/run/secrets/delegate-agent/token/token"
-    assert [e for e in c["env"] if e["name"] == "DELEGATE_NAME"][0]["valueFrom"]["fieldRef"][
-        "fieldPath"
-    ] == "metadata.name"
+    assert (
+        next(e for e in c["env"] if e["name"] == "DELEGATE_NAME")["valueFrom"]["fieldRef"]["fieldPath"]
+        == "metadata.name"
+    )
 
 
 def test_irsa_is_one_value() -> None:
