@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import signal
+import ssl
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -91,6 +92,10 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
         delegate_token_file=Path(args.delegate_token_file) if args.delegate_token_file else None,
         api_key_file=Path(args.api_key_file) if args.api_key_file else None,
         secrets_dir=Path(args.secrets_dir) if args.secrets_dir else None,
+        task_signing_key_file=Path(args.task_signing_key_file) if args.task_signing_key_file else None,
+        tls_cert_file=Path(args.tls_cert) if args.tls_cert else None,
+        tls_key_file=Path(args.tls_key) if args.tls_key else None,
+        tls_client_ca_file=Path(args.tls_client_ca) if args.tls_client_ca else None,
         settings=settings,
     )
     from agent.aws.platform import platform_validator_from_env
@@ -135,7 +140,14 @@ def _client(args: argparse.Namespace) -> Any:
         raise UsageError(
             "no API key: pass --api-key or set CONTROL_PLANE_API_KEY (the control plane prints where it generated one)"
         )
-    return ApiClient(url, key)
+    ca_file = args.ca_file or os.environ.get("CONTROL_PLANE_CA_FILE")
+    context = None
+    if ca_file:
+        try:
+            context = ssl.create_default_context(cafile=ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            raise UsageError(f"cannot use the CA file {ca_file}: {exc}") from None
+    return ApiClient(url, key, ssl_context=context)
 
 
 def load_documents(path: str) -> list[Any]:
@@ -471,6 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"control plane URL (env CONTROL_PLANE_URL; default {DEFAULT_CONTROL_PLANE})",
     )
     client_opts.add_argument("--api-key", metavar="KEY", help="API key (env CONTROL_PLANE_API_KEY)")
+    client_opts.add_argument(
+        "--ca-file", metavar="FILE", help="CA bundle for an HTTPS control plane (env CONTROL_PLANE_CA_FILE)"
+    )
     client_opts.add_argument("-o", "--output", choices=["table", "json"], default="table", help="output format")
 
     for register in _COMMANDS:
@@ -495,6 +510,15 @@ def _add_control_plane(sub: Any, _: argparse.ArgumentParser) -> None:
         "CONTROL_PLANE_API_KEY; with neither, one is generated into the data dir)",
     )
     p.add_argument("--secrets-dir", metavar="DIR", help="secrets for executeOnDelegate: false connectors")
+    p.add_argument(
+        "--task-signing-key-file",
+        metavar="FILE",
+        help="Ed25519 seed (base64) to sign tasks with; "
+        "generated into the data dir when absent (public key in task-signing-key.pub and /v1/info)",
+    )
+    p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (chain)")
+    p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key")
+    p.add_argument("--tls-client-ca", metavar="FILE", help="require delegates to present a certificate from this CA")
     p.add_argument("--audience", help="JWT audience delegates must use")
     p.add_argument("--heartbeat-seconds", type=_positive, default=10.0)
     p.add_argument("--poll-wait-seconds", type=_positive, default=20.0)

@@ -142,12 +142,14 @@ async def control_plane_factory(tmp_path: Path) -> AsyncIterator[ControlPlaneFac
         token_file = data_dir / "tokens.txt"
         if not token_file.exists():
             token_file.write_text(tokens + "\n")
+        config_fields = {k: kwargs.pop(k) for k in list(kwargs) if k in ControlPlaneConfig.__dataclass_fields__}
         config = ControlPlaneConfig(
             host="127.0.0.1",
             port=port,
             data_dir=data_dir,
             delegate_token_file=token_file,
             api_key=API_KEY,
+            **config_fields,
             settings=settings
             or ControlPlaneSettings(
                 heartbeat_seconds=5,

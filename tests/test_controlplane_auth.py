@@ -172,7 +172,12 @@ async def test_generated_credentials_when_none_are_given(tmp_path: Path) -> None
             path = tmp_path / name
             assert path.stat().st_mode & 0o777 == 0o600
             assert len(path.read_text().strip()) >= 32
-        assert service.credentials.generated == [tmp_path / "delegate-token", tmp_path / "api-key"]
+        assert service.credentials.generated == [
+            tmp_path / "delegate-token",
+            tmp_path / "api-key",
+            tmp_path / "task-signing-key",
+        ]
+        assert (tmp_path / "task-signing-key.pub").read_text().strip() == service.signing_key.public_key_b64
         again = ControlPlaneService(ControlPlaneConfig(data_dir=tmp_path, port=0))
         assert again.api_key == service.api_key  # generated once, then reused
         again.store.close()

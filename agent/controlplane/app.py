@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from agent.controlplane.openapi import build_openapi
 from agent.controlplane.routes import MAX_BODY_BYTES, ROUTES, Handlers, bind, error_middleware
 from agent.controlplane.store import Store
 from agent.protocol.auth import TokenKey, TokenVerifier, generate_token, token_id
+from agent.protocol.signing import TaskSigningKey
 
 log = structlog.get_logger("controlplane")
 
@@ -47,6 +49,12 @@ class ControlPlaneConfig:
     api_key_file: Path | None = None
     api_key: str | None = field(default=None, repr=False)
     secrets_dir: Path | None = None
+    #: Ed25519 seed (base64) the control plane signs tasks with; generated into the data dir if absent.
+    task_signing_key_file: Path | None = None
+    #: HTTPS: certificate and key; with a client CA, delegates must present a certificate (mTLS).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
     settings: ControlPlaneSettings = field(default_factory=ControlPlaneSettings)
 
 
@@ -115,6 +123,28 @@ def load_credentials(config: ControlPlaneConfig) -> Credentials:
     return Credentials(tokens=tokens, api_keys=api_keys, generated=generated)
 
 
+def load_signing_key(config: ControlPlaneConfig, generated: list[Path]) -> TaskSigningKey:
+    """The task signing key from its file, or generated into the data dir (with the public key beside it)."""
+    if config.task_signing_key_file is not None:
+        try:
+            return TaskSigningKey(_read_private(config.task_signing_key_file, "task signing key"))
+        except ValueError as exc:
+            raise CredentialsError(f"{config.task_signing_key_file}: {exc}") from None
+    if config.data_dir is None:
+        return TaskSigningKey.generate()
+    path = config.data_dir / "task-signing-key"
+    if path.exists():
+        try:
+            return TaskSigningKey(_read_private(path, "task signing key"))
+        except ValueError as exc:
+            raise CredentialsError(f"{path}: {exc}") from None
+    key = TaskSigningKey.generate()
+    _write_private(path, key.seed_b64 + "\n")
+    (config.data_dir / "task-signing-key.pub").write_text(key.public_key_b64 + "\n")
+    generated.append(path)
+    return key
+
+
 def _generated_tokens(config: ControlPlaneConfig, generated: list[Path]) -> list[TokenKey]:
     secret = _generated_secret(config, "delegate-token", generated)
     return [TokenKey(name="default", secret=secret)]
@@ -153,6 +183,9 @@ class ControlPlaneService:
         if config.data_dir is not None:
             config.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = Store(config.data_dir / "controlplane.sqlite3" if config.data_dir else None)
+        if task_signer is None:
+            self.signing_key = load_signing_key(config, creds.generated)
+            task_signer, task_public_key = self.signing_key.sign, self.signing_key.public_key_b64
         kwargs: dict[str, Any] = {"platform_validator": platform_validator, "task_signer": task_signer}
         if clock is not None:
             kwargs["clock"] = clock
@@ -182,16 +215,22 @@ class ControlPlaneService:
             )
         self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
+        ssl_context = self._tls_context()
+        site = web.TCPSite(
+            self._runner, self.config.host, self.config.port, reuse_address=True, ssl_context=ssl_context
+        )
         await site.start()
         sockets = self._runner.addresses
         host, port = sockets[0][0], sockets[0][1]
-        self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+        scheme = "https" if ssl_context else "http"
+        self.url = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
         await self.core.start()
         if self.config.delegate_token_file is not None:
             self._watch = asyncio.create_task(self._watch_tokens(), name="controlplane-token-watch")
         log.info(
             "controlplane.started",
+            task_public_key=self.handlers._task_public_key,
+            mutual_tls=self.config.tls_client_ca_file is not None,
             url=self.url,
             data_dir=str(self.config.data_dir or "(memory)"),
             token_names=[k.name for k in self.verifier.keys],
@@ -218,6 +257,17 @@ class ControlPlaneService:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    def _tls_context(self) -> ssl.SSLContext | None:
+        c = self.config
+        if c.tls_cert_file is None:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(c.tls_cert_file, c.tls_key_file)
+        if c.tls_client_ca_file is not None:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(c.tls_client_ca_file)
+        return ctx
 
     def _stamp(self) -> tuple[int, int] | None:
         path = self.config.delegate_token_file

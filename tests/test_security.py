@@ -1,0 +1,289 @@
+"""Security: signed tasks, HTTPS and mutual TLS, the delegate's side of the auth matrix, a canary secret."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from agent.aws.environment import AwsEnvironment
+from agent.cli import EXIT_OK, build_handlers, main
+from agent.observability.logging import Redactor, configure_logging
+from agent.observability.metrics import AgentMetrics
+from agent.protocol.models import TestRequest
+from agent.protocol.signing import TaskSigningKey
+from agent.runtime.agent import Agent
+from agent.runtime.settings import AgentSettings
+from agent.runtime.settings import ControlPlaneSettings as CpSettings
+from agent.runtime.signing import task_check_from_key
+from tests.awsfakes import MotoIam
+from tests.conftest import API_KEY, FAST, TOKEN, AgentFactory, ControlPlaneFactory, done
+from tests.handlers import all_handlers
+from tests.helpers import wait_for
+from tests.tls import make_pki
+
+
+async def start_agent(
+    cp_url: str,
+    *,
+    public_key: str | None = None,
+    token: str = TOKEN,
+    ca: Path | None = None,
+    cert: Path | None = None,
+    key: Path | None = None,
+    handlers: list[Any] | None = None,
+    tmp: Path | None = None,
+    redactor: Redactor | None = None,
+    metrics: AgentMetrics | None = None,
+    aws: AwsEnvironment | None = None,
+    secrets_dir: Path | None = None,
+) -> tuple[Agent, Any]:
+    settings = AgentSettings(
+        control_plane=CpSettings(
+            url=cp_url,
+            request_timeout=5,
+            ca_file=ca,
+            client_cert_file=cert,
+            client_key_file=key,
+            task_public_key=public_key,
+        ),
+        token=token,
+        name="secure",
+        http_host="127.0.0.1",
+        http_port=0,
+        drain_timeout=2,
+        shutdown_grace=3,
+        data_dir=tmp,
+        secrets_dir=secrets_dir,
+        aws=aws or AwsEnvironment(),
+    )
+    agent = Agent(
+        settings,
+        handlers=handlers or list(all_handlers().values()),
+        watchdog=False,
+        task_check=task_check_from_key(public_key),
+        redactor=redactor,
+        metrics=metrics,
+    )
+    task = asyncio.create_task(agent.run())
+    await asyncio.wait_for(agent.started.wait(), 10)
+    return agent, task
+
+
+async def stop(agent: Agent, task: Any) -> None:
+    agent.request_shutdown()
+    agent.request_shutdown()
+    await asyncio.wait_for(task, 30)
+
+
+# --- signed tasks ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tamper", ["none", "unsigned", "altered", "other-key"])
+async def test_signed_tasks_and_what_is_refused(control_plane_factory: ControlPlaneFactory, tamper: str) -> None:
+    """With the control plane's public key, a delegate runs only tasks whose signature checks out."""
+    cp = await control_plane_factory(settings=FAST)
+    key = TaskSigningKey.generate().public_key_b64 if tamper == "other-key" else cp.signing_key.public_key_b64
+    task = cp.core.create_task(type="test.echo", payload={"message": "run me"})
+    if tamper == "unsigned":
+        cp.store.update_task(task.id, signature=None)
+    elif tamper == "altered":  # a compromised path changes the payload after signing
+        cp.store.update_task(task.id, payload={"message": "run something else"})
+    handlers = all_handlers()
+    agent, run = await start_agent(cp.url, public_key=key, handlers=list(handlers.values()))
+    try:
+        result = await done(cp, task.id)
+    finally:
+        await stop(agent, run)
+    if tamper == "none":
+        assert result.status == "SUCCESS"
+        assert handlers["test.echo"].seen == [task.id]
+        return
+    assert result.status == "FAILURE"
+    assert result.result["failure"]["step"] == "verify_signature"
+    assert result.result["errorSummary"].startswith("refused:")
+    assert handlers["test.echo"].seen == []  # never run
+
+
+async def test_the_public_key_is_published(
+    control_plane_factory: ControlPlaneFactory, http: aiohttp.ClientSession
+) -> None:
+    """/v1/info and the data dir give operators the key to configure delegates with."""
+    cp = await control_plane_factory()
+    async with http.get(cp.url + "/v1/info") as resp:
+        info = await resp.json()
+    assert info["taskPublicKey"] == cp.signing_key.public_key_b64
+    assert cp.config.data_dir is not None
+    assert (cp.config.data_dir / "task-signing-key.pub").read_text().strip() == info["taskPublicKey"]
+
+
+# --- HTTPS and mutual TLS --------------------------------------------------------------------------
+
+
+async def test_https_with_a_custom_ca_and_mutual_tls(
+    control_plane_factory: ControlPlaneFactory, tmp_path: Path
+) -> None:
+    """The delegate trusts the control plane through a CA file and presents its client certificate."""
+    pki = make_pki(tmp_path / "pki")
+    cp = await control_plane_factory(
+        settings=FAST, tls_cert_file=pki.server_cert, tls_key_file=pki.server_key, tls_client_ca_file=pki.ca
+    )
+    assert cp.url.startswith("https://")
+    agent, run = await start_agent(cp.url, ca=pki.ca, cert=pki.client_cert, key=pki.client_key)
+    try:
+        await wait_for(lambda: agent.state.registered, "registration over mutual TLS")
+        task = cp.core.create_task(type="test.echo", payload={"message": "tls"})
+        assert (await done(cp, task.id)).status == "SUCCESS"
+    finally:
+        await stop(agent, run)
+    # Without a client certificate the handshake fails: the delegate keeps trying, and is never registered.
+    agent, run = await start_agent(cp.url, ca=pki.ca)
+    try:
+        await wait_for(
+            lambda: agent.metrics.cp_requests.labels("register", "error")._value.get() >= 1, "a refused handshake"
+        )
+        assert not agent.state.registered
+    finally:
+        await stop(agent, run)
+
+
+async def test_the_cli_trusts_a_custom_ca(
+    control_plane_factory: ControlPlaneFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--ca-file lets the CLI talk to an HTTPS control plane with a private CA; without it, exit 3."""
+    pki = make_pki(tmp_path / "pki")
+    cp = await control_plane_factory(tls_cert_file=pki.server_cert, tls_key_file=pki.server_key)
+    common = ["--control-plane", cp.url, "--api-key", API_KEY]
+    assert await asyncio.to_thread(main, ["delegates", "list", *common, "--ca-file", str(pki.ca)]) == EXIT_OK
+    assert await asyncio.to_thread(main, ["delegates", "list", *common]) == 3
+    assert "CERTIFICATE_VERIFY_FAILED" in capsys.readouterr().err
+
+
+# --- the delegate's side of authentication ---------------------------------------------------------
+
+
+async def test_a_token_revoked_while_running_is_noticed_and_survived(
+    control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """Revocation mid-run: 403 on the next call, readiness and metrics say so, the process stays up."""
+    cp = await control_plane_factory(settings=FAST)
+    a = await agent_factory(cp)
+    await a.registered()
+    async with http.post(cp.url + "/api/v1/delegate-tokens/default/revoke", headers={"X-API-Key": API_KEY}) as resp:
+        assert resp.status == 200
+    await wait_for(lambda: a.agent.state.auth_error, "the revocation to be noticed")
+    assert "revoked" in (a.agent.state.auth_error or "")
+    async with http.get(a.agent.http_url + "/readyz") as resp:
+        assert resp.status == 503
+    assert a.agent.metrics.auth_refused._value.get() == 1
+    assert not a.task.done()
+
+
+# --- a canary secret, everywhere -------------------------------------------------------------------
+
+CANARY = "CANARY-9d1b2e7f-secret-value-do-not-print"
+
+
+async def test_a_canary_secret_never_appears_anywhere(
+    moto: str, control_plane_factory: ControlPlaneFactory, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """The canary is the delegate token, a connector's secret key and the delegate's own AWS secret:
+    it is in no log line (debug included), metric, /status, result, database or outbox."""
+    log = io.StringIO()
+    redactor = Redactor()
+    configure_logging(fmt="json", level="debug", redactor=redactor, stream=log)
+    # All levels of every library too: botocore's debug lines dump requests, headers and signing steps.
+    for name in ("", "botocore", "aiobotocore", "botocore.credentials", "aiobotocore.credentials", "aiohttp"):
+        logging.getLogger(name).setLevel(logging.DEBUG)
+    cp = await control_plane_factory(settings=FAST, tokens=f"canary:{CANARY}")
+    redactor.add(CANARY)  # the control plane's own process knows its tokens
+    key = await MotoIam(moto).user("canary-user", ["ec2:DescribeRegions"])
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "sk").write_text(CANARY)  # the connector's secret key, read on the delegate
+    aws, _ = AwsEnvironment.from_environ(
+        {
+            "AWS_ENDPOINT_URL": moto,
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_ACCESS_KEY_ID": key.access_key,
+            "AWS_SECRET_ACCESS_KEY": CANARY,
+        }
+    )
+    metrics = AgentMetrics(name="secure")
+    agent_redactor = Redactor()
+    settings_for_handlers = AgentSettings(
+        control_plane=CpSettings(url=cp.url), token=CANARY, aws=aws, secrets_dir=secrets
+    )
+    handlers = build_handlers(settings_for_handlers, agent_redactor, metrics)
+    agent, run = await start_agent(
+        cp.url,
+        token=CANARY,
+        handlers=[*handlers, *all_handlers().values()],
+        tmp=tmp_path / "agent-data",
+        redactor=agent_redactor,
+        metrics=metrics,
+        aws=aws,
+        secrets_dir=secrets,
+    )
+    try:
+        await wait_for(lambda: agent.state.registered, "registration with the canary token")
+        manual = {
+            "connector": {
+                "name": "canary manual",
+                "type": "Aws",
+                "spec": {
+                    "credential": {
+                        "type": "ManualConfig",
+                        "spec": {"accessKey": key.access_key, "secretKeyRef": "account.sk"},
+                    }
+                },
+            }
+        }
+        inherit = {
+            "connector": {
+                "name": "canary inherit",
+                "type": "Aws",
+                "spec": {"credential": {"type": "InheritFromDelegate"}, "delegateSelectors": ["secure"]},
+            }
+        }
+        results = []
+        for doc in (manual, inherit):
+            applied = cp.core.apply_connector(doc)
+            results.append(await cp.core.test_connector(applied.identifier, TestRequest(wait_seconds=30)))
+        crash = cp.core.create_task(type="test.crash", payload={"secret": "no-secret-here"})
+        await done(cp, crash.id)
+        async with http.get(agent.http_url + "/metrics") as resp:
+            metrics_text = await resp.text()
+        async with http.get(agent.http_url + "/status") as resp:
+            status_text = await resp.text()
+        async with http.get(cp.url + "/api/v1/tasks", headers={"X-API-Key": API_KEY}) as resp:
+            tasks_text = await resp.text()
+    finally:
+        await stop(agent, run)
+        await cp.stop()
+    # Both ran on the delegate with the canary in hand (moto checks signatures only under enforcement).
+    assert [r.delegate_name for r in results] == ["secure", "secure"]
+    assert results[1].result["identity"]["arn"] == key.arn
+    assert cp.config.data_dir is not None
+    database = b"".join(p.read_bytes() for p in cp.config.data_dir.glob("controlplane.sqlite3*"))
+    outbox = b"".join(p.read_bytes() for p in (tmp_path / "agent-data").glob("outbox.sqlite3*"))
+    texts = {
+        "logs": log.getvalue(),
+        "metrics": metrics_text,
+        "status": status_text,
+        "tasks": tasks_text,
+        "results": json.dumps([r.result for r in results]),
+    }
+    # The logs were really captured, at debug level, botocore's own request dumps included.
+    assert '"level":"debug"' in texts["logs"] and "task.finished" in texts["logs"]
+    assert "botocore" in texts["logs"]
+    for where, text in texts.items():
+        assert CANARY not in text, where
+    assert CANARY.encode() not in database
+    assert CANARY.encode() not in outbox
