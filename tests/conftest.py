@@ -305,6 +305,7 @@ async def agent_factory(tmp_path: Path) -> AsyncIterator[AgentFactory]:
         token: str | None = TOKEN,
         token_file: Path | None = None,
         drain_timeout: float = 5.0,
+        extra_handlers: tuple[Any, ...] = (),
     ) -> Running:
         url = cp if isinstance(cp, str) else cp.url
         settings = AgentSettings(
@@ -322,6 +323,7 @@ async def agent_factory(tmp_path: Path) -> AsyncIterator[AgentFactory]:
             aws=AwsEnvironment(),
         )
         handlers = all_handlers()
+        handlers.update({h.task_type: h for h in extra_handlers})
         agent = Agent(settings, handlers=list(handlers.values()), watchdog=False)
         task = asyncio.create_task(agent.run())
         await asyncio.wait_for(agent.started.wait(), 10)

@@ -110,7 +110,9 @@ def test_every_problem_is_reported_at_once() -> None:
         "connector.spec.credential.crossAccountAccess.externalId": found[
             "connector.spec.credential.crossAccountAccess.externalId"
         ],
-        "connector.spec.delegateSelectors[0]": "must be a non-empty tag without spaces or commas",
+        "connector.spec.delegateSelectors[0]": (
+            "a tag has letters, digits and _.:/=+@- (starting with a letter or digit)"
+        ),
         "connector.spec.executeOnDelegate": "must be true or false, not a string",
     }
     assert "access key ID" in found["connector.spec.credential.spec.accessKey"]

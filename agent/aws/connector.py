@@ -46,7 +46,7 @@ _SECRET_REF_RE = re.compile(r"^(?:(?P<scope>account|org)\.)?(?P<name>[A-Za-z0-9_
 _ACCESS_KEY_RE = re.compile(r"^[A-Z0-9]{16,128}$")
 _EXTERNAL_ID_RE = re.compile(r"^[\w+=,.@:/-]{2,1224}$")
 _ACTION_RE = re.compile(r"^[a-zA-Z0-9-]+:[A-Za-z0-9*?]+$")
-_TAG_RE = re.compile(r"^[^,\s]{1,128}$")
+_TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/=+@-]{0,127}$")
 
 
 class ConnectorInvalid(Exception):
@@ -434,7 +434,7 @@ def _selectors(c: _Checker, raw: Any, path: str) -> tuple[str, ...]:
     out: list[str] = []
     for i, tag in enumerate(raw):
         if not isinstance(tag, str) or not _TAG_RE.match(tag):
-            c.add(f"{path}[{i}]", "must be a non-empty tag without spaces or commas")
+            c.add(f"{path}[{i}]", "a tag has letters, digits and _.:/=+@- (starting with a letter or digit)")
         else:
             out.append(tag)
     return tuple(dict.fromkeys(out))

@@ -12,12 +12,17 @@ from agent.protocol.models import ErrorBody
 
 _SECRET_REF = {
     "type": "string",
-    "description": "A secret reference: account.NAME, org.NAME or NAME. The delegate "
-    "reads the file NAME in its AGENT_SECRETS_DIR.",
+    "pattern": "^((account|org)\\.)?[A-Za-z0-9_$-][A-Za-z0-9_.$-]{0,127}$",
+    "description": "A secret reference: account.NAME, org.NAME or NAME. The delegate reads the file NAME in its "
+    "AGENT_SECRETS_DIR.",
     "examples": ["account.aws_secret_key"],
 }
+_TAGS = {"type": "array", "items": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.:/=+@-]{0,127}$"}}
 
 #: The Harness AWS connector document as accepted by POST/PUT /api/v1/connectors (YAML or JSON).
+#: The schema says what each field may hold; the server also applies Harness's cross-field rules
+#: (Irsa and InheritFromDelegate need delegateSelectors and cannot run on the platform; a role ARN
+#: must be in the test region's partition; accessKey xor accessKeyRef), each refusal naming its field.
 CONNECTOR_SCHEMA: dict[str, Any] = {
     "type": "object",
     "required": ["connector"],
@@ -26,15 +31,15 @@ CONNECTOR_SCHEMA: dict[str, Any] = {
             "type": "object",
             "required": ["name", "type", "spec"],
             "properties": {
-                "name": {"type": "string", "maxLength": 128},
+                "name": {"type": "string", "minLength": 1, "maxLength": 128},
                 "identifier": {
                     "type": "string",
                     "pattern": "^[a-zA-Z_][0-9a-zA-Z_$]{0,127}$",
                     "description": "Derived from the name when absent.",
                 },
-                "description": {"type": "string"},
-                "orgIdentifier": {"type": "string"},
-                "projectIdentifier": {"type": "string"},
+                "description": {"type": "string", "maxLength": 1024},
+                "orgIdentifier": {"type": "string", "maxLength": 128},
+                "projectIdentifier": {"type": "string", "maxLength": 128},
                 "tags": {"type": "object", "additionalProperties": {"type": "string"}},
                 "type": {"const": "Aws"},
                 "spec": {
@@ -49,25 +54,28 @@ CONNECTOR_SCHEMA: dict[str, Any] = {
                                 "spec": {
                                     "type": ["object", "null"],
                                     "properties": {
-                                        "accessKey": {"type": "string"},
+                                        "accessKey": {"type": "string", "pattern": "^[A-Z0-9]{16,128}$"},
                                         "accessKeyRef": _SECRET_REF,
                                         "secretKeyRef": _SECRET_REF,
-                                        "delegateSelectors": {"type": "array", "items": {"type": "string"}},
+                                        "delegateSelectors": _TAGS,
                                     },
                                 },
                                 "crossAccountAccess": {
                                     "type": "object",
                                     "required": ["crossAccountRoleArn"],
                                     "properties": {
-                                        "crossAccountRoleArn": {"type": "string"},
-                                        "externalId": {"type": "string"},
+                                        "crossAccountRoleArn": {
+                                            "type": "string",
+                                            "pattern": "^arn:aws[a-z-]*:iam::[0-9]{12}:role/[\\w+=,.@/-]{1,512}$",
+                                        },
+                                        "externalId": {"type": "string", "pattern": "^[\\w+=,.@:/-]{2,1224}$"},
                                         "durationSeconds": {"type": "integer", "minimum": 900, "maximum": 43200},
                                     },
                                 },
                                 "region": {"type": "string", "description": "Test region; default us-east-1."},
                             },
                         },
-                        "delegateSelectors": {"type": "array", "items": {"type": "string"}},
+                        "delegateSelectors": _TAGS,
                         "executeOnDelegate": {"type": "boolean", "default": True},
                         "awsSdkClientBackOffStrategyOverride": {
                             "type": "object",
@@ -85,8 +93,13 @@ CONNECTOR_SCHEMA: dict[str, Any] = {
                         "permissionCheck": {
                             "type": "object",
                             "properties": {
-                                "actions": {"type": "array", "items": {"type": "string"}},
-                                "resources": {"type": "array", "items": {"type": "string"}},
+                                "actions": {
+                                    "type": "array",
+                                    "minItems": 1,
+                                    "maxItems": 100,
+                                    "items": {"type": "string", "pattern": "^[a-zA-Z0-9-]+:[A-Za-z0-9*?]+$"},
+                                },
+                                "resources": {"type": "array", "items": {"type": "string", "minLength": 1}},
                             },
                         },
                     },

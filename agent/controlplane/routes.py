@@ -624,7 +624,7 @@ def _kind_name(ctype: str) -> str:
 def bind(route: Route, handlers: Handlers) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
     """Wrap a handler with its route's auth and body decoding."""
     fn: Handler = getattr(handlers, route.handler)
-    decoder = msgspec.json.Decoder(route.request) if route.request is not None else None
+    model = route.request
 
     async def endpoint(request: web.Request) -> web.StreamResponse:
         if route.auth == "delegate":
@@ -637,7 +637,7 @@ def bind(route: Route, handlers: Handlers) -> Callable[[web.Request], Awaitable[
             if not raw.strip():
                 raise ApiFailure(400, Code.INVALID_CONNECTOR, "the body is empty: send a Harness connector document")
             body = _decode_connector_body(request, raw)
-        elif decoder is not None:
+        elif model is not None:
             raw = await request.read()
             if raw.strip():
                 if request.content_type not in ("application/json", "text/json"):
@@ -645,7 +645,7 @@ def bind(route: Route, handlers: Handlers) -> Callable[[web.Request], Awaitable[
                         415, Code.UNSUPPORTED_MEDIA_TYPE, f"send application/json, not {request.content_type}"
                     )
                 try:
-                    body = decoder.decode(raw)
+                    body = msgspec.convert(_integral(_json_decode(raw)), model)
                 except msgspec.ValidationError as exc:
                     raise ApiFailure(
                         400, Code.INVALID_REQUEST, f"invalid request body: {exc}", problems=[_problem(exc)]
@@ -657,6 +657,23 @@ def bind(route: Route, handlers: Handlers) -> Callable[[web.Request], Awaitable[
         return await fn(request, body)
 
     return endpoint
+
+
+_json_decode = msgspec.json.Decoder().decode
+
+
+def _integral(value: Any) -> Any:
+    """JSON has one number type: 142.0 is a valid integer (as JSON Schema says), so make it one.
+
+    Non-integral floats and strings stay as they are, so "142" or 142.5 is still refused for an int.
+    """
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
 
 
 def _problem(exc: msgspec.ValidationError) -> Problem:

@@ -19,9 +19,18 @@ PROTOCOL_VERSION = "v1"
 TASK_TYPE_AWS_VALIDATE = "aws.validate-connector"
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-Tag = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[^,\s]+$")]
+#: Delegate tags and task selectors: one unambiguous alphabet, the same in every regex dialect.
+Tag = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:/=+@-]{0,127}$")]
 Identifier = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Seconds = Annotated[float, msgspec.Meta(ge=0)]
+#: An RFC 3339 timestamp; the schema says exactly what the server parses (format alone is advisory).
+Timestamp = Annotated[
+    datetime,
+    msgspec.Meta(extra_json_schema={
+        "format": "date-time",
+        "pattern": r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})$",
+    }),
+]
 
 DelegateState = Literal["running", "draining"]
 TaskStatus = Literal["SUCCESS", "FAILURE"]
@@ -56,7 +65,7 @@ class RegisterRequest(Wire, kw_only=True):
 class RegisterResponse(Wire, kw_only=True):
     delegate_id: str
     intervals: Intervals
-    server_time: datetime
+    server_time: Timestamp
 
 
 class HeartbeatRequest(Wire, kw_only=True):
@@ -83,9 +92,9 @@ class Task(Wire, kw_only=True):
     lease_id: str
     type: str
     payload: dict[str, Any]
-    created_at: datetime
+    created_at: Timestamp
     lease_seconds: float
-    lease_expires_at: datetime
+    lease_expires_at: Timestamp
     #: Execution budget; the delegate stops the task when it runs out.
     timeout_seconds: float
     attempt: int
@@ -98,7 +107,7 @@ class AcquireResponse(Wire, kw_only=True):
 
 
 class LeaseResponse(Wire, kw_only=True):
-    lease_expires_at: datetime
+    lease_expires_at: Timestamp
     lease_seconds: float
     #: Set when someone asked to cancel the task; the delegate stops it at once.
     cancel_requested: bool = False
@@ -109,8 +118,8 @@ class TaskResult(Wire, kw_only=True):
     status: TaskStatus
     #: The handler's result document (for AWS: the connector validation result).
     output: dict[str, Any]
-    started_at: datetime
-    finished_at: datetime
+    started_at: Timestamp
+    finished_at: Timestamp
 
 
 class SubmitResultResponse(Wire, kw_only=True):
@@ -147,7 +156,7 @@ class ValidationSummary(Wire, kw_only=True):
 
     task_id: str
     status: TaskStatus
-    tested_at: datetime
+    tested_at: Timestamp
     delegate_name: str | None = None
     error_summary: str | None = None
 
@@ -157,8 +166,8 @@ class ConnectorRecord(Wire, kw_only=True):
     name: str
     #: The connector in Harness form: ``{"connector": {...}}``; secret references only.
     connector: dict[str, Any]
-    created_at: datetime
-    updated_at: datetime
+    created_at: Timestamp
+    updated_at: Timestamp
     last_test: ValidationSummary | None = None
 
 
@@ -202,8 +211,8 @@ class TaskView(Wire, kw_only=True):
     status: TaskStatus | None = None
     selectors: list[str] = []
     connector_id: str | None = None
-    created_at: datetime
-    completed_at: datetime | None = None
+    created_at: Timestamp
+    completed_at: Timestamp | None = None
     attempts: int = 0
     delegate_id: str | None = None
     delegate_name: str | None = None
@@ -230,8 +239,8 @@ class DelegateView(Wire, kw_only=True):
     capacity: int
     state: DelegateConnState
     in_flight: int
-    registered_at: datetime
-    last_heartbeat_at: datetime
+    registered_at: Timestamp
+    last_heartbeat_at: Timestamp
     token_name: str | None = None
 
 
@@ -243,7 +252,7 @@ class TokenView(Wire, kw_only=True):
     name: str
     token_id: str
     revoked: bool
-    revoked_at: datetime | None = None
+    revoked_at: Timestamp | None = None
 
 
 class TokenList(Wire, kw_only=True):

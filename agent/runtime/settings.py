@@ -25,7 +25,7 @@ from agent.protocol.auth import DEFAULT_AUDIENCE
 from agent.protocol.models import Problem
 
 LogFormat = Literal["json", "console"]
-_TAG_RE = re.compile(r"^[^,\s]{1,128}$")
+_TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/=+@-]{0,127}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
@@ -363,5 +363,5 @@ def _tags(r: _Reader) -> tuple[str, ...]:
         return ()
     bad = [t for t in items if not _TAG_RE.match(t)]
     if bad:
-        r.add(where, f"tags cannot be empty or contain spaces or commas: {bad}")
+        r.add(where, f"a tag has letters, digits and _.:/=+@- (starting with a letter or digit): {bad}")
     return tuple(dict.fromkeys(t for t in items if _TAG_RE.match(t)))
