@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 LINT_PATHS := $(wildcard agent tests bench)
 PIPQUIET := grep -v -E "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: help venv test lint typecheck check demo bench lock models clean image chart
+.PHONY: help venv test lint typecheck check demo bench load lock models clean image chart
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -54,6 +54,10 @@ image: $(STAMP) ## build the container image with buildah and smoke-run it as ui
 chart: $(STAMP) ## helm lint, render variants, kubernetes-validate, hadolint
 	@bash tools/install-test-tools.sh
 	$(BIN)/python -m pytest -q tests/test_chart.py
+
+load: $(STAMP) ## 10,000 validations through the control plane and 3 delegates, then again with faults
+	$(BIN)/python -m bench.load --tasks $${LOAD_TASKS:-10000}
+	$(BIN)/python -m bench.load --tasks $${LOAD_TASKS:-10000} --faults
 
 models: $(STAMP) ## regenerate the pruned AWS service models from the pinned botocore
 	$(BIN)/python -m agent.aws.models_gen

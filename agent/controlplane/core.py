@@ -36,10 +36,12 @@ from agent.protocol.models import (
     HeartbeatRequest,
     HeartbeatResponse,
     Intervals,
+    Latency,
     LeaseResponse,
     Problem,
     RegisterRequest,
     RegisterResponse,
+    Stats,
     Task,
     TaskResult,
     TaskView,
@@ -429,22 +431,28 @@ class ControlPlane:
             raise ApiFailure(404, Code.NOT_FOUND, f"unknown task {task_id}")
         if t.state == "done":
             if t.result_lease_id == result.lease_id:
+                self.store.bump("duplicate")
                 return "duplicate"
+            self.store.bump("fenced")
             raise ApiFailure(409, Code.LEASE_FENCED, "the task was already completed under another lease")
         if t.state != "running" or t.lease_id != result.lease_id:
+            self.store.bump("fenced")
             raise ApiFailure(
                 409,
                 Code.LEASE_FENCED,
                 "this lease no longer owns the task (it expired and the task was re-queued or reassigned)",
             )
         if (t.lease_expires_at or 0) < self._clock():
+            self.store.bump("fenced")
             self._requeue(t, reason="result arrived after the lease expired")
             raise ApiFailure(
                 409, Code.LEASE_FENCED, "the lease expired before the result arrived; the task was re-queued"
             )
         output = dict(result.output)
         output.setdefault("status", result.status)
-        self._complete(t, status=result.status, result=output, lease_id=result.lease_id)
+        with self.store.transaction():  # the count and the result land together, or neither does
+            self._complete(t, status=result.status, result=output, lease_id=result.lease_id)
+            self.store.bump("accepted")
         return "accepted"
 
     def _complete(
@@ -513,6 +521,7 @@ class ControlPlane:
         self._running.pop(t.id, None)
         t = with_updates(t, **values)
         self._enqueue(t)
+        self.store.bump("requeued")
         log.info("controlplane.task_requeued", task_id=t.id, reason=reason, attempts=attempts)
 
     # --- tasks -------------------------------------------------------------------------------
@@ -674,7 +683,30 @@ class ControlPlane:
                     self._fail_unpicked(queued)
             self.store.purge_done_tasks(now - self.settings.keep_done_tasks_seconds)
 
+    def stats(self) -> Stats:
+        rows = self.store.latencies()
+        latency = Latency(count=len(rows))
+        if rows:
+            rows.sort()
+
+            def pick(q: float) -> float:
+                return rows[min(len(rows) - 1, int(q * len(rows)))]
+
+            latency = Latency(count=len(rows), p50=pick(0.5), p90=pick(0.9), p99=pick(0.99), max=rows[-1])
+        c = {"accepted": 0, "duplicate": 0, "fenced": 0, "requeued": 0, "unpicked": 0, **self.store.counters()}
+        return Stats(
+            tasks=self.store.count_tasks(),
+            done_by_status=self.store.count_done_by_status(),
+            results_accepted=c["accepted"],
+            results_duplicate=c["duplicate"],
+            results_fenced=c["fenced"],
+            tasks_requeued=c["requeued"],
+            tasks_failed_unpicked=c["unpicked"],
+            latency=latency,
+        )
+
     def _fail_unpicked(self, t: TaskRow) -> None:
+        self.store.bump("unpicked")
         self._complete(
             t,
             status="FAILURE",

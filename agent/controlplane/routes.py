@@ -40,6 +40,7 @@ from agent.protocol.models import (
     RegisterRequest,
     RegisterResponse,
     ServerInfo,
+    Stats,
     SubmitResultResponse,
     TaskList,
     TaskResult,
@@ -322,6 +323,15 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "GET",
+        "/api/v1/stats",
+        "stats",
+        "Counters since start, tasks by state, end-to-end latency percentiles",
+        "tasks",
+        "api",
+        {200: ("Statistics", Stats)},
+    ),
+    Route(
+        "GET",
         "/api/v1/delegates",
         "list_delegates",
         "List delegates with their tags and state",
@@ -543,6 +553,9 @@ class Handlers:
 
     async def cancel_task(self, request: web.Request, body: None) -> web.Response:
         return json_response(self.cp.task_view(self.cp.cancel_task(request.match_info["taskId"])))
+
+    async def stats(self, request: web.Request, body: None) -> web.Response:
+        return json_response(self.cp.stats())
 
     # --- delegates and tokens ----------------------------------------------------------------
 

@@ -74,6 +74,7 @@ CREATE TABLE IF NOT EXISTS connectors(
     last_delegate_name TEXT,
     last_error_summary TEXT
 );
+CREATE TABLE IF NOT EXISTS counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS revoked_tokens(kid TEXT PRIMARY KEY, name TEXT NOT NULL, revoked_at REAL NOT NULL);
 """
 
@@ -217,6 +218,16 @@ class Store:
             (key, value),
         )
 
+    def bump(self, name: str, by: int = 1) -> None:
+        self._db.execute(
+            "INSERT INTO counters(name, value) VALUES(?, ?) ON CONFLICT(name) DO UPDATE SET "
+            "value = value + excluded.value",
+            (name, by),
+        )
+
+    def counters(self) -> dict[str, int]:
+        return {str(r[0]): int(r[1]) for r in self._db.execute("SELECT name, value FROM counters")}
+
     # --- delegates ---------------------------------------------------------------------------
 
     def save_delegate(self, row: DelegateRow) -> None:
@@ -272,6 +283,21 @@ class Store:
             f"SELECT * FROM tasks {where} ORDER BY created_at DESC LIMIT ?", (*args, limit)
         ).fetchall()
         return [_decode_row(TaskRow, r) for r in rows]
+
+    def latencies(self) -> list[float]:
+        """Seconds from creation to completion of every finished task that a delegate ran."""
+        return [
+            float(r[0])
+            for r in self._db.execute(
+                "SELECT completed_at - created_at FROM tasks WHERE state='done' AND result_lease_id IS NOT NULL"
+            )
+        ]
+
+    def count_done_by_status(self) -> dict[str, int]:
+        return {
+            str(r[0]): int(r[1])
+            for r in self._db.execute("SELECT status, COUNT(*) FROM tasks WHERE state='done' GROUP BY status")
+        }
 
     def count_tasks(self) -> dict[str, int]:
         return {str(r[0]): int(r[1]) for r in self._db.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state")}

@@ -20,7 +20,9 @@ from agent.protocol.models import (
     ApplyResult,
     ConnectorList,
     ConnectorRecord,
+    CreateTaskRequest,
     DelegateList,
+    Stats,
     TaskList,
     TaskView,
     TestRequest,
@@ -110,6 +112,13 @@ class ApiClient:
 
     def list_tasks(self, **query: Any) -> TaskList:
         return self._get("/api/v1/tasks", TaskList, **query)
+
+    def stats(self) -> Stats:
+        return self._get("/api/v1/stats", Stats)
+
+    def create_task(self, request: CreateTaskRequest) -> TaskView:
+        _, data = self._call("POST", "/api/v1/tasks", body=msgspec.json.encode(request))
+        return msgspec.json.decode(data, type=TaskView)
 
     def list_delegates(self) -> DelegateList:
         return self._get("/api/v1/delegates", DelegateList)

@@ -26,10 +26,13 @@ Seconds = Annotated[float, msgspec.Meta(ge=0)]
 #: An RFC 3339 timestamp; the schema says exactly what the server parses (format alone is advisory).
 Timestamp = Annotated[
     datetime,
-    msgspec.Meta(extra_json_schema={
-        "format": "date-time",
-        "pattern": r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})$",
-    }),
+    msgspec.Meta(
+        extra_json_schema={
+            "format": "date-time",
+            "pattern": r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
+            r"([Zz]|[+-][0-9]{2}:[0-9]{2})$",
+        }
+    ),
 ]
 
 DelegateState = Literal["running", "draining"]
@@ -257,6 +260,30 @@ class TokenView(Wire, kw_only=True):
 
 class TokenList(Wire, kw_only=True):
     tokens: list[TokenView]
+
+
+class Latency(Wire, kw_only=True):
+    """End-to-end seconds from a task's creation to its result, over finished tasks."""
+
+    count: int
+    p50: float | None = None
+    p90: float | None = None
+    p99: float | None = None
+    max: float | None = None
+
+
+class Stats(Wire, kw_only=True):
+    """What the control plane has counted since its data dir was created, and holds now (tasks)."""
+
+    tasks: dict[str, int]
+    #: Finished tasks by status (SUCCESS, FAILURE).
+    done_by_status: dict[str, int] = {}
+    results_accepted: int
+    results_duplicate: int
+    results_fenced: int
+    tasks_requeued: int
+    tasks_failed_unpicked: int
+    latency: Latency
 
 
 class ServerInfo(Wire, kw_only=True):

@@ -283,8 +283,9 @@ class Executor:
         """Keep the lease while the task runs; stop the task if the lease is lost or cancelled."""
         task = run.task
         interval = max(0.05, task.lease_seconds / 3)
+        delay = interval
         while True:
-            await asyncio.sleep(interval * random.uniform(0.8, 1.0))  # noqa: S311 - jitter, not crypto
+            await asyncio.sleep(delay * random.uniform(0.8, 1.0))  # noqa: S311 - jitter, not crypto
             try:
                 lease = await self._client.renew_lease(task.lease_id)
             except LeaseFenced:
@@ -292,8 +293,11 @@ class Executor:
                 self.cancel(task.task_id, "the lease was lost (the control plane reassigned the task)")
                 return
             except ProtocolError as exc:
-                log.warning("task.lease_renewal_failed", error=str(exc), retry_in=round(interval, 1))
+                # Try again soon: two missed renewals in a row must not cost the lease.
+                delay = max(0.05, min(1.0, interval / 3))
+                log.warning("task.lease_renewal_failed", error=str(exc), retry_in=round(delay, 2))
                 continue
+            delay = interval
             if lease.cancel_requested:
                 self.cancel(task.task_id, "cancelled by the control plane")
                 return

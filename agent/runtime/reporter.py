@@ -3,6 +3,10 @@
 "accepted" and "duplicate" both mean the control plane has the result. A fenced lease means it
 never will (the task went to someone else): the result is dropped with a log line. Anything
 transient is retried with backoff; nothing is lost while the delegate waits.
+
+While a result waits, its lease is kept alive: a lease that expired because a finished task's
+result was stuck behind a few 503s would send the task to another delegate and fence a perfectly
+good result (the load run with faults showed exactly that before this keepalive existed).
 """
 
 from __future__ import annotations
@@ -14,11 +18,14 @@ import structlog
 
 from agent.protocol.client import ControlPlaneClient
 from agent.protocol.errors import AuthError, LeaseFenced, NotFound, ProtocolError, RequestRejected
-from agent.runtime.backoff import auth_backoff, transient_backoff
+from agent.runtime.backoff import Backoff, auth_backoff
 from agent.runtime.outbox import Entry, Outbox
 from agent.runtime.state import AgentState
 
 log = structlog.get_logger("agent.reporter")
+
+#: Requests in flight at once when delivering results or renewing their leases.
+CONCURRENCY = 8
 
 
 class Reporter:
@@ -34,7 +41,16 @@ class Reporter:
         self._outbox.changed.set()
 
     async def run(self) -> None:
-        transient, auth = transient_backoff(), auth_backoff()
+        keepalive = asyncio.create_task(self._keep_leases(), name="reporter-leases")
+        try:
+            await self._deliver()
+        finally:
+            keepalive.cancel()
+            await asyncio.gather(keepalive, return_exceptions=True)
+
+    async def _deliver(self) -> None:
+        # Results are small and matter most: retry them quickly (seconds, not half a minute).
+        transient, auth = Backoff(base=0.2, cap=5.0), auth_backoff()
         while not self._stop.is_set():
             await self._outbox.changed.wait()
             self._outbox.changed.clear()
@@ -57,10 +73,31 @@ class Reporter:
                 except TimeoutError:
                     pass
 
+    async def _keep_leases(self) -> None:
+        """Renew the leases of results not yet delivered, so their tasks are not handed out again.
+
+        Each lease is renewed on its own (a few at a time): one failed renewal must not leave the
+        others to expire.
+        """
+        gate = asyncio.Semaphore(CONCURRENCY)
+
+        async def renew(entry: Entry) -> None:
+            async with gate:
+                try:
+                    await self._client.renew_lease(entry.key)
+                except LeaseFenced as exc:
+                    self._drop(entry, "lease_fenced", str(exc))
+                except ProtocolError:
+                    pass  # the next round tries again, a third of a lease later
+
+        while not self._stop.is_set():
+            await asyncio.sleep(max(0.05, self._state.intervals.lease_seconds / 3))
+            await asyncio.gather(*(renew(e) for e in self._outbox.pending(limit=500)))
+
     async def flush(self, timeout: float) -> bool:
         """Send what is pending within ``timeout``; True when the outbox is empty."""
         deadline = asyncio.get_running_loop().time() + max(0.0, timeout)
-        backoff = transient_backoff()
+        backoff = Backoff(base=0.2, cap=2.0)
         while len(self._outbox):
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:
@@ -75,26 +112,35 @@ class Reporter:
         return len(self._outbox) == 0
 
     async def _send_all(self, batch: list[Entry]) -> ProtocolError | None:
-        """Send each entry; stop at the first error worth retrying, and return it."""
-        for entry in batch:
-            try:
-                answer = await self._client.submit_result(entry.task_id, entry.result)
-            except LeaseFenced as exc:
-                self._drop(entry, "lease_fenced", str(exc))
-                continue
-            except NotFound as exc:
-                self._drop(entry, "unknown_task", str(exc))
-                continue
-            except RequestRejected as exc:
-                self._drop(entry, "rejected", str(exc))
-                continue
-            except ProtocolError as exc:
-                return exc
-            self._outbox.remove(entry.key)
-            self._state.contact(asyncio.get_running_loop().time(), time.time())
-            if answer.outcome == "duplicate":
-                log.info("task.result_already_delivered", task_id=entry.task_id)
-        return None
+        """Send every entry (a few at a time); return an error worth retrying, if any occurred."""
+        gate = asyncio.Semaphore(CONCURRENCY)
+        errors: list[ProtocolError] = []
+
+        async def send(entry: Entry) -> None:
+            async with gate:
+                if errors and not errors[-1].transient:
+                    return  # refused credentials: no point asking again in this round
+                try:
+                    answer = await self._client.submit_result(entry.task_id, entry.result)
+                except LeaseFenced as exc:
+                    self._drop(entry, "lease_fenced", str(exc))
+                    return
+                except NotFound as exc:
+                    self._drop(entry, "unknown_task", str(exc))
+                    return
+                except RequestRejected as exc:
+                    self._drop(entry, "rejected", str(exc))
+                    return
+                except ProtocolError as exc:
+                    errors.append(exc)
+                    return
+                self._outbox.remove(entry.key)
+                self._state.contact(asyncio.get_running_loop().time(), time.time())
+                if answer.outcome == "duplicate":
+                    log.info("task.result_already_delivered", task_id=entry.task_id)
+
+        await asyncio.gather(*(send(e) for e in batch))
+        return errors[-1] if errors else None
 
     def _drop(self, entry: Entry, reason: str, detail: str) -> None:
         self._outbox.remove(entry.key)

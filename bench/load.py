@@ -1,0 +1,362 @@
+"""Load run: N AWS validations through the control plane and 3 delegates, as separate processes.
+
+    python -m bench.load --tasks 10000            # make load
+    python -m bench.load --tasks 10000 --faults   # the same with faults switched on
+
+Everything runs on 127.0.0.1: moto (its own process), the control plane (its own process), the
+delegates (one process each) and, with --faults, a chaos proxy between delegates and control plane
+that resets connections, answers 503 and 429 and adds latency in turns, while the control plane is
+killed (SIGKILL) and restarted once. It reports count, lost, duplicates and end-to-end percentiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.protocol.api_client import ApiClient
+from agent.protocol.models import TASK_TYPE_AWS_VALIDATE, CreateTaskRequest
+from bench.chaos import ChaosProxy
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AWS_", "AGENT_", "DELEGATE_", "MANAGER_", "CONTROL_PLANE_"))
+    }
+    env.update(
+        {
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "NO_PROXY": "127.0.0.1,localhost",
+            **extra,
+        }
+    )
+    return env
+
+
+def _wait_http(url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not answer within {timeout:.0f}s")
+
+
+@dataclass
+class Stack:
+    """The processes of one run; stop() ends them all."""
+
+    workdir: Path
+    capacity: int = 32
+    lease_seconds: float = 5.0
+    agent_handlers: str = "aws"  # "aws": the real delegate; "test": tests/agent_process.py with test handlers
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    moto_url: str = ""
+    cp_url: str = ""
+    cp_port: int = 0
+
+    def start_moto(self) -> str:
+        port = free_port()
+        self._spawn(
+            "moto",
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            _clean_env(MOTO_EC2_LOAD_DEFAULT_AMIS="false"),
+        )
+        self.moto_url = f"http://127.0.0.1:{port}"
+        _wait_http(self.moto_url + "/moto-api/")
+        return self.moto_url
+
+    def start_control_plane(self) -> str:
+        self.cp_port = self.cp_port or free_port()
+        data = self.workdir / "control-plane"
+        self._spawn(
+            "control-plane",
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "control-plane",
+                "--listen",
+                f"127.0.0.1:{self.cp_port}",
+                "--data-dir",
+                str(data),
+                "--heartbeat-seconds",
+                "1",
+                "--poll-wait-seconds",
+                "5",
+                "--lease-seconds",
+                str(self.lease_seconds),
+                "--pickup-timeout-seconds",
+                "900",
+                "--task-timeout-seconds",
+                "60",
+                "--log-format",
+                "json",
+                "--log-level",
+                os.environ.get("LOAD_CP_LOG_LEVEL", "warning"),
+            ],
+            _clean_env(),
+        )
+        self.cp_url = f"http://127.0.0.1:{self.cp_port}"
+        _wait_http(self.cp_url + "/healthz")
+        return self.cp_url
+
+    @property
+    def api(self) -> ApiClient:
+        return ApiClient(self.cp_url, (self.workdir / "control-plane" / "api-key").read_text().strip(), timeout=60)
+
+    def start_agent(self, name: str, cp_url: str, *, tags: str = "load") -> str:
+        port = free_port()
+        secrets = self.workdir / "secrets"
+        secrets.mkdir(exist_ok=True)
+        (secrets / "load_secret_key").write_text("load-test-secret-key")
+        env = _clean_env(
+            MANAGER_HOST_AND_PORT=cp_url,
+            DELEGATE_TOKEN_FILE=str(self.workdir / "control-plane" / "delegate-token"),
+            DELEGATE_NAME=name,
+            DELEGATE_TAGS=tags,
+            DELEGATE_TASK_CAPACITY=str(self.capacity),
+            AGENT_HTTP_LISTEN=f"127.0.0.1:{port}",
+            AGENT_DATA_DIR=str(self.workdir / name),
+            AGENT_SECRETS_DIR=str(secrets),
+            AWS_ENDPOINT_URL=self.moto_url or "http://127.0.0.1:9",
+            AGENT_LOG_FORMAT="json",
+            AGENT_LOG_LEVEL="warning",
+            AGENT_DRAIN_TIMEOUT_SECONDS="5",
+        )
+        argv = (
+            [sys.executable, "-m", "agent", "run"]
+            if self.agent_handlers == "aws"
+            else [sys.executable, str(ROOT / "tests" / "agent_process.py")]
+        )
+        self._spawn(name, argv, env)
+        url = f"http://127.0.0.1:{port}"
+        _wait_http(url + "/healthz")
+        return url
+
+    def kill(self, name: str) -> None:
+        proc = self.processes.pop(name)
+        proc.kill()
+        proc.wait()
+
+    def stop(self) -> None:
+        for proc in list(self.processes.values()):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.processes.values():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.processes.clear()
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        # The child keeps its own copy of the log's file descriptor; ours is closed at once.
+        with (self.workdir / f"{name}.log").open("ab") as log:
+            self.processes[name] = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+@dataclass
+class LoadResult:
+    tasks: int
+    completed: int
+    lost: int
+    succeeded: int
+    accepted: int
+    duplicates: int
+    fenced: int
+    requeued: int
+    p50: float | None
+    p99: float | None
+    seconds: float
+    faults: dict[str, int]
+
+    @property
+    def rate(self) -> float:
+        return self.completed / self.seconds if self.seconds else 0.0
+
+    def line(self) -> str:
+        return (
+            f"{self.tasks} tasks: {self.completed} completed ({self.succeeded} SUCCESS), {self.lost} lost, "
+            f"{self.accepted - self.completed} accepted twice, {self.duplicates} duplicate submissions "
+            f"answered as such, {self.fenced} fenced, {self.requeued} re-queued; end-to-end p50 "
+            f"{_ms(self.p50)} p99 {_ms(self.p99)}; {self.rate:.0f} validations/s over {self.seconds:.1f}s"
+            + (f"; faults {dict(self.faults)}" if self.faults else "")
+        )
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v * 1000:.0f} ms"
+
+
+def connector() -> dict[str, Any]:
+    return {
+        "connector": {
+            "name": "load",
+            "identifier": "load",
+            "type": "Aws",
+            "spec": {
+                "credential": {
+                    "type": "ManualConfig",
+                    "spec": {"accessKey": "AKIALOADTEST00000000", "secretKeyRef": "account.load_secret_key"},
+                },
+                "delegateSelectors": ["load"],
+            },
+        }
+    }
+
+
+async def run_load(
+    tasks: int, *, workdir: Path, faults: bool = False, agents: int = 3, capacity: int = 32, log: Any = print
+) -> LoadResult:
+    stack = Stack(workdir, capacity=capacity)
+    try:
+        stack.start_moto()
+        cp_url = stack.start_control_plane()
+        proxy = ChaosProxy(cp_url, share=0.2)
+        async with proxy.running() as proxy_url:
+            target = proxy_url if faults else cp_url
+            for i in range(agents):
+                stack.start_agent(f"load-{i}", target)
+            api = stack.api
+            await _wait_delegates(api, agents)
+            payload = {"connector": connector()}
+            log(
+                f"queueing {tasks} validations for {agents} delegates (capacity {capacity} each)"
+                + (" with faults" if faults else "")
+            )
+            started = time.monotonic()
+            await _create(api, tasks, payload)
+            chaos = asyncio.create_task(_chaos(proxy, stack)) if faults else None
+            await _wait_done(api, tasks, deadline=started + max(300, tasks / 5), log=log)
+            seconds = time.monotonic() - started
+            if chaos is not None:
+                chaos.cancel()
+                await asyncio.gather(chaos, return_exceptions=True)
+            stats = await asyncio.to_thread(stack.api.stats)
+        return LoadResult(
+            tasks=tasks,
+            completed=stats.tasks.get("done", 0),
+            lost=tasks - stats.tasks.get("done", 0),
+            succeeded=stats.done_by_status.get("SUCCESS", 0),
+            accepted=stats.results_accepted,
+            duplicates=stats.results_duplicate,
+            fenced=stats.results_fenced,
+            requeued=stats.tasks_requeued,
+            p50=stats.latency.p50,
+            p99=stats.latency.p99,
+            seconds=seconds,
+            faults=dict(proxy.seen) if faults else {},
+        )
+    finally:
+        stack.stop()
+
+
+async def _wait_delegates(api: ApiClient, n: int) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        views = (await asyncio.to_thread(api.list_delegates)).delegates
+        if sum(1 for d in views if d.state == "running") >= n:
+            return
+        await asyncio.sleep(0.1)
+    raise RuntimeError("the delegates did not register")
+
+
+async def _create(api: ApiClient, n: int, payload: dict[str, Any]) -> None:
+    request = CreateTaskRequest(type=TASK_TYPE_AWS_VALIDATE, payload=payload, selectors=["load"], max_attempts=10)
+
+    def batch(count: int) -> None:
+        for _ in range(count):
+            api.create_task(request)
+
+    workers = 8
+    await asyncio.gather(
+        *(asyncio.to_thread(batch, n // workers + (1 if i < n % workers else 0)) for i in range(workers))
+    )
+
+
+async def _wait_done(api: ApiClient, n: int, *, deadline: float, log: Any) -> None:
+    last = -1
+    while True:
+        try:
+            stats = await asyncio.to_thread(api.stats)
+        except OSError:
+            await asyncio.sleep(0.5)  # the control plane is being restarted
+            continue
+        except Exception as exc:  # the control plane restarts during the faulty run
+            if "cannot reach" in str(exc) or "failed" in str(exc):
+                await asyncio.sleep(0.5)
+                continue
+            raise
+        done = stats.tasks.get("done", 0)
+        if done != last and (done // max(1, n // 10)) != (last // max(1, n // 10)):
+            log(f"  {done}/{n} done")
+        last = done
+        if done >= n:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {done}/{n} tasks finished in time")
+        await asyncio.sleep(0.5)
+
+
+async def _chaos(proxy: ChaosProxy, stack: Stack) -> None:
+    """Faults in turns, and one SIGKILL of the control plane followed by a restart on the same port."""
+    modes = ["reset", "error", "ratelimit", "latency", "pass"]
+    turn = 0
+    while True:
+        proxy.set(modes[turn % len(modes)])  # type: ignore[arg-type]
+        await asyncio.sleep(2.0)
+        if turn == 3:
+            stack.kill("control-plane")
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(stack.start_control_plane)
+        turn += 1
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=10_000)
+    parser.add_argument("--faults", action="store_true")
+    parser.add_argument("--agents", type=int, default=3)
+    parser.add_argument("--capacity", type=int, default=32)
+    parser.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="delegate-load-") as tmp:
+        result = asyncio.run(
+            run_load(args.tasks, workdir=Path(tmp), faults=args.faults, agents=args.agents, capacity=args.capacity)
+        )
+    print(result.line())
+    if args.json:
+        Path(args.json).write_text(json.dumps(asdict(result), indent=2))
+    return 0 if result.lost == 0 and result.accepted == result.completed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
