@@ -310,3 +310,27 @@ async def test_deregistering_hands_running_tasks_back(
     got = await client.acquire(b.delegate_id, AcquireRequest(max_tasks=1, wait_seconds=0))
     assert [t.task_id for t in got.tasks] == [task.id]
     assert {v.name: v.state for v in cp.core.delegate_views()} == {"a": "disconnected", "b": "running"}
+
+
+async def test_a_gone_or_draining_waiter_does_not_swallow_the_wakeup(control_plane_factory: ControlPlaneFactory,
+                                                                     http: aiohttp.ClientSession) -> None:
+    """A delegate that hung up (or began draining) mid long poll never keeps a task from a live one."""
+    cp = await control_plane_factory(settings=ControlPlaneSettings(poll_wait_seconds=30))
+    client = delegate_client(http, cp.url)
+    dead = await client.register(register_request("dead"))
+    draining = await client.register(register_request("draining"))
+    live = await client.register(register_request("live"))
+    hung_up = asyncio.create_task(client.acquire(dead.delegate_id, AcquireRequest(max_tasks=1, wait_seconds=30)))
+    await wait_for(lambda: len(cp.core._waiters) == 1, "the first long poll")
+    hung_up.cancel()  # the delegate's connection closes mid poll
+    await asyncio.gather(hung_up, return_exceptions=True)
+    await wait_for(lambda: not cp.core._waiters, "the server to drop the dead long poll")
+    poll_d = asyncio.create_task(client.acquire(draining.delegate_id, AcquireRequest(max_tasks=1, wait_seconds=30)))
+    await wait_for(lambda: len(cp.core._waiters) == 1, "the draining delegate's long poll")
+    poll_live = asyncio.create_task(client.acquire(live.delegate_id, AcquireRequest(max_tasks=1, wait_seconds=30)))
+    await wait_for(lambda: len(cp.core._waiters) == 2, "both long polls")
+    cp.store.update_delegate(draining.delegate_id, state="draining")  # as its heartbeat would say
+    task = cp.core.create_task(type="test.echo", payload={})
+    got = await asyncio.wait_for(poll_live, 5)  # long before the 30 s wait runs out
+    assert [t.task_id for t in got.tasks] == [task.id]
+    assert (await asyncio.wait_for(poll_d, 5)).tasks == []

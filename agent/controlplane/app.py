@@ -213,7 +213,11 @@ class ControlPlaneService:
                 path=str(path),
                 hint="no token or API key was configured; one was generated here (mode 0600)",
             )
-        self._runner = web.AppRunner(self.app, handle_signals=False, access_log=None, shutdown_timeout=2.0)
+        # handler_cancellation: a long poll whose delegate hung up is cancelled, so no dead waiter
+        # can swallow the wakeup meant for a live one.
+        self._runner = web.AppRunner(
+            self.app, handle_signals=False, access_log=None, shutdown_timeout=2.0, handler_cancellation=True
+        )
         await self._runner.setup()
         ssl_context = self._tls_context()
         site = web.TCPSite(

@@ -320,12 +320,17 @@ class ControlPlane:
             finally:
                 self._waiters.remove(waiter)
             if gone():
-                # The delegate hung up while we waited: do not lease tasks into a closed socket.
+                # The delegate hung up while we waited: lease nothing into a closed socket, and hand
+                # the wakeup on so the task still reaches someone.
+                self._pass_wakeup()
                 return AcquireResponse(tasks=[])
             refreshed = self.store.get_delegate(d.id)
             if refreshed is None:
+                self._pass_wakeup()
                 raise ApiFailure(404, Code.UNKNOWN_DELEGATE, f"unknown delegate {delegate_id}: register again")
             d = refreshed
+            if d.state == "draining":
+                self._pass_wakeup()
 
     def _eligible_keys(self, d: DelegateRow) -> list[QueueKey]:
         tags, types = frozenset(d.tags), frozenset(d.task_types)
@@ -583,6 +588,16 @@ class ControlPlane:
             if not w.event.is_set() and t.type in w.types and key[1] <= w.tags:
                 w.event.set()
                 break
+
+    def _pass_wakeup(self) -> None:
+        """A woken waiter that takes nothing wakes, for each non-empty queue, one waiter that can serve it."""
+        for key, heap in self._heaps.items():
+            if not any(self._queued.get(task_id) == key for _, task_id in heap[:8]):
+                continue
+            for w in self._waiters:
+                if not w.event.is_set() and key[0] in w.types and key[1] <= w.tags:
+                    w.event.set()
+                    break
 
     def _wake_for_delegate(self, d: DelegateRow) -> None:
         for w in self._waiters:
