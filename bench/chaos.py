@@ -29,6 +29,8 @@ class ChaosProxy:
     share: float = 0.3
     latency: float = 0.2
     seed: int = 7
+    #: When set, only requests whose path ends with this suffix are touched; the rest pass.
+    only_suffix: str | None = None
     seen: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
@@ -46,6 +48,8 @@ class ChaosProxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         mode = self.mode
+        if self.only_suffix is not None and not request.path.endswith(self.only_suffix):
+            mode = "pass"
         hit = self._rand.random() < self.share
         if mode == "blackhole":
             self.seen["blackhole"] += 1

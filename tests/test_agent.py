@@ -376,3 +376,34 @@ async def test_the_delegate_adopts_intervals_from_the_server(
     cp.core.settings = dataclasses.replace(cp.core.settings, lease_seconds=7, heartbeat_seconds=0.5)
     await wait_for(lambda: a.agent.state.intervals.lease_seconds == 7, "the new intervals")
     assert a.agent.state.intervals.heartbeat_seconds == 0.5
+
+
+async def test_a_result_stuck_behind_errors_keeps_its_lease(
+    control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory
+) -> None:
+    """Results refused with 503 for several leases' time keep their leases (the delegate renews them):
+    the task is not handed out again, the result lands once, and nothing is reported as dropped."""
+    from bench.chaos import ChaosProxy
+
+    cp = await control_plane_factory(
+        settings=ControlPlaneSettings(
+            heartbeat_seconds=1, poll_wait_seconds=1, lease_seconds=0.6, sweep_interval_seconds=0.05
+        )
+    )
+    proxy = ChaosProxy(cp.url, mode="error", share=1.0, only_suffix="/result")
+    async with proxy.running() as url:
+        a = await agent_factory(url)
+        await a.registered()
+        tasks = [cp.core.create_task(type="test.sleep", payload={"seconds": 0.05}) for _ in range(3)]
+        metrics = a.agent.metrics
+        await wait_for(lambda: proxy.seen["503"] >= 6, "results to be refused a few times")
+        # Ten rounds of renewals for each of the three results: well over three leases' time.
+        await wait_for(lambda: metrics.cp_requests.labels("renew_lease", "200")._value.get() >= 30, "renewals")
+        assert [cp.core.get_task(t.id).attempts for t in tasks] == [1, 1, 1]
+        proxy.set("pass")
+        results = [await done(cp, t.id) for t in tasks]
+        await wait_for(lambda: metrics.outbox_depth._value.get() == 0, "the outbox to empty")
+    assert [(r.status, r.attempts) for r in results] == [("SUCCESS", 1)] * 3
+    assert metrics.cp_requests.labels("submit_result", "200")._value.get() == 3
+    dropped = [s.value for m in metrics.results_dropped.collect() for s in m.samples if s.name.endswith("_total")]
+    assert sum(dropped) == 0

@@ -76,23 +76,40 @@ class Reporter:
     async def _keep_leases(self) -> None:
         """Renew the leases of results not yet delivered, so their tasks are not handed out again.
 
-        Each lease is renewed on its own (a few at a time): one failed renewal must not leave the
-        others to expire.
+        A result is renewed only once it has waited a full round: most are delivered within
+        milliseconds, and renewing those would double the requests for nothing. A renewal that
+        comes back fenced drops nothing: the result may have been delivered in the meantime (the
+        task completed, so its lease is gone), and the send itself is what decides. Each lease is
+        renewed on its own (a few at a time): one failed renewal must not leave the others to expire.
         """
         gate = asyncio.Semaphore(CONCURRENCY)
+        waiting: set[str] = set()  # keys seen in the previous round and not delivered since
+        fenced: set[str] = set()  # the control plane will not renew these; the send will settle them
 
         async def renew(entry: Entry) -> None:
             async with gate:
                 try:
                     await self._client.renew_lease(entry.key)
-                except LeaseFenced as exc:
-                    self._drop(entry, "lease_fenced", str(exc))
+                except LeaseFenced:
+                    fenced.add(entry.key)
                 except ProtocolError:
-                    pass  # the next round tries again, a third of a lease later
+                    pass  # the next round tries again, a quarter of a lease later
 
+        loop = asyncio.get_running_loop()
+        last_round = loop.time()
         while not self._stop.is_set():
-            await asyncio.sleep(max(0.05, self._state.intervals.lease_seconds / 3))
-            await asyncio.gather(*(renew(e) for e in self._outbox.pending(limit=500)))
+            # The lease length comes from the server (at registration, and it may change): a tick
+            # of at most a quarter second notices a shorter lease in time; a tick only compares clocks.
+            period = max(0.05, self._state.intervals.lease_seconds / 4)
+            await asyncio.sleep(min(0.25, max(0.0, last_round + period - loop.time())))
+            if loop.time() < last_round + period:
+                continue
+            last_round = loop.time()
+            pending = {e.key: e for e in self._outbox.pending(limit=500)}
+            due = [e for k, e in pending.items() if k in waiting and k not in fenced]
+            waiting = set(pending)
+            fenced &= waiting
+            await asyncio.gather(*(renew(e) for e in due))
 
     async def flush(self, timeout: float) -> bool:
         """Send what is pending within ``timeout``; True when the outbox is empty."""
