@@ -1,0 +1,428 @@
+"""``make bench``: what the delegate costs, measured against the usual ways, in one run.
+
+Everything runs on 127.0.0.1: moto (the AWS stand-in, its own process), the control plane (its own
+process) and the delegate under test, installed with its runtime dependencies only, as the image
+ships it (bench/setup.sh). The baselines validate the same kind of connectors against the same moto
+in the same run: the AWS CLI (two processes per connector), boto3 in a thread pool, and
+aiobotocore with clients per connector. CPU is each process's own CPU time, so moto's speed
+does not hide ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from agent.protocol.api_client import ApiClient
+from agent.protocol.models import TASK_TYPE_AWS_VALIDATE, CreateTaskRequest
+from bench.load import ROOT, Stack, _clean_env, free_port
+
+AGENT_PYTHON = ROOT / ".tools" / "bench" / "agent" / "bin" / "python"
+AWS_CLI = ROOT / ".tools" / "bench" / "awscli" / "bin" / "aws"
+
+TARGETS = {
+    "idle_rss": 75.0,
+    "rss_64": 150.0,
+    "start": 1.5,
+    "pickup_p99": 0.050,
+    "cpu": 5.0,
+    "vs_boto3": 0.8,
+    "vs_cli": 50.0,
+}
+
+
+@dataclass
+class Agent:
+    process: subprocess.Popen[bytes]
+    http: str
+
+    def rss(self, key: str = "VmRSS") -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError(key)
+
+    def cpu(self) -> float:
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Bench:
+    workdir: Path
+    quick: bool
+    log: Any = print
+    results: dict[str, Any] = field(default_factory=dict)
+    keys: list[tuple[str, str]] = field(default_factory=list)
+
+    # --- the stack -------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        stack = Stack(self.workdir, capacity=256, lease_seconds=30)
+        try:
+            stack.start_moto()
+            self._seed(stack.moto_url)
+            stack.start_control_plane()
+            api = stack.api
+            self._start_to_registered(stack, api)
+            agent = self._agent(stack, "bench", capacity=256)
+            self._wait_registered(api, "bench")
+            self.log("measuring idle memory")
+            time.sleep(2.0)  # idle for real: a couple of heartbeats and long polls
+            self.results["idle_rss"] = agent.rss()
+            self._pickup_idle(api)
+            self._throughput(api, agent)
+            self._pickup_under_load(api)
+            self._rss_curve(api, agent)
+            self._baselines(stack.moto_url)
+        finally:
+            stack.stop()
+        return self.results
+
+    def _seed(self, moto: str) -> None:
+        """Connectors need keys: moto accepts any while IAM enforcement is off; each connector has its own."""
+        n = 60 if self.quick else 300
+        rand = random.Random(1)
+        self.keys = [(f"AKIABENCH{i:011d}", f"secret-{rand.getrandbits(64):016x}") for i in range(n)]
+        secrets = self.workdir / "secrets"
+        secrets.mkdir(exist_ok=True)
+        for i, (_, secret) in enumerate(self.keys):
+            (secrets / f"sk{i}").write_text(secret)
+        # moto builds its EC2 backend on the first call (seconds): not part of anyone's measurement.
+        self._aws_cli(moto, self.keys[0], warm=True)
+
+    def _agent(self, stack: Stack, name: str, *, capacity: int) -> Agent:
+        port = free_port()
+        env = _clean_env(
+            MANAGER_HOST_AND_PORT=stack.cp_url,
+            DELEGATE_TOKEN_FILE=str(self.workdir / "control-plane" / "delegate-token"),
+            DELEGATE_NAME=name,
+            DELEGATE_TAGS="bench",
+            DELEGATE_TASK_CAPACITY=str(capacity),
+            AGENT_HTTP_LISTEN=f"127.0.0.1:{port}",
+            AGENT_DATA_DIR=str(self.workdir / name),
+            AGENT_SECRETS_DIR=str(self.workdir / "secrets"),
+            AWS_ENDPOINT_URL=stack.moto_url,
+            AGENT_LOG_FORMAT="json",
+            AGENT_LOG_LEVEL="warning",
+        )
+        with (self.workdir / f"{name}.log").open("ab") as log:
+            process = subprocess.Popen(
+                [str(AGENT_PYTHON), "-m", "agent", "run"],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+            )
+        stack.processes[name] = process
+        return Agent(process, f"http://127.0.0.1:{port}")
+
+    def _wait_registered(self, api: ApiClient, name: str, timeout: float = 30) -> float:
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if any(d.name == name and d.state == "running" for d in api.list_delegates().delegates):
+                return time.monotonic() - started
+            time.sleep(0.005)
+        raise RuntimeError(f"{name} did not register")
+
+    # --- measurements ----------------------------------------------------------------------------
+
+    def _start_to_registered(self, stack: Stack, api: ApiClient) -> None:
+        self.log("measuring process start -> registered (3 starts)")
+        times = []
+        for i in range(3):
+            name = f"startup-{i}"
+            started = time.monotonic()
+            self._agent(stack, name, capacity=4)
+            self._wait_registered(api, name)
+            times.append(time.monotonic() - started)
+            stack.processes[name].terminate()
+            stack.processes.pop(name).wait(timeout=30)
+        self.results["start"] = statistics.median(times)
+        self.results["start_all"] = times
+
+    def _connector(self, i: int) -> dict[str, Any]:
+        key = self.keys[i % len(self.keys)][0]
+        return {
+            "connector": {
+                "name": f"c{i}",
+                "identifier": f"c{i}",
+                "type": "Aws",
+                "spec": {
+                    "credential": {
+                        "type": "ManualConfig",
+                        "spec": {"accessKey": key, "secretKeyRef": f"sk{i % len(self.keys)}"},
+                    },
+                    "delegateSelectors": ["bench"],
+                },
+            }
+        }
+
+    def _task(self, api: ApiClient, i: int) -> str:
+        return api.create_task(
+            CreateTaskRequest(
+                type=TASK_TYPE_AWS_VALIDATE, payload={"connector": self._connector(i)}, selectors=["bench"]
+            )
+        ).task_id
+
+    def _pickups(self, api: ApiClient, ids: list[str]) -> list[float]:
+        out = []
+        for task_id in ids:
+            view = api.get_task(task_id, wait=60)
+            assert view.result and view.status == "SUCCESS", view
+            started = datetime.fromisoformat(view.result["testedAt"])
+            out.append((started - view.created_at).total_seconds())
+        return out
+
+    def _pickup_idle(self, api: ApiClient) -> None:
+        n = 20 if self.quick else 50
+        self.log(f"measuring pickup latency, idle ({n} tasks one by one)")
+        ids = []
+        for i in range(n):
+            ids.append(self._task(api, i))
+            api.get_task(ids[-1], wait=30)
+        self.results["pickup_idle"] = _percentiles(self._pickups(api, ids))
+
+    def _throughput(self, api: ApiClient, agent: Agent) -> None:
+        n = 200 if self.quick else 1000
+        self.log(f"measuring throughput and CPU per validation ({n} validations, one delegate)")
+        cpu = agent.cpu()
+        started = time.monotonic()
+        ids = _create_many(api, [self._connector(i) for i in range(n)])
+        for task_id in ids:
+            api.get_task(task_id, wait=120)
+        seconds = time.monotonic() - started
+        self.results["per_second"] = n / seconds
+        self.results["cpu"] = (agent.cpu() - cpu) / n * 1000
+        self.results["validations"] = n
+
+    def _pickup_under_load(self, api: ApiClient) -> None:
+        rate = 0.5 * self.results["per_second"]
+        seconds = 5 if self.quick else 10
+        self.log(f"measuring pickup latency under load (Poisson arrivals at {rate:.0f}/s for {seconds}s)")
+        rand = random.Random(3)
+        ids: list[str] = []
+        end = time.monotonic() + seconds
+        i = 0
+        while time.monotonic() < end:
+            ids.append(self._task(api, i))
+            i += 1
+            time.sleep(rand.expovariate(rate))
+        self.results["pickup_load"] = _percentiles(self._pickups(api, ids))
+
+    def _rss_curve(self, api: ApiClient, agent: Agent) -> None:
+        curve = {}
+        for level in (1, 8, 64, 256):
+            self.log(f"measuring peak memory at {level} concurrent validations")
+            peak = agent.rss()
+            stop = threading.Event()
+
+            def sample(stop: threading.Event = stop) -> None:
+                nonlocal peak
+                while not stop.is_set():
+                    peak = max(peak, agent.rss())
+                    time.sleep(0.01)
+
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+            ids = _create_many(api, [self._connector(i) for i in range(level)])
+            for task_id in ids:
+                api.get_task(task_id, wait=120)
+            stop.set()
+            sampler.join()
+            curve[level] = peak
+        self.results["rss_curve"] = curve
+
+    def _baselines(self, moto: str) -> None:
+        keys_file = self.workdir / "keys.json"
+        keys_file.write_text(json.dumps(self.keys))
+        n_cli = 10 if self.quick else 20
+        self.log(f"baseline: the AWS CLI, two processes per connector ({n_cli} connectors)")
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.monotonic()
+        for key in self.keys[:n_cli]:
+            self._aws_cli(moto, key)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.results["cli"] = {
+            "cpu_ms": ((after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)) / n_cli * 1000,
+            "per_second": n_cli / (time.monotonic() - started),
+        }
+        for kind in ("boto3", "aiobotocore"):
+            self.log(f"baseline: {kind}, 16 at a time ({len(self.keys)} connectors)")
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.baselines",
+                    kind,
+                    "--endpoint",
+                    moto,
+                    "--keys",
+                    str(keys_file),
+                    "--concurrency",
+                    "16",
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=ROOT,
+                env=_clean_env(),
+            )
+            self.results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+
+    def _aws_cli(self, moto: str, key: tuple[str, str], *, warm: bool = False) -> None:
+        env = _clean_env(
+            AWS_ACCESS_KEY_ID=key[0],
+            AWS_SECRET_ACCESS_KEY=key[1],
+            AWS_DEFAULT_REGION="us-east-1",
+            AWS_ENDPOINT_URL=moto,
+        )
+        for cmd in (["sts", "get-caller-identity"], ["ec2", "describe-regions", "--region-names", "us-east-1"]):
+            subprocess.run([str(AWS_CLI), *cmd], env=env, capture_output=True, check=True)
+            if warm:
+                return
+
+
+def _create_many(api: ApiClient, connectors: list[dict[str, Any]]) -> list[str]:
+    ids: list[str | None] = [None] * len(connectors)
+
+    def worker(offset: int) -> None:
+        for j in range(offset, len(connectors), 8):
+            ids[j] = api.create_task(
+                CreateTaskRequest(
+                    type=TASK_TYPE_AWS_VALIDATE, payload={"connector": connectors[j]}, selectors=["bench"]
+                )
+            ).task_id
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [i for i in ids if i is not None]
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    values = sorted(values)
+    pick = lambda q: values[min(len(values) - 1, int(q * len(values)))]  # noqa: E731
+    return {"p50": pick(0.5), "p99": pick(0.99), "n": len(values)}
+
+
+def table(r: dict[str, Any]) -> str:
+    """One table: each figure, its baseline from the same run, the ratio, the target, the verdict."""
+    cli, boto3, naive = r["cli"], r["boto3"], r["aiobotocore"]
+
+    def ok(good: bool) -> str:
+        return "met" if good else "MISSED"
+
+    rows = [
+        (
+            "idle RSS after registration",
+            f"{r['idle_rss']:.0f} MiB",
+            "Harness: 2048 MiB per replica",
+            "",
+            f"<= {TARGETS['idle_rss']:.0f} MiB",
+            ok(r["idle_rss"] <= TARGETS["idle_rss"]),
+        ),
+    ]
+    for level, peak in r["rss_curve"].items():
+        target = f"<= {TARGETS['rss_64']:.0f} MiB" if int(level) == 64 else ""
+        verdict = ok(peak <= TARGETS["rss_64"]) if int(level) == 64 else ""
+        rows.append((f"peak RSS, {level} concurrent validations", f"{peak:.0f} MiB", "", "", target, verdict))
+    rows += [
+        (
+            "process start -> registered",
+            f"{r['start']:.2f} s",
+            "",
+            "",
+            f"<= {TARGETS['start']} s",
+            ok(r["start"] <= TARGETS["start"]),
+        ),
+        (
+            "pickup latency idle, p50 / p99",
+            f"{r['pickup_idle']['p50'] * 1000:.1f} / {r['pickup_idle']['p99'] * 1000:.1f} ms",
+            "Harness: 3 s polling",
+            "",
+            f"p99 <= {TARGETS['pickup_p99'] * 1000:.0f} ms",
+            ok(r["pickup_idle"]["p99"] <= TARGETS["pickup_p99"]),
+        ),
+        (
+            "pickup latency at 50% load, p50 / p99",
+            f"{r['pickup_load']['p50'] * 1000:.1f} / {r['pickup_load']['p99'] * 1000:.1f} ms",
+            "",
+            "",
+            f"p99 <= {TARGETS['pickup_p99'] * 1000:.0f} ms",
+            ok(r["pickup_load"]["p99"] <= TARGETS["pickup_p99"]),
+        ),
+        (
+            "validations per second, one delegate",
+            f"{r['per_second']:.0f}/s",
+            f"boto3 {boto3['per_second']:.0f}/s, CLI {cli['per_second']:.1f}/s",
+            f"{r['per_second'] / boto3['per_second']:.1f}x boto3",
+            "(moto-bound)",
+            "",
+        ),
+        (
+            "CPU per validation (delegate's own)",
+            f"{r['cpu']:.1f} ms",
+            f"boto3 {boto3['cpu_ms']:.1f} ms",
+            f"{r['cpu'] / boto3['cpu_ms']:.2f}x boto3",
+            f"<= {TARGETS['cpu']:.0f} ms and <= {TARGETS['vs_boto3']}x",
+            ok(r["cpu"] <= TARGETS["cpu"] and r["cpu"] / boto3["cpu_ms"] <= TARGETS["vs_boto3"]),
+        ),
+        (
+            "  vs the AWS CLI",
+            "",
+            f"CLI {cli['cpu_ms']:.0f} ms",
+            f"{cli['cpu_ms'] / r['cpu']:.0f}x cheaper",
+            f">= {TARGETS['vs_cli']:.0f}x cheaper",
+            ok(cli["cpu_ms"] / r["cpu"] >= TARGETS["vs_cli"]),
+        ),
+        (
+            "  vs aiobotocore, clients per connector",
+            "",
+            f"{naive['cpu_ms']:.1f} ms, {naive['per_second']:.0f}/s",
+            f"{naive['cpu_ms'] / r['cpu']:.0f}x cheaper",
+            "",
+            "",
+        ),
+    ]
+    headers = ("measure", "delegate-agent", "baseline (same run)", "ratio", "target", "")
+    widths = [max(len(str(x[i])) for x in [headers, *rows]) for i in range(len(headers))]
+    lines = [
+        "| " + " | ".join(str(h).ljust(w) for h, w in zip(headers, widths, strict=True)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
+    lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="delegate-agent benchmark (see docs/performance.md)")
+    parser.add_argument("--quick", action="store_true", help="smaller numbers, for a quick look")
+    parser.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
+    args = parser.parse_args()
+    subprocess.run(["bash", str(ROOT / "bench" / "setup.sh")], check=True)
+    with tempfile.TemporaryDirectory(prefix="delegate-bench-") as tmp:
+        results = Bench(Path(tmp), args.quick, log=lambda m: print(f"- {m}", file=sys.stderr, flush=True)).run()
+    print(table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Venvs for the benchmark, built once and cached under .tools/bench:
+# - agent: the delegate with its runtime dependencies only (what the image ships: no moto, no
+#   cryptography), so memory and CPU are measured for the real thing;
+# - awscli: the AWS CLI baseline (it pins its own botocore, so it lives apart).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+B=.tools/bench
+quiet() { grep -v "is ignored: it is neither" || true; }
+stamp="$B/agent/.installed-$(git rev-parse HEAD 2>/dev/null || date +%s)"
+if [ ! -f "$stamp" ]; then
+  rm -rf "$B/agent"; python3 -m venv "$B/agent"
+  { "$B/agent/bin/pip" install -q -c constraints.txt pip setuptools 2>&1; } | quiet
+  { PYTHONWARNINGS=ignore PIP_CONSTRAINT=constraints.txt "$B/agent/bin/pip" install -q -c constraints.txt . 2>&1; } | quiet
+  touch "$stamp"
+fi
+if [ ! -x "$B/awscli/bin/aws" ]; then
+  python3 -m venv "$B/awscli"
+  { "$B/awscli/bin/pip" install -q "awscli==1.46.3" 2>&1; } | quiet
+fi
