@@ -170,6 +170,21 @@ def test_settings_parsing_never_crashes(environ: dict[str, str]) -> None:
         assert exc.problems and all(p.field for p in exc.problems)
 
 
+secret_text = st.text(alphabet="ab-c", min_size=6, max_size=12)
+
+
+@pytest.mark.hostile
+@settings(max_examples=500, deadline=None)
+@given(secrets=st.lists(secret_text, min_size=1, max_size=6), filler=st.lists(st.text(alphabet="ab-c x", max_size=8)))
+def test_no_secret_survives_the_redactor(secrets: list[str], filler: list[str]) -> None:
+    """Secrets that overlap, nest or repeat, in any surroundings: none is left readable."""
+    r = Redactor()
+    r.add(*secrets)
+    pieces = [p for pair in zip(filler, secrets * len(filler), strict=False) for p in pair] + secrets
+    out = r.text("".join(pieces))
+    assert not any(s in out for s in secrets), out
+
+
 @pytest.mark.hostile
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(payload=st.dictionaries(st.sampled_from(["connector", "permissions", "other"]), json_values, max_size=3))

@@ -192,3 +192,19 @@ def test_the_documented_config_file_is_valid(tmp_path: Path) -> None:
     config.write_text(text)
     s = load_settings({}, config)
     assert (s.tags, s.capacity, s.drain_timeout, s.log_format) == (("eks", "prod"), 16, 20.0, "json")
+
+
+def test_the_redactor_masks_overlapping_and_many_secrets_and_forgets_the_oldest() -> None:
+    """A secret inside a longer one is masked whole, adjacent ones both, and the bound holds."""
+    r = Redactor(max_values=3)
+    r.add("abcdef-1", "abcdef-1-and-more", "zzzzzz")
+    assert r.text("[abcdef-1-and-more][abcdef-1]zzzzzzabcdef-1") == f"[{MASK}][{MASK}]{MASK}{MASK}"
+    assert r.text("abcdef-2 abcde") == "abcdef-2 abcde"
+    r.add("yyyyyy-new")  # evicts the oldest ("abcdef-1"); the longer one with its prefix stays
+    assert len(r) == 3
+    assert r.text("abcdef-1 abcdef-1-and-more yyyyyy-new") == f"abcdef-1 {MASK} {MASK}"
+    many = Redactor()
+    values = [f"canary-{i:06d}-secret" for i in range(5000)]
+    many.add(*values)
+    assert len(many) == 4096
+    assert many.text(f"x {values[-1]} y {values[0]}") == f"x {MASK} y {values[0]}"

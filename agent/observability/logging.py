@@ -56,18 +56,25 @@ _MIN_SECRET_LENGTH = 6
 
 
 class Redactor:
-    """Masks known secret values and secret-looking keys; thread-safe, bounded."""
+    """Masks known secret values and secret-looking keys; thread-safe, bounded.
+
+    Values are indexed by their first few characters, so adding one costs a dict insert and
+    scanning a string costs one lookup per character whatever the number of secrets held. (A
+    regex alternation of all values, the obvious way, recompiles on every new secret and scans
+    every branch at every position: at 4,096 secrets that is 0.5 s per add and 3 ms per string.)
+    """
 
     def __init__(self, max_values: int = 4096) -> None:
         self._values: OrderedDict[str, None] = OrderedDict()
         self._max = max_values
         self._lock = threading.Lock()
-        self._pattern: re.Pattern[str] | None = None
+        #: First _MIN_SECRET_LENGTH characters -> the values starting so, longest first. Entries
+        #: are replaced, never mutated, so a reader on another thread sees a whole tuple.
+        self._index: dict[str, tuple[str, ...]] = {}
 
     def add(self, *values: str | None) -> None:
         """Remember secret values so they are masked wherever they show up later."""
         with self._lock:
-            changed = False
             for value in values:
                 if not value or len(value) < _MIN_SECRET_LENGTH:
                     continue
@@ -75,22 +82,46 @@ class Redactor:
                     self._values.move_to_end(value)
                     continue
                 self._values[value] = None
-                changed = True
-                while len(self._values) > self._max:
-                    self._values.popitem(last=False)
-            if changed:
+                prefix = value[:_MIN_SECRET_LENGTH]
                 # Longest first, so a secret that contains another is masked whole.
-                alts = sorted(self._values, key=len, reverse=True)
-                self._pattern = re.compile("|".join(re.escape(v) for v in alts)) if alts else None
+                self._index[prefix] = tuple(sorted((*self._index.get(prefix, ()), value), key=len, reverse=True))
+                while len(self._values) > self._max:
+                    old, _ = self._values.popitem(last=False)
+                    prefix = old[:_MIN_SECRET_LENGTH]
+                    rest = tuple(v for v in self._index.get(prefix, ()) if v != old)
+                    if rest:
+                        self._index[prefix] = rest
+                    else:
+                        self._index.pop(prefix, None)
 
     def __len__(self) -> int:
         return len(self._values)
 
     def text(self, value: str) -> str:
-        pattern = self._pattern
-        if pattern is None or not value:
+        index = self._index
+        if not index or len(value) < _MIN_SECRET_LENGTH:
             return value
-        return pattern.sub(MASK, value)
+        get = index.get
+        out: list[str] = []
+        start = i = 0
+        last = len(value) - _MIN_SECRET_LENGTH
+        while i <= last:
+            candidates = get(value[i : i + _MIN_SECRET_LENGTH])
+            if candidates is not None:
+                for secret in candidates:
+                    if value.startswith(secret, i):
+                        out.append(value[start:i])
+                        out.append(MASK)
+                        i = start = i + len(secret)
+                        break
+                else:
+                    i += 1
+                continue
+            i += 1
+        if not out:
+            return value
+        out.append(value[start:])
+        return "".join(out)
 
     def value(self, value: Any, key: str | None = None) -> Any:
         """A copy of ``value`` with secrets masked (dicts and lists are walked)."""
