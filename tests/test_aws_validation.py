@@ -550,3 +550,25 @@ async def test_platform_mode_runs_the_same_validator_in_the_control_plane(
         view = await resp.json()
     assert (view["status"], view["delegateName"]) == ("SUCCESS", "platform")
     assert view["result"]["identity"]["arn"] == key.arn
+
+
+def test_the_secret_store_reads_mounted_keys_and_refuses_paths(tmp_path: Path) -> None:
+    """Kubernetes mounts keys as symlinks into ..data/ (followed); a name with a path in it is refused
+    even if a parser upstream let it through, and the error names the reference, not a value."""
+    from agent.aws.connector import SecretRef
+    from agent.aws.secrets import SecretNotFound
+
+    data = tmp_path / "..2026_11_30"
+    data.mkdir()
+    (data / "sk").write_text("mounted-secret-value\n")
+    (tmp_path / "..data").symlink_to(data.name)
+    (tmp_path / "sk").symlink_to("..data/sk")
+    (tmp_path.parent / "outside").write_text("not-yours")
+    seen: list[str] = []
+    store = SecretStore(tmp_path, on_read=seen.append)
+    assert store.resolve(SecretRef(raw="account.sk", scope="account", name="sk")) == "mounted-secret-value"
+    assert seen == ["mounted-secret-value"]
+    for name in ("../outside", "..", "a/b"):
+        with pytest.raises(SecretNotFound, match="not a plain file name") as info:
+            store.resolve(SecretRef(raw=name, scope="project", name=name))
+        assert "not-yours" not in str(info.value)

@@ -312,8 +312,9 @@ async def test_deregistering_hands_running_tasks_back(
     assert {v.name: v.state for v in cp.core.delegate_views()} == {"a": "disconnected", "b": "running"}
 
 
-async def test_a_gone_or_draining_waiter_does_not_swallow_the_wakeup(control_plane_factory: ControlPlaneFactory,
-                                                                     http: aiohttp.ClientSession) -> None:
+async def test_a_gone_or_draining_waiter_does_not_swallow_the_wakeup(
+    control_plane_factory: ControlPlaneFactory, http: aiohttp.ClientSession
+) -> None:
     """A delegate that hung up (or began draining) mid long poll never keeps a task from a live one."""
     cp = await control_plane_factory(settings=ControlPlaneSettings(poll_wait_seconds=30))
     client = delegate_client(http, cp.url)

@@ -88,12 +88,16 @@ class SqliteOutbox:
             self.changed.set()
 
     def put(self, entry: Entry) -> None:
-        cur = self._db.execute(
-            "INSERT OR REPLACE INTO outbox(lease_id, task_id, body, created_at) VALUES(?, ?, ?, ?)",
-            (entry.key, entry.task_id, _encode(entry.result), time.time()),
-        )
-        if cur.rowcount:
-            self._count = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        body, now = _encode(entry.result), time.time()
+        # One statement in the usual case (a lease's first and only result); a second result for
+        # the same lease replaces the first and leaves the count alone.
+        if self._db.execute(
+            "INSERT OR IGNORE INTO outbox(lease_id, task_id, body, created_at) VALUES(?, ?, ?, ?)",
+            (entry.key, entry.task_id, body, now),
+        ).rowcount:
+            self._count += 1
+        else:
+            self._db.execute("UPDATE outbox SET body=?, created_at=? WHERE lease_id=?", (body, now, entry.key))
         self.changed.set()
 
     def pending(self, limit: int = 100) -> list[Entry]:

@@ -1,0 +1,51 @@
+"""The outbox: what the delegate promises about results it has not delivered yet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.protocol.models import TaskResult
+from agent.runtime.outbox import Entry, MemoryOutbox, Outbox, SqliteOutbox, open_outbox
+
+
+def _entry(lease: str, status: str = "SUCCESS") -> Entry:
+    result = TaskResult(
+        lease_id=lease,
+        status=status,  # type: ignore[arg-type]
+        output={"n": lease},
+        started_at="2026-11-30T00:00:00Z",
+        finished_at="2026-11-30T00:00:01Z",
+    )
+    return Entry(task_id=f"tsk_{lease}", result=result)
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_put_replace_remove_and_count(tmp_path: Path, durable: bool) -> None:
+    """One entry per lease (a second result replaces the first), oldest first, counted exactly."""
+    box: Outbox = open_outbox(tmp_path if durable else None)
+    assert isinstance(box, SqliteOutbox if durable else MemoryOutbox)
+    box.put(_entry("a"))
+    box.put(_entry("b"))
+    box.put(_entry("a", "FAILURE"))
+    assert len(box) == 2
+    assert {e.key: e.result.status for e in box.pending()} == {"a": "FAILURE", "b": "SUCCESS"}
+    box.remove("a")
+    box.remove("a")  # removing twice (a duplicate answer) does not miscount
+    assert len(box) == 1
+    assert [e.task_id for e in box.pending()] == ["tsk_b"]
+    box.close()
+
+
+def test_a_durable_outbox_survives_reopening(tmp_path: Path) -> None:
+    box = SqliteOutbox(tmp_path / "outbox.sqlite3")
+    for lease in ("a", "b", "c"):
+        box.put(_entry(lease))
+    box.remove("b")
+    box.close()
+    again = SqliteOutbox(tmp_path / "outbox.sqlite3")
+    assert len(again) == 2
+    assert again.changed.is_set()  # the reporter sends them at once
+    assert [e.key for e in again.pending()] == ["a", "c"]
+    again.close()
