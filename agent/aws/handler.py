@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from agent.aws.connector import ConnectorInvalid, parse_actions, parse_connector
+from agent.aws.partitions import partition_table
 from agent.aws.validator import AwsValidator
 from agent.protocol.models import TASK_TYPE_AWS_VALIDATE
 from agent.taskapi import InvalidTask, TaskContext, TaskOutcome, failure_output
@@ -20,7 +21,8 @@ class AwsValidationHandler:
         self.validator = validator
 
     async def warm(self) -> None:
-        """Load the AWS models and endpoint rules before the first task (not during it)."""
+        """Load the AWS models, endpoint rules and partitions before the first task (not during it)."""
+        partition_table()
         await self.validator.clients.warm()
 
     async def aclose(self) -> None:

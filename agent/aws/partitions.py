@@ -1,4 +1,4 @@
-"""AWS partitions and regions, read from botocore's own endpoint data.
+"""AWS partitions and regions, read from botocore's own partition data.
 
 A GovCloud key cannot sign for a commercial region and the reverse, so the partition of the test
 region decides the endpoints; a role ARN from another partition is a configuration error that is
@@ -71,10 +71,19 @@ def _distance(a: str, b: str) -> int:
 
 @functools.cache
 def partition_table() -> PartitionTable:
-    """Partitions from the installed botocore (parsed once; the data is immutable)."""
-    data = Loader().load_data("endpoints")
+    """Partitions from the installed botocore (parsed once; the data is immutable).
+
+    ``partitions.json`` (7 KB) rather than ``endpoints.json`` (1.2 MB): the same partitions and
+    regions for a millisecond instead of ~30 ms and 4.6 MiB. The ``*-global`` pseudo-regions
+    name global endpoints, not places a connector can test in.
+    """
+    data = Loader().load_data("partitions")
     parts = tuple(
-        Partition(name=p["partition"], dns_suffix=p["dnsSuffix"], regions=frozenset(p["regions"]))
+        Partition(
+            name=p["id"],
+            dns_suffix=p["outputs"]["dnsSuffix"],
+            regions=frozenset(r for r in p["regions"] if not r.endswith("-global")),
+        )
         for p in data["partitions"]
     )
     return PartitionTable(parts)
