@@ -73,7 +73,7 @@ class Bench:
     def run(self) -> dict[str, Any]:
         stack = Stack(self.workdir, capacity=256, lease_seconds=30)
         try:
-            stack.start_moto()
+            stack.start_moto(keepalive=True)
             self._seed(stack.moto_url)
             stack.start_control_plane()
             api = stack.api
@@ -87,6 +87,7 @@ class Bench:
             self._throughput(api, agent)
             self._pickup_under_load(api)
             self._rss_curve(api, agent)
+            self._connection_per_request(stack, api)
             self._baselines(stack.moto_url)
         finally:
             stack.stop()
@@ -102,9 +103,9 @@ class Bench:
         for i, (_, secret) in enumerate(self.keys):
             (secrets / f"sk{i}").write_text(secret)
         # moto builds its EC2 backend on the first call (seconds): not part of anyone's measurement.
-        self._aws_cli(moto, self.keys[0], warm=True)
+        self._aws_cli(moto, self.keys[0])
 
-    def _agent(self, stack: Stack, name: str, *, capacity: int) -> Agent:
+    def _agent(self, stack: Stack, name: str, *, capacity: int, aws: str | None = None) -> Agent:
         port = free_port()
         env = _clean_env(
             MANAGER_HOST_AND_PORT=stack.cp_url,
@@ -115,7 +116,7 @@ class Bench:
             AGENT_HTTP_LISTEN=f"127.0.0.1:{port}",
             AGENT_DATA_DIR=str(self.workdir / name),
             AGENT_SECRETS_DIR=str(self.workdir / "secrets"),
-            AWS_ENDPOINT_URL=stack.moto_url,
+            AWS_ENDPOINT_URL=aws or stack.moto_url,
             AGENT_LOG_FORMAT="json",
             AGENT_LOG_LEVEL="warning",
         )
@@ -199,15 +200,32 @@ class Bench:
     def _throughput(self, api: ApiClient, agent: Agent) -> None:
         n = 200 if self.quick else 1000
         self.log(f"measuring throughput and CPU per validation ({n} validations, one delegate)")
+        self.results["per_second"], self.results["cpu"] = self._validate_many(api, agent, n)
+        self.results["validations"] = n
+
+    def _validate_many(self, api: ApiClient, agent: Agent, n: int) -> tuple[float, float]:
+        """Validations per second and the delegate's CPU milliseconds per validation, for ``n`` at once."""
         cpu = agent.cpu()
         started = time.monotonic()
         ids = _create_many(api, [self._connector(i) for i in range(n)])
         for task_id in ids:
-            api.get_task(task_id, wait=120)
+            view = api.get_task(task_id, wait=120)
+            assert view.status == "SUCCESS", view
         seconds = time.monotonic() - started
-        self.results["per_second"] = n / seconds
-        self.results["cpu"] = (agent.cpu() - cpu) / n * 1000
-        self.results["validations"] = n
+        return n / seconds, (agent.cpu() - cpu) / n * 1000
+
+    def _connection_per_request(self, stack: Stack, api: ApiClient) -> None:
+        """The same validations against moto's own server, which closes every connection."""
+        n = 200 if self.quick else 500
+        self.log(f"measuring CPU per validation against a stand-in that closes every connection ({n})")
+        first = stack.processes.pop("bench")
+        first.terminate()
+        first.wait(timeout=30)
+        closing = stack.start_moto(name="moto-close")
+        agent = self._agent(stack, "bench-close", capacity=256, aws=closing)
+        self._wait_registered(api, "bench-close")
+        self._validate_many(api, agent, 20)  # warm: models, endpoints, the pool
+        self.results["per_second_close"], self.results["cpu_close"] = self._validate_many(api, agent, n)
 
     def _pickup_under_load(self, api: ApiClient) -> None:
         rate = 0.5 * self.results["per_second"]
@@ -260,7 +278,7 @@ class Bench:
             "cpu_ms": ((after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)) / n_cli * 1000,
             "per_second": n_cli / (time.monotonic() - started),
         }
-        for kind in ("boto3", "aiobotocore"):
+        for kind in ("boto3", "aiobotocore", "floor"):
             self.log(f"baseline: {kind}, 16 at a time ({len(self.keys)} connectors)")
             out = subprocess.run(
                 [
@@ -283,7 +301,7 @@ class Bench:
             )
             self.results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
 
-    def _aws_cli(self, moto: str, key: tuple[str, str], *, warm: bool = False) -> None:
+    def _aws_cli(self, moto: str, key: tuple[str, str]) -> None:
         env = _clean_env(
             AWS_ACCESS_KEY_ID=key[0],
             AWS_SECRET_ACCESS_KEY=key[1],
@@ -292,8 +310,6 @@ class Bench:
         )
         for cmd in (["sts", "get-caller-identity"], ["ec2", "describe-regions", "--region-names", "us-east-1"]):
             subprocess.run([str(AWS_CLI), *cmd], env=env, capture_output=True, check=True)
-            if warm:
-                return
 
 
 def _create_many(api: ApiClient, connectors: list[dict[str, Any]]) -> list[str]:
@@ -323,7 +339,7 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 def table(r: dict[str, Any]) -> str:
     """One table: each figure, its baseline from the same run, the ratio, the target, the verdict."""
-    cli, boto3, naive = r["cli"], r["boto3"], r["aiobotocore"]
+    cli, boto3, naive, floor = r["cli"], r["boto3"], r["aiobotocore"], r["floor"]
 
     def ok(good: bool) -> str:
         return "met" if good else "MISSED"
@@ -382,6 +398,22 @@ def table(r: dict[str, Any]) -> str:
             f"{r['cpu'] / boto3['cpu_ms']:.2f}x boto3",
             f"<= {TARGETS['cpu']:.0f} ms and <= {TARGETS['vs_boto3']}x",
             ok(r["cpu"] <= TARGETS["cpu"] and r["cpu"] / boto3["cpu_ms"] <= TARGETS["vs_boto3"]),
+        ),
+        (
+            "  the SDK's floor: the two calls alone",
+            "",
+            f"{floor['cpu_ms']:.1f} ms (one client pair)",
+            f"ours: +{r['cpu'] - floor['cpu_ms']:.1f} ms",
+            "",
+            "",
+        ),
+        (
+            "  against a server closing each connection",
+            f"{r['cpu_close']:.1f} ms",
+            "(moto's own server)",
+            f"+{r['cpu_close'] - r['cpu']:.1f} ms",
+            "",
+            "",
         ),
         (
             "  vs the AWS CLI",

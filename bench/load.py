@@ -81,16 +81,19 @@ class Stack:
     cp_url: str = ""
     cp_port: int = 0
 
-    def start_moto(self) -> str:
+    def start_moto(self, *, keepalive: bool = False, name: str = "moto") -> str:
+        """moto on a free port: its own server (a connection per request) or kept alive, as AWS does."""
         port = free_port()
-        self._spawn(
-            "moto",
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            _clean_env(MOTO_EC2_LOAD_DEFAULT_AMIS="false"),
-        )
-        self.moto_url = f"http://127.0.0.1:{port}"
-        _wait_http(self.moto_url + "/moto-api/")
-        return self.moto_url
+        if keepalive:
+            command = [sys.executable, "-m", "bench.motoserver", str(port)]
+        else:
+            command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+        self._spawn(name, command, _clean_env(MOTO_EC2_LOAD_DEFAULT_AMIS="false"))
+        url = f"http://127.0.0.1:{port}"
+        _wait_http(url + "/moto-api/")
+        if name == "moto":
+            self.moto_url = url
+        return url
 
     def start_control_plane(self) -> str:
         self.cp_port = self.cp_port or free_port()

@@ -7,7 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 B=.tools/bench
 quiet() { grep -v "is ignored: it is neither" || true; }
-stamp="$B/agent/.installed-$(git rev-parse HEAD 2>/dev/null || date +%s)"
+# Rebuilt whenever the delegate's code or pins change (committed or not).
+digest="$(find agent pyproject.toml constraints.txt -type f ! -name '*.pyc' -print0 | sort -z | xargs -0 cat | sha1sum | cut -c1-16)"
+stamp="$B/agent/.installed-$digest"
 if [ ! -f "$stamp" ]; then
   rm -rf "$B/agent"; python3 -m venv "$B/agent"
   { "$B/agent/bin/pip" install -q -c constraints.txt pip setuptools 2>&1; } | quiet
