@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 LINT_PATHS := $(wildcard agent tests bench)
 PIPQUIET := grep -v -E "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: help venv test lint typecheck check demo bench load lock models clean image chart
+.PHONY: help venv test lint typecheck check demo bench profile load lock models clean image chart
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -47,6 +47,9 @@ demo: $(STAMP) ## the whole story on this machine: AWS stand-in, control plane, 
 
 bench: $(STAMP) ## performance benchmark against the baselines (see docs/performance.md)
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+profile: $(STAMP) ## where the delegate's CPU goes per validation (py-spy samples, bucketed)
+	$(BIN)/python -m bench.profile
 
 image: $(STAMP) ## build the container image with buildah and smoke-run it as uid 10001 (needs root for apt)
 	bash tools/image-check.sh

@@ -20,3 +20,8 @@ if [ ! -x "$B/awscli/bin/aws" ]; then
   python3 -m venv "$B/awscli"
   { "$B/awscli/bin/pip" install -q "awscli==1.46.3" 2>&1; } | quiet
 fi
+if [ ! -x "$B/py-spy/bin/py-spy" ]; then
+  # The sampling profiler behind `make profile` (a binary wheel; attaches to the running delegate).
+  python3 -m venv "$B/py-spy"
+  { "$B/py-spy/bin/pip" install -q "py-spy==0.4.3" 2>&1; } | quiet
+fi
