@@ -2,7 +2,8 @@
 
 It forwards to one upstream and, depending on its mode, misbehaves for a share of requests:
 resets the connection, answers 503, answers 429 with Retry-After, adds latency, or holds every
-request without answering (a black hole) until the mode changes.
+request without answering (a black hole) until the mode changes. In front of AWS (moto) it answers
+as AWS does: ``error`` is a 503 ServiceUnavailable and ``throttle`` a 400 Throttling, in XML.
 """
 
 from __future__ import annotations
@@ -18,7 +19,16 @@ from typing import Literal
 import aiohttp
 from aiohttp import web
 
-Mode = Literal["pass", "reset", "error", "ratelimit", "latency", "blackhole"]
+Mode = Literal["pass", "reset", "error", "ratelimit", "throttle", "latency", "blackhole"]
+
+_AWS_THROTTLING = (
+    "<ErrorResponse><Error><Type>Sender</Type><Code>Throttling</Code><Message>Rate exceeded</Message></Error>"
+    "<RequestId>chaos</RequestId></ErrorResponse>"
+)
+_AWS_UNAVAILABLE = (
+    "<ErrorResponse><Error><Type>Receiver</Type><Code>ServiceUnavailable</Code><Message>chaos: 503</Message>"
+    "</Error><RequestId>chaos</RequestId></ErrorResponse>"
+)
 
 
 @dataclass
@@ -31,6 +41,8 @@ class ChaosProxy:
     seed: int = 7
     #: When set, only requests whose path ends with this suffix are touched; the rest pass.
     only_suffix: str | None = None
+    #: Answer errors as AWS does (XML, Throttling) instead of as the control plane does (JSON).
+    aws: bool = False
     seen: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
@@ -60,7 +72,12 @@ class ChaosProxy:
             return self._abort(request)
         if mode == "error" and hit:
             self.seen["503"] += 1
+            if self.aws:
+                return web.Response(status=503, text=_AWS_UNAVAILABLE, content_type="text/xml")
             return web.json_response({"error": {"code": "unavailable", "message": "chaos: 503"}}, status=503)
+        if mode == "throttle" and hit:
+            self.seen["throttling"] += 1
+            return web.Response(status=400, text=_AWS_THROTTLING, content_type="text/xml")
         if mode == "ratelimit" and hit:
             self.seen["429"] += 1
             return web.json_response(

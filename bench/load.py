@@ -28,7 +28,7 @@ from typing import Any
 
 from agent.protocol.api_client import ApiClient
 from agent.protocol.models import TASK_TYPE_AWS_VALIDATE, CreateTaskRequest
-from bench.chaos import ChaosProxy
+from bench.chaos import ChaosProxy, Mode
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -134,7 +134,7 @@ class Stack:
     def api(self) -> ApiClient:
         return ApiClient(self.cp_url, (self.workdir / "control-plane" / "api-key").read_text().strip(), timeout=60)
 
-    def start_agent(self, name: str, cp_url: str, *, tags: str = "load") -> str:
+    def start_agent(self, name: str, cp_url: str, *, tags: str = "load", aws_url: str | None = None) -> str:
         port = free_port()
         secrets = self.workdir / "secrets"
         secrets.mkdir(exist_ok=True)
@@ -148,7 +148,7 @@ class Stack:
             AGENT_HTTP_LISTEN=f"127.0.0.1:{port}",
             AGENT_DATA_DIR=str(self.workdir / name),
             AGENT_SECRETS_DIR=str(secrets),
-            AWS_ENDPOINT_URL=self.moto_url or "http://127.0.0.1:9",
+            AWS_ENDPOINT_URL=aws_url or self.moto_url or "http://127.0.0.1:9",
             AGENT_LOG_FORMAT="json",
             AGENT_LOG_LEVEL="warning",
             AGENT_DRAIN_TIMEOUT_SECONDS="5",
@@ -200,6 +200,14 @@ class LoadResult:
     p99: float | None
     seconds: float
     faults: dict[str, int]
+    #: Failed tasks by reason (control plane) or category (handler): see Stats.failures_by_reason.
+    failures: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        """Nothing lost, nothing twice, and every failure one that AWS faults explain (faulty runs only)."""
+        explained = set(self.failures) <= AWS_FAULT_CATEGORIES if self.faults else not self.failures
+        return self.lost == 0 and self.accepted == self.completed and explained
 
     @property
     def rate(self) -> float:
@@ -211,6 +219,7 @@ class LoadResult:
             f"{self.accepted - self.completed} accepted twice, {self.duplicates} duplicate submissions "
             f"answered as such, {self.fenced} fenced, {self.requeued} re-queued; end-to-end p50 "
             f"{_ms(self.p50)} p99 {_ms(self.p99)}; {self.rate:.0f} validations/s over {self.seconds:.1f}s"
+            + (f"; failures {self.failures}" if self.failures else "")
             + (f"; faults {dict(self.faults)}" if self.faults else "")
         )
 
@@ -236,18 +245,26 @@ def connector() -> dict[str, Any]:
     }
 
 
+#: What AWS faults may turn into when retries run out: the validation fails, and says why.
+AWS_FAULT_CATEGORIES = frozenset({"throttled", "network"})
+
+
 async def run_load(
     tasks: int, *, workdir: Path, faults: bool = False, agents: int = 3, capacity: int = 32, log: Any = print
 ) -> LoadResult:
+    """``tasks`` validations through the control plane and ``agents`` delegates; with ``faults``, the
+    fault suite's faults switched on while they run (see :func:`_chaos`)."""
     stack = Stack(workdir, capacity=capacity)
     try:
         stack.start_moto()
         cp_url = stack.start_control_plane()
         proxy = ChaosProxy(cp_url, share=0.2)
-        async with proxy.running() as proxy_url:
+        aws_proxy = ChaosProxy(stack.moto_url, share=0.05, aws=True)
+        async with proxy.running() as proxy_url, aws_proxy.running() as aws_url:
             target = proxy_url if faults else cp_url
+            aws_target = aws_url if faults else None
             for i in range(agents):
-                stack.start_agent(f"load-{i}", target)
+                stack.start_agent(f"load-{i}", target, aws_url=aws_target)
             api = stack.api
             await _wait_delegates(api, agents)
             payload = {"connector": connector()}
@@ -257,13 +274,14 @@ async def run_load(
             )
             started = time.monotonic()
             await _create(api, tasks, payload)
-            chaos = asyncio.create_task(_chaos(proxy, stack)) if faults else None
+            chaos = asyncio.create_task(_chaos(proxy, aws_proxy, stack, target, aws_target, log)) if faults else None
             await _wait_done(api, tasks, deadline=started + max(300, tasks / 5), log=log)
             seconds = time.monotonic() - started
             if chaos is not None:
                 chaos.cancel()
                 await asyncio.gather(chaos, return_exceptions=True)
             stats = await asyncio.to_thread(stack.api.stats)
+        seen = {**proxy.seen, **{f"aws_{k}": v for k, v in aws_proxy.seen.items() if k != "forwarded"}}
         return LoadResult(
             tasks=tasks,
             completed=stats.tasks.get("done", 0),
@@ -276,7 +294,8 @@ async def run_load(
             p50=stats.latency.p50,
             p99=stats.latency.p99,
             seconds=seconds,
-            faults=dict(proxy.seen) if faults else {},
+            faults=seen if faults else {},
+            failures=dict(stats.failures_by_reason),
         )
     finally:
         stack.stop()
@@ -329,17 +348,36 @@ async def _wait_done(api: ApiClient, n: int, *, deadline: float, log: Any) -> No
         await asyncio.sleep(0.5)
 
 
-async def _chaos(proxy: ChaosProxy, stack: Stack) -> None:
-    """Faults in turns, and one SIGKILL of the control plane followed by a restart on the same port."""
-    modes = ["reset", "error", "ratelimit", "latency", "pass"]
+async def _chaos(proxy: ChaosProxy, aws: ChaosProxy, stack: Stack, cp_url: str, aws_url: str | None, log: Any) -> None:
+    """The fault suite's faults, in turns, until the run ends.
+
+    Between delegates and control plane: connection resets, 503 bursts, 429 with Retry-After,
+    added latency and, once, a black hole longer than the lease. Once each: a delegate killed with
+    SIGKILL mid-task (and started again, as Kubernetes would), and the control plane killed and
+    restarted on the same port. Between delegates and AWS, all along: Throttling and 503 answers.
+    """
+    modes: list[Mode] = ["reset", "error", "ratelimit", "latency", "pass"]
     turn = 0
     while True:
-        proxy.set(modes[turn % len(modes)])  # type: ignore[arg-type]
-        await asyncio.sleep(2.0)
+        aws.set(("throttle", "error", "pass")[turn % 3])
+        if turn == 5:
+            log(f"  black hole for {stack.lease_seconds + 2:g}s (the lease is {stack.lease_seconds:g}s)")
+            proxy.set("blackhole")
+            await asyncio.sleep(stack.lease_seconds + 2)
+        else:
+            proxy.set(modes[turn % len(modes)])
+            await asyncio.sleep(2.0)
+        if turn == 2:
+            log("  SIGKILL to delegate load-0, mid-task")
+            stack.kill("load-0")
         if turn == 3:
+            log("  SIGKILL to the control plane, then a restart on the same port")
             stack.kill("control-plane")
             await asyncio.sleep(1.0)
             await asyncio.to_thread(stack.start_control_plane)
+        if turn == 4:
+            log("  delegate load-0 started again (same data dir)")
+            await asyncio.to_thread(stack.start_agent, "load-0", cp_url, aws_url=aws_url)
         turn += 1
 
 
@@ -358,7 +396,7 @@ def main() -> int:
     print(result.line())
     if args.json:
         Path(args.json).write_text(json.dumps(asdict(result), indent=2))
-    return 0 if result.lost == 0 and result.accepted == result.completed else 1
+    return 0 if result.ok else 1
 
 
 if __name__ == "__main__":

@@ -335,3 +335,32 @@ async def test_a_gone_or_draining_waiter_does_not_swallow_the_wakeup(
     got = await asyncio.wait_for(poll_live, 5)  # long before the 30 s wait runs out
     assert [t.task_id for t in got.tasks] == [task.id]
     assert (await asyncio.wait_for(poll_d, 5)).tasks == []
+
+
+async def test_stats_count_results_and_failures_by_reason(
+    control_plane_factory: ControlPlaneFactory, http: aiohttp.ClientSession
+) -> None:
+    """/api/v1/stats says what happened: each result once, duplicates apart, and why tasks failed (the
+    control plane's reason, or else the handler's failure category)."""
+    from tests.conftest import API_KEY
+
+    cp = await control_plane_factory()
+    client = delegate_client(http, cp.url)
+    d = await client.register(register_request("a"))
+    for _ in range(3):
+        cp.core.create_task(type="test.echo", payload={})
+    leased = (await client.acquire(d.delegate_id, AcquireRequest(max_tasks=3, wait_seconds=0))).tasks
+    ok, throttled, denied = leased
+    await client.submit_result(ok.task_id, result(ok.lease_id))
+    await client.submit_result(ok.task_id, result(ok.lease_id))  # a retry: counted as a duplicate
+    for t, category in ((throttled, "throttled"), (denied, "permission_denied")):
+        await client.submit_result(t.task_id, result(t.lease_id, "FAILURE", failure={"category": category}))
+    cancelled = cp.core.create_task(type="test.echo", payload={}, selectors=["nobody"])
+    cp.core.cancel_task(cancelled.id)
+    async with http.get(f"{cp.url}/api/v1/stats", headers={"Authorization": f"Bearer {API_KEY}"}) as resp:
+        assert resp.status == 200
+        stats = await resp.json()
+    assert stats["tasks"] == {"done": 4}
+    assert stats["doneByStatus"] == {"SUCCESS": 1, "FAILURE": 3}
+    assert stats["failuresByReason"] == {"throttled": 1, "permission_denied": 1, "cancelled": 1}
+    assert (stats["resultsAccepted"], stats["resultsDuplicate"]) == (3, 1)

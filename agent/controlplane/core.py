@@ -712,6 +712,7 @@ class ControlPlane:
         return Stats(
             tasks=self.store.count_tasks(),
             done_by_status=self.store.count_done_by_status(),
+            failures_by_reason=self.store.count_failures_by_reason(),
             results_accepted=c["accepted"],
             results_duplicate=c["duplicate"],
             results_fenced=c["fenced"],

@@ -299,6 +299,13 @@ class Store:
             for r in self._db.execute("SELECT status, COUNT(*) FROM tasks WHERE state='done' GROUP BY status")
         }
 
+    def count_failures_by_reason(self) -> dict[str, int]:
+        rows = self._db.execute(
+            "SELECT COALESCE(failure_reason, json_extract(result, '$.failure.category'), 'unknown'), COUNT(*) "
+            "FROM tasks WHERE state='done' AND status='FAILURE' GROUP BY 1"
+        )
+        return {str(r[0]): int(r[1]) for r in rows}
+
     def count_tasks(self) -> dict[str, int]:
         return {str(r[0]): int(r[1]) for r in self._db.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state")}
 

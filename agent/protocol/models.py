@@ -278,6 +278,9 @@ class Stats(Wire, kw_only=True):
     tasks: dict[str, int]
     #: Finished tasks by status (SUCCESS, FAILURE).
     done_by_status: dict[str, int] = {}
+    #: Failed tasks by why: the control plane's reason (no_eligible_delegate, delegate_lost, timeout,
+    #: cancelled, ...) or else the handler's failure category (throttled, permission_denied, ...).
+    failures_by_reason: dict[str, int] = {}
     results_accepted: int
     results_duplicate: int
     results_fenced: int
