@@ -49,7 +49,7 @@ bench: $(STAMP) ## performance benchmark against the baselines (see docs/perform
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 profile: $(STAMP) ## where the delegate's CPU goes per validation (py-spy samples, bucketed)
-	$(BIN)/python -m bench.profile
+	$(BIN)/python -m bench.profile $(PROFILE_ARGS)
 
 image: $(STAMP) ## build the container image with buildah and smoke-run it as uid 10001 (needs root for apt)
 	bash tools/image-check.sh

@@ -25,6 +25,7 @@ PY_SPY = ROOT / ".tools" / "bench" / "py-spy" / "bin" / "py-spy"
 
 #: (bucket, a frame the stack must contain, and optionally a frame it must also contain), first match wins.
 BUCKETS: list[tuple[str, str, str | None]] = [
+    ("HTTP: opening connections (pools grow with the burst)", "sock_connect", None),
     ("AWS: reading the secret, building credentials", "AwsValidationHandler.__call__", "CredentialResolver"),
     ("AWS: the two SDK calls (serialise, sign, send, parse)", "AwsValidationHandler.__call__", "botocore/"),
     ("AWS: our validation logic and result document", "AwsValidationHandler.__call__", None),
@@ -35,6 +36,7 @@ BUCKETS: list[tuple[str, str, str | None]] = [
     ("results: reporter loop, outbox reads", "Reporter.run", None),
     ("polling for tasks", "Poller.run", None),
     ("heartbeats", "Connection.run", None),
+    ("task: lease renewer (one per running task)", "Executor._renew", None),
 ]
 
 
@@ -62,6 +64,7 @@ def aggregate(raw: str) -> Counter[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--validations", type=int, default=600)
+    parser.add_argument("--raw", metavar="FILE", help="also keep py-spy's raw samples (for flamegraph tools)")
     args = parser.parse_args()
     subprocess.run(["bash", str(ROOT / "bench" / "setup.sh")], check=True)
     with tempfile.TemporaryDirectory(prefix="delegate-profile-") as tmp:
@@ -92,7 +95,10 @@ def main() -> int:
             per_validation = (agent.cpu() - cpu) / args.validations * 1000
             spy.send_signal(signal.SIGINT)
             spy.wait(timeout=30)
-            buckets = aggregate(out.read_text())
+            raw = out.read_text()
+            buckets = aggregate(raw)
+            if args.raw:
+                Path(args.raw).write_text(raw)
         finally:
             stack.stop()
     total = sum(buckets.values()) or 1
