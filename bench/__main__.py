@@ -278,7 +278,7 @@ class Bench:
             "cpu_ms": ((after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)) / n_cli * 1000,
             "per_second": n_cli / (time.monotonic() - started),
         }
-        for kind in ("boto3", "aiobotocore", "floor"):
+        for kind in ("boto3", "aiobotocore", "floor", "no-sdk"):
             self.log(f"baseline: {kind}, 16 at a time ({len(self.keys)} connectors)")
             out = subprocess.run(
                 [
@@ -339,7 +339,7 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 def table(r: dict[str, Any]) -> str:
     """One table: each figure, its baseline from the same run, the ratio, the target, the verdict."""
-    cli, boto3, naive, floor = r["cli"], r["boto3"], r["aiobotocore"], r["floor"]
+    cli, boto3, naive, floor, no_sdk = r["cli"], r["boto3"], r["aiobotocore"], r["floor"], r["no-sdk"]
 
     def ok(good: bool) -> str:
         return "met" if good else "MISSED"
@@ -404,6 +404,14 @@ def table(r: dict[str, Any]) -> str:
             "",
             f"{floor['cpu_ms']:.1f} ms (one client pair)",
             f"ours: +{r['cpu'] - floor['cpu_ms']:.1f} ms",
+            "",
+            "",
+        ),
+        (
+            "  the same two calls with no SDK at all",
+            "",
+            f"{no_sdk['cpu_ms']:.1f} ms (signer, aiohttp, XML)",
+            f"the SDK: +{floor['cpu_ms'] - no_sdk['cpu_ms']:.1f} ms",
             "",
             "",
         ),

@@ -1,5 +1,6 @@
 """How a script would validate connectors: boto3 in a thread pool, aiobotocore with clients per connector;
-and the floor: the two calls alone on one long-lived aiobotocore client pair (no per-connector work).
+the floor: the two calls alone on one long-lived aiobotocore client pair (no per-connector work);
+and below it, the same two calls with no SDK at all (botocore's signer, one aiohttp session, ElementTree).
 
 Each validation is sts:GetCallerIdentity + ec2:DescribeRegions with credentials of its own, as the
 delegate does. Run as a subprocess by the benchmark; prints one JSON line with CPU per validation
@@ -108,20 +109,65 @@ def aiobotocore_floor(endpoint: str, keys: list[tuple[str, str]], concurrency: i
     return asyncio.run(run())
 
 
+def no_sdk(endpoint: str, keys: list[tuple[str, str]], concurrency: int) -> dict[str, float]:
+    """The two calls with no SDK: a hand-built query body, botocore's SigV4 signer, aiohttp, ElementTree.
+
+    Not something the delegate should do (no endpoint rules, retries, error model or credential
+    refresh); it answers "what would leaving the SDK buy": the least any Python client on asyncio
+    spends on these two requests against this stand-in.
+    """
+    from xml.etree import ElementTree  # noqa: PLC0415 - likewise
+
+    import aiohttp  # noqa: PLC0415
+    from botocore.auth import SigV4Auth  # noqa: PLC0415
+    from botocore.awsrequest import AWSRequest  # noqa: PLC0415
+    from botocore.credentials import Credentials  # noqa: PLC0415
+
+    credentials = Credentials(keys[0][0], keys[0][1])
+    url = endpoint.rstrip("/") + "/"
+    form = {"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"}
+
+    async def call(http: aiohttp.ClientSession, service: str, body: bytes) -> None:
+        request = AWSRequest(method="POST", url=url, data=body, headers=form)
+        SigV4Auth(credentials, service, "us-east-1").add_auth(request)
+        async with http.post(url, data=body, headers=dict(request.headers.items())) as response:
+            payload = await response.read()
+        if response.status != 200:
+            raise RuntimeError(f"{service}: HTTP {response.status}")
+        ElementTree.fromstring(payload)
+
+    async def run() -> dict[str, float]:
+        gate = asyncio.Semaphore(concurrency)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=32)) as http:
+
+            async def validate(_: tuple[str, str]) -> None:
+                async with gate:
+                    await call(http, "sts", b"Action=GetCallerIdentity&Version=2011-06-15")
+                    await call(http, "ec2", b"Action=DescribeRegions&Version=2016-11-15&RegionName.1=us-east-1")
+
+            await asyncio.gather(*(validate(k) for k in keys[:20]))
+            cpu, wall = time.process_time(), time.perf_counter()
+            await asyncio.gather(*(validate(k) for k in keys))
+            return {
+                "cpu_ms": (time.process_time() - cpu) / len(keys) * 1000,
+                "per_second": len(keys) / (time.perf_counter() - wall),
+            }
+
+    return asyncio.run(run())
+
+
+KINDS = {"boto3": boto3_pool, "aiobotocore": aiobotocore_naive, "floor": aiobotocore_floor, "no-sdk": no_sdk}
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("kind", choices=["boto3", "aiobotocore", "floor"])
+    p.add_argument("kind", choices=sorted(KINDS))
     p.add_argument("--endpoint", required=True)
     p.add_argument("--keys", required=True, help="JSON file: [[access key, secret key], ...]")
     p.add_argument("--concurrency", type=int, default=16)
     args = p.parse_args()
     keys = [tuple(k) for k in json.load(open(args.keys))]  # noqa: SIM115
-    if args.kind == "boto3":
-        out = boto3_pool(args.endpoint, keys, args.concurrency)  # type: ignore[arg-type]
-    elif args.kind == "aiobotocore":
-        out = aiobotocore_naive(args.endpoint, keys, args.concurrency)  # type: ignore[arg-type]
-    else:
-        out = aiobotocore_floor(args.endpoint, keys, args.concurrency)  # type: ignore[arg-type]
+    out = KINDS[args.kind](args.endpoint, keys, args.concurrency)
     print(json.dumps(out))
     return 0
 

@@ -20,6 +20,7 @@ def _results(**over: object) -> dict[str, object]:
         "boto3": {"cpu_ms": 70.0, "per_second": 14.0},
         "aiobotocore": {"cpu_ms": 180.0, "per_second": 9.0},
         "floor": {"cpu_ms": 5.5, "per_second": 77.0},
+        "no-sdk": {"cpu_ms": 3.2, "per_second": 70.0},
     }
     r.update(over)
     return r
@@ -34,6 +35,7 @@ def test_each_target_gets_a_verdict_from_its_own_figure() -> None:
     assert "0.11x boto3" in rows["CPU per validation (delegate's own)"]
     assert "250x cheaper" in rows["vs the AWS CLI"] and rows["vs the AWS CLI"].rstrip(" |").endswith("met")
     assert "ours: +2.5 ms" in rows["the SDK's floor: the two calls alone"]
+    assert "the SDK: +2.3 ms" in rows["the same two calls with no SDK at all"]
 
 
 def test_profile_samples_fall_in_one_bucket_each_and_idle_is_left_out() -> None:
