@@ -14,6 +14,7 @@ import asyncio
 import json
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 
@@ -98,13 +99,7 @@ def aiobotocore_floor(endpoint: str, keys: list[tuple[str, str]], concurrency: i
                     await sts.get_caller_identity()
                     await ec2.describe_regions(RegionNames=["us-east-1"])
 
-            await asyncio.gather(*(validate(k) for k in keys[:20]))
-            cpu, wall = time.process_time(), time.perf_counter()
-            await asyncio.gather(*(validate(k) for k in keys))
-            return {
-                "cpu_ms": (time.process_time() - cpu) / len(keys) * 1000,
-                "per_second": len(keys) / (time.perf_counter() - wall),
-            }
+            return await _measure(validate, keys)
 
     return asyncio.run(run())
 
@@ -145,18 +140,26 @@ def no_sdk(endpoint: str, keys: list[tuple[str, str]], concurrency: int) -> dict
                     await call(http, "sts", b"Action=GetCallerIdentity&Version=2011-06-15")
                     await call(http, "ec2", b"Action=DescribeRegions&Version=2016-11-15&RegionName.1=us-east-1")
 
-            await asyncio.gather(*(validate(k) for k in keys[:20]))
-            cpu, wall = time.process_time(), time.perf_counter()
-            await asyncio.gather(*(validate(k) for k in keys))
-            return {
-                "cpu_ms": (time.process_time() - cpu) / len(keys) * 1000,
-                "per_second": len(keys) / (time.perf_counter() - wall),
-            }
+            return await _measure(validate, keys)
 
     return asyncio.run(run())
 
 
 KINDS = {"boto3": boto3_pool, "aiobotocore": aiobotocore_naive, "floor": aiobotocore_floor, "no-sdk": no_sdk}
+
+
+Key = tuple[str, str]
+
+
+async def _measure(validate: Callable[[Key], Awaitable[None]], keys: list[Key]) -> dict[str, float]:
+    """CPU per validation and throughput of ``keys`` validations at once, after 20 to warm up."""
+    await asyncio.gather(*(validate(k) for k in keys[:20]))
+    cpu, wall = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(validate(k) for k in keys))
+    return {
+        "cpu_ms": (time.process_time() - cpu) / len(keys) * 1000,
+        "per_second": len(keys) / (time.perf_counter() - wall),
+    }
 
 
 def main() -> int:
