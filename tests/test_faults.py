@@ -77,8 +77,17 @@ async def test_every_task_gets_exactly_one_result_through_faults(tmp_path: Path)
                 assert asyncio.get_running_loop().time() < deadline, stats
                 await asyncio.sleep(0.5)
             statuses = {t: (await asyncio.to_thread(api.get_task, t)).status for t in ids[:40]}
+            # The survivors recover by themselves (same processes, running again), though not at once: a
+            # heartbeat sent into the black hole is given up only at the request timeout (10 s), and the
+            # work may all be done by then. Recovery is waited for, with a deadline.
+            recovery = asyncio.get_running_loop().time() + 30
+            while True:
+                delegates = {d.name: d.state for d in (await asyncio.to_thread(api.list_delegates)).delegates}
+                if delegates["f-0"] == delegates["f-1"] == "running":
+                    break
+                assert asyncio.get_running_loop().time() < recovery, delegates
+                await asyncio.sleep(0.2)
             survivors = {n: _metrics(urls[n]) for n in ("f-0", "f-1")}
-            delegates = {d.name: d.state for d in (await asyncio.to_thread(api.list_delegates)).delegates}
     finally:
         stack.stop()
     assert stats.tasks == {"done": len(ids)}
@@ -86,9 +95,7 @@ async def test_every_task_gets_exactly_one_result_through_faults(tmp_path: Path)
     assert stats.results_accepted == len(ids)  # exactly one accepted result per task, across the restart
     assert set(statuses.values()) == {"SUCCESS"}
     assert proxy.seen["reset"] and proxy.seen["503"] and proxy.seen["429"] and proxy.seen["blackhole"]
-    # The survivors recovered by themselves (same processes, registered again and running) ...
-    assert delegates["f-0"] == "running" and delegates["f-1"] == "running"
-    # ... and their metrics say what they went through.
+    # The survivors' metrics say what they went through.
     for text in survivors.values():
         failed = sum(
             _count(text, op, ("error", "503", "429", "502", "timeout"))
