@@ -255,7 +255,11 @@ async def test_govcloud_and_china_test_regions(make_validator: Any, region: str,
 
 
 async def test_endpoints_follow_the_partition_without_overrides() -> None:
-    """Without AWS_ENDPOINT_URL, STS is regional and each partition has its own DNS suffix."""
+    """Without AWS_ENDPOINT_URL, STS is regional and each partition has its own DNS suffix.
+
+    The clients are only built, never called: nothing here leaves the machine (the suite's
+    ``loopback_only`` guard would fail the test on any lookup of these hosts).
+    """
     env, _ = AwsEnvironment.from_environ({})
     clients = AwsClients(env)
     try:
