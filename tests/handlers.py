@@ -86,9 +86,9 @@ class StallHandler:
 
     async def __call__(self, ctx: TaskContext) -> TaskOutcome:
         try:
-            await asyncio.sleep(3600)
+            await asyncio.Event().wait()  # runs until cancelled
         except asyncio.CancelledError:
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # the misbehaviour: slow to unwind after a cancel
             raise
         return TaskOutcome("SUCCESS", {})
 

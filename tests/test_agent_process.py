@@ -17,7 +17,7 @@ import pytest
 from agent.controlplane.app import ControlPlaneService
 from agent.controlplane.core import ControlPlaneSettings
 from tests.conftest import TOKEN, ControlPlaneFactory, free_port
-from tests.helpers import wait_for
+from tests.helpers import wait_for, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ControlPlaneSettings(
@@ -82,19 +82,15 @@ async def spawn(tmp_path: Path) -> AsyncIterator[Spawn]:
 
 async def ready(http: aiohttp.ClientSession, proc: Proc) -> None:
     async def check() -> bool:
+        if proc.process.returncode is not None:
+            raise AssertionError(f"the delegate exited early:\n{proc.output()}")
         try:
             async with http.get(proc.http + "/readyz") as resp:
                 return resp.status == 200
         except aiohttp.ClientError:
             return False
 
-    for _ in range(1500):
-        if proc.process.returncode is not None:
-            raise AssertionError(f"the delegate exited early:\n{proc.output()}")
-        if await check():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"the delegate never became ready:\n{proc.output()}")
+    await wait_until(check, "the delegate to become ready", timeout=30, every=0.02)
 
 
 async def readyz(http: aiohttp.ClientSession, proc: Proc) -> int:

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from agent.protocol.models import CreateTaskRequest
+from agent.protocol.models import CreateTaskRequest, Stats
 from bench.chaos import ChaosProxy
 from bench.load import Stack
 from tests.awsfakes import FaultProxy
 from tests.conftest import FAST, AgentFactory, ControlPlaneFactory, done
+from tests.helpers import wait_until
 
 
 def _metrics(url: str) -> str:
@@ -45,8 +46,15 @@ async def test_every_task_gets_exactly_one_result_through_faults(tmp_path: Path)
         async with proxy.running() as proxy_url:
             urls = {name: stack.start_agent(name, proxy_url) for name in ("f-0", "f-1", "f-2")}
             api = stack.api
-            while sum(d.state == "running" for d in (await asyncio.to_thread(api.list_delegates)).delegates) < 3:
-                await asyncio.sleep(0.1)
+
+            async def states() -> dict[str, str]:
+                return {d.name: d.state for d in (await asyncio.to_thread(api.list_delegates)).delegates}
+
+            async def running(*names: str) -> bool:
+                current = await states()
+                return all(current.get(n) == "running" for n in names)
+
+            await wait_until(lambda: running("f-0", "f-1", "f-2"), "three delegates running", timeout=60)
             rand = random.Random(11)
             ids = []
             for _ in range(240):
@@ -57,7 +65,8 @@ async def test_every_task_gets_exactly_one_result_through_faults(tmp_path: Path)
                     max_attempts=10,
                 )
                 ids.append((await asyncio.to_thread(api.create_task, request)).task_id)
-            # The faults, one after another, while the tasks run.
+            # The faults, one after another, while the tasks run. The sleeps below are how long each fault
+            # lasts (the fault itself), not waits for something to happen.
             for mode in ("reset", "error", "ratelimit", "latency"):
                 proxy.set(mode)  # type: ignore[arg-type]
                 await asyncio.sleep(1.5)
@@ -66,27 +75,22 @@ async def test_every_task_gets_exactly_one_result_through_faults(tmp_path: Path)
             proxy.set("pass")
             stack.kill("f-2")  # a delegate dies mid-task (SIGKILL)
             stack.kill("control-plane")  # and so does the control plane
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(1.0)  # a second with no control plane at all
             await asyncio.to_thread(stack.start_control_plane)
             api = stack.api
-            deadline = asyncio.get_running_loop().time() + 120
-            while True:
-                stats = await asyncio.to_thread(api.stats)
-                if stats.tasks.get("done", 0) >= len(ids):
-                    break
-                assert asyncio.get_running_loop().time() < deadline, stats
-                await asyncio.sleep(0.5)
+
+            seen: list[Stats] = []
+
+            async def all_done() -> Stats | None:
+                seen.append(await asyncio.to_thread(api.stats))
+                return seen[-1] if seen[-1].tasks.get("done", 0) >= len(ids) else None
+
+            stats = await wait_until(all_done, lambda: f"all tasks done: {seen[-1:]}", timeout=120, every=0.5)
             statuses = {t: (await asyncio.to_thread(api.get_task, t)).status for t in ids[:40]}
             # The survivors recover by themselves (same processes, running again), though not at once: a
             # heartbeat sent into the black hole is given up only at the request timeout (10 s), and the
             # work may all be done by then. Recovery is waited for, with a deadline.
-            recovery = asyncio.get_running_loop().time() + 30
-            while True:
-                delegates = {d.name: d.state for d in (await asyncio.to_thread(api.list_delegates)).delegates}
-                if delegates["f-0"] == delegates["f-1"] == "running":
-                    break
-                assert asyncio.get_running_loop().time() < recovery, delegates
-                await asyncio.sleep(0.2)
+            await wait_until(lambda: running("f-0", "f-1"), "the surviving delegates running again", timeout=30)
             survivors = {n: _metrics(urls[n]) for n in ("f-0", "f-1")}
     finally:
         stack.stop()

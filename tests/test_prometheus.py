@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import FAST, AgentFactory, ControlPlaneFactory, done, free_port
+from tests.helpers import wait_until
 
 
 @pytest.mark.slow
@@ -47,19 +48,20 @@ scrape_configs:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        value = None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 30
-        while loop.time() < deadline:  # the first scrape lands ~5 s after start
+
+        async def scraped() -> str | None:
             try:
                 async with http.get(base + "/api/v1/query", params={"query": "delegate_registered"}) as resp:
                     result = (await resp.json())["data"]["result"]
-                if result:
-                    value = result[0]["value"][1]
-                    break
             except (aiohttp.ClientError, KeyError):
-                pass
-            await asyncio.sleep(0.25)
+                return None
+            return str(result[0]["value"][1]) if result else None
+
+        # The first scrape lands about 5 s after Prometheus starts.
+        try:
+            value = await wait_until(scraped, "Prometheus to scrape the delegate", timeout=30, every=0.25)
+        except AssertionError as exc:
+            raise AssertionError((tmp_path / "prometheus.log").read_text()[-2000:]) from exc
         assert value == "1", (tmp_path / "prometheus.log").read_text()[-2000:]
         async with http.get(base + "/api/v1/targets") as resp:
             [t] = (await resp.json())["data"]["activeTargets"]
