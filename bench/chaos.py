@@ -19,6 +19,8 @@ from typing import Literal
 import aiohttp
 from aiohttp import web
 
+from agent.demo.standin import serve_on_loopback
+
 Mode = Literal["pass", "reset", "error", "ratelimit", "throttle", "latency", "blackhole"]
 
 _AWS_THROTTLING = (
@@ -123,16 +125,11 @@ class ChaosProxy:
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[str]:
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=2))
         app = web.Application(client_max_size=2 * 1024 * 1024)
         app.router.add_route("*", "/{tail:.*}", self.handle)
-        runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.5)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        try:
-            yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-        finally:
-            self._released.set()
-            await runner.cleanup()
-            await self._session.close()
+        timeout = aiohttp.ClientTimeout(total=None, connect=2)
+        async with aiohttp.ClientSession(timeout=timeout) as self._session, serve_on_loopback(app) as url:
+            try:
+                yield url
+            finally:
+                self._released.set()  # requests held in a black hole let go before the server stops

@@ -26,6 +26,8 @@ import aiohttp
 from aiobotocore.session import AioSession
 from aiohttp import web
 
+from agent.demo.standin import serve_on_loopback
+
 logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
 ACCOUNT = "123456789012"
@@ -107,21 +109,6 @@ class MotoIam:
         return str(role["Role"]["Arn"])
 
 
-@asynccontextmanager
-async def serve(
-    app: web.Application, *, ssl_context: ssl.SSLContext | None = None, host: str = "127.0.0.1"
-) -> AsyncIterator[str]:
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.2)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield f"{'https' if ssl_context else 'http'}://{host}:{port}"
-    finally:
-        await runner.cleanup()
-
-
 class IamSimulator:
     """iam:SimulatePrincipalPolicy over the IAM query protocol (moto lacks this API)."""
 
@@ -166,7 +153,7 @@ class IamSimulator:
     async def running(self) -> AsyncIterator[str]:
         app = web.Application()
         app.router.add_post("/", self.handle)
-        async with serve(app) as url:
+        async with serve_on_loopback(app) as url:
             yield url
 
 
@@ -197,7 +184,7 @@ class PodIdentityAgent:
     async def running(self) -> AsyncIterator[str]:
         app = web.Application()
         app.router.add_get("/v1/credentials", self.handle)
-        async with serve(app) as url:
+        async with serve_on_loopback(app) as url:
             yield url + "/v1/credentials"
 
 
@@ -217,8 +204,8 @@ class FaultProxy:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
         step = self.plan.pop(0) if self.plan else "pass"
-        if step == "hang":
-            await asyncio.sleep(3600)
+        if step == "hang":  # never answer: the client's own timeout must end the request
+            await asyncio.Event().wait()
         if isinstance(step, tuple):  # (status, Retry-After seconds)
             self.answered.append((step[0], asyncio.get_running_loop().time()))
             return web.Response(status=step[0], headers={"Retry-After": str(step[1])}, text="slow down")
@@ -247,7 +234,9 @@ class FaultProxy:
     async def running(self, ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[str]:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self.handle)
-        async with serve(app, ssl_context=ssl_context, host="localhost" if ssl_context else "127.0.0.1") as url:
+        async with serve_on_loopback(
+            app, ssl_context=ssl_context, host="localhost" if ssl_context else "127.0.0.1"
+        ) as url:
             yield url
 
 
@@ -276,5 +265,5 @@ class ForwardProxy:
     async def running(self) -> AsyncIterator[str]:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self.handle)
-        async with serve(app) as url:
+        async with serve_on_loopback(app) as url:
             yield url

@@ -85,6 +85,12 @@ _DELEGATE_ID = Param("delegateId", "path", "The id returned by register.")
 _LEASE_ID = Param("leaseId", "path", "The lease id handed out with the task.")
 _TASK_ID = Param("taskId", "path", "A task id.")
 _IDENTIFIER = Param("identifier", "path", "A connector identifier.")
+#: Creating or replacing a connector answers the same by POST and by PUT.
+_APPLY_RESPONSES: Mapping[int, tuple[str, type[Any] | None]] = {
+    200: ("Updated or unchanged", ApplyResult),
+    201: ("Created", ApplyResult),
+    400: ("Invalid connector: every problem is listed", ErrorBody),
+}
 
 ROUTES: tuple[Route, ...] = (
     # --- delegate protocol ---------------------------------------------------------------------
@@ -203,11 +209,7 @@ ROUTES: tuple[Route, ...] = (
         "Create or replace a connector from a Harness YAML or JSON document",
         "connectors",
         "api",
-        {
-            200: ("Updated or unchanged", ApplyResult),
-            201: ("Created", ApplyResult),
-            400: ("Invalid connector: every problem is listed", ErrorBody),
-        },
+        _APPLY_RESPONSES,
         body_kind="connector",
     ),
     Route(
@@ -227,11 +229,7 @@ ROUTES: tuple[Route, ...] = (
         "Create or replace a connector by identifier",
         "connectors",
         "api",
-        {
-            200: ("Updated or unchanged", ApplyResult),
-            201: ("Created", ApplyResult),
-            400: ("Invalid connector: every problem is listed", ErrorBody),
-        },
+        _APPLY_RESPONSES,
         body_kind="connector",
         params=(_IDENTIFIER,),
     ),

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import secrets
+import ssl
 import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -219,14 +220,25 @@ class InstanceMetadata:
         app.router.add_put("/latest/api/token", self.token)
         app.router.add_get("/latest/meta-data/iam/security-credentials/", self.roles)
         app.router.add_get("/latest/meta-data/iam/security-credentials/{role}", self.credentials)
-        runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.5)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        try:
-            yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-        finally:
-            await runner.cleanup()
+        async with serve_on_loopback(app) as url:
+            yield url
+
+
+@asynccontextmanager
+async def serve_on_loopback(
+    app: web.Application, *, ssl_context: ssl.SSLContext | None = None, host: str = "127.0.0.1"
+) -> AsyncIterator[str]:
+    """Serve ``app`` on a free port of 127.0.0.1 and yield its base URL (``host`` names it, for TLS).
+
+    Every local stand-in (instance metadata here, the chaos proxy, the test fakes) runs this way.
+    """
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.2)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context).start()
+    try:
+        yield f"{'https' if ssl_context else 'http'}://{host}:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
 
 
 def write_irsa_token(directory: Path) -> Path:
