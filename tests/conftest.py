@@ -272,13 +272,6 @@ def manual_connector(name: str = "Prod account", **spec_extra: Any) -> dict[str,
     return {"connector": {"name": name, "type": "Aws", "spec": spec}}
 
 
-@pytest.fixture
-def tmp_secrets(tmp_path: Path) -> Path:
-    d = tmp_path / "secrets"
-    d.mkdir()
-    return d
-
-
 # --- AWS: moto as a real server on loopback -------------------------------------------------------
 
 

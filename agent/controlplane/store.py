@@ -17,7 +17,6 @@ from typing import Any, Literal, TypeVar
 import msgspec
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS delegates(
     id TEXT PRIMARY KEY,
     name TEXT NOT NULL,
@@ -206,18 +205,6 @@ class Store:
         finally:
             self._depth = 0
 
-    # --- meta --------------------------------------------------------------------------------
-
-    def get_meta(self, key: str) -> str | None:
-        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return None if row is None else str(row[0])
-
-    def set_meta(self, key: str, value: str) -> None:
-        self._db.execute(
-            "INSERT INTO meta(key, value) VALUES(?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-            (key, value),
-        )
-
     def bump(self, name: str, by: int = 1) -> None:
         self._db.execute(
             "INSERT INTO counters(name, value) VALUES(?, ?) ON CONFLICT(name) DO UPDATE SET "
@@ -258,10 +245,6 @@ class Store:
 
     def get_task(self, task_id: str) -> TaskRow | None:
         row = self._db.execute("SELECT * FROM tasks WHERE id=?", (task_id,)).fetchone()
-        return None if row is None else _decode_row(TaskRow, row)
-
-    def task_by_lease(self, lease_id: str) -> TaskRow | None:
-        row = self._db.execute("SELECT * FROM tasks WHERE lease_id=?", (lease_id,)).fetchone()
         return None if row is None else _decode_row(TaskRow, row)
 
     def tasks_in_state(self, state: str) -> list[TaskRow]:

@@ -15,7 +15,7 @@ import re
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any, Literal, TextIO
 
 import msgspec
@@ -213,7 +213,3 @@ def configure_logging(
     # result; botocore's own warning with a traceback would only repeat it, louder.
     for quiet in ("botocore.credentials", "aiobotocore.credentials"):
         logging.getLogger(quiet).setLevel(logging.ERROR)
-
-
-def known_secret_values(values: Iterable[str | None]) -> list[str]:
-    return [v for v in values if v and len(v) >= _MIN_SECRET_LENGTH]

@@ -187,9 +187,6 @@ class TokenVerifier:
     def keys(self) -> list[TokenKey]:
         return list(self._keys.values())
 
-    def is_revoked(self, kid: str) -> bool:
-        return kid in self._revoked
-
     def revoke(self, kid: str) -> None:
         self._revoked.add(kid)
 
