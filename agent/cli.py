@@ -17,12 +17,15 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TextIO
 
 import msgspec
 import yaml
 
 from agent._version import __version__
+
+if TYPE_CHECKING:
+    from agent.protocol.results import ValidationResult
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -237,51 +240,61 @@ def cmd_connector_test(args: argparse.Namespace) -> int:
     if args.output == "json":
         _print_json(task)
     else:
-        print_test_result(task)
+        print_test_result(
+            task.result,
+            task_id=task.task_id,
+            status=task.status,
+            delegate_name=task.delegate_name,
+            failure_reason=task.failure_reason,
+        )
     if task.state != "done":
         _err(f"no result within {args.timeout:.0f}s; the task {task.task_id} is still {task.state}")
         return EXIT_FAILED
     return EXIT_OK if task.status == "SUCCESS" else EXIT_FAILED
 
 
-def print_test_result(task: Any, out: Any = None) -> None:
+def print_test_result(
+    result: ValidationResult | None,
+    *,
+    task_id: str,
+    status: str | None,
+    delegate_name: str | None,
+    failure_reason: str | None = None,
+    out: TextIO | None = None,
+) -> None:
     """A human summary of a connection test: who, where, which step, why, and what to do."""
     out = out or sys.stdout
-    result = task.result or {}
-    status = task.status or "PENDING"
-    print(f"{status}  task {task.task_id}  delegate {task.delegate_name or '-'}", file=out)
-    ident = result.get("identity") or {}
-    if ident:
-        print(f"  identity:  {ident.get('arn')} (account {ident.get('account')})", file=out)
-    if result.get("testRegion"):
+    status = status or "PENDING"
+    print(f"{status}  task {task_id}  delegate {delegate_name or '-'}", file=out)
+    if result is None:
+        if status not in {"SUCCESS", "PENDING"}:
+            print(f"  error:     {failure_reason or 'unknown'}", file=out)
+        return
+    if result.identity is not None:
+        print(f"  identity:  {result.identity.arn} (account {result.identity.account})", file=out)
+    if result.test_region:
         print(
-            f"  region:    {result['testRegion']} ({result.get('partition', 'aws')})  credentials: "
-            f"{result.get('credentialSource', '-')}",
+            f"  region:    {result.test_region} ({result.partition or 'aws'})  credentials: "
+            f"{result.credential_source or '-'}",
             file=out,
         )
-    for step in result.get("steps", []):
-        mark = {"SUCCESS": "ok", "FAILURE": "FAILED", "SKIPPED": "skipped"}.get(step.get("status"), step.get("status"))
-        print(f"  step {step.get('name'):<22} {mark:<8} {step.get('durationMs', 0):>6} ms", file=out)
-    failure = result.get("failure")
+    marks = {"SUCCESS": "ok", "FAILURE": "FAILED", "SKIPPED": "skipped"}
+    for step in result.steps:
+        print(f"  step {step.name:<22} {marks[step.status]:<8} {step.duration_ms:>6} ms", file=out)
+    failure = result.failure
     if status != "SUCCESS":
-        print(f"  error:     {result.get('errorSummary') or task.failure_reason or 'unknown'}", file=out)
-        if failure:
-            code = failure.get("awsErrorCode")
+        print(f"  error:     {result.error_summary or failure_reason or 'unknown'}", file=out)
+        if failure is not None:
+            code = failure.aws_error_code
             print(
-                f"  failed at: {failure.get('step')} ({failure.get('category')}"
-                + (f", AWS {code}" if code else "")
-                + ")",
-                file=out,
+                f"  failed at: {failure.step} ({failure.category}" + (f", AWS {code}" if code else "") + ")", file=out
             )
-            if failure.get("hint"):
-                print(f"  hint:      {failure['hint']}", file=out)
-    check = result.get("permissionCheck")
-    if check:
-        denied = ", ".join(f"{d['action']} ({d['decision']})" for d in check.get("denied", []))
-        print(
-            f"  permissions: {len(check.get('allowed', []))} allowed" + (f"; denied: {denied}" if denied else ""),
-            file=out,
-        )
+            if failure.hint:
+                print(f"  hint:      {failure.hint}", file=out)
+    check = result.permission_check
+    if check is not None:
+        denied = ", ".join(f"{d.action} ({d.decision})" for d in check.denied)
+        print(f"  permissions: {len(check.allowed)} allowed" + (f"; denied: {denied}" if denied else ""), file=out)
 
 
 def cmd_delegates_list(args: argparse.Namespace) -> int:
@@ -421,7 +434,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     secrets_dir = args.secrets_dir or os.environ.get("AGENT_SECRETS_DIR")
     secrets = SecretStore(Path(secrets_dir) if secrets_dir else None, on_read=redactor.add)
 
-    async def run() -> dict[str, Any]:
+    async def run() -> ValidationResult:
         clients = AwsClients(env)
         try:
             validator = AwsValidator(env, clients, secrets, redact=redactor.value)
@@ -440,18 +453,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if args.output == "json":
         _print_json(result)
     else:
-        from types import SimpleNamespace
-
-        print_test_result(
-            SimpleNamespace(
-                task_id="(local)",
-                status=result["status"],
-                delegate_name="this machine",
-                result=result,
-                failure_reason=None,
-            )
-        )
-    return EXIT_OK if result["status"] == "SUCCESS" else EXIT_FAILED
+        print_test_result(result, task_id="(local)", status=result.status, delegate_name="this machine")
+    return EXIT_OK if result.status == "SUCCESS" else EXIT_FAILED
 
 
 # --- parser ------------------------------------------------------------------------------------

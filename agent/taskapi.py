@@ -1,19 +1,19 @@
 """The contract between the delegate's executor and the task handlers it runs.
 
 The runtime imports this; task implementations (the AWS validator) import this; neither imports
-the other. A handler gets a :class:`TaskContext` and returns a :class:`TaskOutcome`. A payload it
-cannot use is an :class:`InvalidTask` naming the field, which the executor turns into a FAILURE
-result, and the delegate carries on.
+the other. A handler gets a :class:`TaskContext` and returns a
+:class:`~agent.protocol.results.ValidationResult`. A payload it cannot use is an
+:class:`InvalidTask` naming the field, which the executor turns into a FAILURE result, and the
+delegate carries on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, Literal, Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
-Status = Literal["SUCCESS", "FAILURE"]
+from agent.protocol.results import ValidationResult
 
 
 @dataclass(frozen=True)
@@ -28,13 +28,6 @@ class TaskContext:
     attempt: int = 1
 
 
-@dataclass(frozen=True)
-class TaskOutcome:
-    status: Status
-    #: The result document sent to the control plane (Harness's connector validation shape).
-    output: dict[str, Any] = field(default_factory=dict)
-
-
 class InvalidTask(Exception):
     """The payload cannot be used: ``field`` says where, the message says why."""
 
@@ -45,32 +38,18 @@ class InvalidTask(Exception):
 
 
 class TaskHandler(Protocol):
-    """Runs one task type. Must not raise for expected failures: return a FAILURE outcome."""
+    """Runs one task type. Must not raise for expected failures: return a FAILURE result.
 
-    task_type: str
+    The Agent calls :meth:`warm` once before it asks for work (so the first task does not pay
+    for loading models or opening pools) and :meth:`aclose` once when it stops, even after a
+    failed start.
+    """
 
-    async def __call__(self, ctx: TaskContext) -> TaskOutcome: ...
+    @property
+    def task_type(self) -> str: ...
 
+    async def warm(self) -> None: ...
 
-def failure_output(
-    category: str,
-    message: str,
-    *,
-    step: str,
-    hint: str | None = None,
-    problems: list[tuple[str, str]] | None = None,
-    delegate_id: str | None = None,
-    delegate_name: str | None = None,
-) -> dict[str, Any]:
-    """A FAILURE result in the same shape as a connector validation, for failures around a handler."""
-    errors = [{"reason": category, "message": f"{f}: {m}", "code": category} for f, m in (problems or [])]
-    return {
-        "status": "FAILURE",
-        "testedAt": datetime.now(UTC).isoformat(),
-        "delegateId": delegate_id,
-        "delegateName": delegate_name,
-        "errorSummary": message,
-        "errors": errors or [{"reason": category, "message": message, "code": category}],
-        "failure": {"step": step, "category": category, "awsErrorCode": None, "hint": hint},
-        "steps": [],
-    }
+    async def aclose(self) -> None: ...
+
+    async def __call__(self, ctx: TaskContext) -> ValidationResult: ...

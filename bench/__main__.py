@@ -22,7 +22,6 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -184,7 +183,7 @@ class Bench:
         for task_id in ids:
             view = api.get_task(task_id, wait=60)
             assert view.result and view.status == "SUCCESS", view
-            started = datetime.fromisoformat(view.result["testedAt"])
+            started = view.result.tested_at
             out.append((started - view.created_at).total_seconds())
         return out
 

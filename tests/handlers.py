@@ -4,30 +4,52 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from datetime import UTC, datetime
 from typing import Any
 
-from agent.taskapi import InvalidTask, TaskContext, TaskOutcome
+from agent.protocol.results import ValidationResult
+from agent.taskapi import InvalidTask, TaskContext
 
 
-class EchoHandler:
-    """Returns its payload; fails when asked to; rejects a payload without ``message``."""
+def outcome(ctx: TaskContext, status: str = "SUCCESS", **fields: Any) -> ValidationResult:
+    """The result a test handler reports: the status, who ran it, and what the test wants to see."""
+    return ValidationResult(
+        status="SUCCESS" if status == "SUCCESS" else "FAILURE",
+        tested_at=datetime.now(UTC),
+        delegate_name=ctx.delegate_name,
+        **fields,
+    )
+
+
+class _Handler:
+    """Nothing to warm or close: the lifecycle hooks every TaskHandler has."""
+
+    task_type = ""
+
+    async def warm(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+class EchoHandler(_Handler):
+    """Echoes ``payload.message`` as the connector identifier; fails when asked to; rejects a payload without it."""
 
     task_type = "test.echo"
 
     def __init__(self) -> None:
         self.seen: list[str] = []
 
-    async def __call__(self, ctx: TaskContext) -> TaskOutcome:
+    async def __call__(self, ctx: TaskContext) -> ValidationResult:
         self.seen.append(ctx.task_id)
         if "message" not in ctx.payload:
             raise InvalidTask("payload.message", "is required")
         status = "FAILURE" if ctx.payload.get("fail") else "SUCCESS"
-        return TaskOutcome(
-            status, {"status": status, "echo": ctx.payload["message"], "delegateName": ctx.delegate_name}
-        )
+        return outcome(ctx, status, connector_identifier=str(ctx.payload["message"]))
 
 
-class GateHandler:
+class GateHandler(_Handler):
     """Blocks each task until the test opens its gate; records how many ran at once."""
 
     task_type = "test.gate"
@@ -46,7 +68,7 @@ class GateHandler:
         for task_id in self.started:
             self.gates[task_id].set()
 
-    async def __call__(self, ctx: TaskContext) -> TaskOutcome:
+    async def __call__(self, ctx: TaskContext) -> ValidationResult:
         self.started.append(ctx.task_id)
         self.running += 1
         self.max_running = max(self.max_running, self.running)
@@ -57,40 +79,40 @@ class GateHandler:
             raise
         finally:
             self.running -= 1
-        return TaskOutcome("SUCCESS", {"status": "SUCCESS", "gate": ctx.task_id})
+        return outcome(ctx)
 
 
-class SleepHandler:
+class SleepHandler(_Handler):
     """Sleeps ``payload.seconds`` (cancellable), then succeeds."""
 
     task_type = "test.sleep"
 
-    async def __call__(self, ctx: TaskContext) -> TaskOutcome:
+    async def __call__(self, ctx: TaskContext) -> ValidationResult:
         await asyncio.sleep(float(ctx.payload.get("seconds", 1)))
-        return TaskOutcome("SUCCESS", {"status": "SUCCESS", "slept": ctx.payload.get("seconds", 1)})
+        return outcome(ctx)
 
 
-class CrashHandler:
+class CrashHandler(_Handler):
     """Raises, as a buggy handler would."""
 
     task_type = "test.crash"
 
-    async def __call__(self, ctx: TaskContext) -> TaskOutcome:
+    async def __call__(self, ctx: TaskContext) -> ValidationResult:
         raise RuntimeError(f"boom with secret {ctx.payload.get('secret', '')}")
 
 
-class StallHandler:
+class StallHandler(_Handler):
     """Ignores cancellation for a while (a badly behaved handler)."""
 
     task_type = "test.stall"
 
-    async def __call__(self, ctx: TaskContext) -> TaskOutcome:
+    async def __call__(self, ctx: TaskContext) -> ValidationResult:
         try:
             await asyncio.Event().wait()  # runs until cancelled
         except asyncio.CancelledError:
             await asyncio.sleep(0.1)  # the misbehaviour: slow to unwind after a cancel
             raise
-        return TaskOutcome("SUCCESS", {})
+        return outcome(ctx)
 
 
 def all_handlers() -> dict[str, Any]:

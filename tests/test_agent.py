@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 import aiohttp
+import msgspec
 import structlog
 
 from agent.controlplane.core import ControlPlaneSettings
@@ -40,7 +40,7 @@ async def test_tasks_are_routed_by_tags(
     to_prod = cp.core.create_task(type="test.echo", payload={"message": "p"}, selectors=["eks", "prod"])
     assert (await done(cp, to_gov.id)).delegate_name == "gov-1"
     assert (await done(cp, to_prod.id)).delegate_name == "prod-1"
-    assert (await done(cp, to_prod.id)).result["echo"] == "p"
+    assert (await done(cp, to_prod.id)).result.connector_identifier == "p"
 
 
 async def test_capacity_is_never_exceeded(
@@ -110,10 +110,10 @@ async def test_unknown_type_invalid_payload_and_crash_fail_alone(
     # Nobody supports this type, so route it explicitly to our delegate with a type it does not have.
     r_invalid, r_crash = await done(cp, invalid.id), await done(cp, crash.id)
     assert r_invalid.status == "FAILURE"
-    assert r_invalid.result["errors"][0]["message"] == "payload.message: is required"
+    assert r_invalid.result.errors[0].message == "payload.message: is required"
     assert r_crash.status == "FAILURE"
-    assert r_crash.result["failure"]["category"] == "internal"
-    assert "boom-secret" not in json.dumps(r_crash.result)
+    assert r_crash.result.failure.category == "internal"
+    assert b"boom-secret" not in msgspec.json.encode(r_crash.result)
     assert (await done(cp, unknown.id)).status == "SUCCESS"
     a.gate.open(survivor.id)
     assert (await done(cp, survivor.id)).status == "SUCCESS"
@@ -131,7 +131,7 @@ async def test_a_task_of_an_unknown_type_fails_naming_the_type(
     task = cp.core.create_task(type="test.newer", payload={})
     result = await done(cp, task.id)
     assert result.status == "FAILURE"
-    assert "cannot run tasks of type 'test.newer'" in result.result["errorSummary"]
+    assert "cannot run tasks of type 'test.newer'" in result.result.error_summary
 
 
 async def test_leases_are_renewed_while_a_task_runs(
@@ -160,7 +160,7 @@ async def test_a_task_is_stopped_at_its_timeout(
     task = cp.core.create_task(type="test.sleep", payload={"seconds": 60}, timeout=0.5)
     result = await done(cp, task.id)
     assert result.status == "FAILURE"
-    assert result.result["failure"]["category"] == "timeout"
+    assert result.result.failure.category == "timeout"
 
 
 async def test_cancellation_from_the_control_plane(
@@ -175,7 +175,7 @@ async def test_cancellation_from_the_control_plane(
     cp.core.cancel_task(task.id)
     result = await done(cp, task.id)
     assert result.status == "FAILURE"
-    assert result.result["errorSummary"] == "cancelled: cancelled by the control plane"
+    assert result.result.error_summary == "cancelled: cancelled by the control plane"
     assert a.gate.cancelled == [task.id]
 
 
@@ -269,7 +269,7 @@ async def test_drain_timeout_cancels_and_reports_what_remains(
     assert await a.stop() == 0
     result = cp.core.get_task(task.id)
     assert result.status == "FAILURE"
-    assert result.result["errorSummary"] == "cancelled: the delegate is shutting down"
+    assert result.result.error_summary == "cancelled: the delegate is shutting down"
 
 
 async def test_a_second_request_cancels_at_once(
@@ -285,7 +285,7 @@ async def test_a_second_request_cancels_at_once(
     await wait_for(lambda: a.agent.state.draining, "draining")
     a.agent.request_shutdown()
     assert await asyncio.wait_for(a.task, 20) == 0
-    assert cp.core.get_task(task.id).result["errorSummary"] == "cancelled: the delegate is shutting down"
+    assert cp.core.get_task(task.id).result.error_summary == "cancelled: the delegate is shutting down"
 
 
 async def test_refused_token_keeps_retrying_and_recovers_after_rotation(

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import yaml
 
@@ -40,9 +41,10 @@ async def validate_with(env_vars: dict[str, str], tmp_path: Path, doc: dict[str,
     clients = AwsClients(env)
     try:
         v = AwsValidator(env, clients, SecretStore(tmp_path))
-        return await v.validate(
+        result = await v.validate(
             parse_connector(doc or manual_doc()), task_id="t", delegate_id=None, delegate_name="d", timeout=20
         )
+        return msgspec.to_builtins(result)  # type: ignore[no-any-return]
     finally:
         await clients.close()
 

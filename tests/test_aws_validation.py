@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from agent.aws.clients import AwsClients
@@ -78,7 +79,9 @@ async def make_validator(moto: str, tmp_path: Path) -> AsyncIterator[Callable[..
 
 
 async def run(v: AwsValidator, c: AwsConnector, **kw: Any) -> dict[str, Any]:
-    return await v.validate(c, task_id="tsk_test", delegate_id="dlg_1", delegate_name="eks-1", **kw)
+    """The result as the control plane and the user receive it: the JSON document."""
+    result = await v.validate(c, task_id="tsk_test", delegate_id="dlg_1", delegate_name="eks-1", **kw)
+    return msgspec.to_builtins(result)  # type: ignore[no-any-return]
 
 
 def steps(result: dict[str, Any]) -> list[tuple[str, str]]:
@@ -303,11 +306,9 @@ async def test_a_partition_mismatch_is_a_configuration_error_before_any_call(mak
     }
     outcome = await handler(TaskContext("t", "aws.validate-connector", {"connector": doc}, "d", "n", 30))
     assert outcome.status == "FAILURE"
-    assert outcome.output["failure"]["category"] == "invalid_config"
-    assert outcome.output["errors"][0]["message"].startswith(
-        "connector.spec.credential.crossAccountAccess.crossAccountRoleArn:"
-    )
-    assert "never cross partitions" in outcome.output["errorSummary"]
+    assert outcome.failure is not None and outcome.failure.category == "invalid_config"
+    assert outcome.errors[0].message.startswith("connector.spec.credential.crossAccountAccess.crossAccountRoleArn:")
+    assert "never cross partitions" in (outcome.error_summary or "")
 
 
 # --- failures and hints --------------------------------------------------------------------------
@@ -507,7 +508,7 @@ async def test_fifty_connectors_at_once_never_cross_credentials(moto: str, make_
     results = await asyncio.gather(
         *(v.validate(c, task_id=f"t{i}", delegate_id="d", delegate_name="eks-1") for i, (_, c) in enumerate(jobs))
     )
-    assert [r["identity"]["arn"] for r in results] == [arn for arn, _ in jobs]
+    assert [r.identity.arn for r in results if r.identity] == [arn for arn, _ in jobs]
     assert len(v.clients) <= 3  # shared: one client per service for the region, not one per connector
 
 
@@ -528,7 +529,7 @@ async def test_a_canary_secret_never_appears_in_results_or_logs(
     outcome = await handler(
         TaskContext("t", "aws.validate-connector", {"connector": manual().to_document()}, "d", "n", 30)
     )
-    text = json.dumps([*outcomes, outcome.output]) + capsys.readouterr().err
+    text = json.dumps([*outcomes, msgspec.to_builtins(outcome)]) + capsys.readouterr().err
     assert canary not in text
     assert canary in redactor.text(f"x{canary}y") or redactor.text(canary) == "[REDACTED]"
 

@@ -29,6 +29,7 @@ from agent.protocol.models import (
     TaskView,
     TestRequest,
 )
+from agent.protocol.results import Identity, ValidationResult
 from tests.conftest import (
     API_KEY,
     TOKEN,
@@ -151,7 +152,9 @@ async def test_testing_a_connector_runs_on_a_selected_delegate_and_keeps_the_res
             TaskResult(
                 lease_id=task.lease_id,
                 status="SUCCESS",
-                output={"status": "SUCCESS", "identity": {"arn": "arn:aws:iam::1:user/x"}},
+                output=ValidationResult(
+                    status="SUCCESS", tested_at=now, identity=Identity(arn="arn:aws:iam::1:user/x")
+                ),
                 started_at=now,
                 finished_at=now,
             ),
@@ -189,7 +192,7 @@ async def test_a_slow_test_answers_202_and_can_be_polled(
         done = msgspec.convert(await resp.json(), TaskView)
     assert (done.state, done.status, done.failure_reason) == ("done", "FAILURE", "no_eligible_delegate")
     assert done.result is not None
-    assert "No delegate is connected" in done.result["errorSummary"]
+    assert "No delegate is connected" in done.result.error_summary
 
 
 async def test_platform_mode_runs_the_validator_in_the_control_plane(
@@ -198,9 +201,9 @@ async def test_platform_mode_runs_the_validator_in_the_control_plane(
     """executeOnDelegate: false validates inside the control plane, through the platform seam."""
     seen: list[tuple[str, str]] = []
 
-    async def validator(connector: AwsConnector, task_id: str, permissions: tuple[str, ...]) -> dict[str, Any]:
+    async def validator(connector: AwsConnector, task_id: str, permissions: tuple[str, ...]) -> ValidationResult:
         seen.append((connector.identifier, task_id))
-        return {"status": "SUCCESS", "delegateName": "platform"}
+        return ValidationResult(status="SUCCESS", tested_at=datetime.now(UTC), delegate_name="platform")
 
     cp = await control_plane_factory(platform_validator=validator)
     await apply(http, cp.url, manual_connector("Plat", executeOnDelegate=False))
@@ -255,7 +258,14 @@ async def test_a_restart_keeps_connectors_tasks_and_leases(
 
     now = datetime.now(UTC)
     accepted = await client2.submit_result(
-        running.id, TaskResult(lease_id=lease.lease_id, status="SUCCESS", output={}, started_at=now, finished_at=now)
+        running.id,
+        TaskResult(
+            lease_id=lease.lease_id,
+            status="SUCCESS",
+            output=ValidationResult(status="SUCCESS", tested_at=now),
+            started_at=now,
+            finished_at=now,
+        ),
     )
     assert accepted.outcome == "accepted"
     got = await client2.acquire(d.delegate_id, AcquireRequest(max_tasks=5, wait_seconds=0))
@@ -389,7 +399,8 @@ def _example(kind: type[Any]) -> Any:
         return register_request("doc")
     if kind.__name__ == "TaskResult":
         now = datetime.now(UTC)
-        return TaskResult(lease_id="lse_missing", status="SUCCESS", output={}, started_at=now, finished_at=now)
+        output = ValidationResult(status="SUCCESS", tested_at=now)
+        return TaskResult(lease_id="lse_missing", status="SUCCESS", output=output, started_at=now, finished_at=now)
     raise AssertionError(f"no example for {kind}")
 
 

@@ -11,15 +11,21 @@ import pytest
 from agent.controlplane.core import ControlPlaneSettings
 from agent.protocol.errors import LeaseFenced, UnknownDelegate
 from agent.protocol.models import AcquireRequest, HeartbeatRequest, TaskResult
+from agent.protocol.results import ValidationResult, failed
+from agent.protocol.wire import TaskStatus
 from tests.conftest import ControlPlaneFactory, ManualClock, delegate_client, register_request
 from tests.helpers import wait_for
 
 
-def result(lease_id: str, status: str = "SUCCESS", **output: object) -> TaskResult:
+def result(
+    lease_id: str, status: TaskStatus = "SUCCESS", connector: str | None = None, category: str | None = None
+) -> TaskResult:
+    """A delegate's result; ``connector`` marks it so a test can tell which one was stored."""
     now = datetime.now(UTC)
-    return TaskResult(
-        lease_id=lease_id, status=status, output={"status": status, **output}, started_at=now, finished_at=now
-    )  # type: ignore[arg-type]
+    output = ValidationResult(status=status, tested_at=now, connector_identifier=connector)
+    if category is not None:
+        failed(output, step="describe_regions", category=category, message=category)
+    return TaskResult(lease_id=lease_id, status=status, output=output, started_at=now, finished_at=now)
 
 
 async def test_register_returns_an_id_and_the_servers_intervals(
@@ -109,7 +115,7 @@ async def test_no_matching_delegate_fails_the_task_with_the_missing_tags(
     assert done.state == "done"
     assert done.status == "FAILURE"
     assert done.result is not None
-    assert "no connected delegate has all of the tags [gov, prod]" in done.result["errorSummary"]
+    assert "no connected delegate has all of the tags [gov, prod]" in done.result.error_summary
 
 
 async def test_a_long_poll_returns_as_soon_as_a_task_arrives(
@@ -161,9 +167,10 @@ async def test_an_expired_lease_requeues_and_fences_the_late_result(
     assert second.attempt == 2
     with pytest.raises(LeaseFenced):
         await client.submit_result(task.id, result(first.lease_id))
-    accepted = await client.submit_result(task.id, result(second.lease_id, who="b"))
+    accepted = await client.submit_result(task.id, result(second.lease_id, connector="b"))
     assert accepted.outcome == "accepted"
-    assert cp.core.get_task(task.id).result == {"status": "SUCCESS", "who": "b"}
+    stored = cp.core.get_task(task.id).result
+    assert stored is not None and (stored.status, stored.connector_identifier) == ("SUCCESS", "b")
 
 
 async def test_the_same_result_twice_is_accepted_once(
@@ -175,10 +182,11 @@ async def test_the_same_result_twice_is_accepted_once(
     d = await client.register(register_request("a"))
     cp.core.create_task(type="test.echo", payload={})
     [t] = (await client.acquire(d.delegate_id, AcquireRequest(max_tasks=1, wait_seconds=0))).tasks
-    first = await client.submit_result(t.task_id, result(t.lease_id, n=1))
-    again = await client.submit_result(t.task_id, result(t.lease_id, n=1))
+    first = await client.submit_result(t.task_id, result(t.lease_id, connector="n1"))
+    again = await client.submit_result(t.task_id, result(t.lease_id, connector="n1"))
     assert (first.outcome, again.outcome) == ("accepted", "duplicate")
-    assert cp.core.get_task(t.task_id).result == {"status": "SUCCESS", "n": 1}
+    stored = cp.core.get_task(t.task_id).result
+    assert stored is not None and (stored.status, stored.connector_identifier) == ("SUCCESS", "n1")
 
 
 async def test_a_late_result_is_fenced_even_before_the_sweeper_runs(
@@ -354,7 +362,7 @@ async def test_stats_count_results_and_failures_by_reason(
     await client.submit_result(ok.task_id, result(ok.lease_id))
     await client.submit_result(ok.task_id, result(ok.lease_id))  # a retry: counted as a duplicate
     for t, category in ((throttled, "throttled"), (denied, "permission_denied")):
-        await client.submit_result(t.task_id, result(t.lease_id, "FAILURE", failure={"category": category}))
+        await client.submit_result(t.task_id, result(t.lease_id, "FAILURE", category=category))
     cancelled = cp.core.create_task(type="test.echo", payload={}, selectors=["nobody"])
     cp.core.cancel_task(cancelled.id)
     async with http.get(f"{cp.url}/api/v1/stats", headers={"Authorization": f"Bearer {API_KEY}"}) as resp:

@@ -278,8 +278,8 @@ async def test_nonsense_tasks_each_fail_and_the_delegate_carries_on(
     for t in tasks:
         result = await done(cp, t.id)
         assert result.status == "FAILURE", result.result
-        assert result.result["errors"][0]["message"]
-        summaries.append(result.result["errorSummary"])
+        assert result.result.errors[0].message
+        summaries.append(result.result.error_summary)
     assert not any("cannot run tasks of type" in s for s in summaries)  # the AWS handler really ran them
     assert "payload.connector: is required" in summaries[0]
     assert "payload.permissions[0]" in summaries[6]

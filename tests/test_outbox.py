@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
 from agent.protocol.models import TaskResult
+from agent.protocol.results import ValidationResult
+from agent.protocol.wire import TaskStatus
 from agent.runtime.outbox import Entry, MemoryOutbox, Outbox, SqliteOutbox, open_outbox
 
 
-def _entry(lease: str, status: str = "SUCCESS") -> Entry:
+def _entry(lease: str, status: TaskStatus = "SUCCESS") -> Entry:
+    started = datetime(2026, 11, 30, tzinfo=UTC)
     result = TaskResult(
         lease_id=lease,
-        status=status,  # type: ignore[arg-type]
-        output={"n": lease},
-        started_at="2026-11-30T00:00:00Z",
-        finished_at="2026-11-30T00:00:01Z",
+        status=status,
+        output=ValidationResult(status=status, tested_at=started, connector_identifier=lease),
+        started_at=started,
+        finished_at=started + timedelta(seconds=1),
     )
     return Entry(task_id=f"tsk_{lease}", result=result)
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 
 from agent.aws.environment import AwsEnvironment
@@ -106,8 +106,8 @@ async def test_signed_tasks_and_what_is_refused(control_plane_factory: ControlPl
         assert handlers["test.echo"].seen == [task.id]
         return
     assert result.status == "FAILURE"
-    assert result.result["failure"]["step"] == "verify_signature"
-    assert result.result["errorSummary"].startswith("refused:")
+    assert result.result.failure.step == "verify_signature"
+    assert result.result.error_summary.startswith("refused:")
     assert handlers["test.echo"].seen == []  # never run
 
 
@@ -269,7 +269,7 @@ async def test_a_canary_secret_never_appears_anywhere(
         await cp.stop()
     # Both ran on the delegate with the canary in hand (moto checks signatures only under enforcement).
     assert [r.delegate_name for r in results] == ["secure", "secure"]
-    assert results[1].result["identity"]["arn"] == key.arn
+    assert results[1].result.identity.arn == key.arn
     assert cp.config.data_dir is not None
     database = b"".join(p.read_bytes() for p in cp.config.data_dir.glob("controlplane.sqlite3*"))
     outbox = b"".join(p.read_bytes() for p in (tmp_path / "agent-data").glob("outbox.sqlite3*"))
@@ -278,7 +278,7 @@ async def test_a_canary_secret_never_appears_anywhere(
         "metrics": metrics_text,
         "status": status_text,
         "tasks": tasks_text,
-        "results": json.dumps([r.result for r in results]),
+        "results": msgspec.json.encode([r.result for r in results]).decode(),
     }
     # The logs were really captured, at debug level, botocore's own request dumps included.
     assert '"level":"debug"' in texts["logs"] and "task.finished" in texts["logs"]

@@ -6,7 +6,8 @@ from agent.aws.connector import ConnectorInvalid, parse_actions, parse_connector
 from agent.aws.partitions import partition_table
 from agent.aws.validator import AwsValidator
 from agent.protocol.models import TASK_TYPE_AWS_VALIDATE
-from agent.taskapi import InvalidTask, TaskContext, TaskOutcome, failure_output
+from agent.protocol.results import ValidationResult, failure_result
+from agent.taskapi import InvalidTask, TaskContext
 
 #: Time kept back from the task's budget so the result is written before the executor's deadline.
 RESULT_MARGIN_SECONDS = 2.0
@@ -28,7 +29,7 @@ class AwsValidationHandler:
     async def aclose(self) -> None:
         await self.validator.close()
 
-    async def __call__(self, ctx: TaskContext) -> TaskOutcome:
+    async def __call__(self, ctx: TaskContext) -> ValidationResult:
         document = ctx.payload.get("connector")
         if document is None:
             raise InvalidTask("payload.connector", "is required: the Harness connector document to test")
@@ -40,23 +41,20 @@ class AwsValidationHandler:
             summary = f"the connector is invalid: {first.field}: {first.message}" + (
                 f" (and {count - 1} more)" if count > 1 else ""
             )
-            return TaskOutcome(
-                "FAILURE",
-                failure_output(
-                    "invalid_config",
-                    summary,
-                    step="resolve_credentials",
-                    hint="fix the connector; every problem is listed in errors",
-                    problems=[(p.field, p.message) for p in exc.problems],
-                    delegate_id=ctx.delegate_id,
-                    delegate_name=ctx.delegate_name,
-                ),
+            return failure_result(
+                "invalid_config",
+                summary,
+                step="resolve_credentials",
+                hint="fix the connector; every problem is listed in errors",
+                problems=[(p.field, p.message) for p in exc.problems],
+                delegate_id=ctx.delegate_id,
+                delegate_name=ctx.delegate_name,
             )
         try:
             permissions = parse_actions(None, ctx.payload.get("permissions"), "payload.permissions")
         except ConnectorInvalid as exc:
             raise InvalidTask(exc.problems[0].field, exc.problems[0].message) from None
-        result = await self.validator.validate(
+        return await self.validator.validate(
             connector,
             task_id=ctx.task_id,
             delegate_id=ctx.delegate_id,
@@ -64,4 +62,3 @@ class AwsValidationHandler:
             permissions=permissions,
             timeout=max(1.0, ctx.timeout - RESULT_MARGIN_SECONDS),
         )
-        return TaskOutcome("SUCCESS" if result["status"] == "SUCCESS" else "FAILURE", result)

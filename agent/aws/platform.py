@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 import structlog
 
@@ -14,9 +13,10 @@ from agent.aws.environment import AwsEnvironment
 from agent.aws.secrets import SecretStore
 from agent.aws.validator import AwsValidator
 from agent.observability.logging import Redactor
+from agent.protocol.results import ValidationResult
 
 #: Runs a connector test inside the control plane: (connector, task id, IAM actions) -> result document.
-PlatformValidator = Callable[[AwsConnector, str, tuple[str, ...]], Awaitable[dict[str, Any]]]
+PlatformValidator = Callable[[AwsConnector, str, tuple[str, ...]], Awaitable[ValidationResult]]
 
 log = structlog.get_logger("controlplane.platform")
 
@@ -27,7 +27,7 @@ class PlatformValidation:
     def __init__(self, validator: AwsValidator) -> None:
         self.validator = validator
 
-    async def __call__(self, connector: AwsConnector, task_id: str, permissions: tuple[str, ...]) -> dict[str, Any]:
+    async def __call__(self, connector: AwsConnector, task_id: str, permissions: tuple[str, ...]) -> ValidationResult:
         return await self.validator.validate(
             connector, task_id=task_id, delegate_id=None, delegate_name="platform", permissions=permissions
         )

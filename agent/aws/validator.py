@@ -25,6 +25,16 @@ from agent.aws.diagnosis import Context, Diagnosis, diagnose
 from agent.aws.environment import AwsEnvironment
 from agent.aws.partitions import principal_for_simulation
 from agent.aws.secrets import SecretStore
+from agent.protocol.results import (
+    Identity,
+    PermissionCheck,
+    PermissionDenial,
+    Redact,
+    Step,
+    StepStatus,
+    ValidationResult,
+    failed,
+)
 
 log = structlog.get_logger("aws")
 
@@ -33,7 +43,6 @@ DEFAULT_TIMEOUT = 120.0
 
 #: Called once per step: (step, status, seconds, credential type, failure category or None).
 StepObserver = Callable[[str, str, float, str, str | None], None]
-Redact = Callable[[Any], Any]
 
 
 class _StepFailed(Exception):
@@ -44,10 +53,12 @@ class _StepFailed(Exception):
 
 
 @dataclass
-class _Run:
+class _TestRun:
+    """One connection test in progress: its steps so far and what the hints need to know."""
+
     connector: AwsConnector
     ctx: Context
-    steps: list[dict[str, Any]] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
     current: str | None = None
     observer: StepObserver | None = None
 
@@ -74,17 +85,17 @@ class _Run:
         self._record(name, "FAILURE", started, diagnosis.category)
         return _StepFailed(name, diagnosis)
 
-    def _record(self, name: str, status: str, started: float, category: str | None) -> None:
+    def _record(self, name: str, status: StepStatus, started: float, category: str | None) -> None:
         seconds = time.perf_counter() - started
-        self.steps.append({"name": name, "status": status, "durationMs": round(seconds * 1000)})
+        self.steps.append(Step(name=name, status=status, duration_ms=round(seconds * 1000)))
         if self.observer is not None:
             self.observer(name, status, seconds, self.connector.credential_type, category)
 
     def skip_rest(self, planned: list[str]) -> None:
-        done = {s["name"] for s in self.steps}
+        done = {s.name for s in self.steps}
         for name in planned:
             if name not in done:
-                self.steps.append({"name": name, "status": "SKIPPED", "durationMs": 0})
+                self.steps.append(Step(name=name, status="SKIPPED"))
 
 
 class AwsValidator:
@@ -96,7 +107,7 @@ class AwsValidator:
         clients: AwsClients,
         secrets: SecretStore,
         *,
-        redact: Redact = lambda v: v,
+        redact: Redact | None = None,
         observer: StepObserver | None = None,
     ) -> None:
         self.env = env
@@ -115,8 +126,8 @@ class AwsValidator:
         delegate_name: str,
         permissions: tuple[str, ...] = (),
         timeout: float = DEFAULT_TIMEOUT,
-    ) -> dict[str, Any]:
-        """Test the connector; always returns a result document, never raises for a failed test."""
+    ) -> ValidationResult:
+        """Test the connector; always returns a result, never raises for a failed test."""
         region = connector.region
         actions = tuple(dict.fromkeys(connector.permissions + permissions))
         planned = [
@@ -135,24 +146,19 @@ class AwsValidator:
             secret_ref=connector.secret_key_ref.raw if connector.secret_key_ref else None,
             endpoint_overridden=bool(self.env.endpoint_url or self.env.service_endpoints),
         )
-        run = _Run(connector, ctx, observer=self._observer)
+        run = _TestRun(connector, ctx, observer=self._observer)
         policy = RetryPolicy.for_connector(self.env, connector.backoff)
-        result: dict[str, Any] = {
-            "status": "SUCCESS",
-            "testedAt": datetime.now(UTC).isoformat(),
-            "delegateId": delegate_id,
-            "delegateName": delegate_name,
-            "connectorIdentifier": connector.identifier,
-            "credentialType": connector.credential_type,
-            "testRegion": region,
-            "partition": connector.partition,
-            "credentialSource": None,
-            "identity": None,
-            "errorSummary": None,
-            "errors": [],
-            "steps": run.steps,
-            "failure": None,
-        }
+        result = ValidationResult(
+            status="SUCCESS",
+            tested_at=datetime.now(UTC),
+            delegate_id=delegate_id,
+            delegate_name=delegate_name,
+            connector_identifier=connector.identifier,
+            credential_type=connector.credential_type,
+            test_region=region,
+            partition=connector.partition,
+            steps=run.steps,
+        )
         started = time.perf_counter()
         try:
             async with asyncio.timeout(timeout):
@@ -161,9 +167,9 @@ class AwsValidator:
             self._fail(result, failed.step, failed.diagnosis)
         except TimeoutError:
             step = run.current or "resolve_credentials"
-            if not any(s["name"] == step for s in run.steps):
+            if not any(s.name == step for s in run.steps):
                 run.steps.append(
-                    {"name": step, "status": "FAILURE", "durationMs": round((time.perf_counter() - started) * 1000)}
+                    Step(name=step, status="FAILURE", duration_ms=round((time.perf_counter() - started) * 1000))
                 )
             self._fail(
                 result,
@@ -175,13 +181,13 @@ class AwsValidator:
                 ),
             )
         run.skip_rest(planned)
-        result["durationMs"] = round((time.perf_counter() - started) * 1000)
-        return self._redact(result)  # type: ignore[no-any-return]
+        result.duration_ms = round((time.perf_counter() - started) * 1000)
+        return result if self._redact is None else self._redact(result)
 
     async def _steps(
         self,
-        run: _Run,
-        result: dict[str, Any],
+        run: _TestRun,
+        result: ValidationResult,
         policy: RetryPolicy,
         *,
         task_id: str,
@@ -198,7 +204,7 @@ class AwsValidator:
             except BaseException:
                 self.resolver.forget(resolved)
                 raise
-        result["credentialSource"] = resolved.source
+        result.credential_source = resolved.source
         if connector.cross_account is not None:
             with run.step("assume_role"):
                 base = resolved
@@ -215,16 +221,13 @@ class AwsValidator:
                     # Name who was refused: the hint is about *that* principal's trust relationship.
                     run.ctx = replace(run.ctx, principal=await self._whoami(base, region, policy) or base.role_arn)
                     raise
-            result["credentialSource"] = resolved.source
+            result.credential_source = resolved.source
         with self.clients.bound(resolved.credentials):
             with run.step("get_caller_identity"):
                 async with self.clients.client("sts", region, policy) as sts:
                     ident = await sts.get_caller_identity()
-                result["identity"] = {
-                    "account": ident.get("Account"),
-                    "arn": ident.get("Arn"),
-                    "userId": ident.get("UserId"),
-                }
+                identity = Identity(account=ident.get("Account"), arn=ident.get("Arn"), user_id=ident.get("UserId"))
+                result.identity = identity
                 run.ctx = replace(run.ctx, principal=ident.get("Arn"))
             with run.step("describe_regions"):
                 async with self.clients.client("ec2", region, policy) as ec2:
@@ -232,12 +235,12 @@ class AwsValidator:
             regions = {r.get("RegionName"): r for r in answer.get("Regions", [])}
             info = regions.get(region)
             if info is not None and info.get("OptInStatus") == "not-opted-in":
-                run.steps[-1]["status"] = "FAILURE"
+                run.steps[-1].status = "FAILURE"
                 raise _StepFailed(
                     "describe_regions",
                     Diagnosis(
                         "invalid_config",
-                        f"{region} is not enabled for account {result['identity']['account']}",
+                        f"{region} is not enabled for account {identity.account}",
                         f"enable {region} (Account > AWS Regions) or pick another test region",
                         "OptInRequired",
                     ),
@@ -246,17 +249,23 @@ class AwsValidator:
                 await self._simulate(run, result, policy, resolved, actions)
 
     async def _simulate(
-        self, run: _Run, result: dict[str, Any], policy: RetryPolicy, resolved: Resolved, actions: tuple[str, ...]
+        self,
+        run: _TestRun,
+        result: ValidationResult,
+        policy: RetryPolicy,
+        resolved: Resolved,
+        actions: tuple[str, ...],
     ) -> None:
         started = time.perf_counter()
-        principal = principal_for_simulation(result["identity"]["arn"], resolved.role_arn)
+        identity = result.identity or Identity()
+        principal = principal_for_simulation(identity.arn or "", resolved.role_arn)
         if principal is None:
             raise run.fail(
                 "simulate_permissions",
                 started,
                 Diagnosis(
                     "invalid_config",
-                    f"{result['identity']['arn']} cannot be simulated",
+                    f"{identity.arn} cannot be simulated",
                     "the permission check needs an IAM user or role; it cannot check the account root or a "
                     "federated user",
                 ),
@@ -285,20 +294,17 @@ class AwsValidator:
                         break
         allowed = [a for a in actions if decisions.get(a) == "allowed"]
         denied = [
-            {"action": a, "decision": decisions.get(a, "implicitDeny")}
+            PermissionDenial(action=a, decision=decisions.get(a, "implicitDeny"))
             for a in actions
             if decisions.get(a) != "allowed"
         ]
-        result["permissionCheck"] = {
-            "principal": principal,
-            "resources": resources,
-            "allowed": allowed,
-            "denied": denied,
-        }
+        result.permission_check = PermissionCheck(
+            principal=principal, resources=resources, allowed=allowed, denied=denied
+        )
         if denied:
-            run.steps[-1]["status"] = "FAILURE"
-            names = ", ".join(d["action"] for d in denied)
-            explicit = any(d["decision"] == "explicitDeny" for d in denied)
+            run.steps[-1].status = "FAILURE"
+            names = ", ".join(d.action for d in denied)
+            explicit = any(d.decision == "explicitDeny" for d in denied)
             raise _StepFailed(
                 "simulate_permissions",
                 Diagnosis(
@@ -325,11 +331,8 @@ class AwsValidator:
             return None
 
     @staticmethod
-    def _fail(result: dict[str, Any], step: str, d: Diagnosis) -> None:
-        result["status"] = "FAILURE"
-        result["errorSummary"] = d.message
-        result["errors"] = [{"reason": d.category, "message": d.message, "code": d.aws_code or d.category}]
-        result["failure"] = {"step": step, "category": d.category, "awsErrorCode": d.aws_code, "hint": d.hint}
+    def _fail(result: ValidationResult, step: str, d: Diagnosis) -> None:
+        failed(result, step=step, category=d.category, message=d.message, hint=d.hint, aws_error_code=d.aws_code)
 
     async def close(self) -> None:
         await self.clients.close()

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 import structlog
 
 from agent.aws.connector import AwsConnector, ConnectorInvalid, parse_actions, parse_connector
@@ -48,6 +49,7 @@ from agent.protocol.models import (
     TestRequest,
     ValidationSummary,
 )
+from agent.protocol.results import ValidationResult, failure_result
 
 Clock = Callable[[], float]
 #: Signs a task for the delegate (detached signature over the task's canonical bytes).
@@ -453,8 +455,8 @@ class ControlPlane:
             raise ApiFailure(
                 409, Code.LEASE_FENCED, "the lease expired before the result arrived; the task was re-queued"
             )
-        output = dict(result.output)
-        output.setdefault("status", result.status)
+        # The task's status is the one the delegate reported for it; the document says the same.
+        output = msgspec.structs.replace(result.output, status=result.status)
         with self.store.transaction():  # the count and the result land together, or neither does
             self._complete(t, status=result.status, result=output, lease_id=result.lease_id)
             self.store.bump("accepted")
@@ -465,7 +467,7 @@ class ControlPlane:
         t: TaskRow,
         *,
         status: str,
-        result: dict[str, Any],
+        result: ValidationResult,
         lease_id: str | None = None,
         failure_reason: str | None = None,
     ) -> TaskRow:
@@ -488,7 +490,7 @@ class ControlPlane:
                     last_status=status,
                     last_tested_at=now,
                     last_delegate_name=t.delegate_name if lease_id else None,
-                    last_error_summary=result.get("errorSummary") if status != "SUCCESS" else None,
+                    last_error_summary=result.error_summary if status != "SUCCESS" else None,
                 )
         self._running.pop(t.id, None)
         self._queued.pop(t.id, None)
@@ -848,19 +850,10 @@ class ControlPlane:
                 ),
                 failure_reason="timeout",
             )
-        status = "SUCCESS" if result.get("status") == "SUCCESS" else "FAILURE"
-        return self._complete(task, status=status, result=result, lease_id="platform")
+        return self._complete(task, status=result.status, result=result, lease_id="platform")
 
 
-def failure_document(message: str, *, reason: str) -> dict[str, Any]:
-    """A failure in the same shape the delegate reports, for failures decided here."""
-    return {
-        "status": "FAILURE",
-        "testedAt": datetime.now(UTC).isoformat(),
-        "errorSummary": message,
-        "errors": [{"reason": reason, "message": message, "code": 450}],
-        "failure": {
-            "step": "delegate_selection" if reason == "no_eligible_delegate" else "control_plane",
-            "category": reason,
-        },
-    }
+def failure_document(message: str, *, reason: str) -> ValidationResult:
+    """A failure decided here (no delegate, lease lost, cancelled), in the result every side reads."""
+    step = "delegate_selection" if reason == "no_eligible_delegate" else "control_plane"
+    return failure_result(reason, message, step=step)

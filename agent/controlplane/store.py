@@ -16,6 +16,8 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
+from agent.protocol.results import ValidationResult
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS delegates(
     id TEXT PRIMARY KEY,
@@ -79,6 +81,7 @@ CREATE TABLE IF NOT EXISTS revoked_tokens(kid TEXT PRIMARY KEY, name TEXT NOT NU
 
 _json = msgspec.json.Encoder()
 _unjson = msgspec.json.Decoder()
+_unjson_result = msgspec.json.Decoder(ValidationResult)
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,7 @@ class TaskRow:
     lease_expires_at: float | None = None
     started_at: float | None = None
     cancel_requested: bool = False
-    result: dict[str, Any] | None = None
+    result: ValidationResult | None = None
     result_lease_id: str | None = None
     status: str | None = None
     failure_reason: str | None = None
@@ -156,7 +159,9 @@ def _decode_row(cls: type[Any], row: sqlite3.Row) -> Any:
     kwargs: dict[str, Any] = {}
     for f in fields(cls):
         value = row[f.name]
-        if f.name in _JSON_COLUMNS and value is not None:
+        if f.name == "result" and value is not None:
+            value = _decode_result(value)
+        elif f.name in _JSON_COLUMNS and value is not None:
             value = _unjson.decode(value)
             if f.name in _TUPLE_COLUMNS:
                 value = tuple(value)
@@ -164,6 +169,17 @@ def _decode_row(cls: type[Any], row: sqlite3.Row) -> Any:
             value = bool(value)
         kwargs[f.name] = value
     return cls(**kwargs)
+
+
+def _decode_result(raw: str) -> ValidationResult:
+    try:
+        return _unjson_result.decode(raw)
+    except msgspec.ValidationError:
+        # Written before results were typed: control-plane failures carried Harness's numeric code.
+        doc = _unjson.decode(raw)
+        for error in doc.get("errors") or []:
+            error["code"] = str(error.get("code", ""))
+        return msgspec.convert(doc, ValidationResult)
 
 
 class Store:

@@ -232,29 +232,29 @@ class Demo:
     def _report(self, scenario: list[Case], views: list[TaskView]) -> int:
         rows, notes, wrong = [], [], []
         for case, view in zip(scenario, views, strict=True):
-            r = view.result or {}
-            failure = r.get("failure") or {}
+            r, failure = view.result, view.result.failure if view.result else None
             outcome = _outcome(view)
-            matched = outcome == case.expect and (case.expect_step is None or failure.get("step") == case.expect_step)
+            matched = outcome == case.expect and (
+                case.expect_step is None or (failure is not None and failure.step == case.expect_step)
+            )
             if not matched:
                 wrong.append(f"{case.identifier}: expected {case.expect}, got {outcome}")
             rows.append(
                 [
                     case.identifier,
-                    r.get("credentialType") or _credential_type(case),
+                    (r.credential_type if r else None) or _credential_type(case),
                     view.delegate_name or "-",
-                    (r.get("identity") or {}).get("arn") or "-",
+                    (r.identity.arn if r and r.identity else None) or "-",
                     ("as expected: " if matched else "UNEXPECTED: ") + (view.status or "?"),
                 ]
             )
             if view.status != "SUCCESS":
-                code = f", AWS {failure['awsErrorCode']}" if failure.get("awsErrorCode") else ""
-                notes.append(
-                    f"  {case.identifier}: failed at {failure.get('step', '-')} ({failure.get('category', '-')}{code})"
-                )
-                notes.append(f"      {r.get('errorSummary') or view.failure_reason}")
-                if failure.get("hint"):
-                    notes.append(f"      hint: {failure['hint']}")
+                code = f", AWS {failure.aws_error_code}" if failure and failure.aws_error_code else ""
+                step, category = (failure.step, failure.category) if failure else ("-", "-")
+                notes.append(f"  {case.identifier}: failed at {step} ({category}{code})")
+                notes.append(f"      {(r.error_summary if r else None) or view.failure_reason}")
+                if failure and failure.hint:
+                    notes.append(f"      hint: {failure.hint}")
         self.say("")
         _table(self.out, rows, ["connector", "credentials", "delegate", "identity", "outcome"])
         self.say("")
@@ -315,7 +315,8 @@ def _outcome(view: TaskView) -> str:
         return "SUCCESS"
     if view.failure_reason:
         return view.failure_reason
-    return str(((view.result or {}).get("failure") or {}).get("category") or view.state)
+    failure = view.result.failure if view.result else None
+    return failure.category if failure else view.state
 
 
 def _credential_type(case: Case) -> str:

@@ -135,6 +135,9 @@ class Redactor:
             return [self.value(v) for v in value]
         if isinstance(value, BaseException):
             return self.text(f"{type(value).__name__}: {value}")
+        if isinstance(value, msgspec.Struct):
+            # Walked in its wire form (the keys a reader sees), then typed again.
+            return msgspec.convert(self.value(msgspec.to_builtins(value)), type(value))
         return value
 
     def __call__(self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

@@ -8,10 +8,12 @@ older one (additive evolution inside v1).
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
+
+from agent.protocol.results import ValidationResult
+from agent.protocol.wire import TaskStatus, Timestamp, Wire
 
 PROTOCOL_VERSION = "v1"
 
@@ -23,24 +25,7 @@ Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Tag = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:/=+@-]{0,127}$")]
 Identifier = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Seconds = Annotated[float, msgspec.Meta(ge=0)]
-#: An RFC 3339 timestamp; the schema says exactly what the server parses (format alone is advisory).
-Timestamp = Annotated[
-    datetime,
-    msgspec.Meta(
-        extra_json_schema={
-            "format": "date-time",
-            "pattern": r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
-            r"([Zz]|[+-][0-9]{2}:[0-9]{2})$",
-        }
-    ),
-]
-
 DelegateState = Literal["running", "draining"]
-TaskStatus = Literal["SUCCESS", "FAILURE"]
-
-
-class Wire(msgspec.Struct, rename="camel", kw_only=True, omit_defaults=False):
-    """Base of every wire model: camelCase names, keyword-only construction."""
 
 
 # --- delegate side -------------------------------------------------------------------------
@@ -119,8 +104,8 @@ class LeaseResponse(Wire, kw_only=True):
 class TaskResult(Wire, kw_only=True):
     lease_id: str
     status: TaskStatus
-    #: The handler's result document (for AWS: the connector validation result).
-    output: dict[str, Any]
+    #: What the test found: identity, steps, the failure with its AWS code and hint.
+    output: ValidationResult
     started_at: Timestamp
     finished_at: Timestamp
 
@@ -221,7 +206,7 @@ class TaskView(Wire, kw_only=True):
     delegate_name: str | None = None
     #: Set on a failure decided by the control plane (no delegate, lease lost, cancelled...).
     failure_reason: str | None = None
-    result: dict[str, Any] | None = None
+    result: ValidationResult | None = None
 
 
 class TaskList(Wire, kw_only=True):

@@ -12,26 +12,28 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import structlog
 
+from agent.observability.metrics import AgentMetrics
 from agent.protocol.client import ControlPlaneClient
 from agent.protocol.errors import LeaseFenced, ProtocolError
 from agent.protocol.models import Task, TaskResult
+from agent.protocol.results import Redact, ValidationResult, failure_result
+from agent.protocol.wire import TaskStatus
 from agent.runtime.outbox import Entry, Outbox
 from agent.runtime.state import AgentState, RunningTask
-from agent.taskapi import InvalidTask, TaskContext, TaskHandler, TaskOutcome, failure_output
+from agent.taskapi import InvalidTask, TaskContext, TaskHandler
 
 log = structlog.get_logger("agent.executor")
 
 #: After cancelling a handler, how long to wait for it to unwind before reporting anyway.
 UNWIND_SECONDS = 5.0
 
-Redact = Callable[[Any], Any]
 #: Checks a task before it runs; returns a reason to refuse it, or None.
 TaskCheck = Callable[[Task], str | None]
 
@@ -65,9 +67,11 @@ class Slots:
 
 
 @dataclass
-class _Run:
+class _Job:
+    """One leased task on this delegate: its handler's asyncio task and why it may be stopped."""
+
     task: Task
-    work: asyncio.Task[TaskOutcome] | None = None
+    work: asyncio.Task[ValidationResult] | None = None
     cancel_reason: str | None = None
     lease_lost: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -82,7 +86,7 @@ class Executor:
         outbox: Outbox,
         slots: Slots,
         state: AgentState,
-        metrics: Any,
+        metrics: AgentMetrics,
         redact: Redact,
         check: TaskCheck | None = None,
     ) -> None:
@@ -94,7 +98,7 @@ class Executor:
         self._metrics = metrics
         self._redact = redact
         self._check = check
-        self._runs: dict[str, _Run] = {}
+        self._runs: dict[str, _Job] = {}
         self._jobs: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -109,7 +113,7 @@ class Executor:
 
     def start(self, task: Task) -> None:
         """Run a leased task; its slot is already taken and is released when it finishes."""
-        run = _Run(task)
+        run = _Job(task)
         self._runs[task.task_id] = run
         self._idle.clear()
         job = asyncio.create_task(self._run(run), name=f"task-{task.task_id}")
@@ -142,7 +146,7 @@ class Executor:
 
     # --- one task ----------------------------------------------------------------------------
 
-    async def _run(self, run: _Run) -> None:
+    async def _run(self, run: _Job) -> None:
         task = run.task
         loop = asyncio.get_running_loop()
         started_wall = datetime.now(UTC)
@@ -152,13 +156,13 @@ class Executor:
         self._metrics.pickup_latency.observe(max(0.0, time.time() - task.created_at.timestamp()))
         renewer = asyncio.create_task(self._renew(run), name=f"renew-{task.task_id}")
         outcome_kind = "error"
-        output: dict[str, Any]
+        output: ValidationResult
         try:
             with structlog.contextvars.bound_contextvars(
                 task_id=task.task_id, task_type=task.type, attempt=task.attempt
             ):
                 outcome_kind, output = await self._execute(run, loop)
-                status = "SUCCESS" if outcome_kind == "success" else "FAILURE"
+                status: TaskStatus = "SUCCESS" if outcome_kind == "success" else "FAILURE"
                 output = self._redact(output)
                 finished = datetime.now(UTC)
                 seconds = loop.time() - started
@@ -174,7 +178,7 @@ class Executor:
                             task.task_id,
                             TaskResult(
                                 lease_id=task.lease_id,
-                                status=status,  # type: ignore[arg-type]
+                                status=status,
                                 output=output,
                                 started_at=started_wall,
                                 finished_at=finished,
@@ -196,7 +200,7 @@ class Executor:
             if not self._runs:
                 self._idle.set()
 
-    async def _execute(self, run: _Run, loop: asyncio.AbstractEventLoop) -> tuple[str, dict[str, Any]]:
+    async def _execute(self, run: _Job, loop: asyncio.AbstractEventLoop) -> tuple[str, ValidationResult]:
         task = run.task
         handler = self._handlers.get(task.type)
         if handler is None:
@@ -257,8 +261,8 @@ class Executor:
                 step="execute",
                 hint="a bug in the delegate; see its log",
             )
-        outcome = run.work.result()
-        return ("success" if outcome.status == "SUCCESS" else "failure"), dict(outcome.output)
+        result = run.work.result()
+        return ("success" if result.status == "SUCCESS" else "failure"), result
 
     def _failure(
         self,
@@ -267,9 +271,9 @@ class Executor:
         *,
         step: str,
         hint: str | None = None,
-        problems: list[tuple[str, str]] | None = None,
-    ) -> dict[str, Any]:
-        return failure_output(
+        problems: Iterable[tuple[str, str]] = (),
+    ) -> ValidationResult:
+        return failure_result(
             category,
             message,
             step=step,
@@ -279,7 +283,7 @@ class Executor:
             delegate_name=self._state.name,
         )
 
-    async def _renew(self, run: _Run) -> None:
+    async def _renew(self, run: _Job) -> None:
         """Keep the lease while the task runs; stop the task if the lease is lost or cancelled."""
         task = run.task
         interval = max(0.05, task.lease_seconds / 3)
@@ -304,10 +308,9 @@ class Executor:
             interval = max(0.05, lease.lease_seconds / 3)
 
 
-def _summary(task: Task, outcome: str, status: str, output: Mapping[str, Any], seconds: float) -> None:
+def _summary(task: Task, outcome: str, status: str, output: ValidationResult, seconds: float) -> None:
     """The one line per task: enough to know what happened without reading the result."""
-    failure = output.get("failure") or {}
-    identity = output.get("identity") or {}
+    failure, identity = output.failure, output.identity
     fields: dict[str, Any] = {
         "task_id": task.task_id,
         "task_type": task.type,
@@ -317,14 +320,14 @@ def _summary(task: Task, outcome: str, status: str, output: Mapping[str, Any], s
         "attempt": task.attempt,
     }
     for key, value in (
-        ("connector", output.get("connectorIdentifier")),
-        ("credential_type", output.get("credentialType")),
-        ("region", output.get("testRegion")),
-        ("identity", identity.get("arn")),
-        ("failed_step", failure.get("step")),
-        ("category", failure.get("category")),
-        ("aws_error_code", failure.get("awsErrorCode")),
-        ("error", output.get("errorSummary")),
+        ("connector", output.connector_identifier),
+        ("credential_type", output.credential_type),
+        ("region", output.test_region),
+        ("identity", identity.arn if identity else None),
+        ("failed_step", failure.step if failure else None),
+        ("category", failure.category if failure else None),
+        ("aws_error_code", failure.aws_error_code if failure else None),
+        ("error", output.error_summary),
     ):
         if value:
             fields[key] = value
