@@ -104,27 +104,28 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
     from agent.aws.platform import platform_validator_from_env
 
     validator = platform_validator_from_env(os.environ, secrets_dir=config.secrets_dir, redactor=redactor)
-    try:
-        service = ControlPlaneService(config, platform_validator=validator)
-    except CredentialsError as exc:
-        _err(str(exc))
-        return EXIT_USAGE
-    redactor.add(*(k.secret for k in service.verifier.keys), *service.credentials.api_keys)
+    service = ControlPlaneService(config, platform_validator=validator)
 
     async def serve() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        # The handlers only set an event; the shutdown runs here, in order.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await service.start()
-        print(f"control plane listening on {service.url} (data in {config.data_dir})", file=sys.stderr, flush=True)
         try:
+            await service.setup()
+            redactor.add(*(k.secret for k in service.verifier.keys), *service.credentials.api_keys)
+            await service.start()
+            print(f"control plane listening on {service.url} (data in {config.data_dir})", file=sys.stderr, flush=True)
             await stop.wait()
         finally:
-            await service.stop()
+            await service.shutdown()
 
     try:
         asyncio.run(serve())
+    except CredentialsError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
     except OSError as exc:
         _err(f"cannot listen on {args.listen}: {exc.strerror or exc}")
         return EXIT_USAGE

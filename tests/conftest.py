@@ -220,8 +220,7 @@ async def control_plane_factory(tmp_path: Path) -> AsyncIterator[ControlPlaneFac
 
     yield make
     for service in reversed(started):
-        if service._runner is not None:
-            await service.stop()
+        await service.shutdown()  # idempotent: a test may have stopped it already
 
 
 @pytest.fixture

@@ -201,11 +201,17 @@ async def test_platform_mode_runs_the_validator_in_the_control_plane(
     """executeOnDelegate: false validates inside the control plane, through the platform seam."""
     seen: list[tuple[str, str]] = []
 
-    async def validator(connector: AwsConnector, task_id: str, permissions: tuple[str, ...]) -> ValidationResult:
-        seen.append((connector.identifier, task_id))
-        return ValidationResult(status="SUCCESS", tested_at=datetime.now(UTC), delegate_name="platform")
+    class Validator:
+        async def __call__(
+            self, connector: AwsConnector, task_id: str, permissions: tuple[str, ...]
+        ) -> ValidationResult:
+            seen.append((connector.identifier, task_id))
+            return ValidationResult(status="SUCCESS", tested_at=datetime.now(UTC), delegate_name="platform")
 
-    cp = await control_plane_factory(platform_validator=validator)
+        async def aclose(self) -> None:
+            return None
+
+    cp = await control_plane_factory(platform_validator=Validator())
     await apply(http, cp.url, manual_connector("Plat", executeOnDelegate=False))
     async with http.post(cp.url + "/api/v1/connectors/Plat/test", headers=H) as resp:
         view = msgspec.convert(await resp.json(), TaskView)

@@ -167,6 +167,8 @@ async def test_a_delegate_token_is_not_an_api_key(
 async def test_generated_credentials_when_none_are_given(tmp_path: Path) -> None:
     """With neither tokens nor an API key configured, both are generated into the data dir (mode 0600)."""
     service = ControlPlaneService(ControlPlaneConfig(data_dir=tmp_path, port=0))
+    assert not (tmp_path / "api-key").exists()  # constructing does no I/O: setup() does
+    await service.setup()
     try:
         for name in ("delegate-token", "api-key"):
             path = tmp_path / name
@@ -179,7 +181,8 @@ async def test_generated_credentials_when_none_are_given(tmp_path: Path) -> None
         ]
         assert (tmp_path / "task-signing-key.pub").read_text().strip() == service.signing_key.public_key_b64
         again = ControlPlaneService(ControlPlaneConfig(data_dir=tmp_path, port=0))
+        await again.setup()
         assert again.api_key == service.api_key  # generated once, then reused
-        again.store.close()
+        await again.shutdown()
     finally:
-        service.store.close()
+        await service.shutdown()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import structlog
@@ -14,9 +14,6 @@ from agent.aws.secrets import SecretStore
 from agent.aws.validator import AwsValidator
 from agent.observability.logging import Redactor
 from agent.protocol.results import ValidationResult
-
-#: Runs a connector test inside the control plane: (connector, task id, IAM actions) -> result document.
-PlatformValidator = Callable[[AwsConnector, str, tuple[str, ...]], Awaitable[ValidationResult]]
 
 log = structlog.get_logger("controlplane.platform")
 

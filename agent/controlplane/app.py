@@ -8,6 +8,7 @@ reverse order.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import ssl
@@ -19,12 +20,11 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from agent.aws.platform import PlatformValidator
-from agent.controlplane.core import ControlPlane, ControlPlaneSettings, TaskSigner
+from agent.controlplane.core import ControlPlane, ControlPlaneSettings, PlatformValidator, TaskSigner
 from agent.controlplane.openapi import build_openapi
 from agent.controlplane.routes import MAX_BODY_BYTES, ROUTES, Handlers, bind, error_middleware
 from agent.controlplane.store import Store
-from agent.protocol.auth import TokenKey, TokenVerifier, generate_token, token_id
+from agent.protocol.auth import Clock, TokenKey, TokenVerifier, generate_token, token_id
 from agent.protocol.signing import TaskSigningKey
 
 log = structlog.get_logger("controlplane")
@@ -165,7 +165,14 @@ def _generated_secret(config: ControlPlaneConfig, name: str, generated: list[Pat
 
 
 class ControlPlaneService:
-    """A running control plane: start() binds the port, stop() shuts everything down in order."""
+    """The control plane as one owner: construct (no I/O), :meth:`setup`, :meth:`start`, :meth:`shutdown`.
+
+    :meth:`setup` loads the credentials (generating them into the data dir if none are given) and
+    opens the store; :meth:`start` binds the port and starts the sweeper. Each resource's close is
+    entered into one ``AsyncExitStack`` as it is opened, so :meth:`shutdown` closes them in
+    reverse order (token watcher, core, HTTP server, platform validator, store) and one failing
+    close does not stop the others. ``async with`` starts and shuts down; a service starts once.
+    """
 
     def __init__(
         self,
@@ -174,39 +181,89 @@ class ControlPlaneService:
         platform_validator: PlatformValidator | None = None,
         task_signer: TaskSigner | None = None,
         task_public_key: str | None = None,
-        clock: Any = None,
+        clock: Clock | None = None,
     ) -> None:
         self.config = config
         self._platform_validator = platform_validator
-        creds = load_credentials(config)
-        self.credentials = creds
-        if config.data_dir is not None:
-            config.data_dir.mkdir(parents=True, exist_ok=True)
-        self.store = Store(config.data_dir / "controlplane.sqlite3" if config.data_dir else None)
-        if task_signer is None:
-            self.signing_key = load_signing_key(config, creds.generated)
-            task_signer, task_public_key = self.signing_key.sign, self.signing_key.public_key_b64
-        kwargs: dict[str, Any] = {"platform_validator": platform_validator, "task_signer": task_signer}
-        if clock is not None:
-            kwargs["clock"] = clock
-        self.core = ControlPlane(self.store, config.settings, **kwargs)
-        self.verifier = TokenVerifier(
-            creds.tokens, audience=config.settings.audience, revoked=self.store.revoked_tokens()
-        )
-        self.handlers = Handlers(
-            self.core, self.verifier, creds.api_keys, build_openapi(), task_public_key=task_public_key
-        )
-        self.app = make_app(self.handlers)
-        self._runner: web.AppRunner | None = None
-        self._watch: asyncio.Task[None] | None = None
-        self._token_stamp = self._stamp()
+        self._task_signer = task_signer
+        self.task_public_key = task_public_key
+        self._clock = clock
+        self._stack = contextlib.AsyncExitStack()
+        self._parts: _Parts | None = None
+        self._started = False
+        self._closed = False
+        self.signing_key: TaskSigningKey | None = None
         self.url = ""
+
+    # The parts exist once set up; reading one before that is a bug, said plainly.
+    @property
+    def credentials(self) -> Credentials:
+        return self._ready().credentials
+
+    @property
+    def store(self) -> Store:
+        return self._ready().store
+
+    @property
+    def core(self) -> ControlPlane:
+        return self._ready().core
+
+    @property
+    def verifier(self) -> TokenVerifier:
+        return self._ready().verifier
+
+    @property
+    def handlers(self) -> Handlers:
+        return self._ready().handlers
+
+    @property
+    def app(self) -> web.Application:
+        return self._ready().app
 
     @property
     def api_key(self) -> str:
         return self.credentials.api_keys[0]
 
+    def _ready(self) -> _Parts:
+        if self._parts is None:
+            raise RuntimeError("the control plane is not set up: call setup() or start() first")
+        return self._parts
+
+    async def setup(self) -> None:
+        """Load credentials and open the store (idempotent). Raises CredentialsError for bad credentials."""
+        if self._parts is not None:
+            return
+        if self._closed:
+            raise RuntimeError("this control plane was shut down; make a new one")
+        config = self.config
+        creds = load_credentials(config)
+        if config.data_dir is not None:
+            config.data_dir.mkdir(parents=True, exist_ok=True)
+        if self._platform_validator is not None:
+            self._stack.push_async_callback(self._platform_validator.aclose)
+        store = Store(config.data_dir / "controlplane.sqlite3" if config.data_dir else None)
+        self._stack.callback(store.close)
+        task_signer = self._task_signer
+        if task_signer is None:
+            self.signing_key = load_signing_key(config, creds.generated)
+            task_signer, self.task_public_key = self.signing_key.sign, self.signing_key.public_key_b64
+        kwargs: dict[str, Any] = {"platform_validator": self._platform_validator, "task_signer": task_signer}
+        if self._clock is not None:
+            kwargs["clock"] = self._clock
+        core = ControlPlane(store, config.settings, **kwargs)
+        verifier = TokenVerifier(creds.tokens, audience=config.settings.audience, revoked=store.revoked_tokens())
+        handlers = Handlers(core, verifier, creds.api_keys, build_openapi(), task_public_key=self.task_public_key)
+        self._token_stamp = self._stamp()
+        self._parts = _Parts(
+            credentials=creds, store=store, core=core, verifier=verifier, handlers=handlers, app=make_app(handlers)
+        )
+
     async def start(self) -> str:
+        """Set up if needed, bind the port, start the sweeper; returns the URL. A service starts once."""
+        if self._started:
+            raise RuntimeError("this control plane has already been started")
+        self._started = True
+        await self.setup()
         for path in self.credentials.generated:
             log.warning(
                 "controlplane.credentials_generated",
@@ -215,25 +272,29 @@ class ControlPlaneService:
             )
         # handler_cancellation: a long poll whose delegate hung up is cancelled, so no dead waiter
         # can swallow the wakeup meant for a live one.
-        self._runner = web.AppRunner(
-            self.app, handle_signals=False, access_log=None, shutdown_timeout=2.0, handler_cancellation=True
+        runner = web.AppRunner(
+            make_app(self.handlers),
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=2.0,
+            handler_cancellation=True,
         )
-        await self._runner.setup()
+        await runner.setup()
+        self._stack.push_async_callback(runner.cleanup)
         ssl_context = self._tls_context()
-        site = web.TCPSite(
-            self._runner, self.config.host, self.config.port, reuse_address=True, ssl_context=ssl_context
-        )
+        site = web.TCPSite(runner, self.config.host, self.config.port, reuse_address=True, ssl_context=ssl_context)
         await site.start()
-        sockets = self._runner.addresses
-        host, port = sockets[0][0], sockets[0][1]
+        host, port = runner.addresses[0][0], runner.addresses[0][1]
         scheme = "https" if ssl_context else "http"
         self.url = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
         await self.core.start()
+        self._stack.push_async_callback(self.core.stop)
         if self.config.delegate_token_file is not None:
-            self._watch = asyncio.create_task(self._watch_tokens(), name="controlplane-token-watch")
+            watch = asyncio.create_task(self._watch_tokens(), name="controlplane-token-watch")
+            self._stack.push_async_callback(_cancel, watch)
         log.info(
             "controlplane.started",
-            task_public_key=self.handlers._task_public_key,
+            task_public_key=self.task_public_key,
             mutual_tls=self.config.tls_client_ca_file is not None,
             url=self.url,
             data_dir=str(self.config.data_dir or "(memory)"),
@@ -241,26 +302,32 @@ class ControlPlaneService:
         )
         return self.url
 
-    async def stop(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-            await asyncio.gather(self._watch, return_exceptions=True)
-        await self.core.stop()
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-        closer = getattr(self._platform_validator, "aclose", None)
-        if closer is not None:
-            await closer()
-        self.store.close()
-        log.info("controlplane.stopped")
+    async def shutdown(self) -> None:
+        """Close everything opened, in reverse order. Safe to call twice, or before start."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._stack.aclose()
+        except Exception:
+            # Every other close has run; one that failed is worth a line, not a traceback at exit.
+            log.exception("controlplane.close_failed")
+        if self._started:
+            log.info("controlplane.stopped")
+
+    #: The name callers used before :meth:`shutdown`; the same thing.
+    stop = shutdown
 
     async def __aenter__(self) -> ControlPlaneService:
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            await self.shutdown()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
+        await self.shutdown()
 
     def _tls_context(self) -> ssl.SSLContext | None:
         c = self.config
@@ -311,6 +378,23 @@ class ControlPlaneService:
         while True:
             await asyncio.sleep(2.0)
             self.reload_tokens()
+
+
+@dataclass(frozen=True)
+class _Parts:
+    """What :meth:`ControlPlaneService.setup` opens and builds."""
+
+    credentials: Credentials
+    store: Store
+    core: ControlPlane
+    verifier: TokenVerifier
+    handlers: Handlers
+    app: web.Application
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def make_app(handlers: Handlers) -> web.Application:

@@ -17,13 +17,12 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import structlog
 
 from agent.aws.connector import AwsConnector, ConnectorInvalid, parse_actions, parse_connector
-from agent.aws.platform import PlatformValidator
 from agent.controlplane.store import ConnectorRow, DelegateRow, Store, TaskRow, with_updates
 from agent.protocol.auth import DEFAULT_AUDIENCE
 from agent.protocol.errors import Code
@@ -126,6 +125,16 @@ class _Waiter:
 
 
 QueueKey = tuple[str, frozenset[str]]
+
+
+class PlatformValidator(Protocol):
+    """Runs a connector test inside the control plane (``executeOnDelegate: false``)."""
+
+    async def __call__(
+        self, connector: AwsConnector, task_id: str, permissions: tuple[str, ...]
+    ) -> ValidationResult: ...
+
+    async def aclose(self) -> None: ...
 
 
 class ControlPlane:

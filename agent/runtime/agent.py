@@ -2,16 +2,22 @@
 
 Root loops: the connection (register, heartbeat), the poller (long poll gated by free slots), and
 the reporter (outbox -> control plane). Tasks run in the executor. The HTTP server (probes,
-metrics, status) starts first and stops last.
+metrics, status) starts before the loops and stops after them.
 
-Shutdown ladder (first SIGTERM/SIGINT):
+Lifecycle: construct (no I/O), then either ``await agent.run()`` (a process's main job, see
+:func:`serve`) or ``async with agent:`` (run in the background, :meth:`Agent.shutdown` on exit).
+An Agent runs once. Everything :meth:`run` opens is entered into one ``AsyncExitStack``, so it is
+closed in reverse order and one failing close does not stop the others.
+
+Shutdown ladder (first SIGTERM/SIGINT, or :meth:`Agent.shutdown`):
 
 1. drain: stop polling, report "draining" at once (readiness turns 503 now; heartbeats go on);
 2. wait for running tasks, up to the drain timeout;
 3. cancel what remains; each reports a "cancelled: the delegate is shutting down" result;
 4. flush the outbox (whatever cannot be sent stays in a durable outbox for the next start);
 5. deregister;
-6. close clients and the outbox; stop the HTTP server; exit 0.
+6. close the task handlers (their AWS clients) and the HTTP session; stop the HTTP server; close
+   the outbox; exit 0.
 
 A second signal skips the wait (step 2). A watchdog thread exits hard if the whole ladder takes
 longer than drain timeout + grace. Signal handlers only call :meth:`Agent.request_shutdown`.
@@ -20,6 +26,7 @@ longer than drain timeout + grace. Signal handlers only call :meth:`Agent.reques
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import ssl
@@ -28,6 +35,7 @@ import threading
 import time
 import uuid
 from collections.abc import Coroutine, Sequence
+from types import TracebackType
 from typing import Any
 
 import aiohttp
@@ -41,6 +49,7 @@ from agent.protocol.auth import RequestSigner, TokenSource
 from agent.protocol.client import ControlPlaneClient
 from agent.runtime.connection import Connection
 from agent.runtime.executor import Executor, Slots, TaskCheck
+from agent.runtime.health import HealthPolicy
 from agent.runtime.outbox import open_outbox
 from agent.runtime.poller import Poller
 from agent.runtime.reporter import Reporter
@@ -68,7 +77,11 @@ class Agent:
         watchdog: bool = True,
     ) -> None:
         self.settings = settings
-        self.handlers = {h.task_type: h for h in handlers}
+        self.handlers: dict[str, TaskHandler] = {}
+        for handler in handlers:
+            if handler.task_type in self.handlers:
+                raise ValueError(f"two handlers for the task type {handler.task_type!r}")
+            self.handlers[handler.task_type] = handler
         self.redactor = redactor or Redactor()
         self.metrics = metrics or AgentMetrics(name=settings.name)
         self.state = AgentState(
@@ -79,13 +92,45 @@ class Agent:
         )
         self._task_check = task_check
         self._watchdog_enabled = watchdog
+        self._watchdog: threading.Timer | None = None
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
-        self._stop_requested_at: float | None = None
+        self._ran = False
+        self._stopped = asyncio.Event()
+        self._background: asyncio.Task[int] | None = None
         self.started = asyncio.Event()
         self.http_url = ""
         if settings.token is not None:
             self.redactor.add(settings.token)
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Agent:
+        """Run in the background; returns once the loops are up (or raises why they are not)."""
+        self._background = asyncio.create_task(self.run(), name="agent")
+        started = asyncio.create_task(self.started.wait())
+        await asyncio.wait({self._background, started}, return_when=asyncio.FIRST_COMPLETED)
+        started.cancel()
+        if self._background.done():
+            self._background.result()  # the start failed: raise it here
+            raise RuntimeError("the agent stopped before it started")
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.shutdown()
+        if self._background is not None:
+            await asyncio.gather(self._background, return_exceptions=True)
+
+    async def shutdown(self) -> None:
+        """Drain and stop, and return once stopped. Safe to call twice, or before :meth:`run`."""
+        if not self._ran:
+            self._ran = True  # never started: nothing to drain, and it may not start now
+            self._stopped.set()
+            return
+        self.request_shutdown()
+        await self._stopped.wait()
 
     # --- signals -----------------------------------------------------------------------------
 
@@ -96,7 +141,6 @@ class Agent:
                 log.warning("agent.shutdown_forced", hint="second signal: cancelling running tasks now")
             self._force.set()
             return
-        self._stop_requested_at = time.monotonic()
         self._stop.set()
         if self._watchdog_enabled:
             self._start_watchdog()
@@ -114,12 +158,37 @@ class Agent:
         timer.start()
         self._watchdog = timer
 
+    def _cancel_watchdog(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+
     # --- run ---------------------------------------------------------------------------------
 
     async def run(self) -> int:
-        """Run until asked to stop; returns the process exit code."""
+        """Run until asked to stop; returns the process exit code. An Agent runs once."""
+        if self._ran:
+            raise RuntimeError("this Agent has already run (or was shut down); make a new one")
+        self._ran = True
+        stack = contextlib.AsyncExitStack()
+        try:
+            code = await self._run(stack)
+        finally:
+            try:
+                await stack.aclose()
+            except Exception:
+                # Every other close has run; one that failed is worth a line, not a traceback at exit.
+                log.exception("agent.close_failed")
+            self._stopped.set()
+        log.info("agent.stopped", exit_code=code)
+        return code
+
+    async def _run(self, stack: contextlib.AsyncExitStack) -> int:
+        """Open everything in order, each close entered at once; the stack closes them in reverse."""
         s = self.settings
+        loop = asyncio.get_running_loop()
+        stack.callback(self._cancel_watchdog)
         outbox = open_outbox(s.data_dir)
+        stack.callback(outbox.close)
         if not outbox.durable:
             log.warning(
                 "agent.outbox_in_memory",
@@ -130,18 +199,20 @@ class Agent:
         slots = Slots(s.capacity)
         self.metrics.slots.set(s.capacity)
         self.metrics.sample(busy=lambda: slots.busy, outbox=lambda: len(outbox), heartbeat_age=self._heartbeat_age)
-        http = HealthServer(
+        probes = HealthPolicy(
             state=self.state,
-            metrics=self.metrics,
+            now=loop.time,
             busy=lambda: slots.busy,
             outbox_depth=lambda: len(outbox),
             outbox_durable=outbox.durable,
             control_plane=s.control_plane.url,
-            host=s.http_host,
-            port=s.http_port,
         )
+        http = HealthServer(probes=probes, registry=self.metrics.registry, host=s.http_host, port=s.http_port)
+        stack.push_async_callback(http.stop)
         self.http_url = await http.start()
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl_context(), limit=s.capacity + 8))
+        stack.push_async_callback(session.close)
+        stack.push_async_callback(self._close_handlers)
         token = TokenSource(path=s.token_file) if s.token_file else TokenSource(value=s.token or "")
         signer = RequestSigner(token, audience=s.control_plane.audience, issuer=s.name)
         client = ControlPlaneClient(
@@ -172,38 +243,27 @@ class Agent:
         )
         poller = Poller(client=client, connection=connection, executor=executor, slots=slots, state=self.state)
         reporter = Reporter(client=client, outbox=outbox, state=self.state, metrics=self.metrics)
+        log.info("agent.starting", version=__version__, endpoints=self.http_url, settings=s.describe())
+        await self._warm()
+        if self._stop.is_set():  # asked to stop while warming up: nothing is running yet
+            return 0
+        roots = {
+            "connection": _guarded("connection", connection.run()),
+            "poller": _guarded("poller", poller.run()),
+            "reporter": _guarded("reporter", reporter.run()),
+        }
+        stack.push_async_callback(_cancel_all, list(roots.values()))
+        self.started.set()
         code = 0
-        roots: dict[str, asyncio.Task[None]] = {}
-        try:
-            log.info("agent.starting", version=__version__, endpoints=self.http_url, settings=s.describe())
-            await self._warm()
-            roots = {
-                "connection": _guarded("connection", connection.run()),
-                "poller": _guarded("poller", poller.run()),
-                "reporter": _guarded("reporter", reporter.run()),
-            }
-            self.started.set()
-            stop = asyncio.create_task(self._stop.wait(), name="stop-request")
-            done, _ = await asyncio.wait({stop, *roots.values()}, return_when=asyncio.FIRST_COMPLETED)
-            if stop not in done:
-                failed = [name for name, t in roots.items() if t in done]
-                log.error("agent.root_task_ended", tasks=failed, hint="a bug: shutting down so Kubernetes restarts us")
-                code = 1
-                self._stop.set()
-            stop.cancel()
-            await self._shutdown(roots, connection, poller, reporter, executor)
-        finally:
-            for task in roots.values():
-                task.cancel()
-            await asyncio.gather(*roots.values(), return_exceptions=True)
-            await self._close_handlers()
-            await session.close()
-            outbox.close()
-            await http.stop()
-            timer = getattr(self, "_watchdog", None)
-            if timer is not None:
-                timer.cancel()
-        log.info("agent.stopped", exit_code=code)
+        stop = asyncio.create_task(self._stop.wait(), name="stop-request")
+        done, _ = await asyncio.wait({stop, *roots.values()}, return_when=asyncio.FIRST_COMPLETED)
+        if stop not in done:
+            failed = [name for name, t in roots.items() if t in done]
+            log.error("agent.root_task_ended", tasks=failed, hint="a bug: shutting down so Kubernetes restarts us")
+            code = 1
+            self._stop.set()
+        stop.cancel()
+        await self._shutdown(roots, connection, poller, reporter, executor)
         return code
 
     async def _shutdown(
@@ -245,8 +305,8 @@ class Agent:
         if not await reporter.flush(budget):
             log.warning(
                 "agent.results_undelivered",
-                pending=len(reporter._outbox),
-                kept="in the durable outbox" if reporter._outbox.durable else "lost (memory outbox)",
+                pending=reporter.undelivered,
+                kept="in the durable outbox" if reporter.durable else "lost (memory outbox)",
             )
         # 5. deregister (after the flush, so results arrive while the lease is ours).
         connection.stop()
@@ -275,24 +335,19 @@ class Agent:
 
     async def _warm(self) -> None:
         for handler in self.handlers.values():
-            warm = getattr(handler, "warm", None)
-            if warm is not None:
-                started = time.perf_counter()
-                await warm()
-                log.info(
-                    "agent.handler_warmed",
-                    task_type=handler.task_type,
-                    ms=round((time.perf_counter() - started) * 1000),
-                )
+            started = time.perf_counter()
+            await handler.warm()
+            log.info(
+                "agent.handler_warmed", task_type=handler.task_type, ms=round((time.perf_counter() - started) * 1000)
+            )
 
     async def _close_handlers(self) -> None:
+        """Close every handler, even when one fails to (it is logged, and the rest still close)."""
         for handler in self.handlers.values():
-            close = getattr(handler, "aclose", None)
-            if close is not None:
-                try:
-                    await close()
-                except Exception:
-                    log.exception("agent.handler_close_failed", task_type=handler.task_type)
+            try:
+                await handler.aclose()
+            except Exception:
+                log.exception("agent.handler_close_failed", task_type=handler.task_type)
 
 
 async def serve(agent: Agent) -> int:
@@ -324,3 +379,9 @@ def _guarded(name: str, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
             raise
 
     return asyncio.create_task(guard(), name=name)
+
+
+async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

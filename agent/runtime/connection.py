@@ -18,6 +18,7 @@ from collections.abc import Callable
 import structlog
 
 from agent._version import __version__
+from agent.observability.metrics import AgentMetrics
 from agent.protocol.client import ControlPlaneClient
 from agent.protocol.errors import AuthError, ProtocolError, RateLimited, UnknownDelegate
 from agent.protocol.models import HeartbeatRequest, RegisterRequest
@@ -33,7 +34,7 @@ class Connection:
         *,
         client: ControlPlaneClient,
         state: AgentState,
-        metrics: object,
+        metrics: AgentMetrics,
         task_types: list[str],
         free_slots: Callable[[], int],
         in_flight: Callable[[], list[str]],
@@ -72,7 +73,7 @@ class Connection:
 
     def _set_registered(self, value: bool) -> None:
         self._state.registered = value
-        self._metrics.registered.set(1 if value else 0)  # type: ignore[attr-defined]
+        self._metrics.registered.set(1 if value else 0)
 
     def _set_auth(self, error: str | None) -> None:
         if error and not self._state.auth_error:
@@ -85,7 +86,7 @@ class Connection:
         elif not error and self._state.auth_error:
             log.info("agent.auth_accepted")
         self._state.auth_error = error
-        self._metrics.auth_refused.set(1 if error else 0)  # type: ignore[attr-defined]
+        self._metrics.auth_refused.set(1 if error else 0)
 
     async def run(self) -> None:
         while not self._stop.is_set():
@@ -127,7 +128,7 @@ class Connection:
                 self._set_auth(None)
                 self._set_registered(True)
                 self._registered.set()
-                self._metrics.registrations.inc()  # type: ignore[attr-defined]
+                self._metrics.registrations.inc()
                 log.info(
                     "agent.registered",
                     delegate_id=answer.delegate_id,

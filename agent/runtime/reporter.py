@@ -16,6 +16,7 @@ import time
 
 import structlog
 
+from agent.observability.metrics import AgentMetrics
 from agent.protocol.client import ControlPlaneClient
 from agent.protocol.errors import AuthError, LeaseFenced, NotFound, ProtocolError, RequestRejected
 from agent.runtime.backoff import Backoff, auth_backoff
@@ -29,12 +30,22 @@ CONCURRENCY = 8
 
 
 class Reporter:
-    def __init__(self, *, client: ControlPlaneClient, outbox: Outbox, state: AgentState, metrics: object) -> None:
+    def __init__(self, *, client: ControlPlaneClient, outbox: Outbox, state: AgentState, metrics: AgentMetrics) -> None:
         self._client = client
         self._outbox = outbox
         self._state = state
         self._metrics = metrics
         self._stop = asyncio.Event()
+
+    @property
+    def undelivered(self) -> int:
+        """Results still waiting for the control plane."""
+        return len(self._outbox)
+
+    @property
+    def durable(self) -> bool:
+        """Whether undelivered results survive a restart."""
+        return self._outbox.durable
 
     def stop(self) -> None:
         self._stop.set()
@@ -161,5 +172,5 @@ class Reporter:
 
     def _drop(self, entry: Entry, reason: str, detail: str) -> None:
         self._outbox.remove(entry.key)
-        self._metrics.results_dropped.labels(reason).inc()  # type: ignore[attr-defined]
+        self._metrics.results_dropped.labels(reason).inc()
         log.warning("task.result_dropped", task_id=entry.task_id, reason=reason, detail=detail)
