@@ -61,6 +61,14 @@ def _err(message: str) -> None:
     print(f"delegate-agent: {message}", file=sys.stderr)
 
 
+def _print_problems(headline: str, problems: Sequence[Any]) -> int:
+    """A headline, then every problem on its own line (a ``ProblemsError``'s list); exit code 2."""
+    _err(headline)
+    for p in problems:
+        print(f"  {p.field}: {p.message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
 # --- the control plane -------------------------------------------------------------------------
 
 
@@ -345,10 +353,9 @@ def _settings(args: argparse.Namespace) -> Any:
     try:
         return load_settings(os.environ, Path(config) if config else None)
     except ConfigError as exc:
-        _err(f"the configuration has {len(exc.problems)} problem(s):")
-        for p in exc.problems:
-            print(f"  {p.field}: {p.message}", file=sys.stderr)
-        raise SystemExit(EXIT_USAGE) from None
+        raise SystemExit(
+            _print_problems(f"the configuration has {len(exc.problems)} problem(s):", exc.problems)
+        ) from None
 
 
 def build_handlers(settings: Any, redactor: Any, metrics: Any) -> list[Any]:
@@ -423,10 +430,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         connector = parse_connector(docs[0])
         permissions = parse_actions(None, args.permission, "--permission") if args.permission else ()
     except ConnectorInvalid as exc:
-        _err(f"{args.file} is not a valid connector:")
-        for p in exc.problems:
-            print(f"  {p.field}: {p.message}", file=sys.stderr)
-        return EXIT_USAGE
+        return _print_problems(f"{args.file} is not a valid connector:", exc.problems)
     env, problems = AwsEnvironment.from_environ(os.environ)
     if problems:
         for p in problems:

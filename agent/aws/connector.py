@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from agent.aws.partitions import parse_role_arn, partition_table
 from agent.protocol.models import Problem
+from agent.protocol.problems import ProblemsError
 
 CredentialType = Literal["InheritFromDelegate", "ManualConfig", "Irsa"]
 CREDENTIAL_TYPES: tuple[CredentialType, ...] = ("InheritFromDelegate", "ManualConfig", "Irsa")
@@ -49,12 +50,8 @@ _ACTION_RE = re.compile(r"^[a-zA-Z0-9-]+:[A-Za-z0-9*?]+$")
 _TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/=+@-]{0,127}$")
 
 
-class ConnectorInvalid(Exception):
+class ConnectorInvalid(ProblemsError):
     """The connector document has problems; all of them are in ``problems``."""
-
-    def __init__(self, problems: list[Problem]) -> None:
-        self.problems = problems
-        super().__init__("; ".join(f"{p.field}: {p.message}" for p in problems))
 
 
 @dataclass(frozen=True)

@@ -23,18 +23,15 @@ from agent._values import bounded_message, parse_bounded
 from agent.aws.environment import AwsEnvironment
 from agent.protocol.auth import DEFAULT_AUDIENCE
 from agent.protocol.models import Problem
+from agent.protocol.problems import ProblemsError
 
 LogFormat = Literal["json", "console"]
 _TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/=+@-]{0,127}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
-class ConfigError(Exception):
+class ConfigError(ProblemsError):
     """The configuration has problems; all of them are in ``problems``."""
-
-    def __init__(self, problems: list[Problem]) -> None:
-        self.problems = problems
-        super().__init__("; ".join(f"{p.field}: {p.message}" for p in problems))
 
 
 @dataclass(frozen=True)
