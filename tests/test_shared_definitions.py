@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
 import pytest
 
 from agent.aws.connector import ConnectorInvalid, parse_connector
-from agent.protocol.models import Problem
+from agent.controlplane.openapi import CONNECTOR_SCHEMA
+from agent.protocol.models import CreateTaskRequest, Problem
+from agent.protocol.patterns import TAG_PATTERN, TAG_RE
 from agent.protocol.problems import ProblemsError
 from agent.runtime.settings import ConfigError, load_settings
 
@@ -21,3 +27,27 @@ def test_settings_and_connector_errors_share_one_problems_base() -> None:
     error = ProblemsError([Problem(field="a", message="is bad"), Problem(field="b", message="is worse")])
     assert str(error) == "a: is bad; b: is worse"
     assert [p.field for p in error.problems] == ["a", "b"]
+
+
+@pytest.mark.parametrize("tag", ["eks", "team=a+b@c:d/e.f_g-h", "9lives", "-leading", "has space", "é", "x" * 129])
+def test_one_tag_pattern_decides_for_wire_settings_connectors_and_the_schema(tag: str) -> None:
+    """A tag is accepted or refused alike by the wire model, the settings, a connector and the OpenAPI schema."""
+    wire_ok = _accepts(lambda: msgspec.convert({"type": "t", "payload": {}, "selectors": [tag]}, CreateTaskRequest))
+    settings_ok = _accepts(lambda: load_settings({**_MINIMAL_ENV, "DELEGATE_TAGS": tag}))
+    spec: dict[str, Any] = {"credential": {"type": "Irsa"}, "delegateSelectors": [tag]}
+    connector = {"connector": {"name": "c", "type": "Aws", "spec": spec}}
+    connector_ok = _accepts(lambda: parse_connector(connector))
+    schema_items = CONNECTOR_SCHEMA["properties"]["connector"]["properties"]["spec"]["properties"]["delegateSelectors"]
+    assert schema_items["items"]["pattern"] == TAG_PATTERN
+    assert wire_ok == settings_ok == connector_ok == bool(TAG_RE.match(tag))
+
+
+_MINIMAL_ENV = {"MANAGER_HOST_AND_PORT": "http://cp", "DELEGATE_TOKEN": "t" * 20, "DELEGATE_NAME": "d"}
+
+
+def _accepts(call: Callable[[], object]) -> bool:
+    try:
+        call()
+    except (ProblemsError, msgspec.ValidationError):
+        return False
+    return True

@@ -29,6 +29,14 @@ from typing import Any, Literal
 
 from agent.aws.partitions import parse_role_arn, partition_table
 from agent.protocol.models import Problem
+from agent.protocol.patterns import (
+    ACCESS_KEY_ID_RE,
+    CONNECTOR_IDENTIFIER_RE,
+    EXTERNAL_ID_RE,
+    IAM_ACTION_RE,
+    SECRET_REF_RE,
+    TAG_RE,
+)
 from agent.protocol.problems import ProblemsError
 
 CredentialType = Literal["InheritFromDelegate", "ManualConfig", "Irsa"]
@@ -38,16 +46,10 @@ BackoffKind = Literal["FixedDelayBackoffStrategy", "EqualJitterBackoffStrategy",
 DEFAULT_REGION = "us-east-1"
 DEFAULT_ASSUME_ROLE_SECONDS = 3600
 
-_IDENTIFIER_RE = re.compile(r"^[a-zA-Z_][0-9a-zA-Z_$]{0,127}$")
 # Harness reserves these words as identifiers (entity identifier reference).
 _RESERVED = frozenset(
     ["or", "and", "eq", "ne", "lt", "gt", "le", "ge", "div", "mod", "not", "null", "true", "false", "new"]
 )
-_SECRET_REF_RE = re.compile(r"^(?:(?P<scope>account|org)\.)?(?P<name>[A-Za-z0-9_$-][A-Za-z0-9_.$-]{0,127})$")
-_ACCESS_KEY_RE = re.compile(r"^[A-Z0-9]{16,128}$")
-_EXTERNAL_ID_RE = re.compile(r"^[\w+=,.@:/-]{2,1224}$")
-_ACTION_RE = re.compile(r"^[a-zA-Z0-9-]+:[A-Za-z0-9*?]+$")
-_TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/=+@-]{0,127}$")
 
 
 class ConnectorInvalid(ProblemsError):
@@ -170,11 +172,11 @@ def derive_identifier(name: str) -> str:
 
 
 def parse_secret_ref(text: str) -> SecretRef | None:
-    m = _SECRET_REF_RE.match(text)
+    m = SECRET_REF_RE.match(text)
     if not m or ".." in text:
         return None
-    scope = m["scope"] or "project"
-    return SecretRef(raw=text, scope=scope, name=m["name"])  # type: ignore[arg-type]
+    scope = m[1] or "project"
+    return SecretRef(raw=text, scope=scope, name=m[2])  # type: ignore[arg-type]
 
 
 def _looks_like_secret_value(text: str) -> bool:
@@ -276,7 +278,7 @@ def parse_connector(document: Any) -> AwsConnector:
     if identifier is None and name:
         identifier = derive_identifier(name)
     if identifier is not None:
-        if not _IDENTIFIER_RE.match(identifier):
+        if not CONNECTOR_IDENTIFIER_RE.match(identifier):
             c.add(
                 "connector.identifier",
                 f"{identifier!r} must start with a letter or '_' and contain only "
@@ -430,7 +432,7 @@ def _selectors(c: _Checker, raw: Any, path: str) -> tuple[str, ...]:
         return ()
     out: list[str] = []
     for i, tag in enumerate(raw):
-        if not isinstance(tag, str) or not _TAG_RE.match(tag):
+        if not isinstance(tag, str) or not TAG_RE.match(tag):
             c.add(f"{path}[{i}]", "a tag has letters, digits and _.:/=+@- (starting with a letter or digit)")
         else:
             out.append(tag)
@@ -447,7 +449,7 @@ def _manual(c: _Checker, spec: Mapping[str, Any]) -> tuple[str | None, SecretRef
         c.add(f"{base}.accessKey", "give accessKey or accessKeyRef, not both")
     elif access_key is None and raw_ak_ref is None:
         c.add(f"{base}.accessKey", "is required (or accessKeyRef, a secret reference)")
-    if access_key is not None and not _ACCESS_KEY_RE.match(access_key):
+    if access_key is not None and not ACCESS_KEY_ID_RE.match(access_key):
         c.add(
             f"{base}.accessKey",
             "does not look like an AWS access key ID (16 to 128 capital letters and digits, e.g. AKIA...)",
@@ -509,7 +511,7 @@ def _cross_account(c: _Checker, raw: Any, region: str) -> CrossAccountAccess | N
     else:
         ok = False
     external_id = xa.get("externalId")
-    if external_id is not None and (not isinstance(external_id, str) or not _EXTERNAL_ID_RE.match(external_id)):
+    if external_id is not None and (not isinstance(external_id, str) or not EXTERNAL_ID_RE.match(external_id)):
         c.add(f"{base}.externalId", "must be 2 to 1224 characters of letters, digits and +=,.@:/-")
         ok = False
     duration = xa.get("durationSeconds", DEFAULT_ASSUME_ROLE_SECONDS)
@@ -587,7 +589,7 @@ def parse_actions(c: _Checker | None, raw: Any, path: str, *, required: bool = F
         return ()
     out: list[str] = []
     for i, a in enumerate(raw):
-        if not isinstance(a, str) or not _ACTION_RE.match(a):
+        if not isinstance(a, str) or not IAM_ACTION_RE.match(a):
             checker.add(f"{path}[{i}]", f"{a!r} is not an IAM action (service:Action, e.g. ec2:DescribeInstances)")
         else:
             out.append(a)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,11 +24,10 @@ from agent.controlplane.openapi import build_openapi
 from agent.controlplane.routes import MAX_BODY_BYTES, ROUTES, Handlers, bind, error_middleware
 from agent.controlplane.store import Store
 from agent.protocol.auth import Clock, TokenKey, TokenVerifier, generate_token, token_id
+from agent.protocol.patterns import TOKEN_NAME_RE
 from agent.protocol.signing import TaskSigningKey
 
 log = structlog.get_logger("controlplane")
-
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 
 class CredentialsError(Exception):
@@ -69,7 +67,7 @@ def parse_token_lines(text: str, source: str) -> list[TokenKey]:
         if not sep:
             name, secret = "", line
         name, secret = name.strip(), secret.strip()
-        if name and not _NAME_RE.match(name):
+        if name and not TOKEN_NAME_RE.match(name):
             raise CredentialsError(f"{source}, line {number}: token names use letters, digits, '_', '.', '-'")
         if len(secret) < 16:
             raise CredentialsError(f"{source}, line {number}: a delegate token needs at least 16 characters")

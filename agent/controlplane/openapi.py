@@ -9,15 +9,15 @@ import msgspec
 from agent._version import __version__
 from agent.controlplane.routes import ROUTES, Route
 from agent.protocol.models import ErrorBody
+from agent.protocol.patterns import AccessKeyId, ConnectorIdentifier, ExternalId, IamAction, SecretRefText, Tag
 
 _SECRET_REF = {
-    "type": "string",
-    "pattern": "^((account|org)\\.)?[A-Za-z0-9_$-][A-Za-z0-9_.$-]{0,127}$",
+    **msgspec.json.schema(SecretRefText),
     "description": "A secret reference: account.NAME, org.NAME or NAME. The delegate reads the file NAME in its "
     "AGENT_SECRETS_DIR.",
     "examples": ["account.aws_secret_key"],
 }
-_TAGS = {"type": "array", "items": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.:/=+@-]{0,127}$"}}
+_TAGS = msgspec.json.schema(list[Tag])
 
 #: The Harness AWS connector document as accepted by POST/PUT /api/v1/connectors (YAML or JSON).
 #: The schema says what each field may hold; the server also applies Harness's cross-field rules
@@ -33,8 +33,7 @@ CONNECTOR_SCHEMA: dict[str, Any] = {
             "properties": {
                 "name": {"type": "string", "minLength": 1, "maxLength": 128},
                 "identifier": {
-                    "type": "string",
-                    "pattern": "^[a-zA-Z_][0-9a-zA-Z_$]{0,127}$",
+                    **msgspec.json.schema(ConnectorIdentifier),
                     "description": "Derived from the name when absent.",
                 },
                 "description": {"type": "string", "maxLength": 1024},
@@ -54,7 +53,7 @@ CONNECTOR_SCHEMA: dict[str, Any] = {
                                 "spec": {
                                     "type": ["object", "null"],
                                     "properties": {
-                                        "accessKey": {"type": "string", "pattern": "^[A-Z0-9]{16,128}$"},
+                                        "accessKey": msgspec.json.schema(AccessKeyId),
                                         "accessKeyRef": _SECRET_REF,
                                         "secretKeyRef": _SECRET_REF,
                                         "delegateSelectors": _TAGS,
@@ -68,7 +67,7 @@ CONNECTOR_SCHEMA: dict[str, Any] = {
                                             "type": "string",
                                             "pattern": "^arn:aws[a-z-]*:iam::[0-9]{12}:role/[\\w+=,.@/-]{1,512}$",
                                         },
-                                        "externalId": {"type": "string", "pattern": "^[\\w+=,.@:/-]{2,1224}$"},
+                                        "externalId": msgspec.json.schema(ExternalId),
                                         "durationSeconds": {"type": "integer", "minimum": 900, "maximum": 43200},
                                     },
                                 },
@@ -97,7 +96,7 @@ CONNECTOR_SCHEMA: dict[str, Any] = {
                                     "type": "array",
                                     "minItems": 1,
                                     "maxItems": 100,
-                                    "items": {"type": "string", "pattern": "^[a-zA-Z0-9-]+:[A-Za-z0-9*?]+$"},
+                                    "items": msgspec.json.schema(IamAction),
                                 },
                                 "resources": {"type": "array", "items": {"type": "string", "minLength": 1}},
                             },

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from agent.protocol.patterns import Tag
 from agent.protocol.results import ValidationResult
 from agent.protocol.wire import TaskStatus, Timestamp, Wire
 
@@ -21,8 +22,6 @@ PROTOCOL_VERSION = "v1"
 TASK_TYPE_AWS_VALIDATE = "aws.validate-connector"
 
 Name = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
-#: Delegate tags and task selectors: one unambiguous alphabet, the same in every regex dialect.
-Tag = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:/=+@-]{0,127}$")]
 Identifier = Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
 Seconds = Annotated[float, msgspec.Meta(ge=0)]
 DelegateState = Literal["running", "draining"]

@@ -23,11 +23,10 @@ from agent._values import bounded_message, parse_bounded
 from agent.aws.environment import AwsEnvironment
 from agent.protocol.auth import DEFAULT_AUDIENCE
 from agent.protocol.models import Problem
+from agent.protocol.patterns import DELEGATE_NAME_RE, TAG_RE
 from agent.protocol.problems import ProblemsError
 
 LogFormat = Literal["json", "console"]
-_TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/=+@-]{0,127}$")
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 class ConfigError(ProblemsError):
@@ -234,7 +233,7 @@ def load_settings(environ: Mapping[str, str], config_file: Path | None = None) -
         r.add("DELEGATE_TOKEN_FILE", f"{token_file} is empty")
 
     name, name_where = r.text("name", default=socket.gethostname())
-    if name is None or not _NAME_RE.match(name):
+    if name is None or not DELEGATE_NAME_RE.match(name):
         r.add(name_where, f"{name!r} must be 1-128 letters, digits, '.', '_' or '-' (starting with a letter or digit)")
     tags = _tags(r)
     capacity = int(r.number("capacity", 16, 1, 1024, integer=True))
@@ -358,7 +357,7 @@ def _tags(r: _Reader) -> tuple[str, ...]:
     else:
         r.add(where, "must be a list of tags or a comma-separated string")
         return ()
-    bad = [t for t in items if not _TAG_RE.match(t)]
+    bad = [t for t in items if not TAG_RE.match(t)]
     if bad:
         r.add(where, f"a tag has letters, digits and _.:/=+@- (starting with a letter or digit): {bad}")
-    return tuple(dict.fromkeys(t for t in items if _TAG_RE.match(t)))
+    return tuple(dict.fromkeys(t for t in items if TAG_RE.match(t)))
