@@ -24,8 +24,7 @@ from agent.protocol.auth import RequestSigner, TokenSource
 from agent.protocol.client import ControlPlaneClient
 from agent.protocol.models import RegisterRequest
 from agent.runtime.agent import Agent
-from agent.runtime.settings import AgentSettings
-from agent.runtime.settings import ControlPlaneSettings as CpSettings
+from agent.runtime.settings import AgentSettings, ControlPlaneEndpoint
 from tests.handlers import GateHandler, all_handlers
 from tests.helpers import wait_for
 
@@ -355,7 +354,7 @@ async def agent_factory(tmp_path: Path) -> AsyncIterator[AgentFactory]:
     ) -> Running:
         url = cp if isinstance(cp, str) else cp.url
         settings = AgentSettings(
-            control_plane=CpSettings(url=url, request_timeout=5),
+            control_plane=ControlPlaneEndpoint(url=url, request_timeout=5),
             token=token,
             token_file=token_file,
             name=name,

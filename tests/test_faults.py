@@ -119,8 +119,7 @@ async def test_aws_throttling_and_5xx_are_retried_or_reported(
     from agent.cli import build_handlers
     from agent.observability.logging import Redactor
     from agent.observability.metrics import AgentMetrics
-    from agent.runtime.settings import AgentSettings
-    from agent.runtime.settings import ControlPlaneSettings as CpSettings
+    from agent.runtime.settings import AgentSettings, ControlPlaneEndpoint
 
     aws_proxy = FaultProxy(moto)
     rand = random.Random(5)
@@ -134,7 +133,7 @@ async def test_aws_throttling_and_5xx_are_retried_or_reported(
         secrets.mkdir(exist_ok=True)
         (secrets / "sk").write_text("secret")
         [handler] = build_handlers(
-            AgentSettings(control_plane=CpSettings(url=cp.url), aws=env, secrets_dir=secrets),
+            AgentSettings(control_plane=ControlPlaneEndpoint(url=cp.url), aws=env, secrets_dir=secrets),
             Redactor(),
             AgentMetrics(name="aws-faults"),
         )

@@ -27,8 +27,7 @@ from agent.controlplane.openapi import build_openapi
 from agent.observability.logging import Redactor
 from agent.observability.metrics import AgentMetrics
 from agent.protocol.auth import RequestSigner, TokenSource
-from agent.runtime.settings import AgentSettings, ConfigError, load_settings
-from agent.runtime.settings import ControlPlaneSettings as CpSettings
+from agent.runtime.settings import AgentSettings, ConfigError, ControlPlaneEndpoint, load_settings
 from agent.taskapi import InvalidTask, TaskContext
 from tests.conftest import API_KEY, FAST, TOKEN, AgentFactory, ControlPlaneFactory, done, manual_connector
 
@@ -259,7 +258,7 @@ async def test_nonsense_tasks_each_fail_and_the_delegate_carries_on(
         {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1", "AWS_EC2_METADATA_DISABLED": "true"}
     )
     [handler] = build_handlers(
-        AgentSettings(control_plane=CpSettings(url=cp.url), aws=env), Redactor(), AgentMetrics(name="x")
+        AgentSettings(control_plane=ControlPlaneEndpoint(url=cp.url), aws=env), Redactor(), AgentMetrics(name="x")
     )
     a = await agent_factory(cp, extra_handlers=(handler,))
     await a.registered()

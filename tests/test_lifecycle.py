@@ -15,8 +15,7 @@ from agent.aws.connector import AwsConnector
 from agent.controlplane.app import ControlPlaneConfig, ControlPlaneService
 from agent.protocol.results import ValidationResult
 from agent.runtime.agent import Agent
-from agent.runtime.settings import AgentSettings
-from agent.runtime.settings import ControlPlaneSettings as CpSettings
+from agent.runtime.settings import AgentSettings, ControlPlaneEndpoint
 from agent.taskapi import TaskContext
 from tests.conftest import API_KEY, TOKEN, ControlPlaneFactory
 from tests.handlers import EchoHandler, outcome
@@ -45,7 +44,7 @@ class ClosingHandler:
 
 def settings(url: str, tmp_path: Path) -> AgentSettings:
     return AgentSettings(
-        control_plane=CpSettings(url=url, request_timeout=5),
+        control_plane=ControlPlaneEndpoint(url=url, request_timeout=5),
         token=TOKEN,
         name="life",
         http_host="127.0.0.1",

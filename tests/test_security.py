@@ -19,8 +19,7 @@ from agent.observability.metrics import AgentMetrics
 from agent.protocol.models import TestRequest
 from agent.protocol.signing import TaskSigningKey
 from agent.runtime.agent import Agent
-from agent.runtime.settings import AgentSettings
-from agent.runtime.settings import ControlPlaneSettings as CpSettings
+from agent.runtime.settings import AgentSettings, ControlPlaneEndpoint
 from agent.runtime.signing import task_check_from_key
 from tests.awsfakes import MotoIam
 from tests.conftest import API_KEY, FAST, TOKEN, AgentFactory, ControlPlaneFactory, done
@@ -45,7 +44,7 @@ async def start_agent(
     secrets_dir: Path | None = None,
 ) -> tuple[Agent, Any]:
     settings = AgentSettings(
-        control_plane=CpSettings(
+        control_plane=ControlPlaneEndpoint(
             url=cp_url,
             request_timeout=5,
             ca_file=ca,
@@ -218,7 +217,7 @@ async def test_a_canary_secret_never_appears_anywhere(
     metrics = AgentMetrics(name="secure")
     agent_redactor = Redactor()
     settings_for_handlers = AgentSettings(
-        control_plane=CpSettings(url=cp.url), token=CANARY, aws=aws, secrets_dir=secrets
+        control_plane=ControlPlaneEndpoint(url=cp.url), token=CANARY, aws=aws, secrets_dir=secrets
     )
     handlers = build_handlers(settings_for_handlers, agent_redactor, metrics)
     agent, run = await start_agent(

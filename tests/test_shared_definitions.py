@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+from collections import defaultdict
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -51,3 +54,29 @@ def _accepts(call: Callable[[], object]) -> bool:
     except (ProblemsError, msgspec.ValidationError):
         return False
     return True
+
+
+# Defined twice today and being made one in another change (the executor and the validator);
+# drop them from here once that lands.
+_BEING_MERGED = {"Redact", "_Run"}
+
+
+def test_each_class_and_type_alias_name_is_defined_once_in_the_package() -> None:
+    """One name per concept: no two modules define a class or type alias of the same name."""
+    where: defaultdict[str, list[str]] = defaultdict(list)
+    package = Path(__file__).resolve().parent.parent / "agent"
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef):
+                names = [node.name]
+            elif isinstance(node, ast.Assign):
+                names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                names = [node.target.id]
+            else:
+                continue
+            for name in names:
+                if name.lstrip("_")[:1].isupper() and not name.isupper():  # CapWords: a class or an alias
+                    where[name].append(str(path.relative_to(package)))
+    twice = {name: paths for name, paths in where.items() if len(paths) > 1 and name not in _BEING_MERGED}
+    assert twice == {}

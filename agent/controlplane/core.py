@@ -24,7 +24,7 @@ import structlog
 
 from agent.aws.connector import AwsConnector, ConnectorInvalid, parse_actions, parse_connector
 from agent.controlplane.store import ConnectorRow, DelegateRow, Store, TaskRow, with_updates
-from agent.protocol.auth import DEFAULT_AUDIENCE
+from agent.protocol.auth import DEFAULT_AUDIENCE, Clock
 from agent.protocol.errors import Code
 from agent.protocol.models import (
     TASK_TYPE_AWS_VALIDATE,
@@ -50,7 +50,6 @@ from agent.protocol.models import (
 )
 from agent.protocol.results import ValidationResult, failure_result
 
-Clock = Callable[[], float]
 #: Signs a task for the delegate (detached signature over the task's canonical bytes).
 TaskSigner = Callable[[Task], str]
 

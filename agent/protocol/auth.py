@@ -29,6 +29,7 @@ CLOCK_LEEWAY_SECONDS = 60.0
 MAX_TOKEN_LIFETIME_SECONDS = 3600.0
 DEFAULT_AUDIENCE = "delegate-agent-control-plane"
 
+#: Wall-clock seconds, ``time.time`` by default; the one clock type, so tests can pass a fake anywhere.
 Clock = Callable[[], float]
 
 

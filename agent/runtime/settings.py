@@ -21,12 +21,11 @@ import yaml
 
 from agent._values import bounded_message, parse_bounded
 from agent.aws.environment import AwsEnvironment
+from agent.observability.logging import LogFormat
 from agent.protocol.auth import DEFAULT_AUDIENCE
 from agent.protocol.models import Problem
 from agent.protocol.patterns import DELEGATE_NAME_RE, TAG_RE
 from agent.protocol.problems import ProblemsError
-
-LogFormat = Literal["json", "console"]
 
 
 class ConfigError(ProblemsError):
@@ -34,7 +33,10 @@ class ConfigError(ProblemsError):
 
 
 @dataclass(frozen=True)
-class ControlPlaneSettings:
+class ControlPlaneEndpoint:
+    """Where the delegate finds its control plane and how it talks to it (the server's own settings
+    are ``agent.controlplane.core.ControlPlaneSettings``)."""
+
     #: Base URL of the control plane (``MANAGER_HOST_AND_PORT``).
     url: str
     #: JWT audience the control plane expects.
@@ -53,7 +55,7 @@ class ControlPlaneSettings:
 
 @dataclass(frozen=True)
 class AgentSettings:
-    control_plane: ControlPlaneSettings
+    control_plane: ControlPlaneEndpoint
     #: The delegate token: a value (``DELEGATE_TOKEN``) or a file re-read on change (``DELEGATE_TOKEN_FILE``).
     token: str | None = field(default=None, repr=False)
     token_file: Path | None = None
@@ -292,7 +294,7 @@ def load_settings(environ: Mapping[str, str], config_file: Path | None = None) -
         raise ConfigError(r.problems)
     assert url is not None and name is not None
     return AgentSettings(
-        control_plane=ControlPlaneSettings(
+        control_plane=ControlPlaneEndpoint(
             url=url.rstrip("/"),
             audience=audience or DEFAULT_AUDIENCE,
             ca_file=ca_file,
