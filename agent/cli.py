@@ -25,7 +25,10 @@ import yaml
 from agent._version import __version__
 
 if TYPE_CHECKING:
+    from agent.aws.environment import AwsEnvironment
+    from agent.protocol.models import Problem
     from agent.protocol.results import ValidationResult
+    from agent.runtime.settings import AgentSettings
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -346,19 +349,30 @@ def cmd_tokens_revoke(args: argparse.Namespace) -> int:
 # --- the daemon ----------------------------------------------------------------------------------
 
 
-def _settings(args: argparse.Namespace) -> Any:
+def _settings(args: argparse.Namespace) -> tuple[AgentSettings, AwsEnvironment]:
+    """The delegate's settings and the AWS environment for its handler; every problem in either at once."""
+    from dataclasses import replace
+
+    from agent.aws.environment import AwsEnvironment
     from agent.runtime.settings import ConfigError, load_settings
 
     config = args.config or os.environ.get("AGENT_CONFIG_FILE")
+    settings: AgentSettings | None = None
+    problems: list[Problem] = []
     try:
-        return load_settings(os.environ, Path(config) if config else None)
+        settings = load_settings(os.environ, Path(config) if config else None)
     except ConfigError as exc:
-        raise SystemExit(
-            _print_problems(f"the configuration has {len(exc.problems)} problem(s):", exc.problems)
-        ) from None
+        problems.extend(exc.problems)
+    aws, aws_problems = AwsEnvironment.from_environ(os.environ)
+    problems.extend(aws_problems)
+    if settings is None or problems:
+        raise SystemExit(_print_problems(f"the configuration has {len(problems)} problem(s):", problems))
+    return settings, replace(aws, connect_timeout=settings.aws_connect_timeout, read_timeout=settings.aws_read_timeout)
 
 
-def build_handlers(settings: Any, redactor: Any, metrics: Any) -> list[Any]:
+def build_handlers(
+    aws: AwsEnvironment, redactor: Any, metrics: Any, *, secrets_dir: Path | None = None, capacity: int = 16
+) -> list[Any]:
     """The task handlers this delegate runs (wired here, in one place)."""
     from agent.aws.clients import AwsClients
     from agent.aws.handler import AwsValidationHandler
@@ -366,9 +380,9 @@ def build_handlers(settings: Any, redactor: Any, metrics: Any) -> list[Any]:
     from agent.aws.validator import AwsValidator
 
     validator = AwsValidator(
-        settings.aws,
-        AwsClients(settings.aws, pool_connections=max(10, settings.capacity)),
-        SecretStore(settings.secrets_dir, on_read=redactor.add),
+        aws,
+        AwsClients(aws, pool_connections=max(10, capacity)),
+        SecretStore(secrets_dir, on_read=redactor.add),
         redact=redactor.value,
         observer=metrics.observe_aws_step,
     )
@@ -381,7 +395,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.runtime.agent import Agent, serve
     from agent.runtime.signing import task_check_from_key
 
-    settings = _settings(args)
+    settings, aws = _settings(args)
     redactor = Redactor()
     configure_logging(
         fmt=settings.log_format, level=settings.log_level, redactor=redactor, static={"delegate": settings.name}
@@ -389,7 +403,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     metrics = AgentMetrics(name=settings.name)
     agent = Agent(
         settings,
-        handlers=build_handlers(settings, redactor, metrics),
+        handlers=build_handlers(aws, redactor, metrics, secrets_dir=settings.secrets_dir, capacity=settings.capacity),
         redactor=redactor,
         metrics=metrics,
         task_check=task_check_from_key(settings.control_plane.task_public_key),
@@ -403,7 +417,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    settings, _ = _settings(args)
     print(yaml.safe_dump(settings.describe(), sort_keys=False).rstrip())
     print("configuration OK", file=sys.stderr)
     return EXIT_OK
@@ -433,9 +447,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         return _print_problems(f"{args.file} is not a valid connector:", exc.problems)
     env, problems = AwsEnvironment.from_environ(os.environ)
     if problems:
-        for p in problems:
-            _err(f"{p.field} {p.message}")
-        return EXIT_USAGE
+        return _print_problems(f"the AWS environment has {len(problems)} problem(s):", problems)
     secrets_dir = args.secrets_dir or os.environ.get("AGENT_SECRETS_DIR")
     secrets = SecretStore(Path(secrets_dir) if secrets_dir else None, on_read=redactor.add)
 

@@ -16,7 +16,6 @@ from typing import Any
 import aiohttp
 import pytest
 
-from agent.aws.environment import AwsEnvironment
 from agent.controlplane.app import ControlPlaneConfig, ControlPlaneService
 from agent.controlplane.core import ControlPlaneSettings
 from agent.observability.logging import configure_logging
@@ -365,7 +364,6 @@ async def agent_factory(tmp_path: Path) -> AsyncIterator[AgentFactory]:
             data_dir=data_dir,
             drain_timeout=drain_timeout,
             shutdown_grace=5,
-            aws=AwsEnvironment(),
         )
         handlers = all_handlers()
         handlers.update({h.task_type: h for h in extra_handlers})

@@ -119,7 +119,6 @@ async def test_aws_throttling_and_5xx_are_retried_or_reported(
     from agent.cli import build_handlers
     from agent.observability.logging import Redactor
     from agent.observability.metrics import AgentMetrics
-    from agent.runtime.settings import AgentSettings, ControlPlaneEndpoint
 
     aws_proxy = FaultProxy(moto)
     rand = random.Random(5)
@@ -132,11 +131,7 @@ async def test_aws_throttling_and_5xx_are_retried_or_reported(
         secrets = Path(cp.config.data_dir or ".") / "secrets"
         secrets.mkdir(exist_ok=True)
         (secrets / "sk").write_text("secret")
-        [handler] = build_handlers(
-            AgentSettings(control_plane=ControlPlaneEndpoint(url=cp.url), aws=env, secrets_dir=secrets),
-            Redactor(),
-            AgentMetrics(name="aws-faults"),
-        )
+        [handler] = build_handlers(env, Redactor(), AgentMetrics(name="aws-faults"), secrets_dir=secrets)
         a = await agent_factory(cp, capacity=8, extra_handlers=(handler,))
         await a.registered()
         doc = {

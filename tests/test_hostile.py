@@ -27,7 +27,7 @@ from agent.controlplane.openapi import build_openapi
 from agent.observability.logging import Redactor
 from agent.observability.metrics import AgentMetrics
 from agent.protocol.auth import RequestSigner, TokenSource
-from agent.runtime.settings import AgentSettings, ConfigError, ControlPlaneEndpoint, load_settings
+from agent.runtime.settings import ConfigError, load_settings
 from agent.taskapi import InvalidTask, TaskContext
 from tests.conftest import API_KEY, FAST, TOKEN, AgentFactory, ControlPlaneFactory, done, manual_connector
 
@@ -257,9 +257,7 @@ async def test_nonsense_tasks_each_fail_and_the_delegate_carries_on(
     env, _ = AwsEnvironment.from_environ(
         {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_MAX_ATTEMPTS": "1", "AWS_EC2_METADATA_DISABLED": "true"}
     )
-    [handler] = build_handlers(
-        AgentSettings(control_plane=ControlPlaneEndpoint(url=cp.url), aws=env), Redactor(), AgentMetrics(name="x")
-    )
+    [handler] = build_handlers(env, Redactor(), AgentMetrics(name="x"))
     a = await agent_factory(cp, extra_handlers=(handler,))
     await a.registered()
     payloads: list[Any] = [

@@ -40,7 +40,6 @@ async def start_agent(
     tmp: Path | None = None,
     redactor: Redactor | None = None,
     metrics: AgentMetrics | None = None,
-    aws: AwsEnvironment | None = None,
     secrets_dir: Path | None = None,
 ) -> tuple[Agent, Any]:
     settings = AgentSettings(
@@ -60,7 +59,6 @@ async def start_agent(
         shutdown_grace=3,
         data_dir=tmp,
         secrets_dir=secrets_dir,
-        aws=aws or AwsEnvironment(),
     )
     agent = Agent(
         settings,
@@ -216,10 +214,7 @@ async def test_a_canary_secret_never_appears_anywhere(
     )
     metrics = AgentMetrics(name="secure")
     agent_redactor = Redactor()
-    settings_for_handlers = AgentSettings(
-        control_plane=ControlPlaneEndpoint(url=cp.url), token=CANARY, aws=aws, secrets_dir=secrets
-    )
-    handlers = build_handlers(settings_for_handlers, agent_redactor, metrics)
+    handlers = build_handlers(aws, agent_redactor, metrics, secrets_dir=secrets)
     agent, run = await start_agent(
         cp.url,
         token=CANARY,
@@ -227,7 +222,6 @@ async def test_a_canary_secret_never_appears_anywhere(
         tmp=tmp_path / "agent-data",
         redactor=agent_redactor,
         metrics=metrics,
-        aws=aws,
         secrets_dir=secrets,
     )
     try:

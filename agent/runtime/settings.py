@@ -13,14 +13,13 @@ import re
 import socket
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from agent._values import bounded_message, parse_bounded
-from agent.aws.environment import AwsEnvironment
 from agent.observability.logging import LogFormat
 from agent.protocol.auth import DEFAULT_AUDIENCE
 from agent.protocol.models import Problem
@@ -75,7 +74,10 @@ class AgentSettings:
     drain_timeout: float = 20.0
     #: Extra time after the drain for cancelling, flushing and deregistering before a hard exit.
     shutdown_grace: float = 8.0
-    aws: AwsEnvironment = field(default_factory=AwsEnvironment)
+    #: Per-call AWS socket timeouts; the CLI puts them into the AWS environment its handler uses
+    #: (the runtime knows nothing of AWS).
+    aws_connect_timeout: float = 5.0
+    aws_read_timeout: float = 10.0
 
     @property
     def http_listen(self) -> str:
@@ -276,13 +278,8 @@ def load_settings(environ: Mapping[str, str], config_file: Path | None = None) -
         r.add("AGENT_CONTROL_PLANE_CLIENT_CERT_FILE", "mutual TLS needs both the client certificate and its key")
     public_key, _ = r.text("task_public_key")
 
-    aws, aws_problems = AwsEnvironment.from_environ(environ)
-    r.problems.extend(aws_problems)
-    aws = replace(
-        aws,
-        connect_timeout=r.number("connect_timeout", 5.0, 0.1, 120),
-        read_timeout=r.number("read_timeout", 10.0, 0.1, 300),
-    )
+    aws_connect_timeout = r.number("connect_timeout", 5.0, 0.1, 120)
+    aws_read_timeout = r.number("read_timeout", 10.0, 0.1, 300)
     audience, _ = r.text("audience", default=DEFAULT_AUDIENCE)
 
     settings_values = {
@@ -316,7 +313,8 @@ def load_settings(environ: Mapping[str, str], config_file: Path | None = None) -
         log_level=level,
         drain_timeout=settings_values["drain_timeout"],
         shutdown_grace=settings_values["shutdown_grace"],
-        aws=aws,
+        aws_connect_timeout=aws_connect_timeout,
+        aws_read_timeout=aws_read_timeout,
     )
 
 
