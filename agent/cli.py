@@ -393,6 +393,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.observability.logging import Redactor, configure_logging
     from agent.observability.metrics import AgentMetrics
     from agent.runtime.agent import Agent, serve
+    from agent.runtime.outbox import DataDirUnusable
     from agent.runtime.signing import task_check_from_key
 
     settings, aws = _settings(args)
@@ -411,6 +412,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     try:
         return asyncio.run(serve(agent))
+    except DataDirUnusable as exc:
+        _err(str(exc))
+        return EXIT_USAGE
     except OSError as exc:
         _err(f"cannot start: {exc.strerror or exc} (is {settings.http_listen} already in use?)")
         return EXIT_USAGE

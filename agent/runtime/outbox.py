@@ -115,8 +115,17 @@ class SqliteOutbox:
         self._db.close()
 
 
+class DataDirUnusable(Exception):
+    """The data dir cannot hold the outbox; the message names the path and why, in one line."""
+
+
 def open_outbox(data_dir: Path | None) -> Outbox:
+    """The outbox for ``data_dir``, creating the directory: the settings only checked it could be."""
     if data_dir is None:
         return MemoryOutbox()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    return SqliteOutbox(data_dir / "outbox.sqlite3")
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        return SqliteOutbox(data_dir / "outbox.sqlite3")
+    except (OSError, sqlite3.Error) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise DataDirUnusable(f"cannot use the data dir {data_dir} (AGENT_DATA_DIR): {reason}") from None

@@ -252,13 +252,8 @@ def load_settings(environ: Mapping[str, str], config_file: Path | None = None) -
             host, port = h.strip("[]") or "0.0.0.0", int(p)  # noqa: S104
 
     data_dir = r.path("data_dir")
-    if data_dir is not None:
-        try:
-            data_dir.mkdir(parents=True, exist_ok=True)
-            if not os.access(data_dir, os.W_OK):
-                r.add("AGENT_DATA_DIR", f"{data_dir} is not writable by this user")
-        except OSError as exc:
-            r.add("AGENT_DATA_DIR", f"cannot create {data_dir}: {exc.strerror}")
+    if data_dir is not None and (problem := _unwritable(data_dir)):
+        r.add("AGENT_DATA_DIR", problem)
     secrets_dir = r.path("secrets_dir", must_exist="dir")
 
     log_format, fmt_where = r.text("log_format")
@@ -316,6 +311,23 @@ def load_settings(environ: Mapping[str, str], config_file: Path | None = None) -
         aws_connect_timeout=aws_connect_timeout,
         aws_read_timeout=aws_read_timeout,
     )
+
+
+def _unwritable(path: Path) -> str | None:
+    """Why the delegate could not create or write the directory ``path``, judged without writing.
+
+    Parsing settings leaves the disk alone (``check-config`` must not create directories); the
+    outbox creates the data dir when it opens it.
+    """
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    blocked = "" if existing == path else f"cannot create {path}: "
+    if not existing.is_dir():
+        return f"{blocked}{existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{blocked}{existing} is not writable by this user"
+    return None
 
 
 def _read_file(path: Path) -> tuple[Mapping[str, Any], list[Problem]]:
