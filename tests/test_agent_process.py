@@ -256,5 +256,5 @@ async def test_bad_configuration_exits_2_naming_every_problem(tmp_path: Path) ->
         timeout=60,
     )
     assert out.returncode == 0, out.stderr
-    assert "controlPlane: https://cp.example:8443" in out.stdout
+    assert "controlPlane:\n  url: https://cp.example:8443\n" in out.stdout
     assert "t" * 20 not in out.stdout + out.stderr

@@ -143,7 +143,7 @@ shutdown: {{drainTimeoutSeconds: 12}}
 
 
 def test_settings_problems_are_all_reported(tmp_path: Path) -> None:
-    """One ConfigError with every problem."""
+    """One ConfigError with every problem: each setting's in table order, then the rules across settings."""
     with pytest.raises(ConfigError) as err:
         load_settings(
             {
@@ -157,12 +157,12 @@ def test_settings_problems_are_all_reported(tmp_path: Path) -> None:
     fields = [p.field for p in err.value.problems]
     assert fields == [
         "MANAGER_HOST_AND_PORT",
-        "DELEGATE_TOKEN_FILE",
-        "DELEGATE_TOKEN",
+        "AGENT_CONTROL_PLANE_CLIENT_CERT_FILE",
         "DELEGATE_NAME",
-        "AGENT_CONTROL_PLANE_CLIENT_CERT_FILE",
-        "AGENT_CONTROL_PLANE_CLIENT_CERT_FILE",
+        "DELEGATE_TOKEN_FILE",
         "AGENT_DRAIN_TIMEOUT_SECONDS",
+        "DELEGATE_TOKEN",
+        "AGENT_CONTROL_PLANE_CLIENT_CERT_FILE",
     ]
 
 

@@ -4,17 +4,195 @@ reference config file; parsing that leaves the disk alone."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from collections.abc import Mapping
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
+from agent.cli import main
+from agent.runtime import settings_doc
 from agent.runtime.outbox import DataDirUnusable, open_outbox
-from agent.runtime.settings import ConfigError, load_settings
+from agent.runtime.settings import SETTINGS, AgentSettings, ConfigError, ControlPlaneEndpoint, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED = {"MANAGER_HOST_AND_PORT": "http://cp", "DELEGATE_TOKEN": "t" * 20, "DELEGATE_NAME": "d"}
+ROWS = {row.key: row for row in SETTINGS}
+
+
+def _samples(tmp: Path) -> dict[str, tuple[str, Any, Any]]:
+    """For every setting: a value as the environment gives it, as the file gives it, and as describe() shows it.
+
+    A new setting needs a line here (the first test says so).
+    """
+    for name in ("ca.pem", "tls.crt", "tls.key"):
+        (tmp / name).write_text("pem")
+    (tmp / "token").write_text("file-token-0123456789\n")
+    (tmp / "secrets").mkdir()
+    same = {
+        "controlPlane.audience": "aud-1",
+        "controlPlane.caFile": str(tmp / "ca.pem"),
+        "controlPlane.clientCertFile": str(tmp / "tls.crt"),
+        "controlPlane.clientKeyFile": str(tmp / "tls.key"),
+        "controlPlane.taskPublicKey": "cHVibGljLWtleQ==",
+        "delegate.name": "eks-delegate-0",
+        "delegate.tokenFile": str(tmp / "token"),
+        "http.listen": "127.0.0.1:9999",
+        "dataDir": str(tmp / "data" / "not-yet"),
+        "secretsDir": str(tmp / "secrets"),
+        "logging.format": "console",
+    }
+    return {key: (value, value, value) for key, value in same.items()} | {
+        "controlPlane.url": ("https://cp.example:8443/", "https://cp.example:8443/", "https://cp.example:8443"),
+        "controlPlane.requestTimeoutSeconds": ("2.5", 2.5, 2.5),
+        "delegate.tags": (" eks, prod,,gov ", ["eks", "prod", "gov"], ["eks", "prod", "gov"]),
+        "delegate.capacity": ("8", 8, 8),
+        "delegate.token": ("env-token-0123456789", None, "(set)"),  # the environment only
+        "logging.level": ("WARN", "warn", "warning"),
+        "shutdown.drainTimeoutSeconds": ("12", 12, 12.0),
+        "shutdown.graceSeconds": ("3", 3, 3.0),
+        "aws.connectTimeoutSeconds": ("1.5", 1.5, 1.5),
+        "aws.readTimeoutSeconds": ("7", 7, 7.0),
+    }
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _nested(flat: Mapping[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        *groups, leaf = key.split(".")
+        node = tree
+        for group in groups:
+            node = node.setdefault(group, {})
+        node[leaf] = value
+    return tree
+
+
+def test_every_setting_has_a_sample_here(tmp_path: Path) -> None:
+    """Adding a row to the table means adding its sample to this file, so the tests below cover it."""
+    assert set(_samples(tmp_path)) == set(ROWS)
+
+
+@pytest.mark.parametrize("preference", [0, -1], ids=["first-name", "last-name"])
+def test_every_environment_name_sets_its_setting(tmp_path: Path, preference: int) -> None:
+    """Each row's environment names, Harness's and ours, all work; describe() shows what was set."""
+    samples = _samples(tmp_path)
+    without_token = {row.env[preference]: samples[key][0] for key, row in ROWS.items() if key != "delegate.token"}
+    described = _flat(load_settings(without_token).describe())
+    assert described == {key: shown for key, (_, _, shown) in samples.items()} | {"delegate.token": None}
+    with_token = {k: v for k, v in without_token.items() if k != "DELEGATE_TOKEN_FILE"}
+    with_token["DELEGATE_TOKEN"] = samples["delegate.token"][0]
+    described = _flat(load_settings(with_token).describe())
+    assert (described["delegate.token"], described["delegate.tokenFile"]) == ("(set)", None)
+
+
+def test_every_file_key_sets_its_setting_and_the_environment_wins(tmp_path: Path) -> None:
+    """The file takes every row but the environment-only ones; the environment overrides it, row by row."""
+    samples = _samples(tmp_path)
+    config = tmp_path / "agent.yaml"
+    config.write_text(yaml.safe_dump(_nested({k: file for k, (_, file, _) in samples.items() if ROWS[k].in_file})))
+    described = _flat(load_settings({}, config).describe())
+    assert described == {key: shown for key, (_, _, shown) in samples.items()} | {"delegate.token": None}
+    overridden = load_settings({"DELEGATE_TASK_CAPACITY": "3", "LOGGING_LEVEL": "error"}, config)
+    assert (overridden.capacity, overridden.log_level, overridden.name) == (3, "error", "eks-delegate-0")
+
+
+def test_the_first_environment_name_is_preferred() -> None:
+    """Harness's name wins over ours when both are set."""
+    s = load_settings(
+        {**REQUIRED, "AGENT_CONTROL_PLANE_URL": "http://ours", "AGENT_LOG_LEVEL": "debug", "LOGGING_LEVEL": "error"}
+    )
+    assert (s.control_plane.url, s.log_level) == ("http://cp", "debug")
+
+
+def test_the_file_refuses_keys_the_table_does_not_have(tmp_path: Path) -> None:
+    """Unknown keys, and the token (environment only), are each named as unknown."""
+    config = tmp_path / "agent.yaml"
+    config.write_text("delegate: {token: secret-in-a-file, colour: blue}\nextra: 1\nhttp: 8080\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(REQUIRED, config)
+    assert [(p.field, p.message) for p in err.value.problems] == [
+        (f"{config}: delegate.token", "unknown setting"),
+        (f"{config}: delegate.colour", "unknown setting"),
+        (f"{config}: extra", "unknown setting"),
+        (f"{config}: http", "must be a mapping"),
+    ]
+
+
+def test_the_field_defaults_are_the_tables_defaults() -> None:
+    """Settings built in code (tests, embedders) get the same defaults as parsed ones."""
+    parsed = load_settings(REQUIRED)
+    assert parsed == AgentSettings(control_plane=ControlPlaneEndpoint(url="http://cp"), token="t" * 20, name="d")
+
+
+def test_each_settings_field_is_filled_by_exactly_one_row() -> None:
+    """A field without a row could never be set; a row without a field would be lost."""
+    attrs = [attr for row in SETTINGS for attr in row.attrs]
+    field_names = [f"control_plane.{f.name}" for f in fields(ControlPlaneEndpoint)]
+    field_names += [f.name for f in fields(AgentSettings) if f.name != "control_plane"]
+    assert sorted(attrs) == sorted(field_names)
+
+
+def test_secrets_are_never_described() -> None:
+    """describe() feeds check-config and the startup log: a secret shows only as set."""
+    canary = "canary-token-0123456789"
+    described = load_settings({**REQUIRED, "DELEGATE_TOKEN": canary}).describe()
+    assert canary not in yaml.safe_dump(described)
+    assert all(_flat(described)[row.key] in (None, "(set)") for row in SETTINGS if row.secret)
+
+
+def test_the_reference_config_file_is_generated_from_the_table() -> None:
+    """config/agent.yaml documents exactly the table's settings, each as the table says."""
+    text = (ROOT / settings_doc.REFERENCE).read_text()
+    assert settings_doc.generated_block(text) == settings_doc.render(), (
+        "config/agent.yaml is out of date: run python -m agent.runtime.settings_doc"
+    )
+    documented = set(re.findall(r"^\s*(?:# )?(\w+):", settings_doc.render(), re.MULTILINE))
+    assert documented >= {row.key.rpartition(".")[2] for row in SETTINGS if row.in_file}
+    assert all(row.env[0] in text for row in SETTINGS)
+
+
+def test_the_chart_and_the_image_set_only_settings_the_table_has() -> None:
+    """A renamed setting cannot leave the Helm chart or the Dockerfile setting a name nobody reads."""
+    names = {name for row in SETTINGS for name in row.env}
+    sources = [*sorted((ROOT / "helm" / "delegate-agent" / "templates").iterdir()), ROOT / "Dockerfile"]
+    used = {m for path in sources for m in re.findall(r"\b(?:AGENT|DELEGATE|MANAGER)_[A-Z_]+\b", path.read_text())}
+    assert used and used <= names
+
+
+def test_check_config_lists_settings_and_aws_problems_together(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The CLI parses the AWS environment beside the settings: one list, exit 2."""
+    for name in list(os.environ):
+        if name.startswith(("AGENT_", "AWS_", "DELEGATE_", "MANAGER_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("MANAGER_HOST_AND_PORT", "ftp://cp")
+    monkeypatch.setenv("DELEGATE_TOKEN", "t" * 20)
+    monkeypatch.setenv("DELEGATE_NAME", "d")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "lots")
+    with pytest.raises(SystemExit) as exit_:
+        main(["check-config"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "delegate-agent: the configuration has 2 problem(s):",
+        "  MANAGER_HOST_AND_PORT: must be an http(s) URL with a host, not 'ftp://cp'",
+        "  AWS_MAX_ATTEMPTS: must be a whole number from 1 to 20, not 'lots'",
+    ]
 
 
 def test_parsing_settings_creates_no_directory(tmp_path: Path) -> None:

@@ -1,9 +1,16 @@
 """The delegate's settings: a YAML file plus environment variables, parsed once into frozen types.
 
+One table, :data:`SETTINGS`, says for each setting its file key, its environment names, how it
+parses, its default and what it means; the file keys accepted, the environment names read,
+:meth:`AgentSettings.describe` and the settings block of ``config/agent.yaml`` (written by
+``python -m agent.runtime.settings_doc``) all derive from it. Adding a setting is a row here, its
+field in :class:`AgentSettings`, and its test.
+
 Environment variables win over the file. The Harness delegate's names are accepted so its users
 feel at home (``MANAGER_HOST_AND_PORT``, ``DELEGATE_TOKEN``, ``DELEGATE_NAME``, ``DELEGATE_TAGS``,
-``DELEGATE_TASK_CAPACITY``). Every problem is collected and reported together; the caller prints
-them and exits 2.
+``DELEGATE_TASK_CAPACITY``, ``LOGGING_LEVEL``). Every problem is collected and reported together;
+the caller prints them and exits 2. Parsing reads files but never writes: the outbox creates the
+data dir when it opens it.
 """
 
 from __future__ import annotations
@@ -12,10 +19,10 @@ import os
 import re
 import socket
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, get_args
 
 import yaml
 
@@ -31,51 +38,409 @@ class ConfigError(ProblemsError):
     """The configuration has problems; all of them are in ``problems``."""
 
 
+# --- how a value parses ------------------------------------------------------------------------
+# Each parser takes what the environment (stripped text) or the YAML file (any YAML value) holds
+# and returns the typed value, or raises _Invalid saying what the value must be.
+
+
+class _Invalid(Exception):
+    """A value that does not parse; the message says what it must be."""
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise _Invalid(f"must be text, not {type(value).__name__}")
+    return str(value)
+
+
+def _number(lo: float, hi: float, *, integer: bool = False) -> Callable[[object], float]:
+    def parse(value: object) -> float:
+        parsed = None if isinstance(value, bool) else parse_bounded(str(value), lo, hi, integer=integer)
+        if parsed is None:
+            raise _Invalid(bounded_message(str(value), lo, hi, integer=integer))
+        return parsed
+
+    return parse
+
+
+def _one_of(*choices: str) -> Callable[[object], str]:
+    def parse(value: object) -> str:
+        text = _text(value)
+        if text not in choices:
+            raise _Invalid(f"must be {' or '.join(choices)}, not {text!r}")
+        return text
+
+    return parse
+
+
+def _http_url(value: object) -> str:
+    url = _text(value)
+    try:
+        parsed = urllib.parse.urlsplit(url)
+    except ValueError:
+        parsed = None
+    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise _Invalid(f"must be an http(s) URL with a host, not {url!r}")
+    return url.rstrip("/")
+
+
+def _path(value: object) -> Path:
+    return Path(_text(value)).expanduser()
+
+
+def _file(value: object) -> Path:
+    path = _path(value)
+    if not path.is_file():
+        raise _Invalid(f"{path} does not exist or is not a file")
+    return path
+
+
+def _directory(value: object) -> Path:
+    path = _path(value)
+    if not path.is_dir():
+        raise _Invalid(f"{path} does not exist or is not a directory")
+    return path
+
+
+def _token_file(value: object) -> Path:
+    path = _file(value)
+    try:
+        empty = not path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _Invalid(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if empty:
+        raise _Invalid(f"{path} is empty")
+    return path
+
+
+def _data_dir(value: object) -> Path:
+    """A directory the delegate can create or write, judged without writing anything."""
+    path = _path(value)
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    blocked = "" if existing == path else f"cannot create {path}: "
+    if not existing.is_dir():
+        raise _Invalid(f"{blocked}{existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise _Invalid(f"{blocked}{existing} is not writable by this user")
+    return path
+
+
+def _delegate_name(value: object) -> str:
+    name = _text(value)
+    if not DELEGATE_NAME_RE.match(name):
+        raise _Invalid(f"{name!r} must be 1-128 letters, digits, '.', '_' or '-' (starting with a letter or digit)")
+    return name
+
+
+def _tags(value: object) -> tuple[str, ...]:
+    if isinstance(value, str):
+        items = [t for t in re.split(r"\s*,+\s*", value.strip()) if t]  # as Harness parses DELEGATE_TAGS
+    elif isinstance(value, list | tuple) and all(isinstance(t, str) for t in value):
+        items = [t.strip() for t in value]
+    else:
+        raise _Invalid("must be a list of tags or a comma-separated string")
+    bad = [t for t in items if not TAG_RE.match(t)]
+    if bad:
+        raise _Invalid(f"a tag has letters, digits and _.:/=+@- (starting with a letter or digit): {bad}")
+    return tuple(dict.fromkeys(items))
+
+
+def _listen(value: object) -> tuple[str, int]:
+    listen = _text(value)
+    host, sep, port = listen.rpartition(":")
+    if not sep or parse_bounded(port, 0, 65535, integer=True) is None:
+        raise _Invalid(f"must be HOST:PORT, not {listen!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - probes and Prometheus reach the pod on its IP
+
+
+_LOG_LEVELS = {"debug": "debug", "trace": "debug", "info": "info", "warning": "warning", "warn": "warning"}
+_LOG_LEVELS |= {"error": "error", "critical": "critical", "off": "critical"}
+
+
+def _log_level(value: object) -> str:
+    level = _text(value)
+    if level.lower() not in _LOG_LEVELS:
+        raise _Invalid(f"must be debug, info, warning or error, not {level!r}")
+    return _LOG_LEVELS[level.lower()]
+
+
+# --- the table -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the settings table; everything else about a setting derives from it."""
+
+    #: Its path in the YAML file (``controlPlane.url``); also its name in describe() and the docs.
+    key: str
+    #: Environment variables, preferred first (Harness's name first where it has one).
+    env: tuple[str, ...]
+    #: Turns a file or environment value into the typed value (raises _Invalid with the reason).
+    parse: Callable[[Any], Any]
+    #: The :class:`AgentSettings` field it fills (``control_plane.url``); two for ``http.listen``.
+    attr: str | tuple[str, ...]
+    #: What it is for, as config/agent.yaml says it.
+    doc: str
+    #: The default as a user would write it, parsed like any value; a callable is asked; None: unset.
+    default: Any = None
+    #: Set when the setting is required: the problem reported when it is absent.
+    required: str | None = None
+    #: describe() says only whether a secret is set, never its value.
+    secret: bool = False
+    #: False for the environment only (the token never goes in a file).
+    in_file: bool = True
+    #: The YAML value config/agent.yaml shows (else the default), commented out when ``commented``.
+    example: str | None = None
+    commented: bool = False
+    #: How describe() shows the value (else paths as text and tuples as lists).
+    show: Callable[[Any], Any] | None = None
+
+    @property
+    def attrs(self) -> tuple[str, ...]:
+        return (self.attr,) if isinstance(self.attr, str) else self.attr
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "controlPlane.url",
+        ("MANAGER_HOST_AND_PORT", "AGENT_CONTROL_PLANE_URL"),
+        _http_url,
+        "control_plane.url",
+        "The control plane's base URL (http or https).",
+        required="is required: the control plane's URL (e.g. https://control-plane:8080)",
+        example="http://127.0.0.1:8080",
+    ),
+    Setting(
+        "controlPlane.audience",
+        ("AGENT_CONTROL_PLANE_AUDIENCE",),
+        _text,
+        "control_plane.audience",
+        "The JWT audience the control plane expects (its --audience).",
+        default=DEFAULT_AUDIENCE,
+    ),
+    Setting(
+        "controlPlane.caFile",
+        ("AGENT_CONTROL_PLANE_CA_FILE",),
+        _file,
+        "control_plane.ca_file",
+        "CA bundle for an https control plane with a private CA (default: the system's).",
+        example="/etc/delegate-agent/ca.pem",
+        commented=True,
+    ),
+    Setting(
+        "controlPlane.clientCertFile",
+        ("AGENT_CONTROL_PLANE_CLIENT_CERT_FILE",),
+        _file,
+        "control_plane.client_cert_file",
+        "Client certificate for mutual TLS; needs clientKeyFile too.",
+        example="/etc/delegate-agent/tls.crt",
+        commented=True,
+    ),
+    Setting(
+        "controlPlane.clientKeyFile",
+        ("AGENT_CONTROL_PLANE_CLIENT_KEY_FILE",),
+        _file,
+        "control_plane.client_key_file",
+        "The client certificate's private key.",
+        example="/etc/delegate-agent/tls.key",
+        commented=True,
+    ),
+    Setting(
+        "controlPlane.requestTimeoutSeconds",
+        ("AGENT_CONTROL_PLANE_TIMEOUT_SECONDS",),
+        _number(0.5, 300),
+        "control_plane.request_timeout",
+        "Budget for one request (a long poll gets its wait on top).",
+        default=10,
+    ),
+    Setting(
+        "controlPlane.taskPublicKey",
+        ("AGENT_TASK_PUBLIC_KEY",),
+        _text,
+        "control_plane.task_public_key",
+        "The control plane's Ed25519 public key (base64). When set, tasks without a valid signature are "
+        "refused and never run.",
+        example='"..."',
+        commented=True,
+    ),
+    Setting(
+        "delegate.name",
+        ("DELEGATE_NAME",),
+        _delegate_name,
+        "name",
+        "Defaults to the host name (the pod name on Kubernetes). It is also a tag.",
+        default=socket.gethostname,
+        example="eks-delegate-0",
+        commented=True,
+    ),
+    Setting(
+        "delegate.tags",
+        ("DELEGATE_TAGS",),
+        _tags,
+        "tags",
+        "Comma-separated in the environment. Connectors select delegates by these (all must match).",
+        default=(),
+        example="[eks, prod]",
+    ),
+    Setting(
+        "delegate.capacity",
+        ("DELEGATE_TASK_CAPACITY",),
+        _number(1, 1024, integer=True),
+        "capacity",
+        "How many validations run at once.",
+        default=16,
+    ),
+    Setting(
+        "delegate.tokenFile",
+        ("DELEGATE_TOKEN_FILE",),
+        _token_file,
+        "token_file",
+        "The delegate token, re-read whenever it changes (rotation without a restart). Or set DELEGATE_TOKEN.",
+        example="/var/run/secrets/delegate-agent/token",
+    ),
+    Setting(
+        "delegate.token",
+        ("DELEGATE_TOKEN",),
+        _text,
+        "token",
+        "The delegate token itself, never written in this file.",
+        secret=True,
+        in_file=False,
+    ),
+    Setting(
+        "http.listen",
+        ("AGENT_HTTP_LISTEN",),
+        _listen,
+        ("http_host", "http_port"),
+        "Where /healthz, /readyz, /metrics and /status are served.",
+        default="0.0.0.0:3460",
+        show=lambda host_port: f"{host_port[0]}:{host_port[1]}",
+    ),
+    Setting(
+        "dataDir",
+        ("AGENT_DATA_DIR",),
+        _data_dir,
+        "data_dir",
+        "Where undelivered results are kept (SQLite), so a restart loses none. Without it, results wait in "
+        "memory and the delegate says so at startup.",
+        example="/var/lib/delegate-agent",
+    ),
+    Setting(
+        "secretsDir",
+        ("AGENT_SECRETS_DIR",),
+        _directory,
+        "secrets_dir",
+        "Where connector secret references resolve: account.NAME, org.NAME and NAME all read the file NAME "
+        "here (mount a Kubernetes Secret).",
+        example="/var/run/secrets/connectors",
+        commented=True,
+    ),
+    Setting(
+        "logging.format",
+        ("AGENT_LOG_FORMAT",),
+        _one_of(*get_args(LogFormat)),
+        "log_format",
+        "json or console (default: console on a terminal, json otherwise).",
+        example="json",
+    ),
+    Setting(
+        "logging.level",
+        ("AGENT_LOG_LEVEL", "LOGGING_LEVEL"),
+        _log_level,
+        "log_level",
+        "debug, info, warning or error.",
+        default="info",
+    ),
+    Setting(
+        "shutdown.drainTimeoutSeconds",
+        ("AGENT_DRAIN_TIMEOUT_SECONDS",),
+        _number(0, 3600),
+        "drain_timeout",
+        "On SIGTERM, how long running validations may finish before they are cancelled. The default leaves "
+        "room in a 30 s termination grace period.",
+        default=20,
+    ),
+    Setting(
+        "shutdown.graceSeconds",
+        ("AGENT_SHUTDOWN_GRACE_SECONDS",),
+        _number(1, 600),
+        "shutdown_grace",
+        "Extra time to report, flush and deregister; after drain + grace a watchdog ends the process.",
+        default=8,
+    ),
+    Setting(
+        "aws.connectTimeoutSeconds",
+        ("AGENT_AWS_CONNECT_TIMEOUT_SECONDS",),
+        _number(0.1, 120),
+        "aws_connect_timeout",
+        "Connect timeout of each AWS call. The whole connection test is bounded by the task's timeout "
+        "(2 minutes by default, as in Harness).",
+        default=5,
+    ),
+    Setting(
+        "aws.readTimeoutSeconds",
+        ("AGENT_AWS_READ_TIMEOUT_SECONDS",),
+        _number(0.1, 300),
+        "aws_read_timeout",
+        "Read timeout of each AWS call.",
+        default=10,
+    ),
+)
+
+
+def _file_keys() -> dict[str, set[str]]:
+    """The YAML file's shape: each top-level key and the keys it holds (none for a plain value)."""
+    keys: dict[str, set[str]] = {}
+    for row in SETTINGS:
+        if row.in_file:
+            group, _, leaf = row.key.partition(".")
+            keys.setdefault(group, set()).update([leaf] if leaf else [])
+    return keys
+
+
+_FILE_KEYS = _file_keys()
+
+
+# --- the parsed settings -------------------------------------------------------------------------
+# Field defaults are the table's, parsed (a test holds them equal; the name aside, which the table
+# asks of the host); they serve code and tests that build settings directly.
+
+
 @dataclass(frozen=True)
 class ControlPlaneEndpoint:
     """Where the delegate finds its control plane and how it talks to it (the server's own settings
     are ``agent.controlplane.core.ControlPlaneSettings``)."""
 
-    #: Base URL of the control plane (``MANAGER_HOST_AND_PORT``).
     url: str
-    #: JWT audience the control plane expects.
     audience: str = DEFAULT_AUDIENCE
-    #: CA bundle to trust for an HTTPS control plane (default: the system's).
     ca_file: Path | None = None
-    #: Client certificate and key for mutual TLS.
     client_cert_file: Path | None = None
     client_key_file: Path | None = None
-    #: Budget for one request (long polls get their wait on top).
     request_timeout: float = 10.0
-    #: Ed25519 public key (base64) the control plane signs tasks with; tasks without a valid
-    #: signature are refused when set.
     task_public_key: str | None = None
 
 
 @dataclass(frozen=True)
 class AgentSettings:
+    """Everything the delegate runs with; what each field means is in its row of :data:`SETTINGS`."""
+
     control_plane: ControlPlaneEndpoint
-    #: The delegate token: a value (``DELEGATE_TOKEN``) or a file re-read on change (``DELEGATE_TOKEN_FILE``).
     token: str | None = field(default=None, repr=False)
     token_file: Path | None = None
     name: str = "delegate"
     tags: tuple[str, ...] = ()
-    #: How many tasks run at once (``DELEGATE_TASK_CAPACITY``).
     capacity: int = 16
     http_host: str = "0.0.0.0"  # noqa: S104 - probes and Prometheus reach the pod on its IP
     http_port: int = 3460
-    #: Where the result outbox lives; None keeps it in memory (said at startup).
     data_dir: Path | None = None
-    #: Where connector secret references resolve (a mounted Kubernetes Secret).
     secrets_dir: Path | None = None
     log_format: LogFormat | None = None
     log_level: str = "info"
-    #: How long a SIGTERM waits for running tasks; fits a 30 s grace period with room to report.
     drain_timeout: float = 20.0
-    #: Extra time after the drain for cancelling, flushing and deregistering before a hard exit.
     shutdown_grace: float = 8.0
-    #: Per-call AWS socket timeouts; the CLI puts them into the AWS environment its handler uses
-    #: (the runtime knows nothing of AWS).
+    #: The CLI puts these into the AWS environment its handler uses (the runtime knows nothing of AWS).
     aws_connect_timeout: float = 5.0
     aws_read_timeout: float = 10.0
 
@@ -84,130 +449,42 @@ class AgentSettings:
         return f"{self.http_host}:{self.http_port}"
 
     def describe(self) -> dict[str, Any]:
-        """The effective settings for ``check-config`` and the startup log (no secrets)."""
-        return {
-            "controlPlane": self.control_plane.url,
-            "audience": self.control_plane.audience,
-            "controlPlaneCa": str(self.control_plane.ca_file) if self.control_plane.ca_file else None,
-            "mutualTls": self.control_plane.client_cert_file is not None,
-            "signedTasks": "required" if self.control_plane.task_public_key else "not checked",
-            "tokenSource": f"file {self.token_file}" if self.token_file else "DELEGATE_TOKEN (environment)",
-            "name": self.name,
-            "tags": list(self.tags),
-            "capacity": self.capacity,
-            "http": self.http_listen,
-            "dataDir": str(self.data_dir) if self.data_dir else None,
-            "secretsDir": str(self.secrets_dir) if self.secrets_dir else None,
-            "logFormat": self.log_format or "auto",
-            "logLevel": self.log_level,
-            "drainTimeoutSeconds": self.drain_timeout,
-        }
+        """The effective settings in the config file's shape, for ``check-config`` and the startup log.
+
+        Secrets show only as set or not.
+        """
+        described: dict[str, Any] = {}
+        for row in SETTINGS:
+            values = tuple(_field(self, attr) for attr in row.attrs)
+            value = values[0] if len(values) == 1 else values
+            *groups, leaf = row.key.split(".")
+            node = described
+            for group in groups:
+                node = node.setdefault(group, {})
+            node[leaf] = _shown(row, value)
+        return described
 
 
-# Where each setting can come from: (file path, environment variables in order of preference).
-_SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "url": ("controlPlane.url", ("MANAGER_HOST_AND_PORT", "AGENT_CONTROL_PLANE_URL")),
-    "audience": ("controlPlane.audience", ("AGENT_CONTROL_PLANE_AUDIENCE",)),
-    "ca_file": ("controlPlane.caFile", ("AGENT_CONTROL_PLANE_CA_FILE",)),
-    "client_cert_file": ("controlPlane.clientCertFile", ("AGENT_CONTROL_PLANE_CLIENT_CERT_FILE",)),
-    "client_key_file": ("controlPlane.clientKeyFile", ("AGENT_CONTROL_PLANE_CLIENT_KEY_FILE",)),
-    "request_timeout": ("controlPlane.requestTimeoutSeconds", ("AGENT_CONTROL_PLANE_TIMEOUT_SECONDS",)),
-    "task_public_key": ("controlPlane.taskPublicKey", ("AGENT_TASK_PUBLIC_KEY",)),
-    "token_file": ("delegate.tokenFile", ("DELEGATE_TOKEN_FILE",)),
-    "name": ("delegate.name", ("DELEGATE_NAME",)),
-    "tags": ("delegate.tags", ("DELEGATE_TAGS",)),
-    "capacity": ("delegate.capacity", ("DELEGATE_TASK_CAPACITY",)),
-    "listen": ("http.listen", ("AGENT_HTTP_LISTEN",)),
-    "data_dir": ("dataDir", ("AGENT_DATA_DIR",)),
-    "secrets_dir": ("secretsDir", ("AGENT_SECRETS_DIR",)),
-    "log_format": ("logging.format", ("AGENT_LOG_FORMAT",)),
-    "log_level": ("logging.level", ("AGENT_LOG_LEVEL", "LOGGING_LEVEL")),
-    "drain_timeout": ("shutdown.drainTimeoutSeconds", ("AGENT_DRAIN_TIMEOUT_SECONDS",)),
-    "shutdown_grace": ("shutdown.graceSeconds", ("AGENT_SHUTDOWN_GRACE_SECONDS",)),
-    "connect_timeout": ("aws.connectTimeoutSeconds", ("AGENT_AWS_CONNECT_TIMEOUT_SECONDS",)),
-    "read_timeout": ("aws.readTimeoutSeconds", ("AGENT_AWS_READ_TIMEOUT_SECONDS",)),
-}
-_FILE_KEYS = {
-    "controlPlane": {
-        "url",
-        "audience",
-        "caFile",
-        "clientCertFile",
-        "clientKeyFile",
-        "requestTimeoutSeconds",
-        "taskPublicKey",
-    },
-    "delegate": {"name", "tags", "capacity", "tokenFile"},
-    "http": {"listen"},
-    "logging": {"format", "level"},
-    "shutdown": {"drainTimeoutSeconds", "graceSeconds"},
-    "aws": {"connectTimeoutSeconds", "readTimeoutSeconds"},
-    "dataDir": set(),
-    "secretsDir": set(),
-}
+def _field(settings: AgentSettings, attr: str) -> Any:
+    value: Any = settings
+    for part in attr.split("."):
+        value = getattr(value, part)
+    return value
 
 
-class _Reader:
-    """Looks each setting up in the environment, then in the file, remembering where it came from."""
+def _shown(row: Setting, value: Any) -> Any:
+    if row.secret:
+        return "(set)" if value else None
+    if value is None:
+        return None
+    if row.show is not None:
+        return row.show(value)
+    if isinstance(value, Path):
+        return str(value)
+    return list(value) if isinstance(value, tuple) else value
 
-    def __init__(self, environ: Mapping[str, str], document: Mapping[str, Any], file_name: str | None) -> None:
-        self.environ = environ
-        self.document = document
-        self.file_name = file_name
-        self.problems: list[Problem] = []
 
-    def get(self, key: str) -> tuple[Any, str] | None:
-        path, names = _SOURCES[key]
-        for name in names:
-            value = self.environ.get(name)
-            if value is not None and value.strip() != "":
-                return value.strip(), name
-        node: Any = self.document
-        for part in path.split("."):
-            if not isinstance(node, Mapping) or part not in node:
-                return None
-            node = node[part]
-        if node is None:
-            return None
-        return node, f"{self.file_name}: {path}" if self.file_name else path
-
-    def add(self, where: str, message: str) -> None:
-        self.problems.append(Problem(field=where, message=message))
-
-    def text(self, key: str, default: str | None = None) -> tuple[str | None, str]:
-        found = self.get(key)
-        if found is None:
-            return default, _SOURCES[key][1][0]
-        value, where = found
-        if not isinstance(value, str | int | float) or isinstance(value, bool):
-            self.add(where, f"must be text, not {type(value).__name__}")
-            return default, where
-        return str(value), where
-
-    def number(self, key: str, default: float, lo: float, hi: float, *, integer: bool = False) -> float:
-        found = self.get(key)
-        if found is None:
-            return default
-        value, where = found
-        if isinstance(value, bool):
-            self.add(where, bounded_message(str(value), lo, hi, integer=integer))
-            return default
-        parsed = parse_bounded(str(value), lo, hi, integer=integer)
-        if parsed is None:
-            self.add(where, bounded_message(str(value), lo, hi, integer=integer))
-            return default
-        return parsed
-
-    def path(self, key: str, *, must_exist: Literal["file", "dir", None] = None) -> Path | None:
-        text, where = self.text(key)
-        if text is None:
-            return None
-        path = Path(text).expanduser()
-        if must_exist == "file" and not path.is_file():
-            self.add(where, f"{path} does not exist or is not a file")
-        if must_exist == "dir" and not path.is_dir():
-            self.add(where, f"{path} does not exist or is not a directory")
-        return path
+# --- loading ---------------------------------------------------------------------------------------
 
 
 def load_settings(environ: Mapping[str, str], config_file: Path | None = None) -> AgentSettings:
@@ -216,118 +493,92 @@ def load_settings(environ: Mapping[str, str], config_file: Path | None = None) -
     problems: list[Problem] = []
     if config_file is not None:
         document, problems = _read_file(config_file)
-    r = _Reader(environ, document, str(config_file) if config_file else None)
-    r.problems.extend(problems)
+    reader = _Reader(environ, document, str(config_file) if config_file else None, problems)
+    values = {row.key: reader.read(row) for row in SETTINGS}
+    problems.extend(_check_together(reader.given))
+    if problems:
+        raise ConfigError(problems)
+    return _assemble(values)
 
-    url, url_where = r.text("url")
-    if url is None:
-        r.add("MANAGER_HOST_AND_PORT", "is required: the control plane's URL (e.g. https://control-plane:8080)")
-    else:
-        parsed = urllib.parse.urlsplit(url)
-        if parsed.scheme not in ("http", "https") or not parsed.netloc:
-            r.add(url_where, f"must be an http(s) URL with a host, not {url!r}")
 
-    token = environ.get("DELEGATE_TOKEN") or None
-    token_file = r.path("token_file", must_exist="file")
-    if token is None and token_file is None:
-        r.add("DELEGATE_TOKEN", "is required: set DELEGATE_TOKEN or DELEGATE_TOKEN_FILE (a mounted Secret)")
-    elif token is not None and token_file is not None:
-        r.add("DELEGATE_TOKEN", "give DELEGATE_TOKEN or DELEGATE_TOKEN_FILE, not both")
-    elif token_file is not None and token_file.is_file() and not token_file.read_text().strip():
-        r.add("DELEGATE_TOKEN_FILE", f"{token_file} is empty")
+class _Reader:
+    """Looks each setting up in the environment, then in the file, remembering where it came from."""
 
-    name, name_where = r.text("name", default=socket.gethostname())
-    if name is None or not DELEGATE_NAME_RE.match(name):
-        r.add(name_where, f"{name!r} must be 1-128 letters, digits, '.', '_' or '-' (starting with a letter or digit)")
-    tags = _tags(r)
-    capacity = int(r.number("capacity", 16, 1, 1024, integer=True))
+    def __init__(
+        self, environ: Mapping[str, str], document: Mapping[str, Any], file_name: str | None, problems: list[Problem]
+    ) -> None:
+        self.environ = environ
+        self.document = document
+        self.file_name = file_name
+        self.problems = problems
+        #: Keys of the settings the user gave, valid or not (for the rules that span settings).
+        self.given: set[str] = set()
 
-    listen, listen_where = r.text("listen", default="0.0.0.0:3460")
-    host, port = "0.0.0.0", 3460  # noqa: S104
-    if listen is not None:
-        h, sep, p = listen.rpartition(":")
-        if not sep or parse_bounded(p, 0, 65535, integer=True) is None:
-            r.add(listen_where, f"must be HOST:PORT, not {listen!r}")
+    def read(self, row: Setting) -> Any:
+        """The parsed value, the parsed default, or None (absent or invalid; invalid is a problem)."""
+        found = self._find(row)
+        if found is not None:
+            raw, where = found
+            self.given.add(row.key)
         else:
-            host, port = h.strip("[]") or "0.0.0.0", int(p)  # noqa: S104
+            if row.required:
+                self.problems.append(Problem(field=row.env[0], message=row.required))
+            raw = row.default() if callable(row.default) else row.default
+            where = row.env[0]
+        if raw is None:
+            return None
+        try:
+            return row.parse(raw)
+        except _Invalid as exc:
+            self.problems.append(Problem(field=where, message=str(exc)))
+            return None
 
-    data_dir = r.path("data_dir")
-    if data_dir is not None and (problem := _unwritable(data_dir)):
-        r.add("AGENT_DATA_DIR", problem)
-    secrets_dir = r.path("secrets_dir", must_exist="dir")
-
-    log_format, fmt_where = r.text("log_format")
-    if log_format is not None and log_format not in ("json", "console"):
-        r.add(fmt_where, f"must be json or console, not {log_format!r}")
-        log_format = None
-    level, level_where = r.text("log_level", default="info")
-    if level is None or level.lower() not in ("debug", "info", "warning", "warn", "error", "critical", "trace", "off"):
-        r.add(level_where, f"must be debug, info, warning or error, not {level!r}")
-        level = "info"
-    level = {"trace": "debug", "warn": "warning", "off": "critical"}.get(level.lower(), level.lower())
-
-    ca_file = r.path("ca_file", must_exist="file")
-    cert = r.path("client_cert_file", must_exist="file")
-    key = r.path("client_key_file", must_exist="file")
-    if (cert is None) != (key is None):
-        r.add("AGENT_CONTROL_PLANE_CLIENT_CERT_FILE", "mutual TLS needs both the client certificate and its key")
-    public_key, _ = r.text("task_public_key")
-
-    aws_connect_timeout = r.number("connect_timeout", 5.0, 0.1, 120)
-    aws_read_timeout = r.number("read_timeout", 10.0, 0.1, 300)
-    audience, _ = r.text("audience", default=DEFAULT_AUDIENCE)
-
-    settings_values = {
-        "drain_timeout": r.number("drain_timeout", 20.0, 0, 3600),
-        "shutdown_grace": r.number("shutdown_grace", 8.0, 1, 600),
-        "request_timeout": r.number("request_timeout", 10.0, 0.5, 300),
-    }
-    if r.problems:
-        raise ConfigError(r.problems)
-    assert url is not None and name is not None
-    return AgentSettings(
-        control_plane=ControlPlaneEndpoint(
-            url=url.rstrip("/"),
-            audience=audience or DEFAULT_AUDIENCE,
-            ca_file=ca_file,
-            client_cert_file=cert,
-            client_key_file=key,
-            request_timeout=settings_values["request_timeout"],
-            task_public_key=public_key,
-        ),
-        token=token,
-        token_file=token_file,
-        name=name,
-        tags=tags,
-        capacity=capacity,
-        http_host=host,
-        http_port=port,
-        data_dir=data_dir,
-        secrets_dir=secrets_dir,
-        log_format=log_format,  # type: ignore[arg-type]
-        log_level=level,
-        drain_timeout=settings_values["drain_timeout"],
-        shutdown_grace=settings_values["shutdown_grace"],
-        aws_connect_timeout=aws_connect_timeout,
-        aws_read_timeout=aws_read_timeout,
-    )
+    def _find(self, row: Setting) -> tuple[Any, str] | None:
+        for name in row.env:
+            value = self.environ.get(name)
+            if value is not None and value.strip() != "":
+                return value.strip(), name
+        if not row.in_file:
+            return None
+        node: Any = self.document
+        for part in row.key.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                return None
+            node = node[part]
+        if node is None:
+            return None
+        return node, f"{self.file_name}: {row.key}" if self.file_name else row.key
 
 
-def _unwritable(path: Path) -> str | None:
-    """Why the delegate could not create or write the directory ``path``, judged without writing.
+def _check_together(given: set[str]) -> Iterator[Problem]:
+    """The rules that span settings; the table checks each setting on its own."""
+    tokens = {"delegate.token", "delegate.tokenFile"} & given
+    if not tokens:
+        yield Problem(
+            field="DELEGATE_TOKEN", message="is required: set DELEGATE_TOKEN or DELEGATE_TOKEN_FILE (a mounted Secret)"
+        )
+    elif len(tokens) == 2:
+        yield Problem(field="DELEGATE_TOKEN", message="give DELEGATE_TOKEN or DELEGATE_TOKEN_FILE, not both")
+    if ("controlPlane.clientCertFile" in given) != ("controlPlane.clientKeyFile" in given):
+        yield Problem(
+            field="AGENT_CONTROL_PLANE_CLIENT_CERT_FILE",
+            message="mutual TLS needs both the client certificate and its key",
+        )
 
-    Parsing settings leaves the disk alone (``check-config`` must not create directories); the
-    outbox creates the data dir when it opens it.
-    """
-    existing = path
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    blocked = "" if existing == path else f"cannot create {path}: "
-    if not existing.is_dir():
-        return f"{blocked}{existing} is not a directory"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{blocked}{existing} is not writable by this user"
-    return None
+
+def _assemble(values: Mapping[str, Any]) -> AgentSettings:
+    """Put each row's value into the field(s) its ``attr`` names; absent values keep the field default."""
+    endpoint: dict[str, Any] = {}
+    top: dict[str, Any] = {}
+    for row in SETTINGS:
+        value = values[row.key]
+        if value is None:
+            continue
+        parts = (value,) if len(row.attrs) == 1 else value
+        for attr, part in zip(row.attrs, parts, strict=True):
+            group, _, name = attr.rpartition(".")
+            (endpoint if group == "control_plane" else top)[name] = part
+    return AgentSettings(control_plane=ControlPlaneEndpoint(**endpoint), **top)
 
 
 def _read_file(path: Path) -> tuple[Mapping[str, Any], list[Problem]]:
@@ -355,21 +606,3 @@ def _read_file(path: Path) -> tuple[Mapping[str, Any], list[Problem]]:
                 if sub not in _FILE_KEYS[key]:
                     problems.append(Problem(field=f"{path}: {key}.{sub}", message="unknown setting"))
     return doc, problems
-
-
-def _tags(r: _Reader) -> tuple[str, ...]:
-    found = r.get("tags")
-    if found is None:
-        return ()
-    value, where = found
-    if isinstance(value, str):
-        items = [t for t in re.split(r"\s*,+\s*", value.strip()) if t]  # as Harness parses DELEGATE_TAGS
-    elif isinstance(value, list) and all(isinstance(t, str) for t in value):
-        items = [t.strip() for t in value]
-    else:
-        r.add(where, "must be a list of tags or a comma-separated string")
-        return ()
-    bad = [t for t in items if not TAG_RE.match(t)]
-    if bad:
-        r.add(where, f"a tag has letters, digits and _.:/=+@- (starting with a letter or digit): {bad}")
-    return tuple(dict.fromkeys(t for t in items if TAG_RE.match(t)))
