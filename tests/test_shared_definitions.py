@@ -56,11 +56,6 @@ def _accepts(call: Callable[[], object]) -> bool:
     return True
 
 
-# Defined twice today and being made one in another change (the executor and the validator);
-# drop them from here once that lands.
-_BEING_MERGED = {"Redact", "_Run"}
-
-
 def test_each_class_and_type_alias_name_is_defined_once_in_the_package() -> None:
     """One name per concept: no two modules define a class or type alias of the same name."""
     where: defaultdict[str, list[str]] = defaultdict(list)
@@ -78,5 +73,5 @@ def test_each_class_and_type_alias_name_is_defined_once_in_the_package() -> None
             for name in names:
                 if name.lstrip("_")[:1].isupper() and not name.isupper():  # CapWords: a class or an alias
                     where[name].append(str(path.relative_to(package)))
-    twice = {name: paths for name, paths in where.items() if len(paths) > 1 and name not in _BEING_MERGED}
+    twice = {name: paths for name, paths in where.items() if len(paths) > 1}
     assert twice == {}
