@@ -105,7 +105,7 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
         tls_client_ca_file=Path(args.tls_client_ca) if args.tls_client_ca else None,
         settings=settings,
     )
-    from agent.aws.platform import platform_validator_from_env
+    from agent.controlplane.platform import platform_validator_from_env
 
     validator = platform_validator_from_env(os.environ, secrets_dir=config.secrets_dir, redactor=redactor)
     service = ControlPlaneService(config, platform_validator=validator)
