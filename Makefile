@@ -27,9 +27,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP) ## create .venv and install the pinned set (idempotent)
 
-lint: $(STAMP) ## ruff: style and static checks
+lint: $(STAMP) ## ruff: style and static checks; lint-imports: the one-way import contracts (.importlinter)
 	$(BIN)/ruff check $(LINT_PATHS)
 	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/lint-imports
 
 typecheck: $(STAMP) ## mypy --strict on the package
 	$(BIN)/mypy
@@ -69,4 +70,4 @@ lock: ## re-pin constraints.txt after changing dependencies
 	bash tools/lock.sh
 
 clean: ## remove the venv and caches
-	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .tools .pytest_cache .mypy_cache .ruff_cache .import_linter_cache build *.egg-info

@@ -27,6 +27,7 @@ from typing import Any
 
 from agent.protocol.api_client import ApiClient
 from agent.protocol.models import TASK_TYPE_AWS_VALIDATE, CreateTaskRequest
+from bench import startup
 from bench.load import ROOT, Stack, _clean_env, free_port
 
 AGENT_PYTHON = ROOT / ".tools" / "bench" / "agent" / "bin" / "python"
@@ -64,6 +65,7 @@ class Bench:
     workdir: Path
     quick: bool
     log: Any = print
+    startup_runs: int = 20
     results: dict[str, Any] = field(default_factory=dict)
     keys: list[tuple[str, str]] = field(default_factory=list)
 
@@ -76,6 +78,10 @@ class Bench:
             self._seed(stack.moto_url)
             stack.start_control_plane()
             api = stack.api
+            # First, while nothing else is busy: the CLI's start-up against this control plane.
+            self.results["startup"] = startup.measure(
+                AGENT_PYTHON, stack.cp_url, stack.api_key, runs=self.startup_runs, log=self.log
+            )
             self._start_to_registered(stack, api)
             agent = self._agent(stack, "bench", capacity=256)
             self._wait_registered(api, "bench")
@@ -439,25 +445,34 @@ def table(r: dict[str, Any]) -> str:
             "",
         ),
     ]
-    headers = ("measure", "delegate-agent", "baseline (same run)", "ratio", "target", "")
-    widths = [max(len(str(x[i])) for x in [headers, *rows]) for i in range(len(headers))]
-    lines = [
-        "| " + " | ".join(str(h).ljust(w) for h, w in zip(headers, widths, strict=True)) + " |",
-        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
-    ]
-    lines += ["| " + " | ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in rows]
-    return "\n".join(lines)
+    return startup.markdown(("measure", "delegate-agent", "baseline (same run)", "ratio", "target", ""), rows)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description="delegate-agent benchmark (see docs/performance.md)")
     parser.add_argument("--quick", action="store_true", help="smaller numbers, for a quick look")
     parser.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
+    parser.add_argument(
+        "--only",
+        choices=["startup"],
+        help="run one section: startup (delegate-agent --help, --version, connector list; about 20 s)",
+    )
+    parser.add_argument(
+        "--startup-runs", type=int, metavar="N", help="runs per start-up command (default 20, 10 --quick)"
+    )
     args = parser.parse_args()
-    subprocess.run(["bash", str(ROOT / "bench" / "setup.sh")], check=True)
+    runs = args.startup_runs or (10 if args.quick else 20)
+    log = lambda m: print(f"- {m}", file=sys.stderr, flush=True)  # noqa: E731
+    # The start-up section needs only the delegate's own venv, not the AWS CLI or py-spy.
+    subprocess.run(["bash", str(ROOT / "bench" / "setup.sh"), *(["agent"] if args.only else [])], check=True)
     with tempfile.TemporaryDirectory(prefix="delegate-bench-") as tmp:
-        results = Bench(Path(tmp), args.quick, log=lambda m: print(f"- {m}", file=sys.stderr, flush=True)).run()
-    print(table(results))
+        if args.only == "startup":
+            results = {"startup": startup.run(Path(tmp), AGENT_PYTHON, runs=runs, log=log)}
+        else:
+            results = Bench(Path(tmp), args.quick, log=log, startup_runs=runs).run()
+            print(table(results))
+            print()
+    print(startup.table(results["startup"]))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     return 0

@@ -131,8 +131,13 @@ class Stack:
         return self.cp_url
 
     @property
+    def api_key(self) -> str:
+        """The key the control plane generated into its data dir."""
+        return (self.workdir / "control-plane" / "api-key").read_text().strip()
+
+    @property
     def api(self) -> ApiClient:
-        return ApiClient(self.cp_url, (self.workdir / "control-plane" / "api-key").read_text().strip(), timeout=60)
+        return ApiClient(self.cp_url, self.api_key, timeout=60)
 
     def start_agent(self, name: str, cp_url: str, *, tags: str = "load", aws_url: str | None = None) -> str:
         port = free_port()

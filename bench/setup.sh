@@ -3,6 +3,7 @@
 # - agent: the delegate with its runtime dependencies only (what the image ships: no moto, no
 #   cryptography), so memory and CPU are measured for the real thing;
 # - awscli: the AWS CLI baseline (it pins its own botocore, so it lives apart).
+# `setup.sh agent` builds only the first (all the start-up section needs: python -m bench --only startup).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=.tools/bench
@@ -16,6 +17,7 @@ if [ ! -f "$stamp" ]; then
   { PYTHONWARNINGS=ignore PIP_CONSTRAINT=constraints.txt "$B/agent/bin/pip" install -q -c constraints.txt . 2>&1; } | quiet
   touch "$stamp"
 fi
+[ "${1:-all}" = agent ] && exit 0
 if [ ! -x "$B/awscli/bin/aws" ]; then
   python3 -m venv "$B/awscli"
   { "$B/awscli/bin/pip" install -q "awscli==1.46.3" 2>&1; } | quiet

@@ -538,7 +538,7 @@ async def test_platform_mode_runs_the_same_validator_in_the_control_plane(
     moto: str, control_plane_factory: Any, http: Any, tmp_path: Path
 ) -> None:
     """executeOnDelegate: false is tested by the control plane itself, with secrets from its own dir."""
-    from agent.aws.platform import PlatformValidation
+    from agent.controlplane.platform import PlatformValidation
     from tests.conftest import API_KEY
 
     key = await MotoIam(moto).user("platform-user")

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import startup
 from bench.__main__ import table
 from bench.profile import aggregate
 
@@ -59,3 +65,31 @@ def test_profile_samples_fall_in_one_bucket_each_and_idle_is_left_out() -> None:
         "HTTP: opening connections (pools grow with the burst)": 4,
         "event loop and the rest": 1,
     }
+
+
+def _startup(**median: float) -> dict[str, object]:
+    m = {"python": 0.020, "import_aiohttp": 0.200, "help": 0.060, "version": 0.055, "connector_list": 0.120}
+    m.update(median)
+    cmds = startup.commands(Path("/venv/bin/python"))
+    return {"runs": 20, "median": m, "labels": {c.key: c.label for c in cmds}}
+
+
+def test_startup_verdicts_come_from_each_commands_own_median() -> None:
+    rows = {line.split("|")[1].strip(): line for line in startup.table(_startup(version=0.151)).splitlines()[2:]}
+    assert rows["delegate-agent --help"].rstrip(" |").endswith("met")
+    assert "+40 ms over the floor" in rows["delegate-agent --help"]
+    assert "python -c pass: 20 ms" in rows["delegate-agent --help"]
+    assert "MISSED" in rows["delegate-agent --version"]  # 151 ms > 150
+    listing = rows[f"delegate-agent connector list ({startup.CONNECTORS} connectors)"]
+    assert "0.60x import aiohttp" in listing and listing.rstrip(" |").endswith("met")
+    assert "MISSED" in startup.table(_startup(connector_list=0.301))
+
+
+def test_startup_commands_run_with_one_interpreter_and_time_each_run() -> None:
+    cmds = startup.commands(Path(sys.executable))
+    assert {c.key for c in cmds} >= {"python", "import_aiohttp", "help", "version", "connector_list"}
+    assert all(c.argv[0].startswith(str(Path(sys.executable).parent)) for c in cmds if c.key != "kubectl")
+    times = startup.time_commands(cmds[:1], runs=2, env={})
+    assert len(times["python"]) == 2 and all(t > 0 for t in times["python"])
+    with pytest.raises(RuntimeError, match="exited 3"):
+        startup.time_commands([startup.Command("x", "x", [sys.executable, "-c", "raise SystemExit(3)"])], 1, {})

@@ -1,4 +1,9 @@
-"""Validation "through the platform" (``executeOnDelegate: false``): the same validator, in the control plane."""
+"""Validation "through the platform" (``executeOnDelegate: false``): the same validator, in the control plane.
+
+It lives with the control plane, which runs it, not in ``agent.aws``: the AWS package is shared by
+the delegate and the control plane and imports neither of them, nor our logging; it takes plain
+callables (``redact``, ``on_read``, ``observer``) that the side wiring it up supplies, as here.
+"""
 
 from __future__ import annotations
 
