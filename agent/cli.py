@@ -24,10 +24,13 @@ from agent._version import __version__
 
 if TYPE_CHECKING:
     from agent.aws.environment import AwsEnvironment
+    from agent.observability.logging import Redactor
+    from agent.observability.metrics import AgentMetrics
     from agent.protocol.api_client import ApiClient
     from agent.protocol.models import Problem
     from agent.protocol.results import ValidationResult
     from agent.runtime.settings import AgentSettings
+    from agent.taskapi import TaskHandler
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -389,8 +392,13 @@ def _settings(args: argparse.Namespace) -> tuple[AgentSettings, AwsEnvironment]:
 
 
 def build_handlers(
-    aws: AwsEnvironment, redactor: Any, metrics: Any, *, secrets_dir: Path | None = None, capacity: int = 16
-) -> list[Any]:
+    aws: AwsEnvironment,
+    redactor: Redactor,
+    metrics: AgentMetrics,
+    *,
+    secrets_dir: Path | None = None,
+    capacity: int = 16,
+) -> list[TaskHandler]:
     """The task handlers this delegate runs (wired here, in one place)."""
     from agent.aws.clients import AwsClients
     from agent.aws.handler import AwsValidationHandler
