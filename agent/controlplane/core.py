@@ -23,7 +23,7 @@ import msgspec
 import structlog
 
 from agent.aws.connector import AwsConnector, ConnectorInvalid, parse_actions, parse_connector
-from agent.controlplane.store import ConnectorRow, DelegateRow, Store, TaskRow, with_updates
+from agent.controlplane.store import ConnectorRow, DelegateRow, Store, TaskRow, connector_change, with_updates
 from agent.protocol.auth import DEFAULT_AUDIENCE, Clock
 from agent.protocol.errors import Code
 from agent.protocol.models import (
@@ -761,7 +761,8 @@ class ControlPlane:
 
     # --- connectors --------------------------------------------------------------------------
 
-    def apply_connector(self, document: Any) -> ApplyResult:
+    def apply_connector(self, document: Any, *, dry_run: bool = False) -> ApplyResult:
+        """Create or replace a connector; with ``dry_run``, check it and say what would happen, storing nothing."""
         try:
             connector = parse_connector(document)
         except ConnectorInvalid as exc:
@@ -769,10 +770,27 @@ class ControlPlane:
                 400, Code.INVALID_CONNECTOR, f"the connector has {len(exc.problems)} problem(s)", problems=exc.problems
             ) from None
         now = self._clock()
+        if dry_run:
+            return self._preview_apply(connector, now)
         outcome = self.store.put_connector(connector.identifier, connector.name, connector.to_document(), now)
         row = self.store.get_connector(connector.identifier)
         assert row is not None
         return ApplyResult(identifier=connector.identifier, outcome=outcome, connector=self.connector_record(row))
+
+    def _preview_apply(self, connector: AwsConnector, now: float) -> ApplyResult:
+        """The answer an apply would give, from the stored row as it is (the row is not written)."""
+        body = connector.to_document()
+        existing = self.store.get_connector(connector.identifier)
+        outcome = connector_change(existing, connector.name, body)
+        if existing is None:
+            row = ConnectorRow(connector.identifier, connector.name, body, now, now)
+        elif outcome == "updated":
+            row = with_updates(existing, name=connector.name, body=body, updated_at=now)
+        else:
+            row = existing
+        return ApplyResult(
+            identifier=connector.identifier, outcome=outcome, connector=self.connector_record(row), dry_run=True
+        )
 
     def get_connector(self, identifier: str) -> ConnectorRow:
         row = self.store.get_connector(identifier)

@@ -85,9 +85,20 @@ _DELEGATE_ID = Param("delegateId", "path", "The id returned by register.")
 _LEASE_ID = Param("leaseId", "path", "The lease id handed out with the task.")
 _TASK_ID = Param("taskId", "path", "A task id.")
 _IDENTIFIER = Param("identifier", "path", "A connector identifier.")
+_DRY_RUN = Param(
+    "dryRun",
+    "query",
+    "true: validate only. Answers as the apply would (200 or 400 listing every problem) and stores nothing; "
+    "a client applying several documents checks them all this way first.",
+    {"type": "boolean", "default": False},
+    False,
+)
 #: Creating or replacing a connector answers the same by POST and by PUT.
 _APPLY_RESPONSES: Mapping[int, tuple[str, type[Any] | None]] = {
-    200: ("Updated or unchanged", ApplyResult),
+    200: (
+        "Updated or unchanged; with dryRun, valid (outcome says what applying would do, nothing stored)",
+        ApplyResult,
+    ),
     201: ("Created", ApplyResult),
     400: ("Invalid connector: every problem is listed", ErrorBody),
 }
@@ -211,6 +222,7 @@ ROUTES: tuple[Route, ...] = (
         "api",
         _APPLY_RESPONSES,
         body_kind="connector",
+        params=(_DRY_RUN,),
     ),
     Route(
         "GET",
@@ -231,7 +243,7 @@ ROUTES: tuple[Route, ...] = (
         "api",
         _APPLY_RESPONSES,
         body_kind="connector",
-        params=(_IDENTIFIER,),
+        params=(_IDENTIFIER, _DRY_RUN),
     ),
     Route(
         "DELETE",
@@ -487,8 +499,9 @@ class Handlers:
         return json_response(ConnectorList(connectors=[self.cp.connector_record(r) for r in rows]))
 
     async def apply_connector(self, request: web.Request, body: Any) -> web.Response:
-        result = self.cp.apply_connector(body)
-        return json_response(result, 201 if result.outcome == "created" else 200)
+        dry_run = _flag(request, "dryRun")
+        result = self.cp.apply_connector(body, dry_run=dry_run)
+        return json_response(result, 201 if result.outcome == "created" and not dry_run else 200)
 
     async def get_connector(self, request: web.Request, body: None) -> web.Response:
         return json_response(self.cp.connector_record(self.cp.get_connector(request.match_info["identifier"])))
@@ -599,6 +612,20 @@ def _number(request: web.Request, name: str, default: float, lo: float, hi: floa
             400, Code.INVALID_REQUEST, f"{name} {message}", problems=[Problem(field=name, message=message)]
         )
     return value
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    raw = request.query.get(name)
+    if raw is None or raw.lower() in ("false", "0"):
+        return False
+    if raw.lower() in ("true", "1", ""):
+        return True
+    raise ApiFailure(
+        400,
+        Code.INVALID_REQUEST,
+        f"{name} must be true or false",
+        problems=[Problem(field=name, message=f"{raw!r} is not true or false")],
+    )
 
 
 Handler = Callable[[web.Request, Any], Awaitable[web.StreamResponse]]

@@ -320,13 +320,12 @@ class Store:
         self, identifier: str, name: str, body: dict[str, Any], now: float
     ) -> Literal["created", "updated", "unchanged"]:
         existing = self.get_connector(identifier)
-        if existing is None:
+        outcome = connector_change(existing, name, body)
+        if outcome == "created":
             self._upsert("connectors", ConnectorRow(identifier, name, body, now, now), "identifier")
-            return "created"
-        if existing.body == body and existing.name == name:
-            return "unchanged"
-        self._update("connectors", "identifier", identifier, {"name": name, "body": body, "updated_at": now})
-        return "updated"
+        elif outcome == "updated":
+            self._update("connectors", "identifier", identifier, {"name": name, "body": body, "updated_at": now})
+        return outcome
 
     def get_connector(self, identifier: str) -> ConnectorRow | None:
         row = self._db.execute("SELECT * FROM connectors WHERE identifier=?", (identifier,)).fetchone()
@@ -375,6 +374,15 @@ class Store:
 
 
 R = TypeVar("R")
+
+
+def connector_change(
+    existing: ConnectorRow | None, name: str, body: dict[str, Any]
+) -> Literal["created", "updated", "unchanged"]:
+    """What storing ``name`` and ``body`` over ``existing`` does (shared by apply and its dry run)."""
+    if existing is None:
+        return "created"
+    return "unchanged" if existing.body == body and existing.name == name else "updated"
 
 
 def with_updates(row: R, **values: Any) -> R:

@@ -80,8 +80,10 @@ class ApiClient:
 
     # --- connectors --------------------------------------------------------------------------
 
-    def apply_connector(self, document: Any) -> ApplyResult:
-        _, data = self._call("POST", "/api/v1/connectors", body=json.dumps(document).encode())
+    def apply_connector(self, document: Any, *, dry_run: bool = False) -> ApplyResult:
+        """Create or replace a connector; ``dry_run`` only validates it (and says what applying would do)."""
+        query = {"dryRun": "true"} if dry_run else None
+        _, data = self._call("POST", "/api/v1/connectors", body=json.dumps(document).encode(), query=query)
         return msgspec.json.decode(data, type=ApplyResult)
 
     def get_connector(self, identifier: str) -> ConnectorRecord:
@@ -112,6 +114,10 @@ class ApiClient:
 
     def list_tasks(self, **query: Any) -> TaskList:
         return self._get("/api/v1/tasks", TaskList, **query)
+
+    def cancel_task(self, task_id: str) -> TaskView:
+        _, data = self._call("POST", f"/api/v1/tasks/{_q(task_id)}/cancel")
+        return msgspec.json.decode(data, type=TaskView)
 
     def stats(self) -> Stats:
         return self._get("/api/v1/stats", Stats)

@@ -164,8 +164,12 @@ class ConnectorList(Wire, kw_only=True):
 
 class ApplyResult(Wire, kw_only=True):
     identifier: str
+    #: With ``dry_run``, what applying would do.
     outcome: Literal["created", "updated", "unchanged"]
+    #: The connector as stored (with ``dry_run``: as it would be stored).
     connector: ConnectorRecord
+    #: True when the request only validated (``?dryRun=true``): nothing was stored.
+    dry_run: bool = False
 
 
 class TestRequest(Wire, kw_only=True):
