@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from agent.observability.logging import Redactor
     from agent.observability.metrics import AgentMetrics
     from agent.protocol.api_client import ApiClient
-    from agent.protocol.models import Problem
+    from agent.protocol.models import ApplyResult, Problem
     from agent.protocol.results import ValidationResult
     from agent.runtime.settings import AgentSettings
     from agent.taskapi import TaskHandler
@@ -191,19 +191,96 @@ def load_documents(path: str) -> list[Any]:
     return docs
 
 
+#: What ``apply -f DIR`` reads from a directory (not its subdirectories), in name order.
+CONNECTOR_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def connector_files(paths: Sequence[str]) -> list[str]:
+    """The files an apply reads: each ``-f`` as given, a directory's connector files sorted by name."""
+    files: list[str] = []
+    for path in paths:
+        if path != "-" and Path(path).is_dir():
+            found = sorted(str(f) for f in Path(path).iterdir() if f.suffix in CONNECTOR_SUFFIXES and f.is_file())
+            if not found:
+                raise UsageError(f"{path} holds no {', '.join('*' + s for s in CONNECTOR_SUFFIXES)} file")
+            files.extend(found)
+        else:
+            files.append(path)
+    return files
+
+
+def _document_label(source: str, number: int, document: Any) -> str:
+    """Where a document is, and what it names itself: ``a.yaml document 2 (identifier prod)``."""
+    where = f"{'stdin' if source == '-' else source} document {number}"
+    spec = document.get("connector") if isinstance(document, dict) else None
+    if isinstance(spec, dict) and isinstance(spec.get("identifier"), str):
+        return f"{where} (identifier {spec['identifier']})"
+    if isinstance(spec, dict) and isinstance(spec.get("name"), str):
+        return f"{where} (name {spec['name']!r})"
+    return where
+
+
 def cmd_connector_apply(args: argparse.Namespace) -> int:
+    """Apply every document of every file, or none: all are validated by the control plane first.
+
+    One document needs no separate check (its apply is already all or nothing); with several, each
+    goes through the apply route with ``dryRun=true`` (the server's own parser, so the client
+    imports no AWS code), and one identifier in two documents is refused as well.
+    """
     import msgspec
 
+    from agent.protocol.errors import RequestRejected
+
     client = _client(args)
-    results = []
-    for doc in load_documents(args.file):
-        result = client.apply_connector(doc)
+    documents: list[tuple[str, Any]] = []
+    unreadable: list[str] = []
+    for source in connector_files(args.file):
+        try:
+            docs = load_documents(source)
+        except UsageError as exc:
+            unreadable.append(str(exc))
+            continue
+        documents.extend((_document_label(source, n, d), d) for n, d in enumerate(docs, 1))
+    problems: list[tuple[str, str, Sequence[Any]]] = [(m, "", ()) for m in unreadable]
+    if len(documents) > 1 or unreadable:
+        seen: dict[str, str] = {}
+        for label, doc in documents:
+            try:
+                preview = client.apply_connector(doc, dry_run=True)
+            except RequestRejected as exc:
+                problems.append((label, exc.message, exc.problems))
+                continue
+            if preview.identifier in seen:
+                problems.append((label, f"the identifier {preview.identifier} is also {seen[preview.identifier]}", ()))
+            seen.setdefault(preview.identifier, label)
+    total = len(documents) + len(unreadable)
+    if problems:
+        summary = f"nothing applied: {len(problems)} problem(s) in {total} document(s)" if total > 1 else ""
+        return _print_apply_problems(problems, summary)
+    results: list[ApplyResult] = []
+    for label, doc in documents:
+        try:
+            result = client.apply_connector(doc)
+        except RequestRejected as exc:  # the dry run passed: only a server changed meanwhile gets here
+            summary = f"{len(results)} of {total} document(s) were applied before this one" if results else ""
+            return _print_apply_problems([(label, exc.message, exc.problems)], summary)
         results.append(result)
         if args.output != "json":
             print(f"connector/{result.identifier} {result.outcome}")
     if args.output == "json":
         _print_json([msgspec.to_builtins(r) for r in results])
     return EXIT_OK
+
+
+def _print_apply_problems(problems: Sequence[tuple[str, str, Sequence[Any]]], summary: str) -> int:
+    """Each document's problems under its label, then the summary line (if any); exit code 2."""
+    for label, message, details in problems:
+        _err(f"{label}: {message}" if message else label)
+        for p in details:
+            print(f"  {p.field}: {p.message}", file=sys.stderr)
+    if summary:
+        _err(summary)
+    return EXIT_USAGE
 
 
 def cmd_connector_get(args: argparse.Namespace) -> int:
@@ -589,8 +666,24 @@ def _add_control_plane(sub: Any, _: argparse.ArgumentParser) -> None:
 def _add_connector(sub: Any, client_opts: argparse.ArgumentParser) -> None:
     p = sub.add_parser("connector", help="manage connectors on the control plane")
     csub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    a = csub.add_parser("apply", parents=[client_opts], help="create or replace connectors from a YAML/JSON file")
-    a.add_argument("-f", "--file", required=True, help="file with one or more connector documents, or - for stdin")
+    a = csub.add_parser(
+        "apply",
+        parents=[client_opts],
+        help="create or replace connectors from YAML/JSON files",
+        description="All or nothing: with several documents (--- in a file, several -f, or a directory), "
+        "the control plane validates every one first (a dry run), and if any is invalid none is applied; "
+        "each problem names its file, document number and identifier. The same identifier in two "
+        "documents is refused too. Exit 0 when applied, 2 when nothing was.",
+    )
+    a.add_argument(
+        "-f",
+        "--file",
+        required=True,
+        action="append",
+        metavar="PATH",
+        help="a file with one or more connector documents, - for stdin, or a directory "
+        "(its *.yaml, *.yml and *.json files, in name order); repeat for more",
+    )
     a.set_defaults(func=cmd_connector_apply)
     g = csub.add_parser("get", parents=[client_opts], help="show a connector")
     g.add_argument("identifier")
