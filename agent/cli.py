@@ -1,7 +1,8 @@
 """``delegate-agent``: the command line, where objects are wired and errors become exit codes.
 
 Exit codes: 0 success; 1 a connection test (or validation) failed; 2 usage or input error;
-3 the control plane is unreachable or refused our credentials. A user's mistake is one clear
+3 the control plane is unreachable or refused our credentials; 4 no test result within the wait
+(the task goes on); 130 interrupted. A user's mistake is one clear
 line on stderr, never a traceback.
 """
 
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
     from agent.observability.logging import Redactor
     from agent.observability.metrics import AgentMetrics
     from agent.protocol.api_client import ApiClient
-    from agent.protocol.models import ApplyResult, Problem
+    from agent.protocol.models import ApplyResult, Problem, TaskView
     from agent.protocol.results import ValidationResult
     from agent.runtime.settings import AgentSettings
     from agent.taskapi import TaskHandler
@@ -36,6 +37,10 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+#: A test (or ``tasks get --wait``) ran out of time; the task goes on: ``tasks get ID`` fetches it later.
+EXIT_PENDING = 4
+#: Ctrl-C: the task keeps running on the control plane.
+EXIT_INTERRUPTED = 130
 
 DEFAULT_CONTROL_PLANE = "http://127.0.0.1:8080"
 
@@ -336,16 +341,95 @@ def cmd_connector_test(args: argparse.Namespace) -> int:
     from agent.protocol.models import TestRequest
 
     client = _client(args)
-    deadline = time.monotonic() + args.timeout
     perms = list(args.permission or [])
-    _, task = client.test_connector(
-        args.identifier, TestRequest(wait_seconds=min(args.timeout, 600), permissions=perms)
-    )
-    while task.state != "done" and time.monotonic() < deadline:
-        task = client.get_task(task.task_id, wait=min(30.0, max(0.0, deadline - time.monotonic())))
-    if args.output == "json":
+    try:
+        # waitSeconds 0: the task id comes back at once, so an interrupted wait can still name it.
+        _, task = client.test_connector(args.identifier, TestRequest(wait_seconds=0, permissions=perms))
+    except KeyboardInterrupt:
+        _err(
+            "interrupted before the control plane answered; the test may be queued: "
+            f"delegate-agent tasks list --connector {args.identifier}"
+        )
+        return EXIT_INTERRUPTED
+    return _await_and_report(client, task, args.timeout, args.output)
+
+
+def _await_and_report(client: ApiClient, task: TaskView, timeout: float, output: str) -> int:
+    """Wait up to ``timeout`` for the task (progress on a TTY), print it, exit by its outcome.
+
+    Exit 0 SUCCESS, 1 FAILURE, 4 still unfinished (with how to fetch it later), 130 on Ctrl-C
+    (the task keeps running; its id and how to fetch or cancel it are printed).
+    """
+    progress = _Progress() if timeout > 0 and sys.stderr.isatty() else None
+    try:
+        task = _wait_for_task(client, task, timeout, progress)
+    except KeyboardInterrupt:
+        _err(
+            f"interrupted: task {task.task_id} keeps running. Fetch its result with "
+            f"`delegate-agent tasks get {task.task_id} --wait 60`, or stop it with "
+            f"`delegate-agent tasks cancel {task.task_id}`"
+        )
+        return EXIT_INTERRUPTED
+    _print_task(task, output)
+    if task.state != "done":
+        where = f" on {task.delegate_name}" if task.state == "running" and task.delegate_name else ""
+        fetch = f"`delegate-agent tasks get {task.task_id} --wait 60`"
+        if timeout > 0:
+            _err(
+                f"no result within {timeout:g}s: task {task.task_id} is still {task.state}{where}. "
+                f"Fetch it later with {fetch}"
+            )
+        else:
+            _err(f"task {task.task_id} is still {task.state}{where}; {fetch} waits for its result")
+        return EXIT_PENDING
+    return EXIT_OK if task.status == "SUCCESS" else EXIT_FAILED
+
+
+#: How long one request waits for a task to finish: short on a TTY, so state changes show.
+_WAIT_STEP_TTY = 1.0
+_WAIT_STEP = 30.0
+
+
+def _wait_for_task(client: ApiClient, task: TaskView, timeout: float, progress: _Progress | None) -> TaskView:
+    """The task once done, or as it is after ``timeout`` seconds; long-polls ``GET /tasks/{id}?wait=``."""
+    deadline = time.monotonic() + timeout
+    step = _WAIT_STEP_TTY if progress else _WAIT_STEP
+    while True:
+        if progress:
+            progress.show(task)
+        remaining = deadline - time.monotonic()
+        if task.state == "done" or remaining <= 0:
+            return task
+        task = client.get_task(task.task_id, wait=min(step, remaining))
+
+
+class _Progress:
+    """One line on stderr each time a task changes state: queued -> running on DELEGATE -> done."""
+
+    def __init__(self) -> None:
+        self._last: tuple[str, str | None] | None = None
+        self._start = time.monotonic()
+
+    def show(self, task: TaskView) -> None:
+        now = (task.state, task.delegate_name)
+        if now == self._last:
+            return
+        self._last = now
+        if task.state == "queued":
+            tags = ", ".join(task.selectors)
+            line = f"queued: waiting for a delegate with tags {tags}" if tags else "queued: waiting for a delegate"
+        elif task.state == "running":
+            attempt = f" (attempt {task.attempts})" if task.attempts > 1 else ""
+            line = f"running on {task.delegate_name or 'a delegate'}{attempt}"
+        else:
+            line = f"done: {task.status or '-'}"
+        print(f"task {task.task_id} {line}  [{time.monotonic() - self._start:.1f}s]", file=sys.stderr, flush=True)
+
+
+def _print_task(task: TaskView, output: str) -> None:
+    if output == "json":
         _print_json(task)
-    else:
+    elif task.state == "done":
         print_test_result(
             task.result,
             task_id=task.task_id,
@@ -353,10 +437,8 @@ def cmd_connector_test(args: argparse.Namespace) -> int:
             delegate_name=task.delegate_name,
             failure_reason=task.failure_reason,
         )
-    if task.state != "done":
-        _err(f"no result within {args.timeout:.0f}s; the task {task.task_id} is still {task.state}")
-        return EXIT_FAILED
-    return EXIT_OK if task.status == "SUCCESS" else EXIT_FAILED
+    else:
+        print(f"{task.state.upper()}  task {task.task_id}  delegate {task.delegate_name or '-'}")
 
 
 def print_test_result(
@@ -401,6 +483,48 @@ def print_test_result(
     if check is not None:
         denied = ", ".join(f"{d.action} ({d.decision})" for d in check.denied)
         print(f"  permissions: {len(check.allowed)} allowed" + (f"; denied: {denied}" if denied else ""), file=out)
+
+
+def cmd_tasks_get(args: argparse.Namespace) -> int:
+    client = _client(args)
+    return _await_and_report(client, client.get_task(args.task_id), args.wait, args.output)
+
+
+def cmd_tasks_list(args: argparse.Namespace) -> int:
+    import msgspec
+
+    tasks = _client(args).list_tasks(state=args.state, connectorId=args.connector, limit=args.limit).tasks
+    if args.output == "json":
+        _print_json([msgspec.to_builtins(t) for t in tasks])
+        return EXIT_OK
+    rows = [
+        [
+            t.task_id,
+            t.type,
+            t.connector_id or "-",
+            t.state,
+            t.status or "-",
+            t.delegate_name or "-",
+            f"{t.created_at:%Y-%m-%d %H:%M:%S}Z",
+            t.failure_reason or "",
+        ]
+        for t in tasks
+    ]
+    _print_table(rows, ["id", "type", "connector", "state", "status", "delegate", "created", "reason"])
+    return EXIT_OK
+
+
+def cmd_tasks_cancel(args: argparse.Namespace) -> int:
+    task = _client(args).cancel_task(args.task_id)
+    if args.output == "json":
+        _print_json(task)
+    elif task.state == "done" and task.failure_reason == "cancelled":
+        print(f"task {task.task_id} cancelled")
+    elif task.state == "done":
+        print(f"task {task.task_id} had already finished: {task.status}")
+    else:
+        print(f"task {task.task_id}: cancel requested; {task.delegate_name or 'its delegate'} stops it shortly")
+    return EXIT_OK
 
 
 def cmd_delegates_list(args: argparse.Namespace) -> int:
@@ -600,6 +724,22 @@ def _positive(value: str) -> float:
     return v
 
 
+def _non_negative(value: str) -> float:
+    try:
+        v = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError("must be 0 or more")
+    return v
+
+
+def _limit(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 1000:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number from 1 to 1000")
+    return int(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="delegate-agent",
@@ -693,11 +833,50 @@ def _add_connector(sub: Any, client_opts: argparse.ArgumentParser) -> None:
     d = csub.add_parser("delete", parents=[client_opts], help="delete a connector")
     d.add_argument("identifier")
     d.set_defaults(func=cmd_connector_delete)
-    t = csub.add_parser("test", parents=[client_opts], help="test the connection; exit 0 on SUCCESS, 1 on FAILURE")
+    t = csub.add_parser(
+        "test",
+        parents=[client_opts],
+        help="test the connection; exit 0 on SUCCESS, 1 on FAILURE, 4 when no result came in time",
+        description="Queues a connection test on an eligible delegate and waits for its result. On a "
+        "terminal, progress goes to stderr (queued -> running on DELEGATE -> done); nothing extra when "
+        "piped. Exit codes: 0 SUCCESS; 1 FAILURE; 4 no result within --timeout (the task goes on: "
+        "`delegate-agent tasks get ID` fetches it later); 130 Ctrl-C, which stops waiting but not the "
+        "task (its id is printed; `delegate-agent tasks cancel ID` stops it).",
+    )
     t.add_argument("identifier")
-    t.add_argument("--timeout", type=_positive, default=150.0, metavar="S", help="seconds to wait for the result")
+    t.add_argument(
+        "--timeout", type=_positive, default=150.0, metavar="S", help="seconds to wait for the result (default 150)"
+    )
     t.add_argument("--permission", action="append", metavar="ACTION", help="also check this IAM action (repeat)")
     t.set_defaults(func=cmd_connector_test)
+
+
+def _add_tasks(sub: Any, client_opts: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("tasks", help="tasks on the control plane (connection tests and others)")
+    tsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    g = tsub.add_parser(
+        "get",
+        parents=[client_opts],
+        help="show a task and its result",
+        description="Shows a task; with --wait, waits up to S seconds for it to finish (progress on a "
+        "terminal). Exit codes as `connector test`: 0 SUCCESS, 1 FAILURE, 4 not finished yet, 130 Ctrl-C.",
+    )
+    g.add_argument("task_id", metavar="ID")
+    g.add_argument("--wait", type=_non_negative, default=0.0, metavar="S", help="seconds to wait for it to finish")
+    g.set_defaults(func=cmd_tasks_get)
+    lst = tsub.add_parser("list", parents=[client_opts], help="list recent tasks, newest first")
+    lst.add_argument("--state", choices=["queued", "running", "done"], help="only tasks in this state")
+    lst.add_argument("--connector", metavar="IDENTIFIER", help="only this connector's tasks")
+    lst.add_argument("--limit", type=_limit, default=100, metavar="N", help="at most N tasks (1-1000; default 100)")
+    lst.set_defaults(func=cmd_tasks_list)
+    c = tsub.add_parser(
+        "cancel",
+        parents=[client_opts],
+        help="cancel a task",
+        description="A queued task fails at once as cancelled; a running one is stopped by its delegate.",
+    )
+    c.add_argument("task_id", metavar="ID")
+    c.set_defaults(func=cmd_tasks_cancel)
 
 
 def _add_delegates(sub: Any, client_opts: argparse.ArgumentParser) -> None:
@@ -766,6 +945,7 @@ _COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     _add_run,
     _add_control_plane,
     _add_connector,
+    _add_tasks,
     _add_delegates,
     _add_tokens,
     _add_validate,
@@ -800,7 +980,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  {p.field}: {p.message}", file=sys.stderr)
         return EXIT_USAGE if isinstance(exc, RequestRejected) or (exc.status or 0) < 500 else EXIT_UNREACHABLE
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_OK
 

@@ -45,11 +45,10 @@ def test_help_and_version_load_no_command_and_no_heavy_library(flag: str) -> Non
     assert {m for m in loaded if m.startswith("agent.")} == {"agent._lazy", "agent._version", "agent.cli"}
 
 
-def test_a_client_command_loads_neither_the_daemon_nor_aiohttp_yaml_or_logging() -> None:
+@pytest.mark.parametrize("command", [("connector", "list"), ("tasks", "list"), ("connector", "test", "x")])
+def test_a_client_command_loads_neither_the_daemon_nor_aiohttp_yaml_or_logging(command: tuple[str, ...]) -> None:
     # Nothing listens on the port: the command fails with exit 3, after importing all it needs.
-    loaded = _modules(
-        _PROBE, "connector", "list", "--control-plane", f"http://127.0.0.1:{free_port()}", "--api-key", "k"
-    )
+    loaded = _modules(_PROBE, *command, "--control-plane", f"http://127.0.0.1:{free_port()}", "--api-key", "k")
     assert not _top(loaded) & HEAVY
     assert not {m for m in loaded if m.startswith(("agent.runtime", "agent.controlplane", "agent.aws"))}
 
