@@ -89,18 +89,23 @@ async def test_a_directory_applies_its_connector_files_in_name_order(
 async def test_an_unreadable_file_among_several_is_reported_with_the_others(
     control_plane_factory: ControlPlaneFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A broken YAML file is one more problem: the valid files beside it are not applied either."""
+    """A broken YAML file is one more problem: the valid files beside it are not applied either.
+
+    A YAML date (which JSON cannot carry) is sent as text and judged by the server like any value.
+    """
     cp = await control_plane_factory()
-    good, broken = tmp_path / "good.yaml", tmp_path / "broken.yaml"
+    good, broken, dated = tmp_path / "good.yaml", tmp_path / "broken.yaml", tmp_path / "dated.yaml"
     good.write_text(yaml.safe_dump(manual_connector("Good")))
     broken.write_text("connector: [")
-    code = await run_cli(
-        "connector", "apply", "-f", str(good), "-f", str(broken), "--control-plane", cp.url, "--api-key", API_KEY
-    )
+    dated.write_text("connector: {name: Dated, when: 2024-01-01}\n")
+    files = ("-f", str(good), "-f", str(broken), "-f", str(dated))
+    code = await run_cli("connector", "apply", *files, "--control-plane", cp.url, "--api-key", API_KEY)
     err = capsys.readouterr().err
     assert code == EXIT_USAGE
     assert f"{broken} is not valid YAML or JSON" in err
-    assert "nothing applied: 1 problem(s) in 2 document(s)" in err
+    assert "  connector.when: unknown field" in err.splitlines()
+    assert "nothing applied: 2 problem(s) in 3 document(s)" in err
+    assert "Traceback" not in err
     assert cp.core.store.connectors() == []
 
 

@@ -83,7 +83,9 @@ class ApiClient:
     def apply_connector(self, document: Any, *, dry_run: bool = False) -> ApplyResult:
         """Create or replace a connector; ``dry_run`` only validates it (and says what applying would do)."""
         query = {"dryRun": "true"} if dry_run else None
-        _, data = self._call("POST", "/api/v1/connectors", body=json.dumps(document).encode(), query=query)
+        # YAML has dates and times, JSON has not: send them as their ISO text for the server to judge.
+        body = json.dumps(document, default=str).encode()
+        _, data = self._call("POST", "/api/v1/connectors", body=body, query=query)
         return msgspec.json.decode(data, type=ApplyResult)
 
     def get_connector(self, identifier: str) -> ConnectorRecord:
