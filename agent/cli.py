@@ -2,8 +2,8 @@
 
 Exit codes: 0 success; 1 a connection test (or validation) failed; 2 usage or input error;
 3 the control plane is unreachable or refused our credentials; 4 no test result within the wait
-(the task goes on); 130 interrupted. A user's mistake is one clear
-line on stderr, never a traceback.
+(the task goes on); 130 interrupted. A user's mistake is one clear line on stderr, never a
+traceback.
 """
 
 from __future__ import annotations
