@@ -371,14 +371,13 @@ async def test_a_missing_secret_names_the_reference_and_calls_nobody(make_valida
 
 
 async def test_unreachable_endpoint_is_a_network_failure(make_validator: Any) -> None:
-    """A closed port is a network failure with an egress hint (and retries are bounded)."""
-    v = make_validator(
-        secrets={"sk": "x"}, AWS_ENDPOINT_URL_EC2=f"http://127.0.0.1:{free_port()}", AWS_MAX_ATTEMPTS="1"
-    )
+    """A closed port is a network failure naming the endpoint that refused (and retries are bounded)."""
+    closed = f"http://127.0.0.1:{free_port()}"
+    v = make_validator(secrets={"sk": "x"}, AWS_ENDPOINT_URL_EC2=closed, AWS_MAX_ATTEMPTS="1")
     result = await run(v, manual())
     f = result["failure"]
     assert (f["step"], f["category"]) == ("describe_regions", "network")
-    assert "egress" in f["hint"]
+    assert closed in f["hint"] and "AWS_ENDPOINT_URL_EC2" in f["hint"]
     assert result["identity"] is not None  # STS still went to moto: per-service endpoints are honoured
 
 

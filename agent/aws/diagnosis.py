@@ -7,6 +7,7 @@ change (the principal, the role, the region, the secret reference).
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +25,7 @@ from botocore.exceptions import (
 from botocore.parsers import ResponseParserError
 
 from agent.aws.credentials import CredentialProblem
-from agent.aws.secrets import SecretNotFound
+from agent.aws.secrets import CONTROL_PLANE_SECRETS, SecretNotFound
 
 CATEGORIES = (
     "invalid_config",
@@ -84,7 +85,8 @@ class Context:
     role_arn: str | None = None
     external_id_set: bool = False
     secret_ref: str | None = None
-    endpoint_overridden: bool = False
+    #: The endpoint overrides in force, as (variable, URL): AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_<SERVICE>.
+    endpoints: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -118,12 +120,7 @@ def _bad_key_hint(ctx: Context) -> str:
 
 def diagnose(exc: BaseException, *, step: str, ctx: Context) -> Diagnosis:
     if isinstance(exc, SecretNotFound):
-        return Diagnosis(
-            "secret_not_found",
-            str(exc),
-            f"create the key {exc.ref.name!r} in the Kubernetes Secret mounted at AGENT_SECRETS_DIR "
-            "(helm: connectorSecrets.existingSecret), or fix the reference in the connector",
-        )
+        return Diagnosis("secret_not_found", str(exc), _secret_hint(exc))
     if isinstance(exc, CredentialProblem):
         return _credential_problem(exc)
     if isinstance(exc, ClientError):
@@ -148,10 +145,12 @@ def diagnose(exc: BaseException, *, step: str, ctx: Context) -> Diagnosis:
             "check HTTPS_PROXY, and NO_PROXY for endpoints that must bypass it",
         )
     if isinstance(exc, ConnectTimeoutError | EndpointConnectionError):
-        where = "the endpoint in AWS_ENDPOINT_URL" if ctx.endpoint_overridden else f"AWS in {ctx.region}"
+        custom = _custom_endpoint(exc, ctx)
+        if custom is not None:
+            return _custom_endpoint_unreachable(exc, step, *custom)
         return Diagnosis(
             "network",
-            f"cannot connect to {where} at {step}: {_text(exc)}",
+            f"cannot connect to AWS in {ctx.region} at {step}: {_text(exc)}",
             "allow HTTPS egress from the delegate to AWS (NetworkPolicy, security groups, NAT), set "
             "HTTPS_PROXY if a proxy is required, or add a VPC endpoint for the service",
         )
@@ -368,6 +367,59 @@ def _web_identity_error(code: str, summary: str, ctx: Context) -> Diagnosis:
         )
     return Diagnosis(
         "credentials_invalid", f"resolving credentials failed ({summary})", "see the AWS error message", code
+    )
+
+
+def _secret_hint(exc: SecretNotFound) -> str:
+    name, place = exc.ref.name, exc.place
+    on_control_plane = place == CONTROL_PLANE_SECRETS
+    if exc.problem == "no_directory":
+        if on_control_plane:
+            return (
+                f"start the control plane with --secrets-dir DIR holding the file {name!r}, or set "
+                "executeOnDelegate: true so a delegate resolves the reference from its own Secret"
+            )
+        return f"set {place.setting} to the directory where the connectors' Secret is mounted, with the key {name!r}"
+    if exc.problem == "empty":
+        return (
+            f"put the value into the key {name!r} of {place.store}: the key exists but holds nothing "
+            "(an empty file given to kubectl create secret --from-file, or an unset template value)"
+        )
+    if exc.problem == "unreadable":
+        return f"make the file {name!r} in {place.store} a regular file that {place.owner} may read"
+    if exc.problem == "invalid":
+        return "fix the reference in the connector, or the value of the secret it names"
+    if on_control_plane:
+        return (
+            f"create the file {name!r} in the control plane's --secrets-dir ({exc.directory}), fix the reference "
+            "in the connector, or set executeOnDelegate: true so a delegate resolves it"
+        )
+    return f"create the key {name!r} in {place.store}, or fix the reference in the connector"
+
+
+def _custom_endpoint(exc: BotoCoreError, ctx: Context) -> tuple[str, str] | None:
+    """(variable, URL) of the endpoint override the failing call went to, or None for AWS itself."""
+    url = str(getattr(exc, "kwargs", {}).get("endpoint_url") or "")
+    for variable, base in ctx.endpoints:
+        if url.rstrip("/").startswith(base.rstrip("/")):
+            return variable, base
+    return None
+
+
+def _custom_endpoint_unreachable(exc: BotoCoreError, step: str, variable: str, url: str) -> Diagnosis:
+    error = getattr(exc, "kwargs", {}).get("error")
+    refused = isinstance(error, ConnectionRefusedError) or getattr(error, "errno", None) == errno.ECONNREFUSED
+    if refused:
+        return Diagnosis(
+            "network",
+            f"the endpoint {url} (from {variable}) refused the connection at {step}",
+            f"nothing is listening at {url}: start the service there, or fix or unset {variable} "
+            "so the delegate calls AWS itself",
+        )
+    return Diagnosis(
+        "network",
+        f"cannot connect to the endpoint {url} (from {variable}) at {step}: {_text(exc)}",
+        f"check that {url} is reachable from the delegate (host, port, proxy, NO_PROXY), or fix or unset {variable}",
     )
 
 

@@ -54,6 +54,15 @@ class AwsEnvironment:
             return None
         return self.service_endpoints.get(service.lower()) or self.endpoint_url
 
+    def endpoint_overrides(self) -> tuple[tuple[str, str], ...]:
+        """(variable, URL) of each endpoint override in force, per-service ones first (they win)."""
+        if self.variables.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").lower() in _TRUE:
+            return ()
+        pairs = [(f"AWS_ENDPOINT_URL_{service.upper()}", url) for service, url in self.service_endpoints.items()]
+        if self.endpoint_url:
+            pairs.append(("AWS_ENDPOINT_URL", self.endpoint_url))
+        return tuple(pairs)
+
     def proxies_for(self, url: str) -> dict[str, str]:
         """The proxy to use for ``url``, honouring ``NO_PROXY`` the way curl and botocore do."""
         proxies = {k: v for k, v in (("https", self.https_proxy), ("http", self.http_proxy)) if v}

@@ -1,69 +1,125 @@
-"""Secret references resolved on the delegate: ``account.NAME``, ``org.NAME`` or ``NAME``.
+"""Secret references resolved where the test runs: ``account.NAME``, ``org.NAME`` or ``NAME``.
 
-Each reads the file ``NAME`` in ``AGENT_SECRETS_DIR`` (a mounted Kubernetes Secret: one key per
-file). Files are read per task, so a rotated Secret is picked up without a restart. Every value
-read is handed to the redactor before anything else can see it.
+Each reads the file ``NAME`` in a secrets directory: on a delegate ``AGENT_SECRETS_DIR`` (a mounted
+Kubernetes Secret: one key per file), in the control plane (``executeOnDelegate: false``) its
+``--secrets-dir``. Files are read per task, so a rotated Secret is picked up without a restart.
+Every value read is handed to the redactor before anything else can see it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from agent.aws.connector import SecretRef
 
 MAX_SECRET_BYTES = 64 * 1024
 
+#: Why a reference could not be resolved; the diagnosis picks its hint by it.
+SecretProblem = Literal["no_directory", "missing", "empty", "unreadable", "invalid"]
+
+
+@dataclass(frozen=True)
+class SecretsPlace:
+    """Who reads the secret files and how its operator names the directory (for messages and hints)."""
+
+    #: "the delegate" or "the control plane".
+    owner: str
+    #: The setting that names the directory, as the operator writes it.
+    setting: str
+    #: Where a missing key is to be created.
+    store: str
+
+
+DELEGATE_SECRETS = SecretsPlace(
+    owner="the delegate",
+    setting="AGENT_SECRETS_DIR",
+    store="the Kubernetes Secret mounted at AGENT_SECRETS_DIR (helm: connectorSecrets.existingSecret)",
+)
+CONTROL_PLANE_SECRETS = SecretsPlace(
+    owner="the control plane",
+    setting="--secrets-dir",
+    store="the control plane's --secrets-dir",
+)
+
 
 class SecretNotFound(Exception):
     """A reference that cannot be resolved; the message names the reference, never a value."""
 
-    def __init__(self, ref: SecretRef, message: str) -> None:
+    def __init__(
+        self,
+        ref: SecretRef,
+        message: str,
+        *,
+        problem: SecretProblem = "missing",
+        place: SecretsPlace = DELEGATE_SECRETS,
+        directory: Path | None = None,
+    ) -> None:
         super().__init__(message)
         self.ref = ref
+        self.problem = problem
+        self.place = place
+        self.directory = directory
 
 
 class SecretStore:
-    def __init__(self, directory: Path | None, *, on_read: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path | None,
+        *,
+        on_read: Callable[[str], None] | None = None,
+        place: SecretsPlace = DELEGATE_SECRETS,
+    ) -> None:
         self.directory = directory
+        self.place = place
         self._on_read = on_read
 
     def resolve(self, ref: SecretRef) -> str:
-        if self.directory is None:
-            raise SecretNotFound(
-                ref, f"secret {ref.raw} cannot be resolved: AGENT_SECRETS_DIR is not set on this delegate"
+        place, directory = self.place, self.directory
+
+        def problem(kind: SecretProblem, message: str) -> SecretNotFound:
+            return SecretNotFound(ref, message, problem=kind, place=place, directory=directory)
+
+        if directory is None:
+            raise problem(
+                "no_directory", f"secret {ref.raw} cannot be resolved: {place.setting} is not set on {place.owner}"
             )
         # The name is validated by the connector parser; this is a second guard against escapes
         # (textual: resolving paths would cost half a dozen syscalls per validation).
         if not ref.name or "/" in ref.name or "\0" in ref.name or ref.name in (".", ".."):
-            raise SecretNotFound(ref, f"secret {ref.raw} is not a plain file name")
-        path = self.directory / ref.name
+            raise problem("invalid", f"secret {ref.raw} is not a plain file name")
+        path = directory / ref.name
         try:
             # Kubernetes mounts each key as a symlink into ..data/, so links are followed.
             with path.open("rb") as f:
                 data = f.read(MAX_SECRET_BYTES + 1)
         except FileNotFoundError:
-            raise SecretNotFound(
-                ref,
-                f"secret {ref.raw} not found: the delegate has no file {ref.name!r} in "
-                f"AGENT_SECRETS_DIR ({self.directory})",
+            raise problem(
+                "missing",
+                f"secret {ref.raw} not found: {place.owner} has no file {ref.name!r} in {place.setting} ({directory})",
             ) from None
         except IsADirectoryError:
-            raise SecretNotFound(ref, f"secret {ref.raw} is a directory, not a file, in {self.directory}") from None
+            raise problem("unreadable", f"secret {ref.raw} is a directory, not a file, in {directory}") from None
         except PermissionError:
-            raise SecretNotFound(
-                ref, f"secret {ref.raw} exists but the delegate may not read it ({self.directory / ref.name})"
+            raise problem(
+                "unreadable", f"secret {ref.raw} exists but {place.owner} may not read it ({directory / ref.name})"
             ) from None
         except OSError as exc:
-            raise SecretNotFound(ref, f"secret {ref.raw} cannot be read: {exc.strerror}") from None
+            raise problem("unreadable", f"secret {ref.raw} cannot be read: {exc.strerror}") from None
         if len(data) > MAX_SECRET_BYTES:
-            raise SecretNotFound(ref, f"secret {ref.raw} is larger than {MAX_SECRET_BYTES} bytes")
+            raise problem("invalid", f"secret {ref.raw} is larger than {MAX_SECRET_BYTES} bytes")
         try:
             value = data.decode("utf-8").strip()
         except UnicodeDecodeError:
-            raise SecretNotFound(ref, f"secret {ref.raw} is not UTF-8 text") from None
+            raise problem("invalid", f"secret {ref.raw} is not UTF-8 text") from None
         if not value:
-            raise SecretNotFound(ref, f"secret {ref.raw} is empty")
+            raise problem(
+                "empty",
+                f"secret {ref.raw} is empty: the file {ref.name!r} in {place.setting} ({directory}) has "
+                f"{'only white space' if data else 'no content'}",
+            )
         if self._on_read is not None:
             self._on_read(value)
         return value

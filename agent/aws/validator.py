@@ -144,7 +144,7 @@ class AwsValidator:
             role_arn=connector.cross_account.role_arn if connector.cross_account else None,
             external_id_set=bool(connector.cross_account and connector.cross_account.external_id),
             secret_ref=connector.secret_key_ref.raw if connector.secret_key_ref else None,
-            endpoint_overridden=bool(self.env.endpoint_url or self.env.service_endpoints),
+            endpoints=self.env.endpoint_overrides(),
         )
         run = _TestRun(connector, ctx, observer=self._observer)
         policy = RetryPolicy.for_connector(self.env, connector.backoff)
@@ -219,7 +219,8 @@ class AwsValidator:
                     await resolved.credentials.get_frozen_credentials()
                 except ClientError:
                     # Name who was refused: the hint is about *that* principal's trust relationship.
-                    run.ctx = replace(run.ctx, principal=await self._whoami(base, region, policy) or base.role_arn)
+                    caller = await self._whoami(base, region, policy)
+                    run.ctx = replace(run.ctx, principal=_iam_principal(caller, base.role_arn) or base.role_arn)
                     raise
             result.credential_source = resolved.source
         with self.clients.bound(resolved.credentials):
@@ -228,7 +229,8 @@ class AwsValidator:
                     ident = await sts.get_caller_identity()
                 identity = Identity(account=ident.get("Account"), arn=ident.get("Arn"), user_id=ident.get("UserId"))
                 result.identity = identity
-                run.ctx = replace(run.ctx, principal=ident.get("Arn"))
+                # Hints name what a policy can name: the role, not this one session of it.
+                run.ctx = replace(run.ctx, principal=_iam_principal(ident.get("Arn"), resolved.role_arn))
             with run.step("describe_regions"):
                 async with self.clients.client("ec2", region, policy) as ec2:
                     answer = await ec2.describe_regions(RegionNames=[region], AllRegions=True)
@@ -336,3 +338,10 @@ class AwsValidator:
 
     async def close(self) -> None:
         await self.clients.close()
+
+
+def _iam_principal(caller_arn: str | None, known_role_arn: str | None) -> str | None:
+    """The ARN a policy names for a caller: an assumed-role session becomes its role (path kept if known)."""
+    if not caller_arn:
+        return None
+    return principal_for_simulation(caller_arn, known_role_arn) or caller_arn

@@ -15,7 +15,7 @@ import structlog
 from agent.aws.clients import AwsClients
 from agent.aws.connector import AwsConnector
 from agent.aws.environment import AwsEnvironment
-from agent.aws.secrets import SecretStore
+from agent.aws.secrets import CONTROL_PLANE_SECRETS, SecretStore
 from agent.aws.validator import AwsValidator
 from agent.observability.logging import Redactor
 from agent.protocol.results import ValidationResult
@@ -45,6 +45,9 @@ def platform_validator_from_env(
     for p in problems:
         log.warning("controlplane.aws_setting_ignored", setting=p.field, problem=p.message)
     validator = AwsValidator(
-        env, AwsClients(env), SecretStore(secrets_dir, on_read=redactor.add), redact=redactor.value
+        env,
+        AwsClients(env),
+        SecretStore(secrets_dir, on_read=redactor.add, place=CONTROL_PLANE_SECRETS),
+        redact=redactor.value,
     )
     return PlatformValidation(validator)
