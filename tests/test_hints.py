@@ -7,13 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import structlog
 from aiobotocore.session import AioSession
 
 from agent.aws.environment import AwsEnvironment
+from agent.controlplane.app import ControlPlaneConfig, ControlPlaneService
 from agent.controlplane.platform import platform_validator_from_env
 from agent.observability.logging import Redactor
 from tests.awsfakes import ACCOUNT, ADMIN_KEY, MotoIam, moto_api
-from tests.conftest import API_KEY, ControlPlaneFactory, free_port
+from tests.conftest import API_KEY, TOKEN, ControlPlaneFactory, free_port
 from tests.test_aws_validation import connector, make_validator, manual, run
 
 __all__ = ["make_validator"]  # the fixture, shared with tests/test_aws_validation.py
@@ -156,3 +158,31 @@ async def test_the_platform_without_a_secrets_dir_says_to_start_it_with_one(moto
     assert "--secrets-dir is not set on the control plane" in (result.error_summary or "")
     assert "start the control plane with --secrets-dir" in (result.failure.hint or "")
     assert "executeOnDelegate: true" in (result.failure.hint or "")
+
+
+async def test_the_generated_credentials_line_names_only_what_was_generated(tmp_path: Path) -> None:
+    """Tokens given, API key generated: one warning, about the API key; the signing key has its own line."""
+    config = ControlPlaneConfig(host="127.0.0.1", port=0, data_dir=tmp_path, delegate_tokens=f"default:{TOKEN}")
+    with structlog.testing.capture_logs() as logs:
+        async with ControlPlaneService(config):
+            pass
+    generated = [e for e in logs if e["event"] == "controlplane.credentials_generated"]
+    assert [Path(e["path"]).name for e in generated] == ["api-key"]
+    assert generated[0]["log_level"] == "warning"
+    assert generated[0]["hint"].startswith("no API key was configured")
+    assert "token" not in generated[0]["hint"]
+    signing = [e for e in logs if e["event"] == "controlplane.task_signing_key_generated"]
+    assert [Path(e["path"]).name for e in signing] == ["task-signing-key"]
+    assert "AGENT_TASK_PUBLIC_KEY" in signing[0]["hint"] and signing[0]["log_level"] == "info"
+
+
+async def test_nothing_given_generates_both_and_says_so_for_each(tmp_path: Path) -> None:
+    """Neither tokens nor an API key: two lines, one naming the delegate token, one the API key."""
+    config = ControlPlaneConfig(host="127.0.0.1", port=0, data_dir=tmp_path)
+    with structlog.testing.capture_logs() as logs:
+        async with ControlPlaneService(config):
+            pass
+    hints = {Path(e["path"]).name: e["hint"] for e in logs if e["event"] == "controlplane.credentials_generated"}
+    assert sorted(hints) == ["api-key", "delegate-token"]
+    assert hints["delegate-token"].startswith("no delegate token was configured")
+    assert hints["api-key"].startswith("no API key was configured")

@@ -263,11 +263,7 @@ class ControlPlaneService:
         self._started = True
         await self.setup()
         for path in self.credentials.generated:
-            log.warning(
-                "controlplane.credentials_generated",
-                path=str(path),
-                hint="no token or API key was configured; one was generated here (mode 0600)",
-            )
+            _log_generated(path)
         # handler_cancellation: a long poll whose delegate hung up is cancelled, so no dead waiter
         # can swallow the wakeup meant for a live one.
         runner = web.AppRunner(
@@ -388,6 +384,38 @@ class _Parts:
     verifier: TokenVerifier
     handlers: Handlers
     app: web.Application
+
+
+#: What was generated (the file's name in the data dir) -> (event, level, hint). Each line names only
+#: what was actually missing, and what to do with the generated file.
+_GENERATED: dict[str, tuple[str, str, str]] = {
+    "delegate-token": (
+        "controlplane.credentials_generated",
+        "warning",
+        "no delegate token was configured (--delegate-token-file or CONTROL_PLANE_DELEGATE_TOKENS); one was "
+        "generated here (mode 0600): give it to the delegates as DELEGATE_TOKEN_FILE",
+    ),
+    "api-key": (
+        "controlplane.credentials_generated",
+        "warning",
+        "no API key was configured (--api-key-file or CONTROL_PLANE_API_KEY); one was generated here (mode "
+        "0600): the CLI reads it as CONTROL_PLANE_API_KEY",
+    ),
+    "task-signing-key": (
+        "controlplane.task_signing_key_generated",
+        "info",
+        "no --task-signing-key-file was given; a task signing key was generated here (mode 0600), and its public "
+        "key beside it in task-signing-key.pub: set that as the delegates' AGENT_TASK_PUBLIC_KEY and they run "
+        "only tasks this control plane signed",
+    ),
+}
+
+
+def _log_generated(path: Path) -> None:
+    event, level, hint = _GENERATED.get(
+        path.name, ("controlplane.credentials_generated", "warning", "it was missing; one was generated here")
+    )
+    (log.warning if level == "warning" else log.info)(event, path=str(path), hint=hint)
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:
