@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import select
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -83,6 +87,100 @@ def test_keep_running_prints_urls_and_stops_cleanly_on_ctrl_c(tmp_path: Path) ->
             parse_connector(yaml.safe_load(Path(connector_file).read_text()))
             proc.send_signal(signal.SIGINT)
             assert proc.wait(timeout=60) == 0, errors_path.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def _start_demo(*args: str, stderr: Any) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "agent", "demo", *args],
+        stdout=subprocess.PIPE,
+        stderr=stderr,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+    )
+
+
+def _read_until(proc: subprocess.Popen[str], marker: str) -> list[str]:
+    """The demo's lines up to and including the first with ``marker`` (the demo's own steps bound it)."""
+    assert proc.stdout is not None
+    lines: list[str] = []
+    for line in proc.stdout:
+        lines.append(line)
+        if marker in line:
+            return lines
+    raise AssertionError(f"the demo ended before {marker!r}:\n{''.join(lines)}")
+
+
+def _delegate_pids(lines: list[str]) -> list[int]:
+    return [int(m[1]) for line in lines if (m := re.search(r"started delegate \S+ .* as process (\d+)", line))]
+
+
+def _exits_within(pidfds: dict[int, int], seconds: float) -> list[int]:
+    """Wait on the processes' pidfds (readable once a process has exited); the PIDs still running."""
+    deadline = time.monotonic() + seconds
+    waiting = dict(pidfds)
+    while waiting:
+        ready, _, _ = select.select(list(waiting.values()), [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        waiting = {pid: fd for pid, fd in waiting.items() if fd not in ready}
+    return sorted(waiting)
+
+
+needs_pidfd = pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="pidfd_open is Linux-only")
+
+
+@pytest.mark.slow
+@needs_pidfd
+def test_the_delegates_die_with_the_demo_even_when_it_is_killed(tmp_path: Path) -> None:
+    """SIGKILL leaves the demo no time to clean up; its delegates still end (PR_SET_PDEATHSIG)."""
+    pidfds: dict[int, int] = {}
+    with (
+        (tmp_path / "stderr").open("w") as errors,
+        _start_demo("--keep-running", "--workdir", str(tmp_path / "w"), stderr=errors) as proc,
+    ):
+        try:
+            lines = _read_until(proc, "Ctrl-C stops everything cleanly")
+            pidfds = {pid: os.pidfd_open(pid) for pid in _delegate_pids(lines)}  # opened while they run
+            assert len(pidfds) == 2, lines
+            tried = [
+                t.strip() for t in lines if re.search(r"(delegates list|connector (list|test|apply)|validate -f)", t)
+            ]
+            program = re.compile(r"(^|\s)delegate-agent (delegates|connector|validate) ")
+            assert len(tried) == 5 and all(program.search(t) for t in tried), tried
+            proc.kill()
+            proc.wait(timeout=30)
+            assert _exits_within(pidfds, 30) == [], "delegates outlived the killed demo"
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            for fd in pidfds.values():  # a failing run leaves no delegate behind (pidfds: never a reused PID)
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                os.close(fd)
+
+
+@pytest.mark.slow
+@needs_pidfd
+def test_ctrl_c_while_starting_exits_0_and_stops_the_delegates(tmp_path: Path) -> None:
+    """A Ctrl-C before the results are in (no handler race): the started delegates stop, exit code 0."""
+    errors_path = tmp_path / "stderr"
+    with errors_path.open("w") as errors, _start_demo(stderr=errors) as proc:
+        try:
+            lines = _read_until(proc, "started delegate ec2-gov-0")
+            pidfds = {pid: os.pidfd_open(pid) for pid in _delegate_pids(lines)}
+            assert len(pidfds) == 2, lines
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=60) == 0, errors_path.read_text()
+            try:
+                assert _exits_within(pidfds, 0) == [], "the demo exited before its delegates"
+            finally:
+                for fd in pidfds.values():
+                    os.close(fd)
+            assert "Traceback" not in errors_path.read_text()
         finally:
             if proc.poll() is None:
                 proc.kill()

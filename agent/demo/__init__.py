@@ -5,12 +5,17 @@ IAM enforced), the reference control plane, and two delegates as separate proces
 environments (``eks-prod-0`` with IRSA, ``ec2-gov-0`` with an instance role and a GovCloud secret),
 as pods would have. It applies eight Harness connectors, tests each through the control plane,
 and prints who ran it, who the credentials are, and why it failed where it must fail.
+
+Stopping: the first Ctrl-C (or SIGTERM) at any moment stops everything the demo started and exits
+0; a second one kills the delegates without waiting for them to drain. The delegates die with the
+demo even when it is killed outright (``PR_SET_PDEATHSIG`` on Linux).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -19,9 +24,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO, TypeVar
 
 from agent.controlplane.app import ControlPlaneConfig, ControlPlaneService
 from agent.controlplane.core import ControlPlaneSettings
@@ -33,6 +40,14 @@ from agent.protocol.auth import generate_token
 from agent.protocol.models import TaskView, TestRequest
 
 __all__ = ["run_demo"]
+
+T = TypeVar("T")
+
+#: linux/prctl.h: deliver a signal to this process when the thread that forked it ends.
+_PR_SET_PDEATHSIG = 1
+#: How long a delegate may take to drain and deregister before it is killed (its own watchdog
+#: ends a stuck shutdown after AGENT_DRAIN_TIMEOUT_SECONDS + the default 8 s grace, 13 s here).
+_DELEGATE_STOP_SECONDS = 20.0
 
 
 @dataclass
@@ -51,6 +66,13 @@ class Demo:
         self.dir = workdir
         self.started = time.monotonic()
         self.delegates: list[Delegate] = []
+        # Set by the first Ctrl-C/SIGTERM. While ``_interruptible``, it cancels the start-up (every
+        # ``finally`` then stops what was started); afterwards the run ends by itself, cleanly.
+        self._stop = asyncio.Event()
+        self._interruptible = True
+        # The blocking API calls get their own threads, so a Ctrl-C while eight tests are waiting
+        # never queues the delegates' shutdown behind them in the default executor.
+        self._api_threads = ThreadPoolExecutor(max_workers=10, thread_name_prefix="demo-api")
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -59,6 +81,47 @@ class Demo:
         self.say(f"[{time.monotonic() - self.started:5.1f}s] {text}")
 
     async def run(self) -> int:
+        """The demo's exit code: 0 when every outcome is the expected one, or when Ctrl-C stopped it."""
+        loop = asyncio.get_running_loop()
+        # First thing, before anything is started: a signal at any later moment finds our handler.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal)
+        work = asyncio.create_task(self._run_stack(), name="demo")
+        stopper = asyncio.create_task(self._stop.wait(), name="demo-stop")
+        try:
+            await asyncio.wait({work, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if self._stop.is_set() and self._interruptible:
+                work.cancel()
+            try:
+                return await work
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not work.cancelled() or (task is not None and task.cancelling()):
+                    raise
+                self.step("stopped by request; everything the demo started is stopped")
+                return 0
+        finally:
+            stopper.cancel()
+            if not work.done():  # we were cancelled ourselves: still stop what was started
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+            self._api_threads.shutdown(wait=False, cancel_futures=True)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    def _on_signal(self) -> None:
+        if not self._stop.is_set():
+            self._stop.set()
+            return
+        # A second Ctrl-C: do not wait for the delegates to drain.
+        for d in self.delegates:
+            if d.process.poll() is None:
+                d.process.kill()
+
+    async def _api(self, call: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._api_threads, call, *args)
+
+    async def _run_stack(self) -> int:
         aws = AwsStandIn()
         self.step("starting the AWS stand-in (moto on 127.0.0.1, IAM enforced)")
         aws.start()
@@ -99,15 +162,17 @@ class Demo:
             scenario = cases(seeded)
             self.step(f"applying {len(scenario)} connectors (Harness YAML) through the API")
             for case in scenario:
-                result = await asyncio.to_thread(client.apply_connector, case.document)
+                result = await self._api(client.apply_connector, case.document)
                 self.say(f"         connector/{result.identifier} {result.outcome}")
             self.step("testing every connector through the control plane (in parallel)")
             views = await asyncio.gather(*(self._test(client, c) for c in scenario))
+            self._interruptible = False  # from here on the run ends by itself; a signal only shortens it
             code = self._report(scenario, views)
             if self.keep_running:
                 await self._keep_running(cp, aws_url)
             return code
         finally:
+            self._interruptible = False
             await self._stop_delegates()
             await cp.stop()
 
@@ -179,11 +244,14 @@ class Demo:
         log = self.dir / name / "delegate.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("wb") as f:
+            # Called on the loop's (main) thread, which lives as long as the demo: the parent-death
+            # signal fires when the thread that forked the child ends, not only the process.
             process = subprocess.Popen(
                 [sys.executable, "-m", "agent", "run"],
                 env=env,
                 stdout=f,
                 stderr=subprocess.STDOUT,
+                **_tied_to_this_process(),
             )
         self.delegates.append(Delegate(name, tags, process, f"http://127.0.0.1:{port}", log))
         self.step(f"started delegate {name} (tags {tags}) as process {process.pid}")
@@ -204,24 +272,27 @@ class Demo:
             await asyncio.sleep(0.1)
 
     async def _stop_delegates(self) -> None:
-        """SIGTERM each delegate and wait, without blocking the loop the control plane runs on."""
+        """SIGTERM every delegate, then wait for all at once (bounded), without blocking the loop."""
         for d in self.delegates:
             if d.process.poll() is None:
                 d.process.send_signal(signal.SIGTERM)
-        for d in self.delegates:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                await asyncio.to_thread(d.process.wait, 20)
-            if d.process.poll() is None:
-                d.process.kill()
-                d.process.wait()
-            elif d.process.returncode != 0:
-                self.step(f"delegate {d.name} exited with {d.process.returncode}")
+        await asyncio.gather(*(self._reap(d) for d in self.delegates))
+
+    async def _reap(self, d: Delegate) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            await asyncio.to_thread(d.process.wait, _DELEGATE_STOP_SECONDS)
+        if d.process.poll() is None:
+            self.step(f"delegate {d.name} did not stop within {_DELEGATE_STOP_SECONDS:.0f}s; killing it")
+            d.process.kill()
+            await asyncio.to_thread(d.process.wait)
+        elif d.process.returncode not in (0, -signal.SIGTERM, -signal.SIGKILL):
+            self.step(f"delegate {d.name} exited with {d.process.returncode} (log: {d.log})")
 
     # --- tests and the report ----------------------------------------------------------------
 
     async def _test(self, client: ApiClient, case: Case) -> TaskView:
         request = TestRequest(wait_seconds=60, pickup_timeout_seconds=case.pickup_timeout)
-        _, view = await asyncio.to_thread(client.test_connector, case.identifier, request)
+        _, view = await self._api(client.test_connector, case.identifier, request)
         ok = _outcome(view) == case.expect
         self.step(
             f"  {'ok  ' if ok else 'FAIL'} {case.identifier}: {_outcome(view)} "
@@ -277,7 +348,7 @@ class Demo:
         connectors.mkdir(exist_ok=True)
         for case in cases(self._seeded):
             (connectors / f"{case.identifier}.yaml").write_text(case.yaml)
-        me = "delegate-agent" if shutil.which("delegate-agent") else f"{sys.executable} -m agent"
+        me = "delegate-agent"
         self.say("")
         self.say("The stack keeps running. Try it by hand (Ctrl-C stops everything):")
         self.say(f"  control plane   {cp.url}   (OpenAPI: {cp.url}/openapi.json)")
@@ -285,6 +356,9 @@ class Demo:
             self.say(f"  {d.name:<15} {d.http}/status   {d.http}/metrics   log: {d.log}")
         self.say(f"  AWS stand-in    {aws_url}")
         self.say("")
+        scripts = Path(sys.executable).parent
+        if shutil.which(me) is None and (scripts / me).exists():
+            self.say(f"  export PATH={scripts}:$PATH   # {me} is installed there (make demo's .venv)")
         self.say(f"  export CONTROL_PLANE_URL={cp.url} CONTROL_PLANE_API_KEY=$(cat {key_file})")
         self.say(f"  {me} delegates list")
         self.say(f"  {me} connector list")
@@ -294,15 +368,9 @@ class Demo:
             f"  AWS_ENDPOINT_URL={aws_url} {me} validate -f {connectors / 'aws_access_key.yaml'} "
             f"--secrets-dir {self.dir / 'eks-prod-0' / 'secrets'}"
         )
-        self.say(
-            "",
-        )
+        self.say("")
         self.say("Ctrl-C stops everything cleanly.")
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await self._stop.wait()  # the handler has been in place since the demo started
         self.step("stopping: delegates drain and deregister, then the control plane and AWS stop")
 
 
@@ -337,6 +405,31 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "(no log)"
 
 
+def _tied_to_this_process() -> dict[str, Any]:
+    """Popen arguments that end a delegate when the demo ends, even when the demo is SIGKILLed.
+
+    On Linux the child asks the kernel for SIGTERM when its parent dies (``PR_SET_PDEATHSIG``;
+    the delegate then drains as on any SIGTERM, bounded by its watchdog) and gets its own process
+    group, so a terminal's Ctrl-C reaches only the demo, which then stops each delegate once.
+    Elsewhere the delegates stay in the demo's process group, where the terminal's signals reach
+    them too.
+    """
+    if not sys.platform.startswith("linux"):
+        return {}
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    parent, sigterm = os.getpid(), int(signal.SIGTERM)
+
+    def tie() -> None:
+        # Between fork and exec: only the call resolved above. If the demo died before the call,
+        # no signal would ever come, so the delegate must not start at all.
+        if prctl(_PR_SET_PDEATHSIG, sigterm, 0, 0, 0) != 0 or os.getppid() != parent:
+            os._exit(70)
+
+    return {"preexec_fn": tie, "process_group": 0}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -352,6 +445,9 @@ def run_demo(*, keep_running: bool = False, workdir: Path | None = None, out: Te
     demo = Demo(out, keep_running=keep_running, workdir=directory)
     try:
         return asyncio.run(demo.run())
+    except KeyboardInterrupt:
+        # Ctrl-C before the demo's own handler was in place: nothing had started yet.
+        return 0
     except DemoExtraMissing as exc:
         print(f"delegate-agent demo: {exc}", file=sys.stderr)
         return 2
