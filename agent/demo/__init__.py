@@ -358,7 +358,7 @@ class Demo:
         self.say("")
         scripts = Path(sys.executable).parent
         if shutil.which(me) is None and (scripts / me).exists():
-            self.say(f"  export PATH={scripts}:$PATH   # {me} is installed there (make demo's .venv)")
+            self.say(f"  export PATH={scripts}:$PATH   # where {me} is installed (the demo's own Python)")
         self.say(f"  export CONTROL_PLANE_URL={cp.url} CONTROL_PLANE_API_KEY=$(cat {key_file})")
         self.say(f"  {me} delegates list")
         self.say(f"  {me} connector list")
