@@ -668,7 +668,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from agent.aws.clients import AwsClients
     from agent.aws.connector import ConnectorInvalid, parse_actions, parse_connector
     from agent.aws.environment import AwsEnvironment
-    from agent.aws.secrets import SecretStore
+    from agent.aws.secrets import DELEGATE_SECRETS, SecretsPlace, SecretStore
     from agent.aws.validator import AwsValidator
     from agent.observability.logging import Redactor, configure_logging
 
@@ -686,7 +686,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if problems:
         return _print_problems(f"the AWS environment has {len(problems)} problem(s):", problems)
     secrets_dir = args.secrets_dir or os.environ.get("AGENT_SECRETS_DIR")
-    secrets = SecretStore(Path(secrets_dir) if secrets_dir else None, on_read=redactor.add)
+    # Hints name the setting the user actually gave: the flag here, the delegate's variable otherwise.
+    place = (
+        SecretsPlace(owner="this command", setting="--secrets-dir", store=f"--secrets-dir {args.secrets_dir}")
+        if args.secrets_dir
+        else DELEGATE_SECRETS
+    )
+    secrets = SecretStore(Path(secrets_dir) if secrets_dir else None, on_read=redactor.add, place=place)
 
     async def run() -> ValidationResult:
         clients = AwsClients(env)
