@@ -435,9 +435,26 @@ class ControlPlane:
         )
 
     def release(self, lease_id: str) -> None:
-        """The delegate gives a task back (draining): it re-queues at once, without using an attempt."""
+        """The delegate gives a task back (draining): it re-queues at once, without using an attempt.
+
+        Unless the task's own deadline (:func:`task_deadline`) has passed: nobody is waiting for
+        it any more, so it fails instead of starting over on another delegate.
+        """
         t = self._lease(lease_id)
-        self._requeue(t, reason="given back by the delegate", count_attempt=False)
+        deadline = task_deadline(t)
+        if self._clock() < deadline:
+            self._requeue(t, reason=f"given back by {t.delegate_name}, which is shutting down", count_attempt=False)
+            return
+        self._complete(
+            t,
+            status="FAILURE",
+            result=failure_document(
+                f"The delegate {t.delegate_name} shut down while running the task, and the task's deadline "
+                f"({ts(deadline):%Y-%m-%d %H:%M:%S}Z) had passed, so it was not run again.",
+                reason="cancelled",
+            ),
+            failure_reason="cancelled",
+        )
 
     def submit_result(self, task_id: str, result: TaskResult) -> str:
         """Record a delegate's result; returns "accepted" or "duplicate" (idempotent per lease)."""
@@ -877,6 +894,15 @@ class ControlPlane:
                 failure_reason="timeout",
             )
         return self._complete(task, status=result.status, result=result, lease_id="platform")
+
+
+def task_deadline(t: TaskRow) -> float:
+    """When a task stops being worth running: its pickup window plus its execution budget after creation.
+
+    By default 30 s + 120 s, the 150 s a ``connector test`` waits for its result. A task given back by
+    a delegate that shuts down is re-queued before this, and fails after it.
+    """
+    return t.created_at + t.pickup_timeout + t.timeout_seconds
 
 
 def failure_document(message: str, *, reason: str) -> ValidationResult:
