@@ -88,7 +88,7 @@ async def test_the_delegate_registers_again_when_the_control_plane_forgets_it(
     cp = await control_plane_factory(settings=FAST)
     a = await agent_factory(cp)
     first = await a.registered()
-    cp.core.forget_delegate(first)
+    cp.core.forget_delegate(first, force=True)
     await wait_for(cp.core.delegate_views, "the delegate to register again")
     task = cp.core.create_task(type="test.echo", payload={"message": "again"})
     assert (await done(cp, task.id)).status == "SUCCESS"
@@ -254,7 +254,7 @@ async def test_drain_finishes_running_work_then_deregisters(
     assert await asyncio.wait_for(a.task, 20) == 0
     assert cp.core.get_task(running.id).status == "SUCCESS"
     assert cp.core.get_task(late.id).state == "queued"  # never taken by the draining delegate
-    assert cp.core.delegate_views()[0].state == "disconnected"
+    assert cp.core.delegate_views()[0].state == "deregistered"
 
 
 async def test_drain_timeout_gives_back_what_remains(

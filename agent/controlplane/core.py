@@ -125,6 +125,10 @@ class _Waiter:
 
 QueueKey = tuple[str, frozenset[str]]
 
+#: Delegate states that count as connected. The others: ``deregistered`` (it said goodbye) and
+#: ``lost`` (it went silent); rows written before that distinction say ``disconnected`` (read: lost).
+CONNECTED = frozenset({"running", "draining"})
+
 
 class PlatformValidator(Protocol):
     """Runs a connector test inside the control plane (``executeOnDelegate: false``)."""
@@ -176,7 +180,7 @@ class ControlPlane:
         self._running.clear()
         with self.store.transaction():
             for d in self.store.delegates():
-                if d.state != "disconnected":
+                if d.state in CONNECTED:
                     self.store.update_delegate(d.id, last_heartbeat=now)
             for queued in self.store.tasks_in_state("queued"):
                 deadline = max(queued.pickup_deadline, now + queued.pickup_timeout)
@@ -249,7 +253,7 @@ class ControlPlane:
 
     def _touch(self, d: DelegateRow, **values: Any) -> DelegateRow:
         values["last_heartbeat"] = self._clock()
-        if d.state == "disconnected" and "state" not in values:
+        if d.state not in CONNECTED and "state" not in values:
             values["state"] = "running"
             log.info("controlplane.delegate_reconnected", delegate_id=d.id, delegate=d.name)
         self.store.update_delegate(d.id, **values)
@@ -263,15 +267,22 @@ class ControlPlane:
     def deregister(self, delegate_id: str) -> None:
         d = self._delegate(delegate_id)
         with self.store.transaction():
-            self.store.update_delegate(d.id, state="disconnected", in_flight=0)
+            self.store.update_delegate(d.id, state="deregistered", in_flight=0)
             for t in list(self._running.values()):
                 if t.delegate_id == d.id:
                     self._requeue(t, reason=f"delegate {d.name} deregistered", count_attempt=False)
         log.info("controlplane.delegate_deregistered", delegate_id=d.id, delegate=d.name)
 
-    def forget_delegate(self, delegate_id: str) -> None:
-        """Remove a delegate entirely; if it is alive, it will be told to register again."""
+    def forget_delegate(self, delegate_id: str, *, force: bool = False) -> None:
+        """Remove a delegate entirely. A connected one only with ``force``: if alive, it registers again."""
         d = self._delegate(delegate_id)
+        if d.state in CONNECTED and not force:
+            raise ApiFailure(
+                409,
+                Code.CONFLICT,
+                f"delegate {d.name} ({d.id}) is connected ({d.state}): stop it first, or pass force (--force); "
+                "a live delegate registers again",
+            )
         with self.store.transaction():
             for t in list(self._running.values()):
                 if t.delegate_id == d.id:
@@ -291,7 +302,7 @@ class ControlPlane:
             version=d.version,
             task_types=list(d.task_types),
             capacity=d.capacity,
-            state=d.state,  # type: ignore[arg-type]
+            state="lost" if d.state == "disconnected" else d.state,  # type: ignore[arg-type]
             in_flight=sum(1 for t in self._running.values() if t.delegate_id == d.id),
             registered_at=ts(d.registered_at),
             last_heartbeat_at=ts(d.last_heartbeat),
@@ -690,8 +701,8 @@ class ControlPlane:
         with self.store.transaction():
             for d in self.store.delegates():
                 silent = now - d.last_heartbeat
-                if d.state != "disconnected" and silent > self.settings.disconnect_after:
-                    self.store.update_delegate(d.id, state="disconnected")
+                if d.state in CONNECTED and silent > self.settings.disconnect_after:
+                    self.store.update_delegate(d.id, state="lost")
                     log.warning(
                         "controlplane.delegate_disconnected",
                         delegate_id=d.id,
@@ -701,7 +712,7 @@ class ControlPlane:
                     for t in list(self._running.values()):
                         if t.delegate_id == d.id:
                             self._requeue(t, reason=f"delegate {d.name} disconnected")
-                elif d.state == "disconnected" and silent > self.settings.forget_disconnected_after_seconds:
+                elif d.state not in CONNECTED and silent > self.settings.forget_disconnected_after_seconds:
                     self.store.delete_delegate(d.id)
             for t in list(self._running.values()):
                 if (t.lease_expires_at or 0) < now:
@@ -760,7 +771,7 @@ class ControlPlane:
     def explain_unpicked(self, t: TaskRow) -> str:
         """Why nobody took a task, in the words a user needs to fix it."""
         selectors = list(t.selectors)
-        connected = [d for d in self.store.delegates() if d.state != "disconnected"]
+        connected = [d for d in self.store.delegates() if d.state in CONNECTED]
         eligible = [d for d in connected if set(selectors) <= set(d.tags) and t.type in d.task_types]
         wanted = f"[{', '.join(selectors)}]"
         waited = f"{t.pickup_timeout:.0f}s"

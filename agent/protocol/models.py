@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from agent.protocol.patterns import Tag
+from agent.protocol.patterns import Tag, TokenName
 from agent.protocol.results import ValidationResult
 from agent.protocol.wire import TaskStatus, Timestamp, Wire
 
@@ -216,7 +216,8 @@ class TaskList(Wire, kw_only=True):
     tasks: list[TaskView]
 
 
-DelegateConnState = Literal["running", "draining", "disconnected"]
+#: ``deregistered``: it stopped cleanly and said so; ``lost``: it went silent (crash, network, kill -9).
+DelegateConnState = Literal["running", "draining", "deregistered", "lost"]
 
 
 class DelegateView(Wire, kw_only=True):
@@ -244,6 +245,21 @@ class TokenView(Wire, kw_only=True):
     token_id: str
     revoked: bool
     revoked_at: Timestamp | None = None
+    #: ``configured``: from the token file or environment; ``created``: made by ``POST /api/v1/delegate-tokens``.
+    source: Literal["configured", "created"] = "configured"
+
+
+class CreateTokenRequest(Wire, kw_only=True):
+    name: TokenName
+
+
+class CreatedToken(Wire, kw_only=True):
+    """A new delegate token. ``token`` is in this answer only: the server keeps a fingerprint, never the value."""
+
+    name: str
+    token_id: str
+    token: str
+    created_at: Timestamp
 
 
 class TokenList(Wire, kw_only=True):
