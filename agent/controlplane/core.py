@@ -803,7 +803,11 @@ class ControlPlane:
         outcome = self.store.put_connector(connector.identifier, connector.name, connector.to_document(), now)
         row = self.store.get_connector(connector.identifier)
         assert row is not None
-        return ApplyResult(identifier=connector.identifier, outcome=outcome, connector=self.connector_record(row))
+        return ApplyResult(
+            identifier=connector.identifier,
+            outcome=outcome,
+            connector=self.connector_record(row),
+        )
 
     def _preview_apply(self, connector: AwsConnector, now: float) -> ApplyResult:
         """The answer an apply would give, from the stored row as it is (the row is not written)."""
@@ -835,6 +839,7 @@ class ControlPlane:
                 tested_at=ts(row.last_tested_at),
                 delegate_name=row.last_delegate_name,
                 error_summary=row.last_error_summary,
+                stale=self._tested_an_older_spec(row),
             )
         return ConnectorRecord(
             identifier=row.identifier,
@@ -844,6 +849,18 @@ class ControlPlane:
             updated_at=ts(row.updated_at),
             last_test=last,
         )
+
+    def _tested_an_older_spec(self, row: ConnectorRow) -> bool:
+        """Whether the last test ran against a spec the connector no longer has.
+
+        Exact while the test's task is kept (its payload holds the connector as tested, so an apply
+        racing a running test is caught too); after the task is purged, whether the connector
+        changed after the test finished.
+        """
+        task = self.store.get_task(row.last_task_id) if row.last_task_id else None
+        if task is not None:
+            return bool(_spec(task.payload.get("connector")) != _spec(row.body))
+        return row.last_tested_at is not None and row.updated_at > row.last_tested_at
 
     def delete_connector(self, identifier: str) -> None:
         if not self.store.delete_connector(identifier):
@@ -905,6 +922,12 @@ class ControlPlane:
                 failure_reason="timeout",
             )
         return self._complete(task, status=result.status, result=result, lease_id="platform")
+
+
+def _spec(document: Any) -> Any:
+    """The part of a connector document a test depends on (not its name, description or tags)."""
+    connector = document.get("connector") if isinstance(document, dict) else None
+    return connector.get("spec") if isinstance(connector, dict) else None
 
 
 def task_deadline(t: TaskRow) -> float:

@@ -146,6 +146,8 @@ class ValidationSummary(Wire, kw_only=True):
     tested_at: Timestamp
     delegate_name: str | None = None
     error_summary: str | None = None
+    #: The connector's spec changed since this test ran: it describes the previous version. Test again.
+    stale: bool = False
 
 
 class ConnectorRecord(Wire, kw_only=True):
