@@ -272,6 +272,8 @@ def cmd_connector_apply(args: argparse.Namespace) -> int:
         results.append(result)
         if args.output != "json":
             print(f"connector/{result.identifier} {result.outcome}")
+        for warning in result.warnings:
+            _err(f"warning: connector/{result.identifier}: {warning}")
     if args.output == "json":
         _print_json([msgspec.to_builtins(r) for r in results])
     return EXIT_OK

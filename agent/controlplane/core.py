@@ -779,7 +779,9 @@ class ControlPlane:
             return f"No delegate is connected, so nobody picked up the task within {waited}."
         if not eligible:
             if selectors:
-                return f"no connected delegate has all of the tags {wanted} (waited {waited})."
+                return (
+                    f"no connected delegate has all of the tags {wanted} (waited {waited}). {describe_tags(connected)}"
+                )
             return f"no connected delegate supports tasks of type {t.type} (waited {waited})."
         names = ", ".join(sorted(d.name for d in eligible))
         return (
@@ -807,6 +809,7 @@ class ControlPlane:
             identifier=connector.identifier,
             outcome=outcome,
             connector=self.connector_record(row),
+            warnings=self._routing_warnings(connector),
         )
 
     def _preview_apply(self, connector: AwsConnector, now: float) -> ApplyResult:
@@ -821,8 +824,32 @@ class ControlPlane:
         else:
             row = existing
         return ApplyResult(
-            identifier=connector.identifier, outcome=outcome, connector=self.connector_record(row), dry_run=True
+            identifier=connector.identifier,
+            outcome=outcome,
+            connector=self.connector_record(row),
+            dry_run=True,
+            warnings=self._routing_warnings(connector),
         )
+
+    def _routing_warnings(self, connector: AwsConnector) -> list[str]:
+        """Say now, not after a pickup timeout, when no connected delegate could test this connector."""
+        if not connector.execute_on_delegate:
+            return []
+        selectors = normalise_tags(connector.delegate_selectors)
+        wanted = f"[{', '.join(selectors)}]"
+        waits = f"a test waits {self.settings.pickup_timeout_seconds:.0f}s for one, then fails"
+        connected = [
+            d for d in self.store.delegates() if d.state in CONNECTED and TASK_TYPE_AWS_VALIDATE in d.task_types
+        ]
+        if not connected:
+            wanted_one = f" with all of the tags {wanted}" if selectors else ""
+            return [f"no delegate is connected: {waits}. Start a delegate{wanted_one}."]
+        if any(set(selectors) <= set(d.tags) for d in connected):
+            return []
+        return [
+            f"no connected delegate has all of the tags {wanted} ({waits}). {describe_tags(connected)} "
+            "Add the missing tags to a delegate (DELEGATE_TAGS) or change the connector's delegateSelectors."
+        ]
 
     def get_connector(self, identifier: str) -> ConnectorRow:
         row = self.store.get_connector(identifier)
@@ -928,6 +955,26 @@ def _spec(document: Any) -> Any:
     """The part of a connector document a test depends on (not its name, description or tags)."""
     connector = document.get("connector") if isinstance(document, dict) else None
     return connector.get("spec") if isinstance(connector, dict) else None
+
+
+def describe_tags(delegates: Iterable[DelegateRow], limit: int = 6) -> str:
+    """The tag sets the given delegates have, each with the names that have it.
+
+    For example ``Connected delegates: eks-1, eks-2 have [eks, prod]; lab has no tags but its name.``
+    """
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for d in delegates:
+        tags = tuple(sorted(t for t in d.tags if t != d.name.lower()))
+        names = groups.setdefault(tags, [])
+        if d.name not in names:
+            names.append(d.name)
+    parts = []
+    for tags, names in sorted(groups.items(), key=lambda g: (not g[0], g[0])):  # the untagged last
+        verb = "has" if len(names) == 1 else "have"
+        what = f"[{', '.join(tags)}]" if tags else "no tags but " + ("its name" if len(names) == 1 else "their names")
+        parts.append(f"{', '.join(sorted(names))} {verb} {what}")
+    more = f"; and {len(parts) - limit} more" if len(parts) > limit else ""
+    return "Connected delegates: " + "; ".join(parts[:limit]) + more + "."
 
 
 def task_deadline(t: TaskRow) -> float:

@@ -172,6 +172,8 @@ class ApplyResult(Wire, kw_only=True):
     connector: ConnectorRecord
     #: True when the request only validated (``?dryRun=true``): nothing was stored.
     dry_run: bool = False
+    #: Problems the connector does not have but will meet: no connected delegate has all its selectors.
+    warnings: list[str] = []
 
 
 class TestRequest(Wire, kw_only=True):
