@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import aiohttp
+
 from agent.controlplane.core import ControlPlaneSettings, task_deadline
-from tests.conftest import FAST, AgentFactory, ControlPlaneFactory, ManualClock, done
+from agent.protocol.models import AcquireRequest
+from tests.conftest import (
+    FAST,
+    AgentFactory,
+    ControlPlaneFactory,
+    ManualClock,
+    delegate_client,
+    done,
+    register_request,
+)
 from tests.helpers import wait_for
 
 
@@ -50,3 +61,36 @@ async def test_a_task_given_back_after_its_deadline_fails(
     assert result.result is not None and result.result.error_summary is not None
     assert "shut down while running the task" in result.result.error_summary
     assert "deadline" in result.result.error_summary
+
+
+async def test_a_task_cancelled_by_a_user_is_not_requeued_when_given_back(
+    control_plane_factory: ControlPlaneFactory, http: aiohttp.ClientSession
+) -> None:
+    """A release never revives a task someone cancelled: it ends as cancelled."""
+    cp = await control_plane_factory()
+    client = delegate_client(http, cp.url)
+    d = (await client.register(register_request("d1"))).delegate_id
+    task = cp.core.create_task(type="test.echo", payload={})
+    [leased] = (await client.acquire(d, AcquireRequest(max_tasks=1, wait_seconds=0))).tasks
+    cp.core.cancel_task(task.id)
+    await client.release_lease(leased.lease_id)
+    ended = cp.core.get_task(task.id)
+    assert (ended.state, ended.status, ended.failure_reason) == ("done", "FAILURE", "cancelled")
+
+
+async def test_a_task_the_control_plane_cancels_during_a_drain_reports_cancelled(
+    control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory
+) -> None:
+    """The delegate gives back only what shutdown stopped; a cancel it already heard is reported as such."""
+    cp = await control_plane_factory(settings=FAST)
+    a = await agent_factory(cp, drain_timeout=30)
+    await a.registered()
+    task = cp.core.create_task(type="test.gate", payload={})
+    await wait_for(lambda: task.id in a.gate.started, "the task to start")
+    a.agent.request_shutdown()
+    await wait_for(lambda: a.agent.state.draining, "draining")
+    cp.core.cancel_task(task.id)
+    assert await a.task == 0
+    ended = cp.core.get_task(task.id)
+    assert (ended.state, ended.status) == ("done", "FAILURE")
+    assert ended.result is not None and ended.result.error_summary == "cancelled: cancelled by the control plane"

@@ -449,9 +449,18 @@ class ControlPlane:
         """The delegate gives a task back (draining): it re-queues at once, without using an attempt.
 
         Unless the task's own deadline (:func:`task_deadline`) has passed: nobody is waiting for
-        it any more, so it fails instead of starting over on another delegate.
+        it any more, so it fails instead of starting over on another delegate. A task someone asked
+        to cancel is not re-queued either: it ends as cancelled.
         """
         t = self._lease(lease_id)
+        if t.cancel_requested:  # someone cancelled it meanwhile: it ends here, whoever gave it back
+            self._complete(
+                t,
+                status="FAILURE",
+                result=failure_document("The task was cancelled while it ran.", reason="cancelled"),
+                failure_reason="cancelled",
+            )
+            return
         deadline = task_deadline(t)
         if self._clock() < deadline:
             self._requeue(t, reason=f"given back by {t.delegate_name}, which is shutting down", count_attempt=False)

@@ -146,7 +146,8 @@ class Executor:
         cut short is given back, never reported: a delegate shutting down is no verdict on the task.
         """
         for run in self._runs.values():
-            run.give_back = True
+            # One already being stopped for another reason (a cancel, a timeout) still reports it.
+            run.give_back = run.cancel_reason is None
         return self.cancel_all(reason)
 
     async def wait_idle(self, timeout: float) -> bool:
