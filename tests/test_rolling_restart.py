@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import aiohttp
+import pytest
 
-from agent.controlplane.core import ControlPlaneSettings, task_deadline
+from agent.controlplane.core import ApiFailure, ControlPlaneSettings, task_deadline
+from agent.protocol.errors import Code
 from agent.protocol.models import AcquireRequest
+from agent.runtime import executor
 from tests.conftest import (
     FAST,
     AgentFactory,
@@ -39,6 +42,30 @@ async def test_a_task_cut_short_by_a_drain_is_finished_by_another_delegate(
     assert finished.attempts == 1  # giving a task back spends no attempt
     released = {"type": "test.gate", "outcome": "released"}
     assert first.agent.metrics.registry.get_sample_value("delegate_tasks_completed_total", released) == 1
+
+
+async def test_a_release_that_fails_loses_nothing(
+    control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The control plane refuses the release (503): deregistering hands the task back, and it still succeeds."""
+    cp = await control_plane_factory(settings=FAST)
+
+    def unavailable(lease_id: str) -> None:
+        raise ApiFailure(503, Code.UNAVAILABLE, "not now")
+
+    monkeypatch.setattr(cp.core, "release", unavailable)
+    monkeypatch.setattr(executor, "RELEASE_SECONDS", 0.3)  # give up soon
+    first = await agent_factory(cp, name="old", drain_timeout=0.1)
+    await first.registered()
+    task = cp.core.create_task(type="test.gate", payload={})
+    await wait_for(lambda: task.id in first.gate.started, "the task to start on 'old'")
+    assert await first.stop() == 0
+    assert cp.core.get_task(task.id).state == "queued"  # handed back when 'old' deregistered
+
+    second = await agent_factory(cp, name="new")
+    await wait_for(lambda: task.id in second.gate.started, "the task to start on 'new'")
+    second.gate.open(task.id)
+    assert (await done(cp, task.id)).status == "SUCCESS"
 
 
 async def test_a_task_given_back_after_its_deadline_fails(
