@@ -34,9 +34,10 @@ log = structlog.get_logger("agent.executor")
 
 #: After cancelling a handler, how long to wait for it to unwind before reporting anyway.
 UNWIND_SECONDS = 5.0
-#: How long a shutting-down delegate keeps trying to give a task back. If it cannot, nothing is
-#: lost: deregistering hands the task back too, and failing that its lease expires and re-queues it.
-RELEASE_SECONDS = 5.0
+#: How long a shutting-down delegate keeps trying to give a task back (all tasks at once). Short,
+#: because it comes out of the shutdown grace; and if it fails nothing is lost: deregistering hands
+#: the task back too, and failing that its lease expires and re-queues it.
+RELEASE_SECONDS = 2.0
 
 #: Checks a task before it runs; returns a reason to refuse it, or None.
 TaskCheck = Callable[[Task], str | None]
