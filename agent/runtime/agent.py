@@ -50,7 +50,7 @@ from agent.observability.metrics import AgentMetrics
 from agent.protocol.auth import RequestSigner, TokenSource
 from agent.protocol.client import ControlPlaneClient
 from agent.runtime.connection import Connection
-from agent.runtime.executor import RELEASE_SECONDS, UNWIND_SECONDS, Executor, Slots, TaskCheck
+from agent.runtime.executor import UNWIND_SECONDS, Executor, Slots, TaskCheck
 from agent.runtime.health import HealthPolicy
 from agent.runtime.outbox import open_outbox
 from agent.runtime.poller import Poller
@@ -299,7 +299,9 @@ class Agent:
         if executor.in_flight:
             stopped = executor.give_back_all("the delegate is shutting down")
             log.warning("agent.giving_back_tasks", count=stopped, hint="the control plane re-queues them")
-            await executor.wait_idle(UNWIND_SECONDS + RELEASE_SECONDS)
+            # As long as before giving back existed: the shutdown grace is not stretched. A release
+            # still in flight after this goes on meanwhile, and deregistering hands back what it misses.
+            await executor.wait_idle(UNWIND_SECONDS)
         # 4. flush the outbox.
         reporter.stop()
         await asyncio.gather(roots["reporter"], return_exceptions=True)
