@@ -106,6 +106,9 @@ async def test_apply_warns_when_no_connected_delegate_has_the_selectors(
     assert "DELEGATE_TAGS" in missing
     assert (await apply(http, cp.url, manual_connector("Eu", delegateSelectors=["EU"])))["warnings"] == []
     assert (await apply(http, cp.url, manual_connector("Lab", delegateSelectors=["lab"])))["warnings"] == []
+    await client.register(register_request("gov-echo", ["gov", "prod"], task_types=["test.echo"]))
+    [cannot] = (await apply(http, cp.url, gov))["warnings"]  # it has the tags but runs no connector tests
+    assert "no connected delegate has all of the tags [gov, prod]" in cannot and "gov-echo" not in cannot
     platform = manual_connector("Platform", delegateSelectors=["gov"], executeOnDelegate=False)
     assert (await apply(http, cp.url, platform))["warnings"] == []
 

@@ -847,12 +847,13 @@ class ControlPlane:
         selectors = normalise_tags(connector.delegate_selectors)
         wanted = f"[{', '.join(selectors)}]"
         waits = f"a test waits {self.settings.pickup_timeout_seconds:.0f}s for one, then fails"
-        connected = [
-            d for d in self.store.delegates() if d.state in CONNECTED and TASK_TYPE_AWS_VALIDATE in d.task_types
-        ]
+        connected = [d for d in self.store.delegates() if d.state in CONNECTED]
         if not connected:
             wanted_one = f" with all of the tags {wanted}" if selectors else ""
             return [f"no delegate is connected: {waits}. Start a delegate{wanted_one}."]
+        connected = [d for d in connected if TASK_TYPE_AWS_VALIDATE in d.task_types]
+        if not connected:
+            return [f"no connected delegate runs connector tests ({TASK_TYPE_AWS_VALIDATE}): {waits}."]
         if any(set(selectors) <= set(d.tags) for d in connected):
             return []
         return [
