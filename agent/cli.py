@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from agent.observability.logging import Redactor
     from agent.observability.metrics import AgentMetrics
     from agent.protocol.api_client import ApiClient
-    from agent.protocol.models import ApplyResult, Problem, TaskView
+    from agent.protocol.models import ApplyResult, DelegateView, Problem, TaskView
     from agent.protocol.results import ValidationResult
     from agent.runtime.settings import AgentSettings
     from agent.taskapi import TaskHandler
@@ -272,6 +272,8 @@ def cmd_connector_apply(args: argparse.Namespace) -> int:
         results.append(result)
         if args.output != "json":
             print(f"connector/{result.identifier} {result.outcome}")
+        for warning in result.warnings:
+            _err(f"warning: connector/{result.identifier}: {warning}")
     if args.output == "json":
         _print_json([msgspec.to_builtins(r) for r in results])
     return EXIT_OK
@@ -527,15 +529,34 @@ def cmd_tasks_cancel(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def fold_delegates(delegates: Sequence[DelegateView]) -> list[tuple[DelegateView, int]]:
+    """Fold restarts: each name's connected instances, else its newest; with how many gone ones each hides.
+
+    A restart registers a new instance under the same name and leaves the old one deregistered or
+    lost. Connected instances (replicas sharing a name) are all shown; the gone instances of a name
+    are counted on its first row shown instead of listed.
+    """
+    by_name: dict[str, list[DelegateView]] = {}
+    for d in delegates:
+        by_name.setdefault(d.name, []).append(d)
+    rows: list[tuple[DelegateView, int]] = []
+    for name in sorted(by_name):
+        group = sorted(by_name[name], key=lambda d: d.registered_at, reverse=True)
+        shown = [d for d in group if d.state in ("running", "draining")] or group[:1]
+        rows.extend((d, len(group) - len(shown) if i == 0 else 0) for i, d in enumerate(shown))
+    return rows
+
+
 def cmd_delegates_list(args: argparse.Namespace) -> int:
     import msgspec
 
     delegates = _client(args).list_delegates().delegates
+    rows = [(d, 0) for d in delegates] if args.all else fold_delegates(delegates)
     if args.output == "json":
-        _print_json([msgspec.to_builtins(d) for d in delegates])
+        _print_json([msgspec.to_builtins(d) for d, _ in rows])
         return EXIT_OK
     now = time.time()
-    rows = [
+    table = [
         [
             d.name,
             d.delegate_id,
@@ -544,10 +565,24 @@ def cmd_delegates_list(args: argparse.Namespace) -> int:
             f"{d.in_flight}/{d.capacity}",
             d.version,
             f"{now - d.last_heartbeat_at.timestamp():.0f}s ago",
+            older or "",
         ]
-        for d in delegates
+        for d, older in rows
     ]
-    _print_table(rows, ["name", "id", "tags", "state", "busy", "version", "last heartbeat"])
+    _print_table(table, ["name", "id", "tags", "state", "busy", "version", "last heartbeat", "older"])
+    hidden = sum(older for _, older in rows)
+    if hidden:
+        print(
+            f"({hidden} older instance(s) of restarted delegates not shown: `delegates list --all` lists them, "
+            "`delegates forget ID` removes one)",
+            file=sys.stderr,
+        )
+    return EXIT_OK
+
+
+def cmd_delegates_forget(args: argparse.Namespace) -> int:
+    _client(args).forget_delegate(args.delegate_id, force=args.force)
+    print(f"delegate {args.delegate_id} forgotten")
     return EXIT_OK
 
 
@@ -558,12 +593,29 @@ def cmd_tokens_list(args: argparse.Namespace) -> int:
     if args.output == "json":
         _print_json([msgspec.to_builtins(t) for t in tokens])
         return EXIT_OK
-    _print_table([[t.name, t.token_id, "revoked" if t.revoked else "active"] for t in tokens], ["name", "id", "state"])
+    _print_table(
+        [[t.name, t.token_id, "revoked" if t.revoked else "active", t.source] for t in tokens],
+        ["name", "id", "state", "source"],
+    )
+    return EXIT_OK
+
+
+def cmd_tokens_create(args: argparse.Namespace) -> int:
+    created = _client(args).create_token(args.name)
+    if args.output == "json":
+        _print_json(created)
+    else:
+        print(created.token)
+    print(
+        f"token {created.name} ({created.token_id}) created. This is the only time its value is shown: "
+        "give it to the delegates now (DELEGATE_TOKEN or DELEGATE_TOKEN_FILE).",
+        file=sys.stderr,
+    )
     return EXIT_OK
 
 
 def cmd_tokens_revoke(args: argparse.Namespace) -> int:
-    t = _client(args).revoke_token(args.name)
+    t = _client(args).revoke_token(args.name, force=args.force)
     print(f"token {t.name} ({t.token_id}) revoked")
     return EXIT_OK
 
@@ -888,8 +940,19 @@ def _add_tasks(sub: Any, client_opts: argparse.ArgumentParser) -> None:
 def _add_delegates(sub: Any, client_opts: argparse.ArgumentParser) -> None:
     p = sub.add_parser("delegates", help="delegates known to the control plane")
     dsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    lst = dsub.add_parser("list", parents=[client_opts], help="list delegates")
+    lst = dsub.add_parser(
+        "list",
+        parents=[client_opts],
+        help="list delegates: connected ones, and the newest gone instance of each name",
+        description="States: running, draining, deregistered (stopped cleanly), lost (went silent). Restarts of "
+        "one name are folded: the OLDER column counts the gone instances not shown.",
+    )
+    lst.add_argument("--all", action="store_true", help="list every instance, restarts included")
     lst.set_defaults(func=cmd_delegates_list)
+    f = dsub.add_parser("forget", parents=[client_opts], help="remove a deregistered or lost delegate")
+    f.add_argument("delegate_id", metavar="ID", help="the delegate's id (delegates list shows it)")
+    f.add_argument("--force", action="store_true", help="also remove a connected one (if alive, it registers again)")
+    f.set_defaults(func=cmd_delegates_forget)
 
 
 def _add_tokens(sub: Any, client_opts: argparse.ArgumentParser) -> None:
@@ -897,8 +960,14 @@ def _add_tokens(sub: Any, client_opts: argparse.ArgumentParser) -> None:
     tsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     lst = tsub.add_parser("list", parents=[client_opts], help="list tokens (fingerprints only)")
     lst.set_defaults(func=cmd_tokens_list)
+    c = tsub.add_parser(
+        "create", parents=[client_opts], help="create a delegate token; its value is printed once, on stdout"
+    )
+    c.add_argument("name", help="a name to revoke it by (letters, digits, '_', '.', '-')")
+    c.set_defaults(func=cmd_tokens_create)
     r = tsub.add_parser("revoke", parents=[client_opts], help="revoke a token by name or id")
     r.add_argument("name")
+    r.add_argument("--force", action="store_true", help="revoke it even if it is the last active token")
     r.set_defaults(func=cmd_tokens_revoke)
 
 

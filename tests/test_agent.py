@@ -88,7 +88,7 @@ async def test_the_delegate_registers_again_when_the_control_plane_forgets_it(
     cp = await control_plane_factory(settings=FAST)
     a = await agent_factory(cp)
     first = await a.registered()
-    cp.core.forget_delegate(first)
+    cp.core.forget_delegate(first, force=True)
     await wait_for(cp.core.delegate_views, "the delegate to register again")
     task = cp.core.create_task(type="test.echo", payload={"message": "again"})
     assert (await done(cp, task.id)).status == "SUCCESS"
@@ -254,28 +254,28 @@ async def test_drain_finishes_running_work_then_deregisters(
     assert await asyncio.wait_for(a.task, 20) == 0
     assert cp.core.get_task(running.id).status == "SUCCESS"
     assert cp.core.get_task(late.id).state == "queued"  # never taken by the draining delegate
-    assert cp.core.delegate_views()[0].state == "disconnected"
+    assert cp.core.delegate_views()[0].state == "deregistered"
 
 
-async def test_drain_timeout_cancels_and_reports_what_remains(
+async def test_drain_timeout_gives_back_what_remains(
     control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory
 ) -> None:
-    """Tasks still running at the drain deadline are cancelled and reported as cancelled."""
+    """Tasks still running at the drain deadline are stopped and given back: queued again, no attempt spent."""
     cp = await control_plane_factory(settings=FAST)
     a = await agent_factory(cp, drain_timeout=0.5)
     await a.registered()
     task = cp.core.create_task(type="test.gate", payload={})
     await wait_for(lambda: task.id in a.gate.started, "the task to start")
     assert await a.stop() == 0
-    result = cp.core.get_task(task.id)
-    assert result.status == "FAILURE"
-    assert result.result.error_summary == "cancelled: the delegate is shutting down"
+    assert a.gate.cancelled == [task.id]
+    back = cp.core.get_task(task.id)
+    assert (back.state, back.status, back.attempts) == ("queued", None, 0)
 
 
 async def test_a_second_request_cancels_at_once(
     control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory
 ) -> None:
-    """The second signal skips the drain wait."""
+    """The second signal skips the drain wait; the task stopped is given back, not failed."""
     cp = await control_plane_factory(settings=FAST)
     a = await agent_factory(cp, drain_timeout=600)
     await a.registered()
@@ -285,7 +285,8 @@ async def test_a_second_request_cancels_at_once(
     await wait_for(lambda: a.agent.state.draining, "draining")
     a.agent.request_shutdown()
     assert await asyncio.wait_for(a.task, 20) == 0
-    assert cp.core.get_task(task.id).result.error_summary == "cancelled: the delegate is shutting down"
+    assert a.gate.cancelled == [task.id]
+    assert cp.core.get_task(task.id).state == "queued"
 
 
 async def test_refused_token_keeps_retrying_and_recovers_after_rotation(

@@ -401,6 +401,8 @@ def _example(kind: type[Any]) -> Any:
     }
     if kind in examples:
         return examples[kind]
+    if kind.__name__ == "CreateTokenRequest":
+        return kind(name="doc-token")
     if kind.__name__ == "RegisterRequest":
         return register_request("doc")
     if kind.__name__ == "TaskResult":

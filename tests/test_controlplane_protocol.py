@@ -256,7 +256,7 @@ async def test_a_silent_delegate_is_disconnected_and_its_tasks_requeue(
     clock.advance(16)  # heartbeat 5 s -> disconnected after 15 s of silence
     cp.core.sweep()
     [view] = cp.core.delegate_views()
-    assert view.state == "disconnected"
+    assert view.state == "lost"
     assert cp.core.get_task(task.id).state == "queued"
     await client.heartbeat(d.delegate_id, HeartbeatRequest(state="running"))
     assert cp.core.delegate_views()[0].state == "running"
@@ -284,7 +284,7 @@ async def test_an_unknown_delegate_is_told_to_register_again(
     cp = await control_plane_factory()
     client = delegate_client(http, cp.url)
     d = await client.register(register_request("a"))
-    cp.core.forget_delegate(d.delegate_id)
+    cp.core.forget_delegate(d.delegate_id, force=True)
     with pytest.raises(UnknownDelegate):
         await client.heartbeat(d.delegate_id, HeartbeatRequest(state="running"))
     with pytest.raises(UnknownDelegate):
@@ -317,7 +317,7 @@ async def test_deregistering_hands_running_tasks_back(
     await client.deregister(a.delegate_id)
     got = await client.acquire(b.delegate_id, AcquireRequest(max_tasks=1, wait_seconds=0))
     assert [t.task_id for t in got.tasks] == [task.id]
-    assert {v.name: v.state for v in cp.core.delegate_views()} == {"a": "disconnected", "b": "running"}
+    assert {v.name: v.state for v in cp.core.delegate_views()} == {"a": "deregistered", "b": "running"}
 
 
 async def test_a_gone_or_draining_waiter_does_not_swallow_the_wakeup(

@@ -75,7 +75,7 @@ async def test_an_agent_runs_in_async_with_and_stops_in_order_even_when_a_close_
         await run_and_stop(agent, cp, bad, good)
     assert bad.closed and good.closed
     assert await refused(agent.http_url)  # the HTTP server stopped after the failed close
-    assert cp.core.delegate_views()[0].state == "disconnected"  # deregistered before the closes
+    assert cp.core.delegate_views()[0].state == "deregistered"  # deregistered before the closes
     assert "agent.handler_close_failed" in [e["event"] for e in logs]
 
 

@@ -23,7 +23,7 @@ from agent.controlplane.core import ControlPlane, ControlPlaneSettings, Platform
 from agent.controlplane.openapi import build_openapi
 from agent.controlplane.routes import MAX_BODY_BYTES, ROUTES, Handlers, bind, error_middleware
 from agent.controlplane.store import Store
-from agent.protocol.auth import Clock, TokenKey, TokenVerifier, generate_token, token_id
+from agent.protocol.auth import Clock, IssuedToken, TokenKey, TokenVerifier, generate_token, token_id
 from agent.protocol.patterns import TOKEN_NAME_RE
 from agent.protocol.signing import TaskSigningKey
 
@@ -249,7 +249,12 @@ class ControlPlaneService:
         if self._clock is not None:
             kwargs["clock"] = self._clock
         core = ControlPlane(store, config.settings, **kwargs)
-        verifier = TokenVerifier(creds.tokens, audience=config.settings.audience, revoked=store.revoked_tokens())
+        verifier = TokenVerifier(
+            creds.tokens,
+            audience=config.settings.audience,
+            revoked=store.revoked_tokens(),
+            issued=[IssuedToken(name, kid, key) for name, kid, key, _ in store.issued_tokens()],
+        )
         handlers = Handlers(core, verifier, creds.api_keys, build_openapi(), task_public_key=self.task_public_key)
         self._token_stamp = self._stamp()
         self._parts = _Parts(

@@ -125,6 +125,10 @@ class _Waiter:
 
 QueueKey = tuple[str, frozenset[str]]
 
+#: Delegate states that count as connected. The others: ``deregistered`` (it said goodbye) and
+#: ``lost`` (it went silent); rows written before that distinction say ``disconnected`` (read: lost).
+CONNECTED = frozenset({"running", "draining"})
+
 
 class PlatformValidator(Protocol):
     """Runs a connector test inside the control plane (``executeOnDelegate: false``)."""
@@ -176,7 +180,7 @@ class ControlPlane:
         self._running.clear()
         with self.store.transaction():
             for d in self.store.delegates():
-                if d.state != "disconnected":
+                if d.state in CONNECTED:
                     self.store.update_delegate(d.id, last_heartbeat=now)
             for queued in self.store.tasks_in_state("queued"):
                 deadline = max(queued.pickup_deadline, now + queued.pickup_timeout)
@@ -249,7 +253,7 @@ class ControlPlane:
 
     def _touch(self, d: DelegateRow, **values: Any) -> DelegateRow:
         values["last_heartbeat"] = self._clock()
-        if d.state == "disconnected" and "state" not in values:
+        if d.state not in CONNECTED and "state" not in values:
             values["state"] = "running"
             log.info("controlplane.delegate_reconnected", delegate_id=d.id, delegate=d.name)
         self.store.update_delegate(d.id, **values)
@@ -263,15 +267,22 @@ class ControlPlane:
     def deregister(self, delegate_id: str) -> None:
         d = self._delegate(delegate_id)
         with self.store.transaction():
-            self.store.update_delegate(d.id, state="disconnected", in_flight=0)
+            self.store.update_delegate(d.id, state="deregistered", in_flight=0)
             for t in list(self._running.values()):
                 if t.delegate_id == d.id:
                     self._requeue(t, reason=f"delegate {d.name} deregistered", count_attempt=False)
         log.info("controlplane.delegate_deregistered", delegate_id=d.id, delegate=d.name)
 
-    def forget_delegate(self, delegate_id: str) -> None:
-        """Remove a delegate entirely; if it is alive, it will be told to register again."""
+    def forget_delegate(self, delegate_id: str, *, force: bool = False) -> None:
+        """Remove a delegate entirely. A connected one only with ``force``: if alive, it registers again."""
         d = self._delegate(delegate_id)
+        if d.state in CONNECTED and not force:
+            raise ApiFailure(
+                409,
+                Code.CONFLICT,
+                f"delegate {d.name} ({d.id}) is connected ({d.state}): stop it first, or pass force (--force); "
+                "a live delegate registers again",
+            )
         with self.store.transaction():
             for t in list(self._running.values()):
                 if t.delegate_id == d.id:
@@ -291,7 +302,7 @@ class ControlPlane:
             version=d.version,
             task_types=list(d.task_types),
             capacity=d.capacity,
-            state=d.state,  # type: ignore[arg-type]
+            state="lost" if d.state == "disconnected" else d.state,  # type: ignore[arg-type]
             in_flight=sum(1 for t in self._running.values() if t.delegate_id == d.id),
             registered_at=ts(d.registered_at),
             last_heartbeat_at=ts(d.last_heartbeat),
@@ -435,9 +446,35 @@ class ControlPlane:
         )
 
     def release(self, lease_id: str) -> None:
-        """The delegate gives a task back (draining): it re-queues at once, without using an attempt."""
+        """The delegate gives a task back (draining): it re-queues at once, without using an attempt.
+
+        Unless the task's own deadline (:func:`task_deadline`) has passed: nobody is waiting for
+        it any more, so it fails instead of starting over on another delegate. A task someone asked
+        to cancel is not re-queued either: it ends as cancelled.
+        """
         t = self._lease(lease_id)
-        self._requeue(t, reason="given back by the delegate", count_attempt=False)
+        if t.cancel_requested:  # someone cancelled it meanwhile: it ends here, whoever gave it back
+            self._complete(
+                t,
+                status="FAILURE",
+                result=failure_document("The task was cancelled while it ran.", reason="cancelled"),
+                failure_reason="cancelled",
+            )
+            return
+        deadline = task_deadline(t)
+        if self._clock() < deadline:
+            self._requeue(t, reason=f"given back by {t.delegate_name}, which is shutting down", count_attempt=False)
+            return
+        self._complete(
+            t,
+            status="FAILURE",
+            result=failure_document(
+                f"The delegate {t.delegate_name} shut down while running the task, and the task's deadline "
+                f"({ts(deadline):%Y-%m-%d %H:%M:%S}Z) had passed, so it was not run again.",
+                reason="cancelled",
+            ),
+            failure_reason="cancelled",
+        )
 
     def submit_result(self, task_id: str, result: TaskResult) -> str:
         """Record a delegate's result; returns "accepted" or "duplicate" (idempotent per lease)."""
@@ -673,8 +710,8 @@ class ControlPlane:
         with self.store.transaction():
             for d in self.store.delegates():
                 silent = now - d.last_heartbeat
-                if d.state != "disconnected" and silent > self.settings.disconnect_after:
-                    self.store.update_delegate(d.id, state="disconnected")
+                if d.state in CONNECTED and silent > self.settings.disconnect_after:
+                    self.store.update_delegate(d.id, state="lost")
                     log.warning(
                         "controlplane.delegate_disconnected",
                         delegate_id=d.id,
@@ -684,7 +721,7 @@ class ControlPlane:
                     for t in list(self._running.values()):
                         if t.delegate_id == d.id:
                             self._requeue(t, reason=f"delegate {d.name} disconnected")
-                elif d.state == "disconnected" and silent > self.settings.forget_disconnected_after_seconds:
+                elif d.state not in CONNECTED and silent > self.settings.forget_disconnected_after_seconds:
                     self.store.delete_delegate(d.id)
             for t in list(self._running.values()):
                 if (t.lease_expires_at or 0) < now:
@@ -743,7 +780,7 @@ class ControlPlane:
     def explain_unpicked(self, t: TaskRow) -> str:
         """Why nobody took a task, in the words a user needs to fix it."""
         selectors = list(t.selectors)
-        connected = [d for d in self.store.delegates() if d.state != "disconnected"]
+        connected = [d for d in self.store.delegates() if d.state in CONNECTED]
         eligible = [d for d in connected if set(selectors) <= set(d.tags) and t.type in d.task_types]
         wanted = f"[{', '.join(selectors)}]"
         waited = f"{t.pickup_timeout:.0f}s"
@@ -751,7 +788,9 @@ class ControlPlane:
             return f"No delegate is connected, so nobody picked up the task within {waited}."
         if not eligible:
             if selectors:
-                return f"no connected delegate has all of the tags {wanted} (waited {waited})."
+                return (
+                    f"no connected delegate has all of the tags {wanted} (waited {waited}). {describe_tags(connected)}"
+                )
             return f"no connected delegate supports tasks of type {t.type} (waited {waited})."
         names = ", ".join(sorted(d.name for d in eligible))
         return (
@@ -775,7 +814,12 @@ class ControlPlane:
         outcome = self.store.put_connector(connector.identifier, connector.name, connector.to_document(), now)
         row = self.store.get_connector(connector.identifier)
         assert row is not None
-        return ApplyResult(identifier=connector.identifier, outcome=outcome, connector=self.connector_record(row))
+        return ApplyResult(
+            identifier=connector.identifier,
+            outcome=outcome,
+            connector=self.connector_record(row),
+            warnings=self._routing_warnings(connector),
+        )
 
     def _preview_apply(self, connector: AwsConnector, now: float) -> ApplyResult:
         """The answer an apply would give, from the stored row as it is (the row is not written)."""
@@ -789,8 +833,33 @@ class ControlPlane:
         else:
             row = existing
         return ApplyResult(
-            identifier=connector.identifier, outcome=outcome, connector=self.connector_record(row), dry_run=True
+            identifier=connector.identifier,
+            outcome=outcome,
+            connector=self.connector_record(row),
+            dry_run=True,
+            warnings=self._routing_warnings(connector),
         )
+
+    def _routing_warnings(self, connector: AwsConnector) -> list[str]:
+        """Say now, not after a pickup timeout, when no connected delegate could test this connector."""
+        if not connector.execute_on_delegate:
+            return []
+        selectors = normalise_tags(connector.delegate_selectors)
+        wanted = f"[{', '.join(selectors)}]"
+        waits = f"a test waits {self.settings.pickup_timeout_seconds:.0f}s for one, then fails"
+        connected = [d for d in self.store.delegates() if d.state in CONNECTED]
+        if not connected:
+            wanted_one = f" with all of the tags {wanted}" if selectors else ""
+            return [f"no delegate is connected: {waits}. Start a delegate{wanted_one}."]
+        connected = [d for d in connected if TASK_TYPE_AWS_VALIDATE in d.task_types]
+        if not connected:
+            return [f"no connected delegate runs connector tests ({TASK_TYPE_AWS_VALIDATE}): {waits}."]
+        if any(set(selectors) <= set(d.tags) for d in connected):
+            return []
+        return [
+            f"no connected delegate has all of the tags {wanted} ({waits}). {describe_tags(connected)} "
+            "Add the missing tags to a delegate (DELEGATE_TAGS) or change the connector's delegateSelectors."
+        ]
 
     def get_connector(self, identifier: str) -> ConnectorRow:
         row = self.store.get_connector(identifier)
@@ -807,6 +876,7 @@ class ControlPlane:
                 tested_at=ts(row.last_tested_at),
                 delegate_name=row.last_delegate_name,
                 error_summary=row.last_error_summary,
+                stale=self._tested_an_older_spec(row),
             )
         return ConnectorRecord(
             identifier=row.identifier,
@@ -816,6 +886,18 @@ class ControlPlane:
             updated_at=ts(row.updated_at),
             last_test=last,
         )
+
+    def _tested_an_older_spec(self, row: ConnectorRow) -> bool:
+        """Whether the last test ran against a spec the connector no longer has.
+
+        Exact while the test's task is kept (its payload holds the connector as tested, so an apply
+        racing a running test is caught too); after the task is purged, whether the connector
+        changed after the test finished.
+        """
+        task = self.store.get_task(row.last_task_id) if row.last_task_id else None
+        if task is not None:
+            return bool(_spec(task.payload.get("connector")) != _spec(row.body))
+        return row.last_tested_at is not None and row.updated_at > row.last_tested_at
 
     def delete_connector(self, identifier: str) -> None:
         if not self.store.delete_connector(identifier):
@@ -877,6 +959,41 @@ class ControlPlane:
                 failure_reason="timeout",
             )
         return self._complete(task, status=result.status, result=result, lease_id="platform")
+
+
+def _spec(document: Any) -> Any:
+    """The part of a connector document a test depends on (not its name, description or tags)."""
+    connector = document.get("connector") if isinstance(document, dict) else None
+    return connector.get("spec") if isinstance(connector, dict) else None
+
+
+def describe_tags(delegates: Iterable[DelegateRow], limit: int = 6) -> str:
+    """The tag sets the given delegates have, each with the names that have it.
+
+    For example ``Connected delegates: eks-1, eks-2 have [eks, prod]; lab has no tags but its name.``
+    """
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for d in delegates:
+        tags = tuple(sorted(t for t in d.tags if t != d.name.lower()))
+        names = groups.setdefault(tags, [])
+        if d.name not in names:
+            names.append(d.name)
+    parts = []
+    for tags, names in sorted(groups.items(), key=lambda g: (not g[0], g[0])):  # the untagged last
+        verb = "has" if len(names) == 1 else "have"
+        what = f"[{', '.join(tags)}]" if tags else "no tags but " + ("its name" if len(names) == 1 else "their names")
+        parts.append(f"{', '.join(sorted(names))} {verb} {what}")
+    more = f"; and {len(parts) - limit} more" if len(parts) > limit else ""
+    return "Connected delegates: " + "; ".join(parts[:limit]) + more + "."
+
+
+def task_deadline(t: TaskRow) -> float:
+    """When a task stops being worth running: its pickup window plus its execution budget after creation.
+
+    By default 30 s + 120 s, the 150 s a ``connector test`` waits for its result. A task given back by
+    a delegate that shuts down is re-queued before this, and fails after it.
+    """
+    return t.created_at + t.pickup_timeout + t.timeout_seconds
 
 
 def failure_document(message: str, *, reason: str) -> ValidationResult:

@@ -21,7 +21,7 @@ from aiohttp import web
 from agent._values import bounded_message, parse_bounded
 from agent._version import __version__
 from agent.controlplane.core import ApiFailure, ControlPlane, ts
-from agent.protocol.auth import Claims, TokenVerifier
+from agent.protocol.auth import Claims, IssuedToken, TokenVerifier
 from agent.protocol.errors import AuthError, Code, error_body
 from agent.protocol.models import (
     PROTOCOL_VERSION,
@@ -30,7 +30,9 @@ from agent.protocol.models import (
     ApplyResult,
     ConnectorList,
     ConnectorRecord,
+    CreatedToken,
     CreateTaskRequest,
+    CreateTokenRequest,
     DelegateList,
     ErrorBody,
     HeartbeatRequest,
@@ -93,6 +95,12 @@ _DRY_RUN = Param(
     {"type": "boolean", "default": False},
     False,
 )
+
+
+def _force(what: str) -> Param:
+    return Param("force", "query", what, {"type": "boolean", "default": False}, required=False)
+
+
 #: Creating or replacing a connector answers the same by POST and by PUT.
 _APPLY_RESPONSES: Mapping[int, tuple[str, type[Any] | None]] = {
     200: (
@@ -353,11 +361,15 @@ ROUTES: tuple[Route, ...] = (
         "DELETE",
         "/api/v1/delegates/{delegateId}",
         "forget_delegate",
-        "Remove a delegate (a live one registers again)",
+        "Forget a delegate that is gone (deregistered or lost); a connected one only with force",
         "delegates",
         "api",
-        {204: ("Removed", None), 404: ("No such delegate", ErrorBody)},
-        params=(_DELEGATE_ID,),
+        {
+            204: ("Removed", None),
+            404: ("No such delegate", ErrorBody),
+            409: ("The delegate is connected: stop it first, or pass force (code conflict)", ErrorBody),
+        },
+        params=(_DELEGATE_ID, _force("Also forget a connected delegate (it registers again if it is alive)")),
     ),
     Route(
         "GET",
@@ -370,13 +382,27 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route(
         "POST",
+        "/api/v1/delegate-tokens",
+        "create_token",
+        "Create a delegate token; its value is in this answer only (the server keeps a fingerprint)",
+        "delegates",
+        "api",
+        {201: ("Created: hand the token to the delegates now", CreatedToken), 409: ("The name is taken", ErrorBody)},
+        request=CreateTokenRequest,
+    ),
+    Route(
+        "POST",
         "/api/v1/delegate-tokens/{name}/revoke",
         "revoke_token",
         "Revoke a delegate token: requests signed with it get 403 token_revoked",
         "delegates",
         "api",
-        {200: ("Revoked", TokenView), 404: ("No such token", ErrorBody)},
-        params=(Param("name", "path", "Token name or id"),),
+        {
+            200: ("Revoked", TokenView),
+            404: ("No such token", ErrorBody),
+            409: ("It is the last active token: revoking it locks every delegate out; pass force", ErrorBody),
+        },
+        params=(Param("name", "path", "Token name or id"), _force("Revoke it even if it is the last active token")),
     ),
 )
 
@@ -574,22 +600,55 @@ class Handlers:
         return json_response(DelegateList(delegates=self.cp.delegate_views()))
 
     async def forget_delegate(self, request: web.Request, body: None) -> web.Response:
-        self.cp.forget_delegate(request.match_info["delegateId"])
+        self.cp.forget_delegate(request.match_info["delegateId"], force=_flag(request, "force"))
         return web.Response(status=204)
 
     async def list_tokens(self, request: web.Request, body: None) -> web.Response:
         revoked = self.cp.store.revoked_tokens()
+        keys = [(k, "configured") for k in self.verifier.keys] + [(k, "created") for k in self.verifier.issued]
         views = [
-            TokenView(name=k.name, token_id=k.kid, revoked=k.kid in revoked, revoked_at=_ts(revoked.get(k.kid)))
-            for k in self.verifier.keys
+            TokenView(
+                name=k.name,
+                token_id=k.kid,
+                revoked=k.kid in revoked,
+                revoked_at=_ts(revoked.get(k.kid)),
+                source=source,  # type: ignore[arg-type]
+            )
+            for k, source in keys
         ]
         return json_response(TokenList(tokens=views))
 
+    async def create_token(self, request: web.Request, body: CreateTokenRequest) -> web.Response:
+        taken = [k for k in self.verifier.all_keys if k.name == body.name]
+        if taken:
+            state = "revoked" if self.verifier.is_revoked(taken[0].kid) else "active"
+            raise ApiFailure(
+                409,
+                Code.CONFLICT,
+                f"a delegate token named {body.name!r} already exists ({state}); choose another name",
+                problems=[Problem(field="name", message="is taken")],
+            )
+        key, value = IssuedToken.create(body.name)
+        now = self.cp._clock()
+        self.cp.store.add_issued_token(key.name, key.kid, key.key, now)
+        self.verifier.add_issued(key)
+        log.warning("controlplane.token_created", token=key.name, token_id=key.kid)
+        return json_response(CreatedToken(name=key.name, token_id=key.kid, token=value, created_at=ts(now)), 201)
+
     async def revoke_token(self, request: web.Request, body: None) -> web.Response:
         name = request.match_info["name"]
+        force = _flag(request, "force")
         key = self.verifier.find(name)
         if key is None:
             raise ApiFailure(404, Code.NOT_FOUND, f"no delegate token named {name!r}")
+        active = [k for k in self.verifier.all_keys if not self.verifier.is_revoked(k.kid)]
+        if not force and [k.kid for k in active] == [key.kid]:
+            raise ApiFailure(
+                409,
+                Code.CONFLICT,
+                f"{key.name!r} is the last active delegate token: revoking it locks every delegate out. "
+                "Create another first (delegate-agent tokens create NAME), or pass force (--force)",
+            )
         now = self.cp._clock()
         self.cp.store.revoke_token(key.kid, key.name, now)
         self.verifier.revoke(key.kid)

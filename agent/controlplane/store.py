@@ -77,6 +77,9 @@ CREATE TABLE IF NOT EXISTS connectors(
 );
 CREATE TABLE IF NOT EXISTS counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS revoked_tokens(kid TEXT PRIMARY KEY, name TEXT NOT NULL, revoked_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS issued_tokens(
+    kid TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, signing_key BLOB NOT NULL, created_at REAL NOT NULL
+);
 """
 
 _json = msgspec.json.Encoder()
@@ -94,7 +97,7 @@ class DelegateRow:
     version: str
     task_types: tuple[str, ...]
     capacity: int
-    state: str  # running | draining | disconnected
+    state: str  # running | draining | deregistered | lost (older rows: disconnected, read as lost)
     in_flight: int
     token_name: str | None
     registered_at: float
@@ -345,6 +348,17 @@ class Store:
 
     def revoked_tokens(self) -> dict[str, float]:
         return {str(r[0]): float(r[1]) for r in self._db.execute("SELECT kid, revoked_at FROM revoked_tokens")}
+
+    def issued_tokens(self) -> list[tuple[str, str, bytes, float]]:
+        """Tokens this server created: (name, kid, derived signing key, created at). Never the token itself."""
+        rows = self._db.execute("SELECT name, kid, signing_key, created_at FROM issued_tokens ORDER BY created_at")
+        return [(str(r[0]), str(r[1]), bytes(r[2]), float(r[3])) for r in rows]
+
+    def add_issued_token(self, name: str, kid: str, signing_key: bytes, now: float) -> None:
+        self._db.execute(
+            "INSERT INTO issued_tokens(kid, name, signing_key, created_at) VALUES(?, ?, ?, ?)",
+            (kid, name, signing_key, now),
+        )
 
     def revoke_token(self, kid: str, name: str, now: float) -> None:
         self._db.execute(

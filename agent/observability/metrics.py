@@ -50,7 +50,7 @@ class AgentMetrics:
         self.tasks_started = Counter("delegate_tasks_started", "Tasks started, by type.", ["type"], registry=r)
         self.tasks_completed = Counter(
             "delegate_tasks_completed",
-            "Tasks finished, by type and outcome (success, failure, timeout, cancelled, invalid, error).",
+            "Tasks finished, by type and outcome (success, failure, timeout, cancelled, invalid, error, released).",
             ["type", "outcome"],
             registry=r,
         )

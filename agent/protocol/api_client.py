@@ -20,7 +20,9 @@ from agent.protocol.models import (
     ApplyResult,
     ConnectorList,
     ConnectorRecord,
+    CreatedToken,
     CreateTaskRequest,
+    CreateTokenRequest,
     DelegateList,
     Stats,
     TaskList,
@@ -131,11 +133,20 @@ class ApiClient:
     def list_delegates(self) -> DelegateList:
         return self._get("/api/v1/delegates", DelegateList)
 
+    def forget_delegate(self, delegate_id: str, *, force: bool = False) -> None:
+        self._call("DELETE", f"/api/v1/delegates/{_q(delegate_id)}", query={"force": "true"} if force else None)
+
     def list_tokens(self) -> TokenList:
         return self._get("/api/v1/delegate-tokens", TokenList)
 
-    def revoke_token(self, name: str) -> TokenView:
-        _, data = self._call("POST", f"/api/v1/delegate-tokens/{_q(name)}/revoke")
+    def create_token(self, name: str) -> CreatedToken:
+        body = msgspec.json.encode(CreateTokenRequest(name=name))
+        _, data = self._call("POST", "/api/v1/delegate-tokens", body=body)
+        return msgspec.json.decode(data, type=CreatedToken)
+
+    def revoke_token(self, name: str, *, force: bool = False) -> TokenView:
+        query = {"force": "true"} if force else None
+        _, data = self._call("POST", f"/api/v1/delegate-tokens/{_q(name)}/revoke", query=query)
         return msgspec.json.decode(data, type=TokenView)
 
 

@@ -153,6 +153,30 @@ class TokenKey:
     def kid(self) -> str:
         return token_id(self.secret)
 
+    @property
+    def key(self) -> bytes:
+        """The JWT signing key derived from the token."""
+        return _signing_key(self.secret)
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    """A delegate token the server created: its name, fingerprint and derived key, never its value.
+
+    The value is shown once, to whoever asked for it; the server keeps only what it needs to check
+    a request's signature, so its database does not hold the token itself.
+    """
+
+    name: str
+    kid: str
+    key: bytes = field(repr=False)
+
+    @classmethod
+    def create(cls, name: str) -> tuple[IssuedToken, str]:
+        """A new token named ``name``: what the server keeps, and the value to hand out once."""
+        secret = generate_token()
+        return cls(name=name, kid=token_id(secret), key=_signing_key(secret)), secret
+
 
 @dataclass(frozen=True)
 class Claims:
@@ -171,6 +195,7 @@ class TokenVerifier:
         *,
         audience: str = DEFAULT_AUDIENCE,
         revoked: Iterable[str] = (),
+        issued: Iterable[IssuedToken] = (),
         leeway: float = CLOCK_LEEWAY_SECONDS,
         clock: Clock = time.time,
     ) -> None:
@@ -178,21 +203,39 @@ class TokenVerifier:
         self._leeway = leeway
         self._clock = clock
         self._keys: dict[str, TokenKey] = {}
+        self._issued: dict[str, IssuedToken] = {k.kid: k for k in issued}
         self._revoked: set[str] = set(revoked)
         self.replace_keys(keys)
 
     def replace_keys(self, keys: Iterable[TokenKey]) -> None:
+        """Replace the configured tokens (a re-read token file); tokens the server issued stay."""
         self._keys = {k.kid: k for k in keys}
+
+    def add_issued(self, key: IssuedToken) -> None:
+        self._issued[key.kid] = key
 
     @property
     def keys(self) -> list[TokenKey]:
+        """The configured tokens (file or environment)."""
         return list(self._keys.values())
+
+    @property
+    def issued(self) -> list[IssuedToken]:
+        """The tokens the server created (``POST /api/v1/delegate-tokens``)."""
+        return list(self._issued.values())
+
+    @property
+    def all_keys(self) -> list[TokenKey | IssuedToken]:
+        return [*self._keys.values(), *self._issued.values()]
 
     def revoke(self, kid: str) -> None:
         self._revoked.add(kid)
 
-    def find(self, name_or_id: str) -> TokenKey | None:
-        for key in self._keys.values():
+    def is_revoked(self, kid: str) -> bool:
+        return kid in self._revoked
+
+    def find(self, name_or_id: str) -> TokenKey | IssuedToken | None:
+        for key in self.all_keys:
             if name_or_id in (key.name, key.kid):
                 return key
         return None
@@ -211,13 +254,13 @@ class TokenVerifier:
         kid = header.get("kid")
         if header.get("alg") != "HS256" or not isinstance(kid, str):
             raise _unauthenticated("the request token must be HS256 with a kid header")
-        key = self._keys.get(kid)
+        key: TokenKey | IssuedToken | None = self._keys.get(kid) or self._issued.get(kid)
         if key is None:
             raise _unauthenticated(f"unknown delegate token (id {kid[:16]}); is the token configured on the server?")
         try:
             claims = jwt.decode(
                 token,
-                _signing_key(key.secret),
+                key.key,
                 algorithms=["HS256"],
                 audience=self._audience,
                 leeway=self._leeway,

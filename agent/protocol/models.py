@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from agent.protocol.patterns import Tag
+from agent.protocol.patterns import Tag, TokenName
 from agent.protocol.results import ValidationResult
 from agent.protocol.wire import TaskStatus, Timestamp, Wire
 
@@ -146,6 +146,8 @@ class ValidationSummary(Wire, kw_only=True):
     tested_at: Timestamp
     delegate_name: str | None = None
     error_summary: str | None = None
+    #: The connector's spec changed since this test ran: it describes the previous version. Test again.
+    stale: bool = False
 
 
 class ConnectorRecord(Wire, kw_only=True):
@@ -170,6 +172,8 @@ class ApplyResult(Wire, kw_only=True):
     connector: ConnectorRecord
     #: True when the request only validated (``?dryRun=true``): nothing was stored.
     dry_run: bool = False
+    #: Problems the connector does not have but will meet: no connected delegate has all its selectors.
+    warnings: list[str] = []
 
 
 class TestRequest(Wire, kw_only=True):
@@ -216,7 +220,8 @@ class TaskList(Wire, kw_only=True):
     tasks: list[TaskView]
 
 
-DelegateConnState = Literal["running", "draining", "disconnected"]
+#: ``deregistered``: it stopped cleanly and said so; ``lost``: it went silent (crash, network, kill -9).
+DelegateConnState = Literal["running", "draining", "deregistered", "lost"]
 
 
 class DelegateView(Wire, kw_only=True):
@@ -244,6 +249,21 @@ class TokenView(Wire, kw_only=True):
     token_id: str
     revoked: bool
     revoked_at: Timestamp | None = None
+    #: ``configured``: from the token file or environment; ``created``: made by ``POST /api/v1/delegate-tokens``.
+    source: Literal["configured", "created"] = "configured"
+
+
+class CreateTokenRequest(Wire, kw_only=True):
+    name: TokenName
+
+
+class CreatedToken(Wire, kw_only=True):
+    """A new delegate token. ``token`` is in this answer only: the server keeps a fingerprint, never the value."""
+
+    name: str
+    token_id: str
+    token: str
+    created_at: Timestamp
 
 
 class TokenList(Wire, kw_only=True):

@@ -39,6 +39,7 @@ EXTERNAL_ID_RE = re.compile(EXTERNAL_ID_PATTERN)
 IAM_ACTION_RE = re.compile(IAM_ACTION_PATTERN)
 
 Tag = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=TAG_PATTERN)]
+TokenName = Annotated[str, msgspec.Meta(pattern=TOKEN_NAME_PATTERN)]
 ConnectorIdentifier = Annotated[str, msgspec.Meta(pattern=CONNECTOR_IDENTIFIER_PATTERN)]
 SecretRefText = Annotated[str, msgspec.Meta(pattern=SECRET_REF_PATTERN)]
 AccessKeyId = Annotated[str, msgspec.Meta(pattern=ACCESS_KEY_ID_PATTERN)]

@@ -13,7 +13,9 @@ Shutdown ladder (first SIGTERM/SIGINT, or :meth:`Agent.shutdown`):
 
 1. drain: stop polling, report "draining" at once (readiness turns 503 now; heartbeats go on);
 2. wait for running tasks, up to the drain timeout;
-3. cancel what remains; each reports a "cancelled: the delegate is shutting down" result;
+3. stop what remains and give each task back (release its lease): the control plane re-queues it
+   for another delegate, or fails it if its own deadline has passed. A rolling restart never
+   turns a task into a FAILURE just because its delegate went away;
 4. flush the outbox (whatever cannot be sent stays in a durable outbox for the next start);
 5. deregister;
 6. close the task handlers (their AWS clients) and the HTTP session; stop the HTTP server; close
@@ -48,7 +50,7 @@ from agent.observability.metrics import AgentMetrics
 from agent.protocol.auth import RequestSigner, TokenSource
 from agent.protocol.client import ControlPlaneClient
 from agent.runtime.connection import Connection
-from agent.runtime.executor import Executor, Slots, TaskCheck
+from agent.runtime.executor import UNWIND_SECONDS, Executor, Slots, TaskCheck
 from agent.runtime.health import HealthPolicy
 from agent.runtime.outbox import open_outbox
 from agent.runtime.poller import Poller
@@ -293,11 +295,13 @@ class Agent:
             await asyncio.wait({force, idle}, return_when=asyncio.FIRST_COMPLETED)
             force.cancel()
             idle.cancel()
-        # 3. cancel what remains; each writes a "cancelled" result.
+        # 3. stop what remains and give it back, so another delegate runs it.
         if executor.in_flight:
-            cancelled = executor.cancel_all("the delegate is shutting down")
-            log.warning("agent.cancelling_tasks", count=cancelled)
-            await executor.wait_idle(5.0)
+            stopped = executor.give_back_all("the delegate is shutting down")
+            log.warning("agent.giving_back_tasks", count=stopped, hint="the control plane re-queues them")
+            # As long as before giving back existed: the shutdown grace is not stretched. A release
+            # still in flight after this goes on meanwhile, and deregistering hands back what it misses.
+            await executor.wait_idle(UNWIND_SECONDS)
         # 4. flush the outbox.
         reporter.stop()
         await asyncio.gather(roots["reporter"], return_exceptions=True)

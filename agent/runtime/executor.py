@@ -1,10 +1,11 @@
 """Runs leased tasks: one asyncio task each, isolated, bounded, renewed, cancellable, always reported.
 
 Whatever happens to a task (its handler returns, raises, times out, is cancelled by the control
-plane or by shutdown, or the task type is unknown), exactly one result is written to the outbox,
-unless the lease was lost, in which case the control plane would refuse it anyway. One task's
-crash never touches another: each handler runs in its own asyncio task and every exception is
-caught at that boundary.
+plane, or the task type is unknown), exactly one result is written to the outbox, unless the lease
+was lost, in which case the control plane would refuse it anyway. A task stopped because this
+delegate shuts down (:meth:`Executor.give_back_all`) is not a result: its lease is released, so the
+control plane re-queues it for another delegate. One task's crash never touches another: each
+handler runs in its own asyncio task and every exception is caught at that boundary.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ log = structlog.get_logger("agent.executor")
 
 #: After cancelling a handler, how long to wait for it to unwind before reporting anyway.
 UNWIND_SECONDS = 5.0
+#: How long a shutting-down delegate keeps trying to give a task back (all tasks at once). Short,
+#: because it comes out of the shutdown grace; and if it fails nothing is lost: deregistering hands
+#: the task back too, and failing that its lease expires and re-queues it.
+RELEASE_SECONDS = 2.0
 
 #: Checks a task before it runs; returns a reason to refuse it, or None.
 TaskCheck = Callable[[Task], str | None]
@@ -74,6 +79,8 @@ class _Job:
     work: asyncio.Task[ValidationResult] | None = None
     cancel_reason: str | None = None
     lease_lost: bool = False
+    #: Stopped because this delegate shuts down: give the task back instead of reporting a result.
+    give_back: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -133,6 +140,17 @@ class Executor:
     def cancel_all(self, reason: str) -> int:
         return sum(self.cancel(task_id, reason) for task_id in list(self._runs))
 
+    def give_back_all(self, reason: str) -> int:
+        """Stop every running task and release its lease, so the control plane re-queues it.
+
+        A handler that still finishes while it unwinds reports its result as usual; one that is
+        cut short is given back, never reported: a delegate shutting down is no verdict on the task.
+        """
+        for run in self._runs.values():
+            # One already being stopped for another reason (a cancel, a timeout) still reports it.
+            run.give_back = run.cancel_reason is None
+        return self.cancel_all(reason)
+
     async def wait_idle(self, timeout: float) -> bool:
         """True when nothing is running (within ``timeout`` seconds)."""
         if not self._runs:
@@ -162,6 +180,10 @@ class Executor:
                 task_id=task.task_id, task_type=task.type, attempt=task.attempt
             ):
                 outcome_kind, output = await self._execute(run, loop)
+                if outcome_kind == "cancelled" and run.give_back and not run.lease_lost:
+                    await self._give_back(task, run.cancel_reason or "the delegate is shutting down")
+                    self._metrics.tasks_completed.labels(task.type, "released").inc()
+                    return
                 status: TaskStatus = "SUCCESS" if outcome_kind == "success" else "FAILURE"
                 output = self._redact(output)
                 finished = datetime.now(UTC)
@@ -263,6 +285,38 @@ class Executor:
             )
         result = run.work.result()
         return ("success" if result.status == "SUCCESS" else "failure"), result
+
+    async def _give_back(self, task: Task, reason: str) -> None:
+        """Release the task's lease (the control plane re-queues it), retrying briefly.
+
+        The control plane decides what the task becomes: queued again without spending an attempt,
+        or a FAILURE when the task's own deadline has passed. A release that cannot be delivered
+        loses nothing: deregistering hands the task back as well, and its lease would expire anyway.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RELEASE_SECONDS
+        delay = 0.1
+        while True:
+            try:
+                async with asyncio.timeout(max(0.05, deadline - loop.time())):
+                    await self._client.release_lease(task.lease_id)
+            except LeaseFenced:
+                log.info("task.release_not_needed", reason="the lease was already gone")
+                return
+            except (ProtocolError, TimeoutError) as exc:
+                transient = isinstance(exc, TimeoutError) or exc.transient
+                if transient and loop.time() + delay < deadline:
+                    await asyncio.sleep(delay * random.uniform(0.5, 1.0))  # noqa: S311 - jitter, not crypto
+                    delay = min(1.0, delay * 2)
+                    continue
+                log.warning(
+                    "task.release_failed",
+                    error=str(exc) or "timed out",
+                    hint="the control plane re-queues the task when this delegate deregisters or the lease expires",
+                )
+                return
+            log.info("task.given_back", reason=reason, hint="the control plane re-queues it for another delegate")
+            return
 
     def _failure(
         self,
