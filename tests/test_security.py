@@ -24,7 +24,7 @@ from agent.runtime.signing import task_check_from_key
 from tests.awsfakes import MotoIam
 from tests.conftest import API_KEY, FAST, TOKEN, AgentFactory, ControlPlaneFactory, done
 from tests.handlers import all_handlers
-from tests.helpers import wait_for
+from tests.helpers import sample, wait_for
 from tests.tls import make_pki
 
 
@@ -143,7 +143,11 @@ async def test_https_with_a_custom_ca_and_mutual_tls(
     agent, run = await start_agent(cp.url, ca=pki.ca)
     try:
         await wait_for(
-            lambda: agent.metrics.cp_requests.labels("register", "error")._value.get() >= 1, "a refused handshake"
+            lambda: (
+                sample(agent.metrics, "delegate_control_plane_requests_total", operation="register", status="error")
+                >= 1
+            ),
+            "a refused handshake",
         )
         assert not agent.state.registered
     finally:
@@ -178,7 +182,7 @@ async def test_a_token_revoked_while_running_is_noticed_and_survived(
     assert "revoked" in (a.agent.state.auth_error or "")
     async with http.get(a.agent.http_url + "/readyz") as resp:
         assert resp.status == 503
-    assert a.agent.metrics.auth_refused._value.get() == 1
+    assert sample(a.agent.metrics, "delegate_control_plane_auth_refused") == 1
     assert not a.task.done()
 
 
