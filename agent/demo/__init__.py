@@ -288,6 +288,11 @@ class Demo:
         for case in cases(self._seeded):
             (connectors / f"{case.identifier}.yaml").write_text(case.yaml)
         me = "delegate-agent" if shutil.which("delegate-agent") else f"{sys.executable} -m agent"
+        # Handle Ctrl-C before saying it works: a Ctrl-C right after the line must stop cleanly too.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
         self.say("")
         self.say("The stack keeps running. Try it by hand (Ctrl-C stops everything):")
         self.say(f"  control plane   {cp.url}   (OpenAPI: {cp.url}/openapi.json)")
@@ -308,10 +313,6 @@ class Demo:
             "",
         )
         self.say("Ctrl-C stops everything cleanly.")
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         await stop.wait()
         self.step("stopping: delegates drain and deregister, then the control plane and AWS stop")
 
