@@ -26,7 +26,7 @@ import aiohttp
 from aiobotocore.session import AioSession
 from aiohttp import web
 
-from agent.demo.standin import serve_on_loopback
+from tests.helpers import serve_on_loopback
 
 logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
@@ -193,13 +193,17 @@ class FaultProxy:
 
     ``plan`` is consumed one entry per request: an int answers with that HTTP status (503, or
     400 with a Throttling body), "hang" never answers, "pass" forwards. After the plan, forward.
+    ``answered`` records each answer: the path, the status and the loop time.
     """
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
         self.plan: list[int | str | tuple[int, int]] = []
         self.requests = 0
-        self.answered: list[tuple[int, float]] = []
+        self.answered: list[tuple[str, int, float]] = []
+
+    def _record(self, request: web.Request, status: int) -> None:
+        self.answered.append((request.path, status, asyncio.get_running_loop().time()))
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
@@ -207,10 +211,10 @@ class FaultProxy:
         if step == "hang":  # never answer: the client's own timeout must end the request
             await asyncio.Event().wait()
         if isinstance(step, tuple):  # (status, Retry-After seconds)
-            self.answered.append((step[0], asyncio.get_running_loop().time()))
+            self._record(request, step[0])
             return web.Response(status=step[0], headers={"Retry-After": str(step[1])}, text="slow down")
         if isinstance(step, int):
-            self.answered.append((step, asyncio.get_running_loop().time()))
+            self._record(request, step)
             if step == 400:
                 body = (
                     "<ErrorResponse><Error><Type>Sender</Type><Code>Throttling</Code><Message>Rate exceeded"
@@ -227,7 +231,7 @@ class FaultProxy:
             session.request(request.method, self.upstream + request.path_qs, data=body, headers=headers) as resp,
         ):
             data = await resp.read()
-            self.answered.append((resp.status, asyncio.get_running_loop().time()))
+            self._record(request, resp.status)
             return web.Response(status=resp.status, body=data, content_type=resp.content_type)
 
     @asynccontextmanager

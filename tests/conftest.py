@@ -1,4 +1,4 @@
-"""Shared fixtures: an isolated AWS environment, a manual clock, and real control planes."""
+"""Shared fixtures: an isolated AWS environment, manual and loop clocks, and real control planes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import ipaddress
 import os
 import socket
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -166,6 +167,42 @@ def clock() -> ManualClock:
     return ManualClock()
 
 
+class LoopClock:
+    """Wall-clock time that moves with the running event loop's clock.
+
+    The control plane's deadlines (leases, heartbeats, pickup) are wall-clock times. In a test on
+    virtual time (looptime) the delegate's timers run on the loop's clock, so the control plane must
+    read the same clock, or a lease would never expire however long the delegate stayed silent.
+    On a real-time loop this is the wall clock (offset by a constant).
+    """
+
+    def __init__(self) -> None:
+        self._offset: float | None = None
+
+    def __call__(self) -> float:
+        now = asyncio.get_running_loop().time()
+        if self._offset is None:
+            self._offset = time.time() - now
+        return self._offset + now
+
+
+#: looptime's tick, in seconds: a binary fraction (about a microsecond), so that loop times and
+#: intervals such as 0.5, 0.75 or 2.5 add up exactly in floating point. With looptime's default
+#: decimal tick (1e-6), ``last + period`` can exceed the loop time it should equal by one ulp;
+#: asyncio then runs the timer for it before looptime moves the clock (it is due within the clock
+#: resolution), and code that sleeps "until last + period" and re-checks (the reporter's lease
+#: keepalive) spins forever at a standstill. Intervals in tests on virtual time are binary fractions.
+LOOPTIME_RESOLUTION = 2**-20
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test on virtual time (marked, or all with ``--looptime``) ticks in binary fractions."""
+    everywhere = bool(config.getoption("looptime", default=None))
+    for item in items:
+        if everywhere or item.get_closest_marker("looptime") is not None:
+            item.add_marker(pytest.mark.looptime(resolution=LOOPTIME_RESOLUTION), append=False)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -177,8 +214,13 @@ ControlPlaneFactory = Callable[..., Awaitable[ControlPlaneService]]
 
 @pytest.fixture
 async def control_plane_factory(tmp_path: Path) -> AsyncIterator[ControlPlaneFactory]:
-    """Start real control planes on 127.0.0.1 (stopped at the end of the test)."""
+    """Start real control planes on 127.0.0.1 (stopped at the end of the test).
+
+    Their clock is the event loop's (one :class:`LoopClock` for every control plane of the test, so a
+    restarted one continues where the first stopped) unless the test passes its own.
+    """
     started: list[ControlPlaneService] = []
+    loop_clock = LoopClock()
 
     async def make(
         *,
@@ -211,7 +253,7 @@ async def control_plane_factory(tmp_path: Path) -> AsyncIterator[ControlPlaneFac
                 sweep_interval_seconds=3600,
             ),
         )
-        service = ControlPlaneService(config, clock=clock, **kwargs)
+        service = ControlPlaneService(config, clock=clock or loop_clock, **kwargs)
         await service.start()
         started.append(service)
         return service
@@ -322,8 +364,8 @@ class Running:
     def gate(self) -> GateHandler:
         return self.handlers["test.gate"]  # type: ignore[no-any-return]
 
-    async def registered(self) -> str:
-        await wait_for(lambda: self.agent.state.registered, f"{self.agent.settings.name} to register")
+    async def registered(self, timeout: float = 10) -> str:
+        await wait_for(lambda: self.agent.state.registered, f"{self.agent.settings.name} to register", timeout)
         assert self.agent.state.delegate_id is not None
         return self.agent.state.delegate_id
 
@@ -383,6 +425,7 @@ async def agent_factory(tmp_path: Path) -> AsyncIterator[AgentFactory]:
 
 
 async def done(cp: ControlPlaneService, task_id: str, timeout: float = 15) -> Any:
-    return await wait_for(
-        lambda: (t := cp.core.get_task(task_id)).state == "done" and t, f"task {task_id} to finish", timeout
-    )
+    """The task once the control plane has its result (waited on, not polled; ``timeout`` in loop time)."""
+    task = await cp.core.wait_task(task_id, timeout)
+    assert task.state == "done", f"timed out after {timeout}s waiting for task {task_id} to finish ({task.state})"
+    return task

@@ -50,16 +50,19 @@ class EchoHandler(_Handler):
 
 
 class GateHandler(_Handler):
-    """Blocks each task until the test opens its gate; records how many ran at once."""
+    """Blocks each task until the test opens its gate; records how many ran at once, and when
+    (in loop time) each task started and was cancelled."""
 
     task_type = "test.gate"
 
     def __init__(self) -> None:
         self.gates: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
         self.started: list[str] = []
+        self.started_at: dict[str, float] = {}
         self.running = 0
         self.max_running = 0
         self.cancelled: list[str] = []
+        self.cancelled_at: dict[str, float] = {}
 
     def open(self, task_id: str) -> None:
         self.gates[task_id].set()
@@ -69,13 +72,16 @@ class GateHandler(_Handler):
             self.gates[task_id].set()
 
     async def __call__(self, ctx: TaskContext) -> ValidationResult:
+        loop = asyncio.get_running_loop()
         self.started.append(ctx.task_id)
+        self.started_at[ctx.task_id] = loop.time()
         self.running += 1
         self.max_running = max(self.max_running, self.running)
         try:
             await self.gates[ctx.task_id].wait()
         except asyncio.CancelledError:
             self.cancelled.append(ctx.task_id)
+            self.cancelled_at[ctx.task_id] = loop.time()
             raise
         finally:
             self.running -= 1

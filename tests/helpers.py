@@ -1,24 +1,49 @@
-"""Test helpers: waiting on a condition with a deadline (never a fixed sleep)."""
+"""Test helpers: waiting on a condition with a deadline (never a fixed sleep), reading a metric,
+serving a stand-in on loopback."""
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable
-from typing import Any
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from agent.observability.metrics import AgentMetrics
 
 #: How often a condition is looked at again: short enough not to slow a test down, long enough
 #: not to starve the loop (or a subprocess) it is waiting on.
 POLL_SECONDS = 0.01
 
 
-async def wait_for(condition: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
+def sample(metrics: AgentMetrics, name: str, **labels: str) -> float:
+    """One sample of a delegate's own registry, read through prometheus_client's public API.
+
+    ``name`` is the exposed sample name (``..._total``, ``..._sum``). A label set never observed
+    reads 0, as a counter that never counted would; a name the registry does not know is an error,
+    so a typo cannot pass for a zero.
+    """
+    value = metrics.registry.get_sample_value(name, labels)
+    if value is not None:
+        return float(value)
+    families = {family.name for family in metrics.registry.collect()}
+    if not any(name == f or name.startswith(f + "_") for f in families):
+        raise AssertionError(f"the delegate's registry has no metric {name!r}")
+    return 0.0
+
+
+async def wait_for(
+    condition: Callable[[], Any], what: str, timeout: float = 10.0, *, every: float = POLL_SECONDS
+) -> Any:
     """Yield to the loop until ``condition()`` is truthy; fail with ``what`` after ``timeout`` seconds."""
 
     async def check() -> Any:
         return condition()
 
-    return await wait_until(check, what, timeout, every=POLL_SECONDS)
+    return await wait_until(check, what, timeout, every=every)
 
 
 async def wait_until(
@@ -27,13 +52,29 @@ async def wait_until(
     """Like :func:`wait_for` for a condition that must itself await (an HTTP call, a thread).
 
     Returns the first truthy value; the condition may raise to fail the wait at once. ``what`` may be
-    a function, called only on failure, to describe the last state seen.
+    a function, called only on failure, to describe the last state seen. ``timeout`` is in the loop's
+    time: real seconds, or virtual seconds in a test on looptime.
     """
-    deadline = time.monotonic() + timeout
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     while True:
         value = await condition()
         if value:
             return value
-        if time.monotonic() > deadline:
+        if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what if isinstance(what, str) else what()}")
         await asyncio.sleep(every)
+
+
+@asynccontextmanager
+async def serve_on_loopback(
+    app: web.Application, *, ssl_context: ssl.SSLContext | None = None, host: str = "127.0.0.1"
+) -> AsyncIterator[str]:
+    """Serve ``app`` on a free port of 127.0.0.1 and yield its base URL (``host`` names it, for TLS)."""
+    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.2)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context).start()
+    try:
+        yield f"{'https' if ssl_context else 'http'}://{host}:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()

@@ -1,17 +1,39 @@
-"""The daemon in-process against the real control plane: register, route, poll, run, report, drain."""
+"""The daemon in-process against the real control plane: register, route, poll, run, report, drain.
+
+Every test here runs on virtual time (looptime): heartbeats, leases, long polls, back-off and drain
+deadlines take no real time, and the loop's clock says exactly how long each took. Loopback I/O with
+the in-process control plane takes no loop time at all, so "at once" is an exact 0, and the control
+plane's deadlines run on the same clock (see ``LoopClock`` in conftest).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 import msgspec
+import pytest
 import structlog
 
 from agent.controlplane.core import ControlPlaneSettings
 from tests.conftest import FAST, TOKEN, AgentFactory, ControlPlaneFactory, done, free_port
-from tests.helpers import wait_for
+from tests.helpers import sample, wait_for
+
+if TYPE_CHECKING:
+    from tests.awsfakes import FaultProxy
+
+pytestmark = pytest.mark.looptime
+
+REQUESTS = "delegate_control_plane_requests_total"
+
+
+def registrations(proxy: FaultProxy) -> tuple[list[int], list[float]]:
+    """The statuses of the registration attempts ``proxy`` answered, and the loop time from each to the next."""
+    attempts = [(status, at) for path, status, at in proxy.answered if path == "/v1/delegates/register"]
+    return [status for status, _ in attempts], [later - at for (_, at), (_, later) in itertools.pairwise(attempts)]
 
 
 async def test_registration_carries_name_tags_capacity_and_types(
@@ -65,7 +87,7 @@ async def test_capacity_is_never_exceeded(
 async def test_pickup_happens_within_the_long_poll(
     control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory
 ) -> None:
-    """With a 30 s poll wait, a task queued while the delegate waits starts at once, not after the wait."""
+    """With a 30 s poll wait, a task queued while the delegate waits starts at once (0 s of loop time)."""
     cp = await control_plane_factory(
         settings=ControlPlaneSettings(heartbeat_seconds=5, poll_wait_seconds=30, lease_seconds=30)
     )
@@ -76,7 +98,7 @@ async def test_pickup_happens_within_the_long_poll(
     queued = loop.time()
     task = cp.core.create_task(type="test.gate", payload={})
     await wait_for(lambda: task.id in a.gate.started, "the task to start")
-    assert loop.time() - queued < 5.0  # far inside the 30 s poll wait: no polling interval involved
+    assert a.gate.started_at[task.id] - queued == 0  # the waiting poll answers: no polling interval involved
     a.gate.open(task.id)
     await done(cp, task.id)
 
@@ -84,15 +106,20 @@ async def test_pickup_happens_within_the_long_poll(
 async def test_the_delegate_registers_again_when_the_control_plane_forgets_it(
     control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory
 ) -> None:
-    """Removing the delegate on the server leads to a new registration, and work continues."""
+    """Removing the delegate on the server leads to a new registration by the next heartbeat, and work continues."""
     cp = await control_plane_factory(settings=FAST)
     a = await agent_factory(cp)
     first = await a.registered()
+    forgotten = asyncio.get_running_loop().time()
     cp.core.forget_delegate(first, force=True)
-    await wait_for(cp.core.delegate_views, "the delegate to register again")
+    state = a.agent.state
+    await wait_for(lambda: state.registered and state.delegate_id != first, "the delegate to register again")
+    assert state.last_heartbeat is not None  # set by the registration
+    assert 0 < state.last_heartbeat - forgotten <= FAST.heartbeat_seconds
+    assert [v.delegate_id for v in cp.core.delegate_views()] == [state.delegate_id]
     task = cp.core.create_task(type="test.echo", payload={"message": "again"})
     assert (await done(cp, task.id)).status == "SUCCESS"
-    assert a.agent.metrics.registrations._value.get() >= 2
+    assert sample(a.agent.metrics, "delegate_registrations_total") == 2
 
 
 async def test_unknown_type_invalid_payload_and_crash_fail_alone(
@@ -137,23 +164,27 @@ async def test_a_task_of_an_unknown_type_fails_naming_the_type(
 async def test_leases_are_renewed_while_a_task_runs(
     control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory
 ) -> None:
-    """A task longer than the lease keeps it: the server does not re-queue it."""
+    """A task twenty leases long keeps its lease: the server, sweeping every 50 ms, never re-queues it."""
+    lease = 0.5
     cp = await control_plane_factory(
         settings=ControlPlaneSettings(
-            heartbeat_seconds=1, poll_wait_seconds=1, lease_seconds=0.6, sweep_interval_seconds=0.05
+            heartbeat_seconds=1, poll_wait_seconds=1, lease_seconds=lease, sweep_interval_seconds=0.05
         )
     )
     a = await agent_factory(cp)
     await a.registered()
-    task = cp.core.create_task(type="test.sleep", payload={"seconds": 2})
+    task = cp.core.create_task(type="test.sleep", payload={"seconds": 10})
     result = await done(cp, task.id)
     assert (result.status, result.attempts) == ("SUCCESS", 1)
+    assert sample(a.agent.metrics, "delegate_task_duration_seconds_sum", type="test.sleep") == 10
+    # At least one renewal per lease (the delegate renews every third of one).
+    assert sample(a.agent.metrics, REQUESTS, operation="renew_lease", status="200") >= 10 / lease
 
 
 async def test_a_task_is_stopped_at_its_timeout(
     control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory
 ) -> None:
-    """The task's own timeout bounds it; the result says timeout."""
+    """The task's own timeout bounds it, to the tick: it ran for exactly its timeout; the result says timeout."""
     cp = await control_plane_factory(settings=FAST)
     a = await agent_factory(cp)
     await a.registered()
@@ -161,19 +192,23 @@ async def test_a_task_is_stopped_at_its_timeout(
     result = await done(cp, task.id)
     assert result.status == "FAILURE"
     assert result.result.failure.category == "timeout"
+    assert sample(a.agent.metrics, "delegate_task_duration_seconds_sum", type="test.sleep") == 0.5
 
 
 async def test_cancellation_from_the_control_plane(
     control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory
 ) -> None:
-    """A user's cancel reaches the delegate (heartbeat or renewal), which stops the task and says so."""
+    """A user's cancel reaches the delegate with its next heartbeat or renewal (within a heartbeat
+    interval), which stops the task and says so."""
     cp = await control_plane_factory(settings=FAST)
     a = await agent_factory(cp)
     await a.registered()
     task = cp.core.create_task(type="test.gate", payload={})
     await wait_for(lambda: task.id in a.gate.started, "the task to start")
+    asked = asyncio.get_running_loop().time()
     cp.core.cancel_task(task.id)
     result = await done(cp, task.id)
+    assert 0 <= a.gate.cancelled_at[task.id] - asked <= FAST.heartbeat_seconds
     assert result.status == "FAILURE"
     assert result.result.error_summary == "cancelled: cancelled by the control plane"
     assert a.gate.cancelled == [task.id]
@@ -193,16 +228,15 @@ async def test_no_result_is_lost_or_counted_twice_across_an_outage(
     await cp.stop()
     a.gate.open(task.id)
     await wait_for(
-        lambda: a.agent.metrics.cp_requests.labels("submit_result", "error")._value.get() >= 1,
+        lambda: sample(a.agent.metrics, REQUESTS, operation="submit_result", status="error") >= 1,
         "the result to fail to send while the control plane is down",
     )
     await wait_for(lambda: not a.agent.state.running, "the task to leave the executor")
     cp2 = await control_plane_factory(settings=FAST, port=port, data_dir=data)
     result = await done(cp2, task.id, timeout=30)
     assert (result.status, result.attempts) == ("SUCCESS", 1)
-    await wait_for(lambda: a.agent.metrics.outbox_depth._value.get() == 0, "the outbox to empty")
-    accepted = a.agent.metrics.cp_requests.labels("submit_result", "200")._value.get()
-    assert accepted == 1
+    await wait_for(lambda: sample(a.agent.metrics, "delegate_outbox_depth") == 0, "the outbox to empty")
+    assert sample(a.agent.metrics, REQUESTS, operation="submit_result", status="200") == 1
 
 
 async def test_results_left_in_the_outbox_are_delivered_after_a_restart(
@@ -250,8 +284,11 @@ async def test_drain_finishes_running_work_then_deregisters(
         assert "draining" in (await resp.json())["problems"][0]
     await wait_for(lambda: cp.core.delegate_views()[0].state == "draining", "the server to hear draining")
     late = cp.core.create_task(type="test.echo", payload={"message": "late"})
+    loop = asyncio.get_running_loop()
+    opened = loop.time()
     a.gate.open(running.id)
     assert await asyncio.wait_for(a.task, 20) == 0
+    assert loop.time() == opened  # the drain ends with the last task, not at its 20 s deadline
     assert cp.core.get_task(running.id).status == "SUCCESS"
     assert cp.core.get_task(late.id).state == "queued"  # never taken by the draining delegate
     assert cp.core.delegate_views()[0].state == "deregistered"
@@ -260,14 +297,18 @@ async def test_drain_finishes_running_work_then_deregisters(
 async def test_drain_timeout_gives_back_what_remains(
     control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory
 ) -> None:
-    """Tasks still running at the drain deadline are stopped and given back: queued again, no attempt spent."""
+    """Tasks still running at the drain deadline are stopped exactly then and given back: queued again,
+    no attempt spent; the whole shutdown took exactly the drain timeout."""
     cp = await control_plane_factory(settings=FAST)
-    a = await agent_factory(cp, drain_timeout=0.5)
+    a = await agent_factory(cp, drain_timeout=2.5)
     await a.registered()
     task = cp.core.create_task(type="test.gate", payload={})
     await wait_for(lambda: task.id in a.gate.started, "the task to start")
+    loop = asyncio.get_running_loop()
+    asked = loop.time()
     assert await a.stop() == 0
-    assert a.gate.cancelled == [task.id]
+    assert a.gate.cancelled_at[task.id] - asked == 2.5
+    assert loop.time() - asked == 2.5
     back = cp.core.get_task(task.id)
     assert (back.state, back.status, back.attempts) == ("queued", None, 0)
 
@@ -283,31 +324,48 @@ async def test_a_second_request_cancels_at_once(
     await wait_for(lambda: task.id in a.gate.started, "the task to start")
     a.agent.request_shutdown()
     await wait_for(lambda: a.agent.state.draining, "draining")
+    loop = asyncio.get_running_loop()
+    forced = loop.time()
     a.agent.request_shutdown()
     assert await asyncio.wait_for(a.task, 20) == 0
-    assert a.gate.cancelled == [task.id]
-    assert cp.core.get_task(task.id).state == "queued"
+    assert a.gate.cancelled_at[task.id] == forced
+    assert loop.time() == forced  # not a moment of the 600 s drain is waited
+    assert cp.core.get_task(task.id).state == "queued"  # given back to the queue
 
 
 async def test_refused_token_keeps_retrying_and_recovers_after_rotation(
     control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    """A refused token never ends the process: readiness and metrics say so; a rotated file fixes it live."""
+    """A refused token never ends the process: readiness and metrics say so, registration is retried
+    on the slow back-off (full jitter under ceilings of 5 s, 10 s, 20 s ...), and a rotated file fixes it live."""
+    from tests.awsfakes import FaultProxy
+
     cp = await control_plane_factory(settings=FAST)
     token_file = tmp_path / "token"
     token_file.write_text("an-old-token-that-was-rotated-away\n")
-    a = await agent_factory(cp, token=None, token_file=token_file)
-    await wait_for(lambda: a.agent.state.auth_error, "the refusal to be noticed")
-    async with http.get(a.agent.http_url + "/readyz") as resp:
-        body = await resp.json()
-    assert resp.status == 503
-    assert any("refuses our token" in p for p in body["problems"])
-    assert a.agent.metrics.auth_refused._value.get() == 1
-    assert not a.task.done()
-    token_file.write_text(TOKEN + "\n")
-    await asyncio.wait_for(a.registered(), 30)  # the slow auth backoff starts at 5 s
-    assert a.agent.state.auth_error is None
-    assert a.agent.metrics.auth_refused._value.get() == 0
+    proxy = FaultProxy(cp.url)  # forwards everything; it only records when each registration was answered
+    async with proxy.running() as url:
+        a = await agent_factory(url, token=None, token_file=token_file)
+        await wait_for(lambda: a.agent.state.auth_error, "the refusal to be noticed")
+        async with http.get(a.agent.http_url + "/readyz") as resp:
+            body = await resp.json()
+        assert resp.status == 503
+        assert any("refuses our token" in p for p in body["problems"])
+        assert sample(a.agent.metrics, "delegate_control_plane_auth_refused") == 1
+        # Up to 35 s of back-off: look every quarter second (each look is a step of the virtual clock).
+        await wait_for(lambda: len(proxy.answered) >= 4, "four refused registrations", timeout=60, every=0.25)
+        assert not a.task.done()
+        token_file.write_text(TOKEN + "\n")
+        await a.registered(timeout=160)
+        assert a.agent.state.auth_error is None
+        assert sample(a.agent.metrics, "delegate_control_plane_auth_refused") == 0
+        await a.stop()
+    statuses, gaps = registrations(proxy)
+    refused = len(statuses) - 1
+    assert refused >= 4
+    assert statuses == [401] * refused + [200]
+    for n, gap in enumerate(gaps):
+        assert 0 <= gap <= min(120, 5 * 2**n), f"retry {n + 1} came {gap}s after the refusal before it"
 
 
 async def test_status_health_and_one_summary_line_per_task(
@@ -348,7 +406,8 @@ async def test_status_health_and_one_summary_line_per_task(
 async def test_registration_retries_through_errors_and_honours_retry_after(
     control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory
 ) -> None:
-    """503s are retried with backoff; a 429's Retry-After is waited out before the next try."""
+    """503s are retried after a full-jitter delay under the exponential ceiling (0.5 s, then 1 s);
+    a 429's Retry-After of 1 s is a floor for the next try, and that try's 2 s ceiling its top."""
     from tests.awsfakes import FaultProxy
 
     cp = await control_plane_factory(settings=FAST)
@@ -357,26 +416,35 @@ async def test_registration_retries_through_errors_and_honours_retry_after(
     async with proxy.running() as url:
         a = await agent_factory(url)
         await asyncio.wait_for(a.registered(), 30)
-        statuses = [status for status, _ in proxy.answered]
-        assert statuses[:4] == [503, 503, 429, 200]
-        after_429 = proxy.answered[3][1] - proxy.answered[2][1]
-        assert after_429 >= 0.95  # Retry-After: 1 is a floor for the next attempt
         await a.stop()
+    statuses, gaps = registrations(proxy)
+    assert statuses == [503, 503, 429, 200]
+    assert 0 <= gaps[0] <= 0.5
+    assert 0 <= gaps[1] <= 1.0
+    assert 1.0 <= gaps[2] <= 2.0
 
 
 async def test_the_delegate_adopts_intervals_from_the_server(
     control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory
 ) -> None:
-    """A fleet is retuned from the server: new intervals arrive with the next heartbeat."""
+    """A fleet is retuned from the server: new intervals arrive with the next heartbeat (within the
+    old interval), and the heartbeat after it comes at the new pace (0.9 to 1 times 0.5 s)."""
     import dataclasses
 
     cp = await control_plane_factory(settings=FAST)
     a = await agent_factory(cp)
     await a.registered()
-    assert a.agent.state.intervals.lease_seconds == 3
+    state = a.agent.state
+    assert state.intervals.lease_seconds == 3
+    changed = asyncio.get_running_loop().time()
     cp.core.settings = dataclasses.replace(cp.core.settings, lease_seconds=7, heartbeat_seconds=0.5)
-    await wait_for(lambda: a.agent.state.intervals.lease_seconds == 7, "the new intervals")
-    assert a.agent.state.intervals.heartbeat_seconds == 0.5
+    await wait_for(lambda: state.intervals.lease_seconds == 7, "the new intervals")
+    assert state.intervals.heartbeat_seconds == 0.5
+    adopted = state.last_heartbeat
+    assert adopted is not None
+    assert 0 < adopted - changed <= FAST.heartbeat_seconds
+    await wait_for(lambda: state.last_heartbeat != adopted, "the next heartbeat")
+    assert 0.45 <= state.last_heartbeat - adopted <= 0.5
 
 
 async def test_a_result_stuck_behind_errors_keeps_its_lease(
@@ -388,7 +456,7 @@ async def test_a_result_stuck_behind_errors_keeps_its_lease(
 
     cp = await control_plane_factory(
         settings=ControlPlaneSettings(
-            heartbeat_seconds=1, poll_wait_seconds=1, lease_seconds=0.6, sweep_interval_seconds=0.05
+            heartbeat_seconds=1, poll_wait_seconds=1, lease_seconds=0.5, sweep_interval_seconds=0.05
         )
     )
     proxy = ChaosProxy(cp.url, mode="error", share=1.0, only_suffix="/result")
@@ -399,12 +467,12 @@ async def test_a_result_stuck_behind_errors_keeps_its_lease(
         metrics = a.agent.metrics
         await wait_for(lambda: proxy.seen["503"] >= 6, "results to be refused a few times")
         # Ten rounds of renewals for each of the three results: well over three leases' time.
-        await wait_for(lambda: metrics.cp_requests.labels("renew_lease", "200")._value.get() >= 30, "renewals")
+        await wait_for(lambda: sample(metrics, REQUESTS, operation="renew_lease", status="200") >= 30, "renewals")
         assert [cp.core.get_task(t.id).attempts for t in tasks] == [1, 1, 1]
         proxy.set("pass")
         results = [await done(cp, t.id) for t in tasks]
-        await wait_for(lambda: metrics.outbox_depth._value.get() == 0, "the outbox to empty")
+        await wait_for(lambda: sample(metrics, "delegate_outbox_depth") == 0, "the outbox to empty")
     assert [(r.status, r.attempts) for r in results] == [("SUCCESS", 1)] * 3
-    assert metrics.cp_requests.labels("submit_result", "200")._value.get() == 3
+    assert sample(metrics, REQUESTS, operation="submit_result", status="200") == 3
     dropped = [s.value for m in metrics.results_dropped.collect() for s in m.samples if s.name.endswith("_total")]
     assert sum(dropped) == 0

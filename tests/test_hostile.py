@@ -212,6 +212,7 @@ async def test_the_aws_handler_never_crashes_on_a_payload(payload: dict[str, Any
 
 
 @pytest.mark.hostile
+@pytest.mark.looptime  # the 2 s given to the request that never ends its headers is virtual
 async def test_the_delegates_port_shrugs_off_garbage(
     control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory, http: aiohttp.ClientSession
 ) -> None:

@@ -33,7 +33,14 @@ from typing import Any, TextIO, TypeVar
 from agent.controlplane.app import ControlPlaneConfig, ControlPlaneService
 from agent.controlplane.core import ControlPlaneSettings
 from agent.demo.scenario import Case, cases
-from agent.demo.standin import AwsStandIn, DemoExtraMissing, InstanceMetadata, Seeded, write_irsa_token
+from agent.demo.standin import (
+    AwsStandIn,
+    DemoExtraMissing,
+    InstanceMetadata,
+    Seeded,
+    WebIdentitySts,
+    write_irsa_token,
+)
 from agent.observability.logging import configure_logging
 from agent.protocol.api_client import ApiClient
 from agent.protocol.auth import generate_token
@@ -129,12 +136,13 @@ class Demo:
             seeded = await aws.seed()
             self._seeded = seeded
             imds = InstanceMetadata("ec2-node-role", seeded.node_credentials)
-            async with imds.running() as imds_url:
-                return await self._with_aws(aws.url, imds_url, seeded)
+            sts = WebIdentitySts(aws.url, seeded.broker_key, seeded.broker_secret)
+            async with imds.running() as imds_url, sts.running() as sts_url:
+                return await self._with_aws(aws.url, imds_url, sts_url, seeded)
         finally:
             aws.stop()
 
-    async def _with_aws(self, aws_url: str, imds_url: str, seeded: Seeded) -> int:
+    async def _with_aws(self, aws_url: str, imds_url: str, sts_url: str, seeded: Seeded) -> int:
         self.step("starting the reference control plane")
         cp_dir = self.dir / "control-plane"
         cp_dir.mkdir(parents=True, exist_ok=True)
@@ -156,7 +164,7 @@ class Demo:
         )
         await cp.start()
         try:
-            self._start_delegates(cp, aws_url, imds_url, seeded)
+            self._start_delegates(cp, aws_url, imds_url, sts_url, seeded)
             await self._wait_registered(cp)
             client = ApiClient(cp.url, cp.api_key, timeout=60)
             scenario = cases(seeded)
@@ -178,7 +186,7 @@ class Demo:
 
     # --- delegates ---------------------------------------------------------------------------
 
-    def _start_delegates(self, cp: ControlPlaneService, aws_url: str, imds_url: str, s: Seeded) -> None:
+    def _start_delegates(self, cp: ControlPlaneService, aws_url: str, imds_url: str, sts_url: str, s: Seeded) -> None:
         token_file = self.dir / "control-plane" / "delegate-token"
         irsa_token = write_irsa_token(self.dir / "eks-prod-0")
         eks_secrets = self._secrets(
@@ -200,6 +208,8 @@ class Demo:
                 "AGENT_SECRETS_DIR": str(eks_secrets),
                 "AWS_ROLE_ARN": s.irsa_role,
                 "AWS_WEB_IDENTITY_TOKEN_FILE": str(irsa_token),
+                # STS for this pod: accepts AssumeRoleWithWebIdentity unsigned (see WebIdentitySts).
+                "AWS_ENDPOINT_URL_STS": sts_url,
                 "AWS_EC2_METADATA_DISABLED": "true",
             },
         )

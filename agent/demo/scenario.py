@@ -145,6 +145,6 @@ connector:
             "no_eligible_delegate",
             "delegate_selection",
             "no delegate has both tags gov and prod",
-            pickup_timeout=4.0,
+            pickup_timeout=1.0,
         ),
     ]

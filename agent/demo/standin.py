@@ -5,9 +5,11 @@ cross-account role), an auditor user without ec2:DescribeRegions, a cross-accoun
 trust policy requires an External ID, an IRSA role and a projected token file, an EC2 node role
 served through an instance metadata endpoint (IMDSv2), and a GovCloud user.
 
-Two fidelity gaps of moto are bridged here, and only here (never in the delegate):
+Two fidelity gaps of moto are bridged here, and only here (never in the delegate), with moto's
+public interfaces only (its server, ``/moto-api/``, the environment):
 - moto's IAM enforcement crashes on unsigned STS calls; real AWS accepts
-  AssumeRoleWithWebIdentity unsigned, so the demo's moto exempts it;
+  AssumeRoleWithWebIdentity unsigned, so the IRSA delegate reaches STS through a small front
+  (:class:`WebIdentitySts`) that signs that one call for it;
 - moto's own instance metadata hands out fixed keys that map to no identity, so the demo serves
   IMDSv2 itself, with session credentials of the node role assumed at set-up.
 """
@@ -26,9 +28,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
+import aiohttp
 from aiobotocore.session import AioSession
 from aiohttp import web
+from botocore.auth import SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
 
 ACCOUNT = "123456789012"
 EXTERNAL_ID = "demo-external-id-7f3a"
@@ -66,6 +73,9 @@ class Seeded:
     auditor_secret: str = field(default="", repr=False)
     gov_key: str = ""
     gov_secret: str = field(default="", repr=False)
+    #: Signs the unsigned AssumeRoleWithWebIdentity calls on their way to moto (see WebIdentitySts).
+    broker_key: str = ""
+    broker_secret: str = field(default="", repr=False)
     cross_account_role: str = f"arn:aws:iam::{ACCOUNT}:role/cross-account-deploy"
     irsa_role: str = f"arn:aws:iam::{ACCOUNT}:role/eks-delegate-irsa"
     node_role: str = f"arn:aws:iam::{ACCOUNT}:role/ec2-node-role"
@@ -81,7 +91,6 @@ class AwsStandIn:
             raise DemoExtraMissing("the demo needs moto: pip install 'delegate-agent[demo]' (make demo does)") from None
         os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
-        _exempt_unsigned_sts()
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.url = ""
         self.seeded = Seeded()
@@ -113,6 +122,9 @@ class AwsStandIn:
                 iam, "deployer", _policy("ec2:DescribeRegions", "sts:AssumeRole")
             )
             s.auditor_key, s.auditor_secret = await _user(iam, "auditor", _policy("s3:ListAllMyBuckets"))
+            s.broker_key, s.broker_secret = await _user(
+                iam, "web-identity-broker", _policy("sts:AssumeRoleWithWebIdentity")
+            )
             deployer_arn = f"arn:aws:iam::{ACCOUNT}:user/deployer"
             await _role(iam, "cross-account-deploy", _trust({"AWS": deployer_arn}, external_id=EXTERNAL_ID))
             await _role(
@@ -158,21 +170,57 @@ async def _role(iam: Any, name: str, trust: str) -> None:
     )
 
 
-def _exempt_unsigned_sts() -> None:
-    """Let AssumeRoleWithWebIdentity through unsigned under enforcement, as real AWS does."""
-    from moto.sts.responses import TokenResponse  # noqa: PLC0415 - the demo extra
+class WebIdentitySts:
+    """STS as the IRSA delegate sees it: AssumeRoleWithWebIdentity is accepted unsigned, as AWS does.
 
-    if getattr(TokenResponse, "_demo_patched", False):
-        return
-    original = TokenResponse._authenticate_and_authorize_normal_action
+    With IAM enforced, moto checks the signature of every request, and its only public switch
+    (``/moto-api/reset-auth``) is all or nothing: it has no per-action exemption, so the unsigned
+    call, which is how real STS is meant to be called (the web identity token is the credential),
+    fails there. This front forwards every request to moto unchanged, except that it signs an
+    unsigned AssumeRoleWithWebIdentity with the keys of a broker user that may do nothing else, as
+    real STS vouches for the caller itself. moto then checks the broker's permission and mints the
+    role's session credentials as usual. Signed requests (GetCallerIdentity, AssumeRole) pass
+    byte for byte, Host header included, so moto verifies the delegate's own signatures.
+    """
 
-    def authenticate(self: Any, resource: str = "*") -> None:
-        if self._get_action() in ("AssumeRoleWithWebIdentity", "AssumeRoleWithSAML"):
-            return
-        original(self, resource)
+    _HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "upgrade"})
 
-    setattr(TokenResponse, "_authenticate_and_authorize_normal_action", authenticate)  # noqa: B010
-    setattr(TokenResponse, "_demo_patched", True)  # noqa: B010
+    def __init__(self, moto_url: str, broker_key: str, broker_secret: str) -> None:
+        self._moto = moto_url
+        self._broker = Credentials(broker_key, broker_secret)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _headers(self, request: web.Request, body: bytes) -> dict[str, str]:
+        form = parse_qs(body.decode("utf-8", "replace"))
+        if "Authorization" in request.headers or form.get("Action") != ["AssumeRoleWithWebIdentity"]:
+            return {k: v for k, v in request.headers.items() if k.lower() not in self._HOP_BY_HOP}
+        signed = AWSRequest(
+            method=request.method,
+            url=self._moto + request.path_qs,
+            data=body,
+            headers={"Content-Type": request.headers.get("Content-Type", "application/x-www-form-urlencoded")},
+        )
+        SigV4Auth(self._broker, "sts", "us-east-1").add_auth(signed)
+        return dict(signed.headers.items())
+
+    async def handle(self, request: web.Request) -> web.Response:
+        assert self._session is not None
+        body = await request.read()
+        async with self._session.request(
+            request.method, self._moto + request.path_qs, data=body, headers=self._headers(request, body)
+        ) as resp:
+            return web.Response(
+                status=resp.status,
+                body=await resp.read(),
+                headers={"Content-Type": resp.headers.get("Content-Type", "text/xml")},
+            )
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[str]:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        async with aiohttp.ClientSession(auto_decompress=False) as self._session, serve_on_loopback(app) as url:
+            yield url
 
 
 class InstanceMetadata:
@@ -230,7 +278,8 @@ async def serve_on_loopback(
 ) -> AsyncIterator[str]:
     """Serve ``app`` on a free port of 127.0.0.1 and yield its base URL (``host`` names it, for TLS).
 
-    Every local stand-in (instance metadata here, the chaos proxy, the test fakes) runs this way.
+    The demo's local stand-ins (instance metadata, the STS front) run this way, and bench's chaos
+    proxy borrows it; the tests have their own (``tests/helpers.py``).
     """
     runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.2)
     await runner.setup()
