@@ -19,7 +19,7 @@ from typing import Literal
 import aiohttp
 from aiohttp import web
 
-from agent.demo.standin import serve_on_loopback
+from agent._loopback import serve_on_loopback
 
 Mode = Literal["pass", "reset", "error", "ratelimit", "throttle", "latency", "blackhole"]
 

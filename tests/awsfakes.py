@@ -26,7 +26,7 @@ import aiohttp
 from aiobotocore.session import AioSession
 from aiohttp import web
 
-from tests.helpers import serve_on_loopback
+from agent._loopback import serve_on_loopback
 
 logging.getLogger("werkzeug").setLevel(logging.ERROR)
 

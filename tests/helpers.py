@@ -4,12 +4,8 @@ serving a stand-in on loopback."""
 from __future__ import annotations
 
 import asyncio
-import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
-
-from aiohttp import web
 
 if TYPE_CHECKING:
     from agent.observability.metrics import AgentMetrics
@@ -64,17 +60,3 @@ async def wait_until(
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what if isinstance(what, str) else what()}")
         await asyncio.sleep(every)
-
-
-@asynccontextmanager
-async def serve_on_loopback(
-    app: web.Application, *, ssl_context: ssl.SSLContext | None = None, host: str = "127.0.0.1"
-) -> AsyncIterator[str]:
-    """Serve ``app`` on a free port of 127.0.0.1 and yield its base URL (``host`` names it, for TLS)."""
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.2)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context).start()
-    try:
-        yield f"{'https' if ssl_context else 'http'}://{host}:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()

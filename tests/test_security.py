@@ -180,7 +180,9 @@ async def test_a_token_revoked_while_running_is_noticed_and_survived(
     await a.registered()
     loop = asyncio.get_running_loop()
     revoked = loop.time()
-    async with http.post(cp.url + "/api/v1/delegate-tokens/default/revoke?force=true", headers={"X-API-Key": API_KEY}) as resp:
+    async with http.post(
+        cp.url + "/api/v1/delegate-tokens/default/revoke?force=true", headers={"X-API-Key": API_KEY}
+    ) as resp:
         assert resp.status == 200
     await wait_for(lambda: a.agent.state.auth_error, "the revocation to be noticed")
     assert loop.time() - revoked <= FAST.heartbeat_seconds + POLL_SECONDS  # looked at every POLL_SECONDS

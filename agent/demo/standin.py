@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import secrets
-import ssl
 import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -36,6 +35,8 @@ from aiohttp import web
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
+
+from agent._loopback import serve_on_loopback
 
 ACCOUNT = "123456789012"
 EXTERNAL_ID = "demo-external-id-7f3a"
@@ -270,24 +271,6 @@ class InstanceMetadata:
         app.router.add_get("/latest/meta-data/iam/security-credentials/{role}", self.credentials)
         async with serve_on_loopback(app) as url:
             yield url
-
-
-@asynccontextmanager
-async def serve_on_loopback(
-    app: web.Application, *, ssl_context: ssl.SSLContext | None = None, host: str = "127.0.0.1"
-) -> AsyncIterator[str]:
-    """Serve ``app`` on a free port of 127.0.0.1 and yield its base URL (``host`` names it, for TLS).
-
-    The demo's local stand-ins (instance metadata, the STS front) run this way, and bench's chaos
-    proxy borrows it; the tests have their own (``tests/helpers.py``).
-    """
-    runner = web.AppRunner(app, handle_signals=False, access_log=None, shutdown_timeout=0.2)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context).start()
-    try:
-        yield f"{'https' if ssl_context else 'http'}://{host}:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
 
 
 def write_irsa_token(directory: Path) -> Path:

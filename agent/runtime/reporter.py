@@ -27,6 +27,8 @@ log = structlog.get_logger("agent.reporter")
 
 #: Requests in flight at once when delivering results or renewing their leases.
 CONCURRENCY = 8
+#: How early a renewal round may run: below asyncio's timer resolution, so no spin.
+_DUE_SLACK = 0.001
 
 
 class Reporter:
@@ -113,7 +115,9 @@ class Reporter:
             # of at most a quarter second notices a shorter lease in time; a tick only compares clocks.
             period = max(0.05, self._state.intervals.lease_seconds / 4)
             await asyncio.sleep(min(0.25, max(0.0, last_round + period - loop.time())))
-            if loop.time() < last_round + period:
+            # asyncio may wake a timer up to its clock resolution early: a remainder below a
+            # millisecond counts as due, or the loop would spin on zero-length sleeps.
+            if loop.time() < last_round + period - _DUE_SLACK:
                 continue
             last_round = loop.time()
             pending = {e.key: e for e in self._outbox.pending(limit=500)}
