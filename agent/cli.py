@@ -95,6 +95,7 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
+    from agent._files import DataDirUnusable
     from agent.controlplane.app import ControlPlaneService, CredentialsError, config_from_env
     from agent.controlplane.core import ControlPlaneSettings
     from agent.observability.logging import Redactor, configure_logging
@@ -146,7 +147,7 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(serve())
-    except CredentialsError as exc:
+    except (CredentialsError, DataDirUnusable) as exc:
         _err(str(exc))
         return EXIT_USAGE
     except OSError as exc:
@@ -159,14 +160,28 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> ApiClient:
+    from agent._values import http_url
     from agent.protocol.api_client import ApiClient
 
-    url = args.control_plane or os.environ.get("CONTROL_PLANE_URL") or DEFAULT_CONTROL_PLANE
-    key = args.api_key or os.environ.get("CONTROL_PLANE_API_KEY")
+    url, url_source = args.control_plane, "--control-plane"
+    if not url and os.environ.get("CONTROL_PLANE_URL"):
+        url, url_source = os.environ["CONTROL_PLANE_URL"], "CONTROL_PLANE_URL"
+    try:
+        url = http_url(url or DEFAULT_CONTROL_PLANE)
+    except ValueError as exc:
+        raise UsageError(f"{url_source} {exc}") from None
+    key, key_source = args.api_key, "--api-key"
+    if not key and os.environ.get("CONTROL_PLANE_API_KEY"):
+        key, key_source = os.environ["CONTROL_PLANE_API_KEY"], "CONTROL_PLANE_API_KEY"
+    # `--api-key "$(cat api-key)"` of a file with CRLF, or a secret mounted with its newline: the
+    # key is the text between. Whatever is left must fit in a header; the key itself is never shown.
+    key = (key or "").strip()
     if not key:
         raise UsageError(
             "no API key: pass --api-key or set CONTROL_PLANE_API_KEY (the control plane prints where it generated one)"
         )
+    if not key.isprintable() or not key.isascii() or " " in key:
+        raise UsageError(f"the API key from {key_source} holds a space, line break or other character keys never hold")
     ca_file = args.ca_file or os.environ.get("CONTROL_PLANE_CA_FILE")
     context = None
     if ca_file:
@@ -181,8 +196,12 @@ def _client(args: argparse.Namespace) -> ApiClient:
 
 def load_documents(path: str) -> list[Any]:
     """Connector documents from a YAML (several documents allowed) or JSON file, or ``-`` for stdin."""
+    from agent._files import NotUtf8Text, decode_utf8, read_text
+
     try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+        text = decode_utf8(sys.stdin.buffer.read(), "stdin") if path == "-" else read_text(Path(path))
+    except NotUtf8Text as exc:
+        raise UsageError(str(exc)) from None
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
     import yaml
@@ -639,6 +658,9 @@ def _settings(args: argparse.Namespace) -> tuple[AgentSettings, AwsEnvironment]:
         problems.extend(exc.problems)
     aws, aws_problems = AwsEnvironment.from_environ(os.environ)
     problems.extend(aws_problems)
+    if len(problems) == 1:  # one line, as every other single mistake is
+        _err(f"{problems[0].field}: {problems[0].message}")
+        raise SystemExit(EXIT_USAGE)
     if settings is None or problems:
         raise SystemExit(_print_problems(f"the configuration has {len(problems)} problem(s):", problems))
     return settings, replace(aws, connect_timeout=settings.aws_connect_timeout, read_timeout=settings.aws_read_timeout)
@@ -671,10 +693,10 @@ def build_handlers(
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
+    from agent._files import DataDirUnusable
     from agent.observability.logging import Redactor, configure_logging
     from agent.observability.metrics import AgentMetrics
     from agent.runtime.agent import Agent, serve
-    from agent.runtime.outbox import DataDirUnusable
     from agent.runtime.signing import task_check_from_key
 
     settings, aws = _settings(args)
