@@ -51,15 +51,36 @@ class UsageError(Exception):
 
 # --- output helpers ----------------------------------------------------------------------------
 
+#: Status words coloured on a terminal (SGR codes): green, red, yellow.
+_COLOURS = {"SUCCESS": "32", "ok": "32", "FAILURE": "31", "FAILED": "31", "PENDING": "33"}
+
+
+def _colour(out: Any) -> bool:
+    """Colour only on a terminal, and never when ``NO_COLOR`` is set (https://no-color.org) or TERM=dumb."""
+    if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
+        return False
+    isatty = getattr(out, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def _paint(text: str, out: Any) -> str:
+    """``text`` (padded or not) with its leading status word coloured, when ``out`` is a terminal."""
+    word = text.split(" ", 1)[0]
+    code = _COLOURS.get(word)
+    if code is None or not _colour(out):
+        return text
+    return f"\033[{code}m{word}\033[0m{text[len(word) :]}"
+
 
 def _print_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], out: Any = None) -> None:
+    """Aligned columns; an absent value (None, empty) is ``-``, never Python's ``None``."""
     out = out or sys.stdout
-    cells = [[("" if c is None else str(c)) for c in row] for row in rows]
+    cells = [[("-" if c is None or c == "" else str(c)) for c in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     line = "  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True))
     print(line.rstrip(), file=out)
     for r in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip(), file=out)
+        print("  ".join(_paint(c.ljust(w), out) for c, w in zip(r, widths, strict=True)).rstrip(), file=out)
 
 
 def _print_json(value: Any) -> None:
@@ -474,13 +495,13 @@ def print_test_result(
     """A human summary of a connection test: who, where, which step, why, and what to do."""
     out = out or sys.stdout
     status = status or "PENDING"
-    print(f"{status}  task {task_id}  delegate {delegate_name or '-'}", file=out)
+    print(f"{_paint(status, out)}  task {task_id}  delegate {delegate_name or '-'}", file=out)
     if result is None:
         if status not in {"SUCCESS", "PENDING"}:
             print(f"  error:     {failure_reason or 'unknown'}", file=out)
         return
     if result.identity is not None:
-        print(f"  identity:  {result.identity.arn} (account {result.identity.account})", file=out)
+        print(f"  identity:  {result.identity.arn or '-'} (account {result.identity.account or '-'})", file=out)
     if result.test_region:
         print(
             f"  region:    {result.test_region} ({result.partition or 'aws'})  credentials: "
@@ -489,7 +510,7 @@ def print_test_result(
         )
     marks = {"SUCCESS": "ok", "FAILURE": "FAILED", "SKIPPED": "skipped"}
     for step in result.steps:
-        print(f"  step {step.name:<22} {marks[step.status]:<8} {step.duration_ms:>6} ms", file=out)
+        print(f"  step {step.name:<22} {_paint(f'{marks[step.status]:<8}', out)} {step.duration_ms:>6} ms", file=out)
     failure = result.failure
     if status != "SUCCESS":
         print(f"  error:     {result.error_summary or failure_reason or 'unknown'}", file=out)

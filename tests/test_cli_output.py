@@ -7,10 +7,11 @@ import asyncio
 import io
 from datetime import UTC, datetime, timedelta
 
-from agent.cli import main
+import pytest
+from agent.cli import EXIT_OK, _print_table, main, print_test_result
 from agent.protocol.models import AcquireRequest, TaskResult, TestRequest
-from agent.protocol.results import ValidationResult
-from tests.conftest import ControlPlaneFactory, manual_connector, register_request
+from agent.protocol.results import Identity, Step, ValidationResult
+from tests.conftest import API_KEY, ControlPlaneFactory, manual_connector, register_request
 
 
 class Terminal(io.StringIO):
@@ -22,6 +23,70 @@ class Terminal(io.StringIO):
 
 async def run_cli(*argv: str) -> int:
     return await asyncio.to_thread(main, list(argv))
+
+
+# --- no Python None ---------------------------------------------------------------------------------
+
+
+def test_absent_values_are_a_dash_in_tables_and_results() -> None:
+    """None and empty cells print as '-', and so does a result's missing identity parts."""
+    out = io.StringIO()
+    _print_table([["a", None, ""]], ["name", "tags", "version"], out)
+    assert out.getvalue().splitlines()[1].split() == ["a", "-", "-"]
+    result = ValidationResult(status="SUCCESS", tested_at=datetime.now(UTC), identity=Identity())
+    print_test_result(result, task_id="t", status=None, delegate_name=None, out=out)
+    assert "None" not in out.getvalue()
+
+
+async def test_delegates_list_of_a_delegate_without_tags_has_no_none(
+    control_plane_factory: ControlPlaneFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A real listing: every cell holds a value or '-'."""
+    cp = await control_plane_factory()
+    cp.core.register(register_request("d1", []), token_name=None)
+    assert await run_cli("delegates", "list", "--control-plane", cp.url, "--api-key", API_KEY) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "None" not in out and "d1" in out
+
+
+# --- colour ------------------------------------------------------------------------------------------------
+
+
+def _result(status: str) -> ValidationResult:
+    return ValidationResult(
+        status="SUCCESS" if status == "SUCCESS" else "FAILURE",
+        tested_at=datetime.now(UTC),
+        steps=[Step(name="sts", status="SUCCESS", duration_ms=3)],
+    )
+
+
+def test_status_words_are_coloured_on_a_terminal_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SUCCESS green and FAILURE red on a TTY; plain in a pipe; plain when NO_COLOR is set."""
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    tty, pipe = Terminal(), io.StringIO()
+    for out in (tty, pipe):
+        print_test_result(_result("SUCCESS"), task_id="t", status="SUCCESS", delegate_name="d", out=out)
+        _print_table([["c", "FAILURE 10:00:00"]], ["id", "last test"], out)
+    assert "\033[32mSUCCESS\033[0m  task t" in tty.getvalue()
+    assert "\033[31mFAILURE\033[0m 10:00:00" in tty.getvalue()
+    assert "\033[" not in pipe.getvalue()
+    monkeypatch.setenv("NO_COLOR", "1")
+    plain = Terminal()
+    print_test_result(_result("SUCCESS"), task_id="t", status="SUCCESS", delegate_name="d", out=plain)
+    assert "\033[" not in plain.getvalue()
+
+
+def test_coloured_cells_stay_aligned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Escape codes go around the word, after padding: the columns line up as without colour."""
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    tty, pipe = Terminal(), io.StringIO()
+    rows = [["SUCCESS", "x"], ["FAILURE", "y"], ["-", "z"]]
+    _print_table(rows, ["status", "id"], tty)
+    _print_table(rows, ["status", "id"], pipe)
+    strip = tty.getvalue().replace("\033[32m", "").replace("\033[31m", "").replace("\033[0m", "")
+    assert strip == pipe.getvalue()
 
 
 # --- lastTest.testedAt ---------------------------------------------------------------------------------------------
