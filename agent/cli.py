@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from agent._version import __version__
 
@@ -90,16 +90,36 @@ def _print_json(value: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
-def _err(message: str) -> None:
+class _Errors:
+    """How :func:`_err` writes: lines of text, or with ``-o json`` one JSON object (set by :func:`main`)."""
+
+    as_json = False
+
+
+def _err(message: str, problems: Sequence[Any] = (), code: str | None = None) -> None:
+    """An error, once, on stderr: ``delegate-agent: message`` and a line per problem, or ``{"error": ...}``."""
+    if _Errors.as_json:
+        error: dict[str, Any] = {"message": message}
+        if code:
+            error["code"] = code
+        if problems:
+            error["problems"] = [{"field": p.field, "message": p.message} for p in problems]
+        print(json.dumps({"error": error}), file=sys.stderr)
+        return
     print(f"delegate-agent: {message}", file=sys.stderr)
+    for p in problems:
+        print(f"  {p.field}: {p.message}", file=sys.stderr)
 
 
 def _print_problems(headline: str, problems: Sequence[Any]) -> int:
     """A headline, then every problem on its own line (a ``ProblemsError``'s list); exit code 2."""
-    _err(headline)
-    for p in problems:
-        print(f"  {p.field}: {p.message}", file=sys.stderr)
+    _err(headline, problems)
     return EXIT_USAGE
+
+
+def _os_reason(exc: OSError) -> str:
+    """The reason in a few words ("Address already in use"), not asyncio's sentence that repeats the address."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)
 
 
 # --- the control plane -------------------------------------------------------------------------
@@ -172,7 +192,7 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
         _err(str(exc))
         return EXIT_USAGE
     except OSError as exc:
-        _err(f"cannot listen on {args.listen}: {exc.strerror or exc}")
+        _err(f"cannot listen on {args.listen}: {_os_reason(exc)}")
         return EXIT_USAGE
     return EXIT_OK
 
@@ -320,11 +340,23 @@ def cmd_connector_apply(args: argparse.Namespace) -> int:
 
 
 def _print_apply_problems(problems: Sequence[tuple[str, str, Sequence[Any]]], summary: str) -> int:
-    """Each document's problems under its label, then the summary line (if any); exit code 2."""
+    """Each document's problems under its label, then the summary line (if any); exit code 2.
+
+    With ``-o json``, one error object: the summary (or the one document's message), and every
+    problem with its document's label in front of its field.
+    """
+    if _Errors.as_json:
+        from agent.protocol.models import Problem
+
+        flat: list[Problem] = []
+        for label, message, details in problems:
+            flat += [Problem(field=f"{label}: {p.field}", message=p.message) for p in details] or [
+                Problem(field=label, message=message)
+            ]
+        _err(summary or (f"{problems[0][0]}: {problems[0][1]}" if problems[0][1] else problems[0][0]), flat)
+        return EXIT_USAGE
     for label, message, details in problems:
-        _err(f"{label}: {message}" if message else label)
-        for p in details:
-            print(f"  {p.field}: {p.message}", file=sys.stderr)
+        _err(f"{label}: {message}" if message else label, details)
     if summary:
         _err(summary)
     return EXIT_USAGE
@@ -713,6 +745,7 @@ def build_handlers(
 
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
+    import errno
 
     from agent._files import DataDirUnusable
     from agent.observability.logging import Redactor, configure_logging
@@ -740,7 +773,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         _err(str(exc))
         return EXIT_USAGE
     except OSError as exc:
-        _err(f"cannot start: {exc.strerror or exc} (is {settings.http_listen} already in use?)")
+        if exc.errno == errno.EADDRINUSE:
+            _err(f"cannot listen on {settings.http_listen} (AGENT_HTTP_LISTEN): {_os_reason(exc)}")
+        else:
+            _err(f"cannot start: {_os_reason(exc)}")
         return EXIT_USAGE
 
 
@@ -841,8 +877,24 @@ def _limit(value: str) -> int:
     return int(value)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors as JSON on stderr when ``-o json`` was asked for."""
+
+    def error(self, message: str) -> NoReturn:
+        if not _Errors.as_json:
+            super().error(message)
+        _err(f"{message} (see {self.prog} --help)", code="usage")
+        sys.exit(EXIT_USAGE)
+
+
+def _wants_json(argv: Sequence[str]) -> bool:
+    """Whether ``-o json`` is among the arguments, judged before (and whether or not) they parse."""
+    pairs = zip(argv, [*argv[1:], ""], strict=True)
+    return any(a in ("-ojson", "--output=json") or (a in ("-o", "--output") and b == "json") for a, b in pairs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="delegate-agent",
         description="A delegate that validates AWS connectors "
         "from inside your cluster, and its reference control plane.",
@@ -1073,6 +1125,8 @@ _COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``delegate-agent`` and ``python -m agent``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _Errors.as_json = _wants_json(argv)
     parser = build_parser()
     args = parser.parse_args(argv)  # --help, --version and usage errors exit here, having imported nothing
     from agent.protocol.api_client import Unreachable
@@ -1093,9 +1147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _err(f"the control plane failed: {exc}")
         return EXIT_UNREACHABLE
     except ProtocolError as exc:
-        _err(exc.message)
-        for p in exc.problems:
-            print(f"  {p.field}: {p.message}", file=sys.stderr)
+        _err(exc.message, exc.problems, exc.code)
         return EXIT_USAGE if isinstance(exc, RequestRejected) or (exc.status or 0) < 500 else EXIT_UNREACHABLE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

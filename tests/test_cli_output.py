@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
-from agent.cli import EXIT_OK, _print_table, main, print_test_result
+import yaml
+from agent.cli import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, _print_table, main, print_test_result
 from agent.protocol.models import AcquireRequest, TaskResult, TestRequest
 from agent.protocol.results import Identity, Step, ValidationResult
-from tests.conftest import API_KEY, ControlPlaneFactory, manual_connector, register_request
+from tests.conftest import API_KEY, ControlPlaneFactory, free_port, manual_connector, register_request
 
 
 class Terminal(io.StringIO):
@@ -47,6 +50,67 @@ async def test_delegates_list_of_a_delegate_without_tags_has_no_none(
     assert await run_cli("delegates", "list", "--control-plane", cp.url, "--api-key", API_KEY) == EXIT_OK
     out = capsys.readouterr().out
     assert "None" not in out and "d1" in out
+
+
+# --- errors: once, and as JSON with -o json ---------------------------------------------------------------
+
+
+async def test_json_errors_are_one_object_on_stderr(
+    control_plane_factory: ControlPlaneFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not found, an invalid connector (with its problems), unreachable: each one JSON object, stdout empty."""
+    cp = await control_plane_factory()
+    common = ("--control-plane", cp.url, "--api-key", API_KEY, "-o", "json")
+    assert await run_cli("connector", "get", "Nope", *common) == EXIT_USAGE
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert json.loads(err) == {"error": {"message": "no connector with identifier 'Nope'", "code": "not_found"}}
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(manual_connector("x", delegateSelectors="eks")))
+    assert await run_cli("connector", "apply", "-f", str(bad), *common) == EXIT_USAGE
+    error = json.loads(capsys.readouterr().err)["error"]
+    assert error["message"].startswith(str(bad))
+    [problem] = error["problems"]
+    assert problem["field"].startswith(str(bad)) and problem["field"].endswith(": connector.spec.delegateSelectors")
+
+    other = tmp_path / "ok.yaml"
+    other.write_text(yaml.safe_dump(manual_connector("y")))
+    assert await run_cli("connector", "apply", "-f", str(other), "-f", str(bad), *common) == EXIT_USAGE
+    error = json.loads(capsys.readouterr().err)["error"]  # several documents: still one object
+    assert error["message"].startswith("nothing applied")
+
+    url = f"http://127.0.0.1:{free_port()}"
+    assert await run_cli("connector", "list", "--control-plane", url, "--api-key", "k", "-o", "json") == 3
+    assert json.loads(capsys.readouterr().err)["error"]["message"].startswith("cannot reach the control plane")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["connector", "list", "-o", "json", "--bogus"],
+        ["connector", "list", "--output=json", "--control-plane", "127.0.0.1:1"],
+        ["connector", "test", "-ojson"],
+    ],
+)
+def test_usage_errors_are_json_too_when_asked(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """argparse's own mistakes (unknown flag, missing argument) and ours honour -o json as well."""
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse exits
+        code = int(exc.code or 0)
+    assert code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert json.loads(err)["error"]["message"]
+
+
+def test_errors_are_plain_text_without_json(capsys: pytest.CaptureFixture[str]) -> None:
+    """Without -o json nothing changes: 'delegate-agent: ...' once."""
+    url = f"http://127.0.0.1:{free_port()}"
+    assert main(["connector", "list", "--control-plane", url, "--api-key", "k"]) == EXIT_UNREACHABLE
+    err = capsys.readouterr().err
+    assert err.startswith("delegate-agent: cannot reach") and len(err.splitlines()) == 1
 
 
 # --- colour ------------------------------------------------------------------------------------------------
