@@ -43,6 +43,8 @@ EXIT_PENDING = 4
 EXIT_INTERRUPTED = 130
 
 DEFAULT_CONTROL_PLANE = "http://127.0.0.1:8080"
+#: ``agent.protocol.auth.DEFAULT_AUDIENCE``, written out so ``--help`` imports nothing (a test keeps them equal).
+_DEFAULT_AUDIENCE = "delegate-agent-control-plane"
 
 
 class UsageError(Exception):
@@ -920,39 +922,76 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_control_plane(sub: Any, _: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("control-plane", help="run the reference control plane")
-    p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT", help="address to serve on")
-    p.add_argument("--data-dir", required=True, metavar="DIR", help="SQLite state, generated credentials")
+    p = sub.add_parser(
+        "control-plane",
+        help="run the reference control plane",
+        description="Serve the delegate protocol (/v1) and the connector API (/api/v1) until SIGTERM or "
+        "Ctrl-C. State lives in SQLite in --data-dir; credentials not given are generated there (mode 0600).",
+    )
+    p.add_argument(
+        "--listen", default="127.0.0.1:8080", metavar="HOST:PORT", help="address to serve on (default: %(default)s)"
+    )
+    p.add_argument(
+        "--data-dir",
+        required=True,
+        metavar="DIR",
+        help="where the SQLite state and generated credentials live; created if absent (required)",
+    )
     p.add_argument(
         "--delegate-token-file",
         metavar="FILE",
-        help="accepted delegate tokens, one per line "
-        "(name:token or token); re-read when it changes. Else CONTROL_PLANE_DELEGATE_TOKENS",
+        help="accepted delegate tokens, one per line (name:token or token); re-read when it changes "
+        "(default: CONTROL_PLANE_DELEGATE_TOKENS, comma-separated; with neither, one is generated into the data dir)",
     )
     p.add_argument(
         "--api-key-file",
         metavar="FILE",
-        help="API keys for the connector API (else "
-        "CONTROL_PLANE_API_KEY; with neither, one is generated into the data dir)",
+        help="API keys for the connector API, one per line "
+        "(default: CONTROL_PLANE_API_KEY; with neither, one is generated into the data dir)",
     )
-    p.add_argument("--secrets-dir", metavar="DIR", help="secrets for executeOnDelegate: false connectors")
+    p.add_argument(
+        "--secrets-dir",
+        metavar="DIR",
+        help="secrets for executeOnDelegate: false connectors, one file per secret reference (default: none)",
+    )
     p.add_argument(
         "--task-signing-key-file",
         metavar="FILE",
-        help="Ed25519 seed (base64) to sign tasks with; "
-        "generated into the data dir when absent (public key in task-signing-key.pub and /v1/info)",
+        help="Ed25519 seed (base64) to sign tasks with (default: generated into the data dir as "
+        "task-signing-key; the public key is in task-signing-key.pub and /v1/info)",
     )
-    p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (chain)")
-    p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key")
-    p.add_argument("--tls-client-ca", metavar="FILE", help="require delegates to present a certificate from this CA")
-    p.add_argument("--audience", help="JWT audience delegates must use")
-    p.add_argument("--heartbeat-seconds", type=_positive, default=10.0)
-    p.add_argument("--poll-wait-seconds", type=_positive, default=20.0)
-    p.add_argument("--lease-seconds", type=_positive, default=30.0)
-    p.add_argument("--pickup-timeout-seconds", type=_positive, default=30.0)
-    p.add_argument("--task-timeout-seconds", type=_positive, default=120.0)
-    p.add_argument("--log-format", choices=["json", "console"])
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (chain) (default: plain HTTP)")
+    p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (default: in the --tls-cert file)")
+    p.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        help="require delegates to present a certificate from this CA, for mutual TLS (default: not required)",
+    )
+    p.add_argument(
+        "--audience",
+        metavar="AUD",
+        help=f"JWT audience delegates must sign their tokens for (default: {_DEFAULT_AUDIENCE})",
+    )
+    for flag, default, text in (
+        ("--heartbeat-seconds", 10.0, "how often delegates are told to send a heartbeat"),
+        ("--poll-wait-seconds", 20.0, "how long a delegate's long poll for a task is held open"),
+        ("--lease-seconds", 30.0, "how long a taken task is a delegate's before it must renew the lease"),
+        ("--pickup-timeout-seconds", 30.0, "how long a task waits for an eligible delegate before it fails"),
+        ("--task-timeout-seconds", 120.0, "execution budget for one connection test, handed to the delegate"),
+    ):
+        p.add_argument(flag, type=_positive, default=default, metavar="S", help=f"{text} (default: %(default)g)")
+    p.add_argument(
+        "--log-format",
+        choices=["json", "console"],
+        help="log line format (default: console on a terminal, json otherwise)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        type=str.lower,
+        choices=["debug", "info", "warning", "error"],
+        help="least severe level logged (default: %(default)s)",
+    )
     p.set_defaults(func=cmd_control_plane)
 
 

@@ -3,6 +3,7 @@ colour only on a terminal, shell completion, a documented control-plane --help, 
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import io
 import json
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from agent.cli import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, _print_table, main, print_test_result
+from agent.cli import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, _print_table, build_parser, main, print_test_result
+from agent.protocol.auth import DEFAULT_AUDIENCE
 from agent.protocol.models import AcquireRequest, TaskResult, TestRequest
 from agent.protocol.results import Identity, Step, ValidationResult
 from tests.conftest import API_KEY, ControlPlaneFactory, free_port, manual_connector, register_request
@@ -151,6 +153,29 @@ def test_coloured_cells_stay_aligned(monkeypatch: pytest.MonkeyPatch) -> None:
     _print_table(rows, ["status", "id"], pipe)
     strip = tty.getvalue().replace("\033[32m", "").replace("\033[31m", "").replace("\033[0m", "")
     assert strip == pipe.getvalue()
+
+
+# --- control-plane --help ------------------------------------------------------------------------------------
+
+
+def _control_plane_parser() -> argparse.ArgumentParser:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["control-plane"]
+
+
+def test_every_control_plane_flag_has_a_description_and_its_default() -> None:
+    """Each flag says what it does, and what happens without it; no 'None' anywhere."""
+    parser = _control_plane_parser()
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, action.option_strings
+        assert "(required)" in action.help if action.required else "(default: " in action.help, action.help
+    text = parser.format_help()
+    assert "None" not in text
+    assert "(default: 127.0.0.1:8080)" in text and "(default: 120)" in text
+    assert f"(default: {DEFAULT_AUDIENCE})" in text  # written out in cli.py; this keeps it true
 
 
 # --- lastTest.testedAt ---------------------------------------------------------------------------------------------
