@@ -1150,6 +1150,24 @@ def _add_validate(sub: Any, _: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_validate)
 
 
+def cmd_completion(args: argparse.Namespace) -> int:
+    from agent._completion import script
+
+    print(script(build_parser(), args.shell), end="")
+    return EXIT_OK
+
+
+def _add_completion(sub: Any, _: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "completion",
+        help="print a shell completion script (bash or zsh)",
+        description='bash: eval "$(delegate-agent completion bash)" in ~/.bashrc. '
+        'zsh: delegate-agent completion zsh > "${fpath[1]}/_delegate-agent", then start a new shell.',
+    )
+    p.add_argument("shell", choices=["bash", "zsh"], help="the shell to complete in")
+    p.set_defaults(func=cmd_completion)
+
+
 _COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     _add_run,
     _add_control_plane,
@@ -1159,6 +1177,7 @@ _COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     _add_tokens,
     _add_validate,
     _add_demo,
+    _add_completion,
 ]
 
 

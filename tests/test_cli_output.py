@@ -7,11 +7,14 @@ import argparse
 import asyncio
 import io
 import json
+import shutil
+import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import yaml
+
 from agent.cli import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, _print_table, build_parser, main, print_test_result
 from agent.protocol.auth import DEFAULT_AUDIENCE
 from agent.protocol.models import AcquireRequest, TaskResult, TestRequest
@@ -153,6 +156,84 @@ def test_coloured_cells_stay_aligned(monkeypatch: pytest.MonkeyPatch) -> None:
     _print_table(rows, ["status", "id"], pipe)
     strip = tty.getvalue().replace("\033[32m", "").replace("\033[31m", "").replace("\033[0m", "")
     assert strip == pipe.getvalue()
+
+
+# --- shell completion ----------------------------------------------------------------------------------------
+
+
+def _bash_complete(script: str, *words: str) -> list[str]:
+    call = 'COMP_WORDS=("$@"); COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); _delegate_agent'
+    driver = f'{script}\n{call}; printf "%s\\n" "${{COMPREPLY[@]}}"'
+    out = subprocess.run(["bash", "-c", driver, "bash", *words], capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+@pytest.fixture(scope="module")
+def bash_script() -> str:
+    out = io.StringIO()
+    import contextlib
+
+    with contextlib.redirect_stdout(out):
+        assert main(["completion", "bash"]) == EXIT_OK
+    return out.getvalue()
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize(
+    ("words", "expected"),
+    [
+        (["delegate-agent", "conn"], ["connector"]),
+        (["delegate-agent", "connector", ""], ["apply", "get", "list", "delete", "test"]),
+        (["delegate-agent", "connector", "apply", "--con"], ["--control-plane"]),
+        (["delegate-agent", "connector", "list", "-o", ""], ["table", "json"]),
+        (["delegate-agent", "--version", "tokens", "-o", "json", "r"], ["revoke"]),
+        (["delegate-agent", "control-plane", "--log-level", "w"], ["warning"]),
+        (["delegate-agent", "completion", ""], ["bash", "zsh"]),
+    ],
+)
+def test_bash_completes_commands_flags_and_choices(bash_script: str, words: list[str], expected: list[str]) -> None:
+    """The generated script, run by a real bash, completes what the parser knows."""
+    assert _bash_complete(bash_script, *words) == expected
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_bash_completes_files_and_directories_where_a_flag_wants_them(bash_script: str, tmp_path: Path) -> None:
+    """-f FILE offers files, --data-dir DIR only directories."""
+    (tmp_path / "conn.yaml").write_text("")
+    (tmp_path / "cdir").mkdir()
+    prefix = str(tmp_path / "c")
+    assert sorted(_bash_complete(bash_script, "delegate-agent", "connector", "apply", "-f", prefix)) == [
+        str(tmp_path / "cdir"),
+        str(tmp_path / "conn.yaml"),
+    ]
+    assert _bash_complete(bash_script, "delegate-agent", "control-plane", "--data-dir", prefix) == [
+        str(tmp_path / "cdir")
+    ]
+
+
+@pytest.mark.skipif(shutil.which("zsh") is None, reason="needs zsh")
+def test_zsh_script_offers_commands_with_descriptions() -> None:
+    """The zsh script parses, and (with zsh's completion builtins stubbed) describes subcommands and values."""
+    out = io.StringIO()
+    import contextlib
+
+    with contextlib.redirect_stdout(out):
+        main(["completion", "zsh"])
+    stubs = (
+        "compdef() { :; }\n"
+        '_describe() { local -a a; a=("${(@P)4}"); print -rl -- "${a[@]}"; }\n'
+        'compadd() { shift; print -rl -- "$@"; }\n'
+        '_files() { print -r -- "files $*"; }\n'
+    )
+    driver = stubs + out.getvalue() + '\nwords=("$@"); CURRENT=${#words}; _delegate_agent'
+
+    def complete(*words: str) -> list[str]:
+        done = subprocess.run(["zsh", "-f", "-c", driver, "zsh", *words], capture_output=True, text=True, check=True)
+        return done.stdout.splitlines()
+
+    assert any(line.startswith("apply:create or replace") for line in complete("delegate-agent", "connector", ""))
+    assert complete("delegate-agent", "connector", "list", "-o", "") == ["table", "json"]
+    assert complete("delegate-agent", "control-plane", "--data-dir", "") == ["files -/"]
 
 
 # --- control-plane --help ------------------------------------------------------------------------------------
