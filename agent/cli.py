@@ -121,7 +121,11 @@ def _print_problems(headline: str, problems: Sequence[Any]) -> int:
 
 def _os_reason(exc: OSError) -> str:
     """The reason in a few words ("Address already in use"), not asyncio's sentence that repeats the address."""
-    return os.strerror(exc.errno) if exc.errno else str(exc)
+    import errno
+
+    if exc.errno is not None and exc.errno in errno.errorcode:  # not ssl's library codes
+        return os.strerror(exc.errno)
+    return exc.strerror or str(exc)
 
 
 # --- the control plane -------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import asyncio
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -238,6 +239,42 @@ def test_an_unusable_control_plane_data_dir_is_one_line(tmp_path: Path) -> None:
         assert code == EXIT_USAGE, line
         assert line.startswith(f"delegate-agent: cannot use the data dir {data_dir} (--data-dir): "), line
         assert reason in line
+
+
+def test_tls_files_and_a_busy_port_are_one_line_each(tmp_path: Path) -> None:
+    """A missing or non-PEM certificate names the file (it said 'cannot listen on'); a busy port says so once."""
+    not_pem = tmp_path / "cert.pem"
+    not_pem.write_text("not a certificate\n")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        results = cli_processes(
+            control_plane(tmp_path / "a", "--tls-cert", str(tmp_path / "missing.pem")),
+            control_plane(tmp_path / "b", "--tls-cert", str(not_pem)),
+            ["control-plane", "--data-dir", str(tmp_path / "c"), "--listen", f"127.0.0.1:{port}"],
+        )
+    assert all(code == EXIT_USAGE for code, _ in results)
+    missing, garbage = (one_line(err) for _, err in results[:2])
+    assert missing.endswith("missing.pem with the key in the same file: No such file or directory")
+    assert garbage.startswith(f"delegate-agent: cannot use the TLS certificate {not_pem} ")
+    # The port is found busy after start-up logged (JSON lines): the error is the last line, once.
+    in_use = results[2][1]
+    assert in_use.splitlines()[-1] == f"delegate-agent: cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert in_use.count("in use") == 1
+
+
+@pytest.mark.usefixtures("delegate_env")
+@pytest.mark.parametrize(("content", "message"), [("- a list\n", "must be a mapping of settings"), ("a: [", "is not")])
+def test_a_config_file_that_is_no_mapping_is_its_only_problem(
+    content: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A config file that does not parse into settings is the one line; no 'X is required' after it."""
+    f = tmp_path / "agent.yaml"
+    f.write_text(content)
+    code, _, err = cli(["check-config", "--config", str(f)], capsys)
+    assert code == EXIT_USAGE
+    assert one_line(err).startswith(f"delegate-agent: {f}: {message}")
 
 
 # --- control-plane URLs and API keys -----------------------------------------------------------------

@@ -278,6 +278,7 @@ class ControlPlaneService:
         """Set up if needed, bind the port, start the sweeper; returns the URL. A service starts once."""
         if self._started:
             raise RuntimeError("this control plane has already been started")
+        ssl_context = self._tls_context()  # first: a certificate it cannot use stops it before anything is written
         self._started = True
         await self.setup()
         for path in self.credentials.generated:
@@ -293,7 +294,6 @@ class ControlPlaneService:
         )
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)
-        ssl_context = self._tls_context()
         site = web.TCPSite(runner, self.config.host, self.config.port, reuse_address=True, ssl_context=ssl_context)
         await site.start()
         host, port = runner.addresses[0][0], runner.addresses[0][1]
@@ -346,10 +346,21 @@ class ControlPlaneService:
         if c.tls_cert_file is None:
             return None
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(c.tls_cert_file, c.tls_key_file)
+        try:
+            ctx.load_cert_chain(c.tls_cert_file, c.tls_key_file)
+        except OSError as exc:  # ssl.SSLError is one: not PEM, key does not match
+            key = c.tls_key_file or "the same file"
+            raise CredentialsError(
+                f"cannot use the TLS certificate {c.tls_cert_file} with the key in {key}: {exc.strerror or exc}"
+            ) from None
         if c.tls_client_ca_file is not None:
             ctx.verify_mode = ssl.CERT_REQUIRED
-            ctx.load_verify_locations(c.tls_client_ca_file)
+            try:
+                ctx.load_verify_locations(c.tls_client_ca_file)
+            except OSError as exc:
+                raise CredentialsError(
+                    f"cannot use the client CA {c.tls_client_ca_file}: {exc.strerror or exc}"
+                ) from None
         return ctx
 
     def _stamp(self) -> tuple[int, int] | None:

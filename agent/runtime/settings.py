@@ -575,8 +575,8 @@ def _assemble(values: Mapping[str, Any]) -> AgentSettings:
 
 def _read_file(path: Path) -> tuple[Mapping[str, Any], list[Problem]]:
     problems: list[Problem] = []
-    # A file that cannot be read is the one problem worth saying: what it holds is unknown, so
-    # "X is required" for settings it may well give would only be noise.
+    # A file that cannot be read, or read as a mapping, is the one problem worth saying: what it
+    # holds is unknown, so "X is required" for settings it may well give would only be noise.
     try:
         text = read_text(path)
     except NotUtf8Text:
@@ -586,11 +586,13 @@ def _read_file(path: Path) -> tuple[Mapping[str, Any], list[Problem]]:
     try:
         doc = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506
     except yaml.YAMLError as exc:
-        return {}, [Problem(field=str(path), message=f"is not valid YAML: {' '.join(str(exc).split())}")]
+        raise ConfigError(
+            [Problem(field=str(path), message=f"is not valid YAML: {' '.join(str(exc).split())}")]
+        ) from None
     if doc is None:
         return {}, []
     if not isinstance(doc, Mapping):
-        return {}, [Problem(field=str(path), message="must be a mapping of settings")]
+        raise ConfigError([Problem(field=str(path), message="must be a mapping of settings")])
     for key, value in doc.items():
         if key not in _FILE_KEYS:
             problems.append(Problem(field=f"{path}: {key}", message="unknown setting"))
