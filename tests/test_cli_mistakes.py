@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -197,18 +198,6 @@ def control_plane(data_dir: Path, *flags: str) -> list[str]:
     return ["control-plane", "--data-dir", str(data_dir), "--listen", "127.0.0.1:0", *flags]
 
 
-def test_control_plane_credential_files_that_are_not_utf8_are_one_line(tmp_path: Path) -> None:
-    """The control plane's API key and delegate token files in UTF-16: one line naming each, exit 2."""
-    f = tmp_path / "secrets.txt"
-    f.write_bytes(f"{TOKEN}\n".encode("utf-16"))
-    results = cli_processes(
-        control_plane(tmp_path / "data", "--api-key-file", str(f)),
-        control_plane(tmp_path / "data", "--delegate-token-file", str(f)),
-    )
-    for code, err in results:
-        assert (code, one_line(err)) == (EXIT_USAGE, f"delegate-agent: {f} is not UTF-8 text")
-
-
 def _unusable_data_dirs(tmp_path: Path) -> list[tuple[Path, str]]:
     a_file = tmp_path / "a-file"
     a_file.write_text("")
@@ -229,39 +218,66 @@ def _unusable_data_dirs(tmp_path: Path) -> list[tuple[Path, str]]:
     return cases
 
 
-def test_an_unusable_control_plane_data_dir_is_one_line(tmp_path: Path) -> None:
+@dataclass
+class ControlPlaneRuns:
+    """Every control-plane mistake below, run in one interpreter: (exit code, stderr) by case name."""
+
+    root: Path
+    port: int
+    data_dirs: list[tuple[Path, str]]
+    results: dict[str, tuple[int, str]]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> ControlPlaneRuns:
+    root = tmp_path_factory.mktemp("control-plane")
+    (root / "secrets.txt").write_bytes(f"{TOKEN}\n".encode("utf-16"))
+    (root / "cert.pem").write_text("not a certificate\n")
+    data_dirs = _unusable_data_dirs(root)
+    argvs = {
+        "api-key-file": control_plane(root / "data", "--api-key-file", str(root / "secrets.txt")),
+        "delegate-token-file": control_plane(root / "data", "--delegate-token-file", str(root / "secrets.txt")),
+        "tls-missing": control_plane(root / "a", "--tls-cert", str(root / "missing.pem")),
+        "tls-not-pem": control_plane(root / "b", "--tls-cert", str(root / "cert.pem")),
+        **{f"data-dir-{i}": control_plane(d) for i, (d, _) in enumerate(data_dirs)},
+    }
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        argvs["busy"] = ["control-plane", "--data-dir", str(root / "c"), "--listen", f"127.0.0.1:{port}"]
+        results = cli_processes(*argvs.values())
+    return ControlPlaneRuns(root, port, data_dirs, dict(zip(argvs, results, strict=True)))
+
+
+@pytest.mark.parametrize("case", ["api-key-file", "delegate-token-file"])
+def test_control_plane_credential_files_that_are_not_utf8_are_one_line(case: str, runs: ControlPlaneRuns) -> None:
+    """The control plane's API key and delegate token files in UTF-16: one line naming the file, exit 2."""
+    code, err = runs.results[case]
+    assert (code, one_line(err)) == (EXIT_USAGE, f"delegate-agent: {runs.root / 'secrets.txt'} is not UTF-8 text")
+
+
+def test_an_unusable_control_plane_data_dir_is_one_line(runs: ControlPlaneRuns) -> None:
     """A file, under a file, under /proc, read-only, a store that will not open: one line naming it, exit 2."""
-    cases = _unusable_data_dirs(tmp_path)
-    for (data_dir, reason), (code, err) in zip(
-        cases, cli_processes(*(control_plane(d) for d, _ in cases)), strict=True
-    ):
+    for i, (data_dir, reason) in enumerate(runs.data_dirs):
+        code, err = runs.results[f"data-dir-{i}"]
         line = one_line(err)
         assert code == EXIT_USAGE, line
         assert line.startswith(f"delegate-agent: cannot use the data dir {data_dir} (--data-dir): "), line
         assert reason in line
 
 
-def test_tls_files_and_a_busy_port_are_one_line_each(tmp_path: Path) -> None:
+def test_tls_files_and_a_busy_port_are_one_line_each(runs: ControlPlaneRuns) -> None:
     """A missing or non-PEM certificate names the file (it said 'cannot listen on'); a busy port says so once."""
-    not_pem = tmp_path / "cert.pem"
-    not_pem.write_text("not a certificate\n")
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        results = cli_processes(
-            control_plane(tmp_path / "a", "--tls-cert", str(tmp_path / "missing.pem")),
-            control_plane(tmp_path / "b", "--tls-cert", str(not_pem)),
-            ["control-plane", "--data-dir", str(tmp_path / "c"), "--listen", f"127.0.0.1:{port}"],
-        )
-    assert all(code == EXIT_USAGE for code, _ in results)
-    missing, garbage = (one_line(err) for _, err in results[:2])
+    assert all(runs.results[c][0] == EXIT_USAGE for c in ("tls-missing", "tls-not-pem", "busy"))
+    missing = one_line(runs.results["tls-missing"][1])
     assert missing.endswith("missing.pem with the key in the same file: No such file or directory")
-    assert garbage.startswith(f"delegate-agent: cannot use the TLS certificate {not_pem} ")
+    not_pem = one_line(runs.results["tls-not-pem"][1])
+    assert not_pem.startswith(f"delegate-agent: cannot use the TLS certificate {runs.root / 'cert.pem'} ")
     # The port is found busy after start-up logged (JSON lines): the error is the last line, once.
-    in_use = results[2][1]
-    assert in_use.splitlines()[-1] == f"delegate-agent: cannot listen on 127.0.0.1:{port}: Address already in use"
-    assert in_use.count("in use") == 1
+    busy = runs.results["busy"][1]
+    assert busy.splitlines()[-1] == f"delegate-agent: cannot listen on 127.0.0.1:{runs.port}: Address already in use"
+    assert busy.count("in use") == 1
 
 
 @pytest.mark.usefixtures("delegate_env")
