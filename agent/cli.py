@@ -75,14 +75,22 @@ def _paint(text: str, out: Any) -> str:
 
 
 def _print_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], out: Any = None) -> None:
-    """Aligned columns; an absent value (None, empty) is ``-``, never Python's ``None``."""
+    """Aligned columns; an absent value (None, empty) is ``-``, never Python's ``None``.
+
+    On a terminal the status words of a "status" or "last test" column are coloured (after padding).
+    """
     out = out or sys.stdout
     cells = [[("-" if c is None or c == "" else str(c)) for c in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     line = "  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True))
     print(line.rstrip(), file=out)
+    status = [h in ("status", "last test") for h in headers]  # only these hold status words to colour
     for r in cells:
-        print("  ".join(_paint(c.ljust(w), out) for c, w in zip(r, widths, strict=True)).rstrip(), file=out)
+        padded = [c.ljust(w) for c, w in zip(r, widths, strict=True)]
+        print(
+            "  ".join(_paint(c, out) if paint else c for c, paint in zip(padded, status, strict=True)).rstrip(),
+            file=out,
+        )
 
 
 def _print_json(value: Any) -> None:

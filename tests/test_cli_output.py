@@ -151,11 +151,12 @@ def test_coloured_cells_stay_aligned(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NO_COLOR", raising=False)
     monkeypatch.setenv("TERM", "xterm")
     tty, pipe = Terminal(), io.StringIO()
-    rows = [["SUCCESS", "x"], ["FAILURE", "y"], ["-", "z"]]
+    rows = [["SUCCESS", "x"], ["FAILURE", "y"], ["-", "SUCCESS"]]
     _print_table(rows, ["status", "id"], tty)
     _print_table(rows, ["status", "id"], pipe)
     strip = tty.getvalue().replace("\033[32m", "").replace("\033[31m", "").replace("\033[0m", "")
     assert strip == pipe.getvalue()
+    assert tty.getvalue().count("\033[0m") == 2  # a connector named SUCCESS in another column stays plain
 
 
 # --- shell completion ----------------------------------------------------------------------------------------
