@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from agent._version import __version__
 
@@ -43,6 +43,8 @@ EXIT_PENDING = 4
 EXIT_INTERRUPTED = 130
 
 DEFAULT_CONTROL_PLANE = "http://127.0.0.1:8080"
+#: ``agent.protocol.auth.DEFAULT_AUDIENCE``, written out so ``--help`` imports nothing (a test keeps them equal).
+_DEFAULT_AUDIENCE = "delegate-agent-control-plane"
 
 
 class UsageError(Exception):
@@ -51,15 +53,44 @@ class UsageError(Exception):
 
 # --- output helpers ----------------------------------------------------------------------------
 
+#: Status words coloured on a terminal (SGR codes): green, red, yellow.
+_COLOURS = {"SUCCESS": "32", "ok": "32", "FAILURE": "31", "FAILED": "31", "PENDING": "33"}
+
+
+def _colour(out: Any) -> bool:
+    """Colour only on a terminal, and never when ``NO_COLOR`` is set (https://no-color.org) or TERM=dumb."""
+    if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
+        return False
+    isatty = getattr(out, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def _paint(text: str, out: Any) -> str:
+    """``text`` (padded or not) with its leading status word coloured, when ``out`` is a terminal."""
+    word = text.split(" ", 1)[0]
+    code = _COLOURS.get(word)
+    if code is None or not _colour(out):
+        return text
+    return f"\033[{code}m{word}\033[0m{text[len(word) :]}"
+
 
 def _print_table(rows: Sequence[Sequence[Any]], headers: Sequence[str], out: Any = None) -> None:
+    """Aligned columns; an absent value (None, empty) is ``-``, never Python's ``None``.
+
+    On a terminal the status words of a "status" or "last test" column are coloured (after padding).
+    """
     out = out or sys.stdout
-    cells = [[("" if c is None else str(c)) for c in row] for row in rows]
+    cells = [[("-" if c is None or c == "" else str(c)) for c in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     line = "  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True))
     print(line.rstrip(), file=out)
+    status = [h in ("status", "last test") for h in headers]  # only these hold status words to colour
     for r in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip(), file=out)
+        padded = [c.ljust(w) for c, w in zip(r, widths, strict=True)]
+        print(
+            "  ".join(_paint(c, out) if paint else c for c, paint in zip(padded, status, strict=True)).rstrip(),
+            file=out,
+        )
 
 
 def _print_json(value: Any) -> None:
@@ -69,16 +100,40 @@ def _print_json(value: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
-def _err(message: str) -> None:
+class _Errors:
+    """How :func:`_err` writes: lines of text, or with ``-o json`` one JSON object (set by :func:`main`)."""
+
+    as_json = False
+
+
+def _err(message: str, problems: Sequence[Any] = (), code: str | None = None) -> None:
+    """An error, once, on stderr: ``delegate-agent: message`` and a line per problem, or ``{"error": ...}``."""
+    if _Errors.as_json:
+        error: dict[str, Any] = {"message": message}
+        if code:
+            error["code"] = code
+        if problems:
+            error["problems"] = [{"field": p.field, "message": p.message} for p in problems]
+        print(json.dumps({"error": error}), file=sys.stderr)
+        return
     print(f"delegate-agent: {message}", file=sys.stderr)
+    for p in problems:
+        print(f"  {p.field}: {p.message}", file=sys.stderr)
 
 
 def _print_problems(headline: str, problems: Sequence[Any]) -> int:
     """A headline, then every problem on its own line (a ``ProblemsError``'s list); exit code 2."""
-    _err(headline)
-    for p in problems:
-        print(f"  {p.field}: {p.message}", file=sys.stderr)
+    _err(headline, problems)
     return EXIT_USAGE
+
+
+def _os_reason(exc: OSError) -> str:
+    """The reason in a few words ("Address already in use"), not asyncio's sentence that repeats the address."""
+    import errno
+
+    if exc.errno is not None and exc.errno in errno.errorcode:  # not ssl's library codes
+        return os.strerror(exc.errno)
+    return exc.strerror or str(exc)
 
 
 # --- the control plane -------------------------------------------------------------------------
@@ -95,6 +150,7 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
+    from agent._files import DataDirUnusable
     from agent.controlplane.app import ControlPlaneService, CredentialsError, config_from_env
     from agent.controlplane.core import ControlPlaneSettings
     from agent.observability.logging import Redactor, configure_logging
@@ -146,11 +202,11 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(serve())
-    except CredentialsError as exc:
+    except (CredentialsError, DataDirUnusable) as exc:
         _err(str(exc))
         return EXIT_USAGE
     except OSError as exc:
-        _err(f"cannot listen on {args.listen}: {exc.strerror or exc}")
+        _err(f"cannot listen on {args.listen}: {_os_reason(exc)}")
         return EXIT_USAGE
     return EXIT_OK
 
@@ -159,14 +215,28 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> ApiClient:
+    from agent._values import http_url
     from agent.protocol.api_client import ApiClient
 
-    url = args.control_plane or os.environ.get("CONTROL_PLANE_URL") or DEFAULT_CONTROL_PLANE
-    key = args.api_key or os.environ.get("CONTROL_PLANE_API_KEY")
+    url, url_source = args.control_plane, "--control-plane"
+    if not url and os.environ.get("CONTROL_PLANE_URL"):
+        url, url_source = os.environ["CONTROL_PLANE_URL"], "CONTROL_PLANE_URL"
+    try:
+        url = http_url(url or DEFAULT_CONTROL_PLANE)
+    except ValueError as exc:
+        raise UsageError(f"{url_source} {exc}") from None
+    key, key_source = args.api_key, "--api-key"
+    if not key and os.environ.get("CONTROL_PLANE_API_KEY"):
+        key, key_source = os.environ["CONTROL_PLANE_API_KEY"], "CONTROL_PLANE_API_KEY"
+    # `--api-key "$(cat api-key)"` of a file with CRLF, or a secret mounted with its newline: the
+    # key is the text between. Whatever is left must fit in a header; the key itself is never shown.
+    key = (key or "").strip()
     if not key:
         raise UsageError(
             "no API key: pass --api-key or set CONTROL_PLANE_API_KEY (the control plane prints where it generated one)"
         )
+    if not key.isprintable() or not key.isascii() or " " in key:
+        raise UsageError(f"the API key from {key_source} holds a space, line break or other character keys never hold")
     ca_file = args.ca_file or os.environ.get("CONTROL_PLANE_CA_FILE")
     context = None
     if ca_file:
@@ -181,8 +251,12 @@ def _client(args: argparse.Namespace) -> ApiClient:
 
 def load_documents(path: str) -> list[Any]:
     """Connector documents from a YAML (several documents allowed) or JSON file, or ``-`` for stdin."""
+    from agent._files import NotUtf8Text, decode_utf8, read_text
+
     try:
-        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+        text = decode_utf8(sys.stdin.buffer.read(), "stdin") if path == "-" else read_text(Path(path))
+    except NotUtf8Text as exc:
+        raise UsageError(str(exc)) from None
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
     import yaml
@@ -280,11 +354,23 @@ def cmd_connector_apply(args: argparse.Namespace) -> int:
 
 
 def _print_apply_problems(problems: Sequence[tuple[str, str, Sequence[Any]]], summary: str) -> int:
-    """Each document's problems under its label, then the summary line (if any); exit code 2."""
+    """Each document's problems under its label, then the summary line (if any); exit code 2.
+
+    With ``-o json``, one error object: the summary (or the one document's message), and every
+    problem with its document's label in front of its field.
+    """
+    if _Errors.as_json:
+        from agent.protocol.models import Problem
+
+        flat: list[Problem] = []
+        for label, message, details in problems:
+            flat += [Problem(field=f"{label}: {p.field}", message=p.message) for p in details] or [
+                Problem(field=label, message=message)
+            ]
+        _err(summary or (f"{problems[0][0]}: {problems[0][1]}" if problems[0][1] else problems[0][0]), flat)
+        return EXIT_USAGE
     for label, message, details in problems:
-        _err(f"{label}: {message}" if message else label)
-        for p in details:
-            print(f"  {p.field}: {p.message}", file=sys.stderr)
+        _err(f"{label}: {message}" if message else label, details)
     if summary:
         _err(summary)
     return EXIT_USAGE
@@ -455,13 +541,13 @@ def print_test_result(
     """A human summary of a connection test: who, where, which step, why, and what to do."""
     out = out or sys.stdout
     status = status or "PENDING"
-    print(f"{status}  task {task_id}  delegate {delegate_name or '-'}", file=out)
+    print(f"{_paint(status, out)}  task {task_id}  delegate {delegate_name or '-'}", file=out)
     if result is None:
         if status not in {"SUCCESS", "PENDING"}:
             print(f"  error:     {failure_reason or 'unknown'}", file=out)
         return
     if result.identity is not None:
-        print(f"  identity:  {result.identity.arn} (account {result.identity.account})", file=out)
+        print(f"  identity:  {result.identity.arn or '-'} (account {result.identity.account or '-'})", file=out)
     if result.test_region:
         print(
             f"  region:    {result.test_region} ({result.partition or 'aws'})  credentials: "
@@ -470,7 +556,7 @@ def print_test_result(
         )
     marks = {"SUCCESS": "ok", "FAILURE": "FAILED", "SKIPPED": "skipped"}
     for step in result.steps:
-        print(f"  step {step.name:<22} {marks[step.status]:<8} {step.duration_ms:>6} ms", file=out)
+        print(f"  step {step.name:<22} {_paint(f'{marks[step.status]:<8}', out)} {step.duration_ms:>6} ms", file=out)
     failure = result.failure
     if status != "SUCCESS":
         print(f"  error:     {result.error_summary or failure_reason or 'unknown'}", file=out)
@@ -639,6 +725,9 @@ def _settings(args: argparse.Namespace) -> tuple[AgentSettings, AwsEnvironment]:
         problems.extend(exc.problems)
     aws, aws_problems = AwsEnvironment.from_environ(os.environ)
     problems.extend(aws_problems)
+    if len(problems) == 1:  # one line, as every other single mistake is
+        _err(f"{problems[0].field}: {problems[0].message}")
+        raise SystemExit(EXIT_USAGE)
     if settings is None or problems:
         raise SystemExit(_print_problems(f"the configuration has {len(problems)} problem(s):", problems))
     return settings, replace(aws, connect_timeout=settings.aws_connect_timeout, read_timeout=settings.aws_read_timeout)
@@ -670,11 +759,12 @@ def build_handlers(
 
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
+    import errno
 
+    from agent._files import DataDirUnusable
     from agent.observability.logging import Redactor, configure_logging
     from agent.observability.metrics import AgentMetrics
     from agent.runtime.agent import Agent, serve
-    from agent.runtime.outbox import DataDirUnusable
     from agent.runtime.signing import task_check_from_key
 
     settings, aws = _settings(args)
@@ -697,7 +787,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         _err(str(exc))
         return EXIT_USAGE
     except OSError as exc:
-        _err(f"cannot start: {exc.strerror or exc} (is {settings.http_listen} already in use?)")
+        if exc.errno == errno.EADDRINUSE:
+            _err(f"cannot listen on {settings.http_listen} (AGENT_HTTP_LISTEN): {_os_reason(exc)}")
+        else:
+            _err(f"cannot start: {_os_reason(exc)}")
         return EXIT_USAGE
 
 
@@ -798,8 +891,24 @@ def _limit(value: str) -> int:
     return int(value)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its usage errors as JSON on stderr when ``-o json`` was asked for."""
+
+    def error(self, message: str) -> NoReturn:
+        if not _Errors.as_json:
+            super().error(message)
+        _err(f"{message} (see {self.prog} --help)", code="usage")
+        sys.exit(EXIT_USAGE)
+
+
+def _wants_json(argv: Sequence[str]) -> bool:
+    """Whether ``-o json`` is among the arguments, judged before (and whether or not) they parse."""
+    pairs = zip(argv, [*argv[1:], ""], strict=True)
+    return any(a in ("-ojson", "--output=json") or (a in ("-o", "--output") and b == "json") for a, b in pairs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="delegate-agent",
         description="A delegate that validates AWS connectors "
         "from inside your cluster, and its reference control plane.",
@@ -825,39 +934,76 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_control_plane(sub: Any, _: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("control-plane", help="run the reference control plane")
-    p.add_argument("--listen", default="127.0.0.1:8080", metavar="HOST:PORT", help="address to serve on")
-    p.add_argument("--data-dir", required=True, metavar="DIR", help="SQLite state, generated credentials")
+    p = sub.add_parser(
+        "control-plane",
+        help="run the reference control plane",
+        description="Serve the delegate protocol (/v1) and the connector API (/api/v1) until SIGTERM or "
+        "Ctrl-C. State lives in SQLite in --data-dir; credentials not given are generated there (mode 0600).",
+    )
+    p.add_argument(
+        "--listen", default="127.0.0.1:8080", metavar="HOST:PORT", help="address to serve on (default: %(default)s)"
+    )
+    p.add_argument(
+        "--data-dir",
+        required=True,
+        metavar="DIR",
+        help="where the SQLite state and generated credentials live; created if absent (required)",
+    )
     p.add_argument(
         "--delegate-token-file",
         metavar="FILE",
-        help="accepted delegate tokens, one per line "
-        "(name:token or token); re-read when it changes. Else CONTROL_PLANE_DELEGATE_TOKENS",
+        help="accepted delegate tokens, one per line (name:token or token); re-read when it changes "
+        "(default: CONTROL_PLANE_DELEGATE_TOKENS, comma-separated; with neither, one is generated into the data dir)",
     )
     p.add_argument(
         "--api-key-file",
         metavar="FILE",
-        help="API keys for the connector API (else "
-        "CONTROL_PLANE_API_KEY; with neither, one is generated into the data dir)",
+        help="API keys for the connector API, one per line "
+        "(default: CONTROL_PLANE_API_KEY; with neither, one is generated into the data dir)",
     )
-    p.add_argument("--secrets-dir", metavar="DIR", help="secrets for executeOnDelegate: false connectors")
+    p.add_argument(
+        "--secrets-dir",
+        metavar="DIR",
+        help="secrets for executeOnDelegate: false connectors, one file per secret reference (default: none)",
+    )
     p.add_argument(
         "--task-signing-key-file",
         metavar="FILE",
-        help="Ed25519 seed (base64) to sign tasks with; "
-        "generated into the data dir when absent (public key in task-signing-key.pub and /v1/info)",
+        help="Ed25519 seed (base64) to sign tasks with (default: generated into the data dir as "
+        "task-signing-key; the public key is in task-signing-key.pub and /v1/info)",
     )
-    p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (chain)")
-    p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key")
-    p.add_argument("--tls-client-ca", metavar="FILE", help="require delegates to present a certificate from this CA")
-    p.add_argument("--audience", help="JWT audience delegates must use")
-    p.add_argument("--heartbeat-seconds", type=_positive, default=10.0)
-    p.add_argument("--poll-wait-seconds", type=_positive, default=20.0)
-    p.add_argument("--lease-seconds", type=_positive, default=30.0)
-    p.add_argument("--pickup-timeout-seconds", type=_positive, default=30.0)
-    p.add_argument("--task-timeout-seconds", type=_positive, default=120.0)
-    p.add_argument("--log-format", choices=["json", "console"])
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (chain) (default: plain HTTP)")
+    p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (default: in the --tls-cert file)")
+    p.add_argument(
+        "--tls-client-ca",
+        metavar="FILE",
+        help="require delegates to present a certificate from this CA, for mutual TLS (default: not required)",
+    )
+    p.add_argument(
+        "--audience",
+        metavar="AUD",
+        help=f"JWT audience delegates must sign their tokens for (default: {_DEFAULT_AUDIENCE})",
+    )
+    for flag, default, text in (
+        ("--heartbeat-seconds", 10.0, "how often delegates are told to send a heartbeat"),
+        ("--poll-wait-seconds", 20.0, "how long a delegate's long poll for a task is held open"),
+        ("--lease-seconds", 30.0, "how long a taken task is a delegate's before it must renew the lease"),
+        ("--pickup-timeout-seconds", 30.0, "how long a task waits for an eligible delegate before it fails"),
+        ("--task-timeout-seconds", 120.0, "execution budget for one connection test, handed to the delegate"),
+    ):
+        p.add_argument(flag, type=_positive, default=default, metavar="S", help=f"{text} (default: %(default)g)")
+    p.add_argument(
+        "--log-format",
+        choices=["json", "console"],
+        help="log line format (default: console on a terminal, json otherwise)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        type=str.lower,
+        choices=["debug", "info", "warning", "error"],
+        help="least severe level logged (default: %(default)s)",
+    )
     p.set_defaults(func=cmd_control_plane)
 
 
@@ -1016,6 +1162,24 @@ def _add_validate(sub: Any, _: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_validate)
 
 
+def cmd_completion(args: argparse.Namespace) -> int:
+    from agent._completion import script
+
+    print(script(build_parser(), args.shell), end="")
+    return EXIT_OK
+
+
+def _add_completion(sub: Any, _: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "completion",
+        help="print a shell completion script (bash or zsh)",
+        description='bash: eval "$(delegate-agent completion bash)" in ~/.bashrc. '
+        'zsh: delegate-agent completion zsh > "${fpath[1]}/_delegate-agent", then start a new shell.',
+    )
+    p.add_argument("shell", choices=["bash", "zsh"], help="the shell to complete in")
+    p.set_defaults(func=cmd_completion)
+
+
 _COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     _add_run,
     _add_control_plane,
@@ -1025,11 +1189,14 @@ _COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     _add_tokens,
     _add_validate,
     _add_demo,
+    _add_completion,
 ]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``delegate-agent`` and ``python -m agent``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _Errors.as_json = _wants_json(argv)
     parser = build_parser()
     args = parser.parse_args(argv)  # --help, --version and usage errors exit here, having imported nothing
     from agent.protocol.api_client import Unreachable
@@ -1050,9 +1217,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _err(f"the control plane failed: {exc}")
         return EXIT_UNREACHABLE
     except ProtocolError as exc:
-        _err(exc.message)
-        for p in exc.problems:
-            print(f"  {p.field}: {p.message}", file=sys.stderr)
+        _err(exc.message, exc.problems, exc.code)
         return EXIT_USAGE if isinstance(exc, RequestRejected) or (exc.status or 0) < 500 else EXIT_UNREACHABLE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import sqlite3
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
+from agent._files import DataDirUnusable, NotUtf8Text, make_data_dir, read_text
 from agent.controlplane.core import ControlPlane, ControlPlaneSettings, PlatformValidator, TaskSigner
 from agent.controlplane.openapi import build_openapi
 from agent.controlplane.routes import MAX_BODY_BYTES, ROUTES, Handlers, bind, error_middleware
@@ -77,7 +79,9 @@ def parse_token_lines(text: str, source: str) -> list[TokenKey]:
 
 def _read_private(path: Path, what: str) -> str:
     try:
-        return path.read_text()
+        return read_text(path)
+    except NotUtf8Text as exc:
+        raise CredentialsError(str(exc)) from None
     except OSError as exc:
         raise CredentialsError(f"cannot read the {what} file {path}: {exc.strerror}") from None
 
@@ -228,23 +232,32 @@ class ControlPlaneService:
         return self._parts
 
     async def setup(self) -> None:
-        """Load credentials and open the store (idempotent). Raises CredentialsError for bad credentials."""
+        """Load credentials and open the store (idempotent).
+
+        Raises CredentialsError for bad credentials, DataDirUnusable for a data dir it cannot write.
+        """
         if self._parts is not None:
             return
         if self._closed:
             raise RuntimeError("this control plane was shut down; make a new one")
         config = self.config
-        creds = load_credentials(config)
-        if config.data_dir is not None:
-            config.data_dir.mkdir(parents=True, exist_ok=True)
         if self._platform_validator is not None:
             self._stack.push_async_callback(self._platform_validator.aclose)
-        store = Store(config.data_dir / "controlplane.sqlite3" if config.data_dir else None)
-        self._stack.callback(store.close)
-        task_signer = self._task_signer
-        if task_signer is None:
-            self.signing_key = load_signing_key(config, creds.generated)
-            task_signer, self.task_public_key = self.signing_key.sign, self.signing_key.public_key_b64
+        if config.data_dir is not None:
+            make_data_dir(config.data_dir, "--data-dir")
+        try:
+            # Credentials may be generated into the data dir, the store and signing key live there:
+            # any of them failing to write is the data dir's fault, said in one line.
+            creds = load_credentials(config)
+            store = Store(config.data_dir / "controlplane.sqlite3" if config.data_dir else None)
+            self._stack.callback(store.close)
+            task_signer = self._task_signer
+            if task_signer is None:
+                self.signing_key = load_signing_key(config, creds.generated)
+                task_signer, self.task_public_key = self.signing_key.sign, self.signing_key.public_key_b64
+        except (OSError, sqlite3.Error) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise DataDirUnusable(f"cannot use the data dir {config.data_dir} (--data-dir): {reason}") from None
         kwargs: dict[str, Any] = {"platform_validator": self._platform_validator, "task_signer": task_signer}
         if self._clock is not None:
             kwargs["clock"] = self._clock
@@ -265,6 +278,7 @@ class ControlPlaneService:
         """Set up if needed, bind the port, start the sweeper; returns the URL. A service starts once."""
         if self._started:
             raise RuntimeError("this control plane has already been started")
+        ssl_context = self._tls_context()  # first: a certificate it cannot use stops it before anything is written
         self._started = True
         await self.setup()
         for path in self.credentials.generated:
@@ -280,7 +294,6 @@ class ControlPlaneService:
         )
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)
-        ssl_context = self._tls_context()
         site = web.TCPSite(runner, self.config.host, self.config.port, reuse_address=True, ssl_context=ssl_context)
         await site.start()
         host, port = runner.addresses[0][0], runner.addresses[0][1]
@@ -333,10 +346,21 @@ class ControlPlaneService:
         if c.tls_cert_file is None:
             return None
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        ctx.load_cert_chain(c.tls_cert_file, c.tls_key_file)
+        try:
+            ctx.load_cert_chain(c.tls_cert_file, c.tls_key_file)
+        except OSError as exc:  # ssl.SSLError is one: not PEM, key does not match
+            key = c.tls_key_file or "the same file"
+            raise CredentialsError(
+                f"cannot use the TLS certificate {c.tls_cert_file} with the key in {key}: {exc.strerror or exc}"
+            ) from None
         if c.tls_client_ca_file is not None:
             ctx.verify_mode = ssl.CERT_REQUIRED
-            ctx.load_verify_locations(c.tls_client_ca_file)
+            try:
+                ctx.load_verify_locations(c.tls_client_ca_file)
+            except OSError as exc:
+                raise CredentialsError(
+                    f"cannot use the client CA {c.tls_client_ca_file}: {exc.strerror or exc}"
+                ) from None
         return ctx
 
     def _stamp(self) -> tuple[int, int] | None:

@@ -533,7 +533,7 @@ class ControlPlane:
                     t.connector_id,
                     last_task_id=t.id,
                     last_status=status,
-                    last_tested_at=now,
+                    last_tested_at=result.tested_at.timestamp(),  # when the test ran, not when its result arrived
                     last_delegate_name=t.delegate_name if lease_id else None,
                     last_error_summary=result.error_summary if status != "SUCCESS" else None,
                 )

@@ -81,9 +81,11 @@ class TokenSource:
         stamp = (st.st_mtime_ns, st.st_size)
         if stamp != self._stamp or self._cached is None:
             try:
-                text = self._path.read_text().strip()
+                text = self._path.read_bytes().decode("utf-8-sig").strip()
             except OSError as exc:
                 raise TokenUnavailable(f"cannot read the delegate token file {self._path}: {exc.strerror}") from None
+            except UnicodeDecodeError:
+                raise TokenUnavailable(f"the delegate token file {self._path} is not UTF-8 text") from None
             if not text:
                 raise TokenUnavailable(f"the delegate token file {self._path} is empty")
             self._cached, self._stamp = text, stamp

@@ -19,10 +19,13 @@ from typing import Protocol
 
 import msgspec
 
+from agent._files import DataDirUnusable
 from agent.protocol.models import TaskResult
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(TaskResult).decode
+
+__all__ = ["DataDirUnusable", "Entry", "MemoryOutbox", "Outbox", "SqliteOutbox", "open_outbox"]
 
 
 @dataclass(frozen=True)
@@ -113,10 +116,6 @@ class SqliteOutbox:
 
     def close(self) -> None:
         self._db.close()
-
-
-class DataDirUnusable(Exception):
-    """The data dir cannot hold the outbox; the message names the path and why, in one line."""
 
 
 def open_outbox(data_dir: Path | None) -> Outbox:

@@ -15,10 +15,8 @@ data dir when it opens it.
 
 from __future__ import annotations
 
-import os
 import re
 import socket
-import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +24,8 @@ from typing import Any, get_args
 
 import yaml
 
-from agent._values import bounded_message, parse_bounded
+from agent._files import NotUtf8Text, data_dir_problem, read_text
+from agent._values import bounded_message, http_url, parse_bounded
 from agent.observability.logging import LogFormat
 from agent.protocol.auth import DEFAULT_AUDIENCE
 from agent.protocol.models import Problem
@@ -74,14 +73,10 @@ def _one_of(*choices: str) -> Callable[[object], str]:
 
 
 def _http_url(value: object) -> str:
-    url = _text(value)
     try:
-        parsed = urllib.parse.urlsplit(url)
-    except ValueError:
-        parsed = None
-    if parsed is None or parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise _Invalid(f"must be an http(s) URL with a host, not {url!r}")
-    return url.rstrip("/")
+        return http_url(_text(value))
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
 
 
 def _path(value: object) -> Path:
@@ -105,9 +100,11 @@ def _directory(value: object) -> Path:
 def _token_file(value: object) -> Path:
     path = _file(value)
     try:
-        empty = not path.read_text().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise _Invalid(f"cannot read {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        empty = not read_text(path).strip()
+    except NotUtf8Text as exc:
+        raise _Invalid(str(exc)) from None
+    except OSError as exc:
+        raise _Invalid(f"cannot read {path}: {exc.strerror or exc}") from None
     if empty:
         raise _Invalid(f"{path} is empty")
     return path
@@ -116,14 +113,9 @@ def _token_file(value: object) -> Path:
 def _data_dir(value: object) -> Path:
     """A directory the delegate can create or write, judged without writing anything."""
     path = _path(value)
-    existing = path
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    blocked = "" if existing == path else f"cannot create {path}: "
-    if not existing.is_dir():
-        raise _Invalid(f"{blocked}{existing} is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise _Invalid(f"{blocked}{existing} is not writable by this user")
+    problem = data_dir_problem(path)
+    if problem is not None:
+        raise _Invalid(problem)
     return path
 
 
@@ -583,18 +575,24 @@ def _assemble(values: Mapping[str, Any]) -> AgentSettings:
 
 def _read_file(path: Path) -> tuple[Mapping[str, Any], list[Problem]]:
     problems: list[Problem] = []
+    # A file that cannot be read, or read as a mapping, is the one problem worth saying: what it
+    # holds is unknown, so "X is required" for settings it may well give would only be noise.
     try:
-        text = path.read_text()
+        text = read_text(path)
+    except NotUtf8Text:
+        raise ConfigError([Problem(field=str(path), message="is not UTF-8 text")]) from None
     except OSError as exc:
-        return {}, [Problem(field=str(path), message=f"cannot read the config file: {exc.strerror}")]
+        raise ConfigError([Problem(field=str(path), message=f"cannot read the config file: {exc.strerror}")]) from None
     try:
         doc = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506
     except yaml.YAMLError as exc:
-        return {}, [Problem(field=str(path), message=f"is not valid YAML: {' '.join(str(exc).split())}")]
+        raise ConfigError(
+            [Problem(field=str(path), message=f"is not valid YAML: {' '.join(str(exc).split())}")]
+        ) from None
     if doc is None:
         return {}, []
     if not isinstance(doc, Mapping):
-        return {}, [Problem(field=str(path), message="must be a mapping of settings")]
+        raise ConfigError([Problem(field=str(path), message="must be a mapping of settings")])
     for key, value in doc.items():
         if key not in _FILE_KEYS:
             problems.append(Problem(field=f"{path}: {key}", message="unknown setting"))
