@@ -212,7 +212,7 @@ def test_bash_completes_files_and_directories_where_a_flag_wants_them(bash_scrip
     ]
 
 
-@pytest.mark.skipif(shutil.which("zsh") is None, reason="needs zsh")
+@pytest.mark.skipif(shutil.which("zsh") is None, reason="needs zsh (tools/install-test-tools.sh installs it)")
 def test_zsh_script_offers_commands_with_descriptions() -> None:
     """The zsh script parses, and (with zsh's completion builtins stubbed) describes subcommands and values."""
     out = io.StringIO()
