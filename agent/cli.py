@@ -390,6 +390,8 @@ def cmd_connector_get(args: argparse.Namespace) -> int:
                 f"# last test: {t.status} at {t.tested_at:%Y-%m-%d %H:%M:%S}Z by {t.delegate_name or '-'}"
                 + (f": {t.error_summary}" if t.error_summary else "")
             )
+            if t.stale:
+                print("# (that test ran an earlier version of the spec: test it again)")
     return EXIT_OK
 
 
@@ -412,7 +414,7 @@ def cmd_connector_list(args: argparse.Namespace) -> int:
                 cred.get("region", "us-east-1"),
                 ",".join(spec.get("delegateSelectors", [])) or "(any)",
                 "platform" if spec.get("executeOnDelegate") is False else "delegate",
-                f"{last.status} {last.tested_at:%H:%M:%S}" if last else "-",
+                f"{last.status} {last.tested_at:%H:%M:%S}" + (" (stale)" if last.stale else "") if last else "-",
             ]
         )
     _print_table(rows, ["identifier", "credential", "region", "selectors", "runs on", "last test"])

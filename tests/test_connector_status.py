@@ -57,7 +57,7 @@ async def succeed(client: ControlPlaneClient, task_id: str, lease_id: str) -> No
 
 
 async def test_a_changed_spec_marks_the_last_test_stale_until_tested_again(
-    control_plane_factory: ControlPlaneFactory, http: aiohttp.ClientSession
+    control_plane_factory: ControlPlaneFactory, http: aiohttp.ClientSession, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """lastTest.stale: false after a test; true once the spec changes (even mid-test); false after a new test."""
     cp = await control_plane_factory()
@@ -78,6 +78,12 @@ async def test_a_changed_spec_marks_the_last_test_stale_until_tested_again(
     await apply(http, cp.url, moved)
     stale = await last_test(http, cp.url, "Prod")
     assert (stale["status"], stale["stale"]) == ("SUCCESS", True)  # the previous version's result
+    capsys.readouterr()
+    common = ["--control-plane", cp.url, "--api-key", API_KEY]
+    assert await asyncio.to_thread(main, ["connector", "list", *common]) == EXIT_OK
+    assert "SUCCESS" in (listed := capsys.readouterr().out) and "(stale)" in listed
+    assert await asyncio.to_thread(main, ["connector", "get", "Prod", *common]) == EXIT_OK
+    assert "ran an earlier version of the spec" in capsys.readouterr().out
 
     running = await start_test(cp, client, d)  # tests eu-west-1 ...
     await apply(http, cp.url, original)  # ... while the spec changes back under it
