@@ -168,6 +168,10 @@ class ControlPlane:
 
     # --- lifecycle ---------------------------------------------------------------------------
 
+    def now(self) -> float:
+        """The control plane's clock (wall seconds; a test's manual clock when one was given)."""
+        return self._clock()
+
     def recover(self) -> None:
         """Rebuild the index from the database after a (re)start, without punishing anyone.
 

@@ -629,7 +629,7 @@ class Handlers:
                 problems=[Problem(field="name", message="is taken")],
             )
         key, value = IssuedToken.create(body.name)
-        now = self.cp._clock()
+        now = self.cp.now()
         self.cp.store.add_issued_token(key.name, key.kid, key.key, now)
         self.verifier.add_issued(key)
         log.warning("controlplane.token_created", token=key.name, token_id=key.kid)
@@ -649,7 +649,7 @@ class Handlers:
                 f"{key.name!r} is the last active delegate token: revoking it locks every delegate out. "
                 "Create another first (delegate-agent tokens create NAME), or pass force (--force)",
             )
-        now = self.cp._clock()
+        now = self.cp.now()
         self.cp.store.revoke_token(key.kid, key.name, now)
         self.verifier.revoke(key.kid)
         log.warning("controlplane.token_revoked", token=key.name, token_id=key.kid)
