@@ -4,6 +4,8 @@
   (JSON for people) serve what the runtime's :class:`~agent.runtime.health.HealthPolicy`
   decides; this module only speaks HTTP, so it knows nothing of the runtime.
 - ``/metrics``: Prometheus exposition from the delegate's own registry.
+- ``/api/health`` and ``/api/metrics``: the Harness delegate's paths for the same two answers, so
+  probes and scrape configs written for a Harness delegate keep working unchanged.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from typing import Any, Protocol
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
+
+#: Every path served, listed in the answer to any other path.
+PATHS = ["/healthz", "/readyz", "/metrics", "/status", "/api/health", "/api/metrics"]
 
 
 class Probes(Protocol):
@@ -42,6 +47,9 @@ class HealthServer:
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/status", self.status)
+        # The Harness delegate's probe path and its prometheus.io/path annotation, answered the same.
+        app.router.add_get("/api/health", self.healthz)
+        app.router.add_get("/api/metrics", self.metrics)
         return app
 
     async def start(self) -> str:
@@ -83,6 +91,4 @@ async def _errors(
     try:
         return await handler(request)
     except web.HTTPException as exc:
-        return web.json_response(
-            {"error": exc.reason, "paths": ["/healthz", "/readyz", "/metrics", "/status"]}, status=exc.status
-        )
+        return web.json_response({"error": exc.reason, "paths": PATHS}, status=exc.status)

@@ -1,0 +1,82 @@
+"""The Harness delegate's /api/health and /api/metrics paths, answered by a real delegate as ours are."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+from prometheus_client import CollectorRegistry, Counter
+
+from agent.observability.http import HealthServer
+from tests.conftest import FAST, AgentFactory, ControlPlaneFactory, done
+from tests.helpers import wait_for
+
+OPENMETRICS = "application/openmetrics-text; version=1.0.0"
+
+
+async def get(http: aiohttp.ClientSession, url: str, **headers: str) -> tuple[int, str, str]:
+    async with http.get(url, headers=headers) as resp:
+        return resp.status, resp.headers["Content-Type"], await resp.text()
+
+
+def families(text: str) -> set[str]:
+    return {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+
+
+async def test_a_running_delegate_answers_harness_paths_like_its_own(
+    control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory, http: aiohttp.ClientSession
+) -> None:
+    """/api/health answers as /healthz; /api/metrics serves the same registry as /metrics, OpenMetrics too."""
+    cp = await control_plane_factory(settings=FAST)
+    a = await agent_factory(cp, name="harness-paths")
+    await a.registered()
+    await done(cp, cp.core.create_task(type="test.echo", payload={"message": "x"}).id)
+    await wait_for(lambda: a.agent.state.last_heartbeat, "a heartbeat")
+    base = a.agent.http_url
+
+    assert await get(http, base + "/api/health") == await get(http, base + "/healthz")
+    status, content_type, body = await get(http, base + "/api/health")
+    assert (status, content_type) == (200, "application/json; charset=utf-8")
+    assert body == '{"status": "ok", "problems": []}'
+
+    status, content_type, text = await get(http, base + "/api/metrics")
+    assert status == 200 and content_type.startswith("text/plain; version=0.0.4")
+    assert 'delegate_tasks_completed_total{outcome="success",type="test.echo"} 1.0' in text
+    _, _, ours = await get(http, base + "/metrics")
+    assert families(text) == families(ours) and "delegate_registered" in families(text)
+
+    # Harness's delegate serves OpenMetrics; a scraper asking for it gets it here too.
+    status, content_type, text = await get(http, base + "/api/metrics", Accept=OPENMETRICS)
+    assert status == 200 and content_type.startswith("application/openmetrics-text")
+    assert text.endswith("# EOF\n")
+
+    status, _, body = await get(http, base + "/api/nope")
+    assert status == 404 and '"/api/health"' in body and '"/api/metrics"' in body
+
+
+class Failing:
+    """Probes that report a stuck delegate, to see that the alias fails as /healthz does."""
+
+    def liveness_problems(self) -> list[str]:
+        return ["the poll loop has made no progress for 301s"]
+
+    def readiness_problems(self) -> list[str]:
+        return ["not registered with the control plane"]
+
+    def status(self) -> dict[str, Any]:
+        return {}
+
+
+async def test_api_health_fails_when_healthz_fails(http: aiohttp.ClientSession) -> None:
+    """A Harness-style probe on /api/health restarts a stuck delegate: 503 with the problem, as /healthz."""
+    registry = CollectorRegistry()
+    Counter("probe_test_total", "a sample", registry=registry).inc()
+    server = HealthServer(probes=Failing(), registry=registry, host="127.0.0.1", port=0)
+    url = await server.start()
+    try:
+        harness, ours = await get(http, url + "/api/health"), await get(http, url + "/healthz")
+        assert harness == ours
+        assert harness[0] == 503 and "no progress for 301s" in harness[2]
+        assert "probe_test_total 1.0" in (await get(http, url + "/api/metrics"))[2]
+    finally:
+        await server.stop()
