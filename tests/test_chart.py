@@ -11,6 +11,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from agent.runtime.settings import SETTINGS, load_settings
+
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "delegate-agent"
 HELM = ROOT / ".tools" / "bin" / "helm"
@@ -24,6 +26,7 @@ REQUIRED = [
 ]
 #: Custom resources kubernetes-validate has no schema for; checked by our own assertions instead.
 CRDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("keda.sh/v1alpha1", "ScaledObject")}
+DIGEST = "sha256:" + "0123456789abcdef" * 4
 
 
 def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -48,12 +51,49 @@ def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
     return found
 
 
+def container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    [c] = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
+    return c  # type: ignore[no-any-return]
+
+
+def env_of(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The delegate container's environment: each name's value (or its valueFrom)."""
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container(docs)["env"]}
+
+
+def volumes_of(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {v["name"]: v for v in one(docs, "Deployment")["spec"]["template"]["spec"]["volumes"]}
+
+
+def mounts_of(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {m["name"]: m for m in container(docs)["volumeMounts"]}
+
+
 VARIANTS = {
     "defaults": [],
     "irsa": ["--set", "serviceAccount.roleArn=arn:aws:iam::123456789012:role/delegate-agent"],
     "service-monitor": ["--api-versions", "monitoring.coreos.com/v1"],
     "autoscaling": ["--set", "autoscaling.enabled=true"],
     "keda": ["--set", "keda.enabled=true", "--set", "keda.prometheusServerAddress=http://prometheus:9090"],
+    "mtls": [
+        "--set",
+        "mtls.existingSecret=delegate-mtls",
+        "--set",
+        "mtls.certKey=client.crt",
+        "--set",
+        "mtls.keyKey=client.key",
+        "--set",
+        "mtls.caKey=ca.crt",
+    ],
+    "digest-and-volumes": [
+        "--set",
+        f"image.digest={DIGEST}",
+        "--set-json",
+        'extraVolumes=[{"name":"corp-ca","configMap":{"name":"corp-ca"}},{"name":"scratch","emptyDir":{}}]',
+        "--set-json",
+        'extraVolumeMounts=[{"name":"corp-ca","mountPath":"/etc/corp-ca","readOnly":true},'
+        '{"name":"scratch","mountPath":"/scratch"}]',
+    ],
     "everything": [
         "--set",
         "token.value=0123456789abcdef0123",
@@ -69,6 +109,14 @@ VARIANTS = {
         "delegate.name=fixed-name",
         "--set-json",
         'extraEnv=[{"name":"AWS_STS_REGIONAL_ENDPOINTS","value":"regional"}]',
+        "--set",
+        "mtls.existingSecret=delegate-mtls",
+        "--set",
+        f"image.digest={DIGEST}",
+        "--set-json",
+        'extraVolumes=[{"name":"corp-ca","configMap":{"name":"corp-ca"}}]',
+        "--set-json",
+        'extraVolumeMounts=[{"name":"corp-ca","mountPath":"/etc/corp-ca","readOnly":true}]',
     ],
 }
 
@@ -158,6 +206,84 @@ def test_the_deployment_drains_within_its_grace_period_and_keeps_capacity() -> N
     )
 
 
+def test_the_mtls_secret_is_mounted_and_the_delegate_settings_point_at_it() -> None:
+    """mtls.existingSecret: its keys become fixed files in a read-only mount the client cert settings name."""
+    docs = render(*VARIANTS["mtls"])
+    env, mount, volume = env_of(docs), mounts_of(docs)["mtls"], volumes_of(docs)["mtls"]
+    assert mount == {"name": "mtls", "mountPath": "/var/run/secrets/delegate-agent/mtls", "readOnly": True}
+    assert volume["secret"] == {
+        "secretName": "delegate-mtls",
+        "defaultMode": 0o400,
+        "items": [
+            {"key": "client.crt", "path": "tls.crt"},
+            {"key": "client.key", "path": "tls.key"},
+            {"key": "ca.crt", "path": "ca.crt"},
+        ],
+    }
+    files = {f"{mount['mountPath']}/{item['path']}" for item in volume["secret"]["items"]}
+    assert {
+        env["AGENT_CONTROL_PLANE_CLIENT_CERT_FILE"],
+        env["AGENT_CONTROL_PLANE_CLIENT_KEY_FILE"],
+        env["AGENT_CONTROL_PLANE_CA_FILE"],
+    } == files
+    # Without caKey the CA stays the system's (or controlPlane.caSecret's); without the Secret, no mTLS at all.
+    env = env_of(render("--set", "mtls.existingSecret=delegate-mtls", "--set", "controlPlane.caSecret=cp-ca"))
+    assert env["AGENT_CONTROL_PLANE_CA_FILE"] == "/var/run/secrets/delegate-agent/ca/ca.crt"
+    defaults = render()
+    assert not {k for k in env_of(defaults) if "CLIENT" in k or k.endswith("CA_FILE")}
+    assert "mtls" not in volumes_of(defaults) and "mtls" not in mounts_of(defaults)
+
+
+def test_the_rendered_environment_is_settings_the_delegate_reads(tmp_path: Path) -> None:
+    """Every variable the chart sets is a delegate setting, and they load, files and all, as the pod would."""
+    docs = render(*VARIANTS["everything"])
+    env = env_of(docs)
+    known = {name for row in SETTINGS for name in row.env}
+    assert set(env) - known == {"TMPDIR", "AWS_STS_REGIONAL_ENDPOINTS"}  # the system's and extraEnv
+    # Lay out the pod's mounts under tmp_path: a Secret with items holds those files; one without
+    # holds the keys the settings name (the token, the CA); the rest are directories.
+    root = {m["mountPath"]: tmp_path / m["mountPath"].lstrip("/") for m in container(docs)["volumeMounts"]}
+
+    def local(value: str) -> str:
+        mount = next((m for m in root if value == m or value.startswith(m + "/")), None)
+        return value if mount is None else str(root[mount]) + value[len(mount) :]
+
+    paths = {k: local(v) for k, v in env.items() if k in known}
+    for name, mount in mounts_of(docs).items():
+        volume, where = volumes_of(docs)[name], root[mount["mountPath"]]
+        where.mkdir(parents=True)
+        items = volume.get("secret", {}).get("items")
+        named = [Path(v).name for v in paths.values() if Path(v).parent == where]
+        for file in [i["path"] for i in items] if items else named if "secret" in volume else []:
+            (where / file).write_text("x" * 32 + "\n")
+
+    settings = load_settings(paths)
+    cp = settings.control_plane
+    assert (cp.client_cert_file, cp.client_key_file) == (
+        tmp_path / "var/run/secrets/delegate-agent/mtls/tls.crt",
+        tmp_path / "var/run/secrets/delegate-agent/mtls/tls.key",
+    )
+    assert cp.ca_file == tmp_path / "var/run/secrets/delegate-agent/ca/ca.crt"
+    assert (settings.name, settings.tags) == ("fixed-name", ("eks", "prod"))
+
+
+def test_image_digest_pins_the_image() -> None:
+    """image.digest gives repository@sha256:... and wins over the tag; without it, repository:tag."""
+    assert container(render())["image"] == "ghcr.io/example/delegate-agent:0.1.0"
+    assert container(render("--set", "image.tag=0.2.0"))["image"] == "ghcr.io/example/delegate-agent:0.2.0"
+    pinned = container(render("--set", "image.tag=0.2.0", "--set", f"image.digest={DIGEST}"))["image"]
+    assert pinned == f"ghcr.io/example/delegate-agent@{DIGEST}"
+
+
+def test_extra_volumes_and_mounts_are_added_after_the_charts_own() -> None:
+    """extraVolumes / extraVolumeMounts land as given, and the chart's own volumes stay."""
+    docs = render(*VARIANTS["digest-and-volumes"])
+    assert list(volumes_of(docs)) == ["token", "data", "tmp", "corp-ca", "scratch"]
+    assert volumes_of(docs)["corp-ca"] == {"name": "corp-ca", "configMap": {"name": "corp-ca"}}
+    assert list(mounts_of(docs)) == ["token", "data", "tmp", "corp-ca", "scratch"]
+    assert mounts_of(docs)["corp-ca"] == {"name": "corp-ca", "mountPath": "/etc/corp-ca", "readOnly": True}
+
+
 def test_irsa_is_one_value() -> None:
     """serviceAccount.roleArn becomes the eks.amazonaws.com/role-arn annotation."""
     sa = one(render(*VARIANTS["irsa"]), "ServiceAccount")
@@ -199,6 +325,14 @@ def test_autoscaling_owns_the_replica_count(variant: str) -> None:
         (["--set", "logging.format=xml"], "logging.format: logging.format must be one of the following"),
         (["--set", "replicaz=3"], "Additional property replicaz is not allowed"),
         (["--set", "token.existingSecret="], "token: Must validate at least one schema"),
+        (["--set", "image.digest=0123abcd"], "image.digest: Does not match pattern"),
+        (["--set", "mtls.caKey=ca.crt"], "mtls.caKey names a key of mtls.existingSecret"),
+        (
+            ["--set", "mtls.existingSecret=m", "--set", "mtls.caKey=ca.crt", "--set", "controlPlane.caSecret=c"],
+            "the control plane's CA is given twice",
+        ),
+        (["--set-json", 'extraVolumes=[{"name":"tmp","emptyDir":{}}]'], "the chart's own volume"),
+        (["--set-json", 'extraVolumeMounts=[{"name":"x"}]'], "extraVolumeMounts.0: mountPath is required"),
         (
             [
                 "--set",
