@@ -11,6 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from agent.protocol.patterns import DELEGATE_NAME_RE
 from agent.runtime.settings import SETTINGS, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,10 +201,16 @@ def test_the_deployment_drains_within_its_grace_period_and_keeps_capacity() -> N
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/port"] == "3460"
     assert env["DELEGATE_TOKEN_FILE"] == "/var/run/secrets/delegate-agent/token/token"
-    assert (
-        next(e for e in c["env"] if e["name"] == "DELEGATE_NAME")["valueFrom"]["fieldRef"]["fieldPath"]
-        == "metadata.name"
-    )
+
+
+def test_every_replica_is_named_after_the_release_a_delegate_group() -> None:
+    """DELEGATE_NAME is the release's full name, a constant, so a selector on it survives pod restarts."""
+    [name] = [e for e in container(render())["env"] if e["name"] == "DELEGATE_NAME"]
+    assert name == {"name": "DELEGATE_NAME", "value": "rel-delegate-agent"}  # not the pod's name (valueFrom)
+    assert DELEGATE_NAME_RE.match(name["value"])
+    assert env_of(render("--set", "delegate.name=eks-prod"))["DELEGATE_NAME"] == "eks-prod"
+    out = helm("template", "delegate-agent", str(CHART), *REQUIRED)  # release named like the chart
+    assert env_of([d for d in yaml.safe_load_all(out.stdout) if d])["DELEGATE_NAME"] == "delegate-agent"
 
 
 def test_the_mtls_secret_is_mounted_and_the_delegate_settings_point_at_it() -> None:
@@ -365,6 +372,7 @@ def test_the_notes_say_how_to_check_registration(tmp_path: Path) -> None:
     out = helm("template", "rel", str(chart), *REQUIRED, "--show-only", "templates/notes-check.yaml")
     assert "curl -s localhost:3460/status" in out.stdout
     assert "delegate-agent delegates list" in out.stdout
+    assert "with\n# the name rel-delegate-agent, which every replica shares" in out.stdout
 
 
 def test_the_dockerfile_passes_hadolint() -> None:

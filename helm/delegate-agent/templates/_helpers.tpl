@@ -50,3 +50,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
 {{- end -}}
 {{- end -}}
+
+{{- define "delegate-agent.delegateName" -}}
+{{- default (include "delegate-agent.fullname" .) .Values.delegate.name -}}
+{{- end -}}

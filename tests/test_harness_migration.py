@@ -1,4 +1,4 @@
-"""The Harness delegate's /api/health and /api/metrics paths, answered by a real delegate as ours are."""
+"""What a user moving from Harness's delegate relies on: its HTTP paths and a delegate group's name."""
 
 from __future__ import annotations
 
@@ -80,3 +80,23 @@ async def test_api_health_fails_when_healthz_fails(http: aiohttp.ClientSession) 
         assert "probe_test_total 1.0" in (await get(http, url + "/api/metrics"))[2]
     finally:
         await server.stop()
+
+
+async def test_replicas_sharing_the_release_name_keep_a_selector_on_it_working_across_a_rollout(
+    control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory
+) -> None:
+    """As the chart names them (a delegate group): a selector on the name finds the new pods after the old are gone."""
+    cp = await control_plane_factory(settings=FAST)
+    group = "rel-delegate-agent"  # the chart's DELEGATE_NAME for release "rel" (tests/test_chart.py)
+    old = [await agent_factory(cp, name=group, tags=("eks",)) for _ in range(2)]
+    old_ids = {await a.registered() for a in old}
+    assert len(old_ids) == 2  # each pod is still its own instance
+    first = await done(cp, cp.core.create_task(type="test.echo", payload={"message": "x"}, selectors=[group]).id)
+    assert first.status == "SUCCESS" and first.delegate_id in old_ids
+
+    new = await agent_factory(cp, name=group, tags=("eks",))  # the rollout's new pod ...
+    new_id = await new.registered()
+    for a in old:  # ... and the old pods stopped
+        assert await a.stop() == 0
+    second = await done(cp, cp.core.create_task(type="test.echo", payload={"message": "y"}, selectors=[group]).id)
+    assert (second.status, second.delegate_id) == ("SUCCESS", new_id)
