@@ -648,6 +648,7 @@ def cmd_delegates_list(args: argparse.Namespace) -> int:
         [
             d.name,
             d.delegate_id,
+            d.hostname,  # the pod: replicas of one install share the name (a delegate group)
             ",".join(d.tags),
             d.state,
             f"{d.in_flight}/{d.capacity}",
@@ -657,7 +658,7 @@ def cmd_delegates_list(args: argparse.Namespace) -> int:
         ]
         for d, older in rows
     ]
-    _print_table(table, ["name", "id", "tags", "state", "busy", "version", "last heartbeat", "older"])
+    _print_table(table, ["name", "id", "host", "tags", "state", "busy", "version", "last heartbeat", "older"])
     hidden = sum(older for _, older in rows)
     if hidden:
         print(

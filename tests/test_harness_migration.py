@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
+import msgspec
+import pytest
 from prometheus_client import CollectorRegistry, Counter
 
+from agent.cli import main
 from agent.observability.http import HealthServer
-from tests.conftest import FAST, AgentFactory, ControlPlaneFactory, done
+from tests.conftest import API_KEY, FAST, AgentFactory, ControlPlaneFactory, done, register_request
 from tests.helpers import wait_for
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0"
@@ -100,3 +104,19 @@ async def test_replicas_sharing_the_release_name_keep_a_selector_on_it_working_a
         assert await a.stop() == 0
     second = await done(cp, cp.core.create_task(type="test.echo", payload={"message": "y"}, selectors=[group]).id)
     assert (second.status, second.delegate_id) == ("SUCCESS", new_id)
+
+
+async def test_delegates_list_tells_the_pods_of_a_group_apart_by_host(
+    control_plane_factory: ControlPlaneFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two replicas named after the release: one row each, told apart by their pod names."""
+    cp = await control_plane_factory()
+    pods = ["rel-delegate-agent-7d9f8-abcde", "rel-delegate-agent-7d9f8-fghij"]
+    for pod in pods:
+        request = msgspec.structs.replace(register_request("rel-delegate-agent"), hostname=pod)
+        cp.core.register(request, token_name=None)
+    argv = ["delegates", "list", "--control-plane", cp.url, "--api-key", API_KEY]
+    assert await asyncio.to_thread(main, argv) == 0
+    header, *rows = capsys.readouterr().out.splitlines()
+    assert header.split()[:3] == ["NAME", "ID", "HOST"]
+    assert sorted((r.split()[0], r.split()[2]) for r in rows) == [("rel-delegate-agent", pod) for pod in pods]
