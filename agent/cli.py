@@ -830,6 +830,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         permissions = parse_actions(None, args.permission, "--permission") if args.permission else ()
     except ConnectorInvalid as exc:
         return _print_problems(f"{args.file} is not a valid connector:", exc.problems)
+    for notice in connector.notices:
+        _err(f"notice: {notice}")
     env, problems = AwsEnvironment.from_environ(os.environ)
     if problems:
         return _print_problems(f"the AWS environment has {len(problems)} problem(s):", problems)

@@ -208,7 +208,7 @@ def test_every_problem_is_reported_at_once() -> None:
         ),
         (
             {"credential": {"type": "Irsa", "spec": {"roleArn": "x"}}, "delegateSelectors": ["eks"]},
-            "connector.spec.credential.spec",
+            "connector.spec.credential.spec.roleArn",
             "takes no fields",
         ),
         ({"credentials": {}}, "connector.spec.credentials", "did you mean credential?"),

@@ -150,3 +150,27 @@ async def test_the_cli_prints_apply_warnings(
     out, err = capsys.readouterr()
     assert out.strip() == "connector/Gov created"
     assert err.startswith("delegate-agent: warning: connector/Gov: no delegate is connected")
+
+
+async def test_an_api_export_is_applied_with_one_notice(
+    control_plane_factory: ControlPlaneFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A document exported from Harness's API is applied as its `connector`; the answer's warnings say
+    once what was ignored around it, `connector apply` prints that, and only the connector is stored."""
+    cp = await control_plane_factory()
+    export = Path(__file__).parent / "data" / "connectors" / "api-export.json"
+    argv = ["connector", "apply", "-f", str(export), "--control-plane", cp.url, "--api-key", API_KEY]
+    assert await asyncio.to_thread(main, argv) == EXIT_OK
+    out, err = capsys.readouterr()
+    assert out.strip() == "connector/api_exported created"
+    notices = [line for line in err.splitlines() if "Harness API export" in line]
+    assert notices == [
+        "delegate-agent: warning: connector/api_exported: read .connector from a Harness API export; ignored "
+        "what Harness keeps around it: createdAt, lastModifiedAt, status, activityDetails, harnessManaged, "
+        "gitDetails, entityValidityDetails, isFavorite"
+    ]
+    stored = cp.core.get_connector("api_exported").body
+    assert list(stored) == ["connector"]
+    assert stored["connector"]["accountIdentifier"] == "kmpySmUISimoRrJL6NL73w"
+    preview = cp.core.apply_connector(yaml.safe_load(export.read_text()), dry_run=True)
+    assert (preview.outcome, preview.warnings[0]) == ("unchanged", notices[0].split(": ", 3)[3])

@@ -1,6 +1,9 @@
 """The Harness AWS connector, parsed and checked once, at the edge.
 
-Input is the Harness connector document (YAML or JSON)::
+Input is the Harness connector document (YAML or JSON), as the UI writes it or as Harness's API
+exports it (``{"connector": {...}, "createdAt": ..., "status": {...}, ...}``, or that inside the API's
+``{"status": "SUCCESS", "data": ...}`` answer; only ``connector`` is read, and one notice says what
+else was ignored)::
 
     connector:
       name: Prod account
@@ -9,11 +12,16 @@ Input is the Harness connector document (YAML or JSON)::
       spec:
         credential:
           type: ManualConfig            # or InheritFromDelegate, Irsa
-          spec: {accessKey: AKIA..., secretKeyRef: account.aws_secret}
+          spec: {accessKey: AKIA..., secretKeyRef: account.aws_secret}   # sessionTokenRef for temporary keys
           crossAccountAccess: {crossAccountRoleArn: arn:aws:iam::...:role/x, externalId: ...}
           region: us-east-1
         delegateSelectors: [eks, prod]
         executeOnDelegate: true
+
+Harness ignores unknown and misplaced fields without a word (``@JsonIgnoreProperties(ignoreUnknown
+= true)``), so a ``crossAccountAccess`` one level too high is silently never assumed. Here a field in
+the wrong place is a problem that names where it belongs, and a Harness expression (``<+...>``),
+which only Harness evaluates, is a problem that says what to write instead.
 
 Every problem is collected and reported together, each naming its field, so a user fixes a
 connector in one round. Secret *values* never appear here: only references to them.
@@ -99,12 +107,23 @@ class AwsConnector:
     access_key: str | None = None
     access_key_ref: SecretRef | None = None
     secret_key_ref: SecretRef | None = None
+    #: The session token of temporary keys (``ASIA...``), resolved like the secret key.
+    session_token_ref: SecretRef | None = None
     cross_account: CrossAccountAccess | None = None
     delegate_selectors: tuple[str, ...] = ()
     execute_on_delegate: bool = True
     backoff: BackoffStrategy | None = None
     permissions: tuple[str, ...] = ()
     permission_resources: tuple[str, ...] = ()
+    account_identifier: str | None = None
+    #: Harness's ``spec.proxy``, kept as written; the delegate's own proxy settings decide the route.
+    proxy: bool = False
+    #: Harness's ``spec.ignoreTestConnection`` (skip the test when saving), kept as written: ``connector
+    #: apply`` never tests, and ``connector test`` always does.
+    ignore_test_connection: bool = False
+    #: What the parser accepted but did not use (an API export's metadata), said once to the user.
+    #: Not part of the connector: equality and ``to_document`` ignore it.
+    notices: tuple[str, ...] = field(default=(), compare=False)
 
     @property
     def partition(self) -> str:
@@ -122,6 +141,8 @@ class AwsConnector:
                 cred_spec["accessKeyRef"] = self.access_key_ref.raw
             if self.secret_key_ref is not None:
                 cred_spec["secretKeyRef"] = self.secret_key_ref.raw
+            if self.session_token_ref is not None:
+                cred_spec["sessionTokenRef"] = self.session_token_ref.raw
         credential: dict[str, Any] = {"type": self.credential_type, "spec": cred_spec}
         if self.cross_account is not None:
             xa: dict[str, Any] = {"crossAccountRoleArn": self.cross_account.role_arn}
@@ -137,6 +158,10 @@ class AwsConnector:
             "delegateSelectors": list(self.delegate_selectors),
             "executeOnDelegate": self.execute_on_delegate,
         }
+        if self.proxy:
+            spec["proxy"] = True
+        if self.ignore_test_connection:
+            spec["ignoreTestConnection"] = True
         if self.backoff is not None:
             b = self.backoff
             bspec: dict[str, Any] = {"retryCount": b.retry_count}
@@ -157,6 +182,8 @@ class AwsConnector:
             body["orgIdentifier"] = self.org_identifier
         if self.project_identifier is not None:
             body["projectIdentifier"] = self.project_identifier
+        if self.account_identifier is not None:
+            body["accountIdentifier"] = self.account_identifier
         body["tags"] = dict(self.tags)
         body["type"] = "Aws"
         body["spec"] = spec
@@ -206,7 +233,13 @@ class _Checker:
             return None
         return value
 
-    def string(self, value: Any, path: str, *, required: bool = False, max_len: int = 1024) -> str | None:
+    def string(
+        self, value: Any, path: str, *, required: bool = False, max_len: int = 1024, expressions: bool = False
+    ) -> str | None:
+        """A string field; ``""`` counts as absent (Harness writes it for unset identifiers).
+
+        A Harness expression (``<+...>``) is a problem unless ``expressions`` (free text).
+        """
         if value is None or value == "":
             if required:
                 self.add(path, "is required")
@@ -217,13 +250,85 @@ class _Checker:
         if len(value) > max_len:
             self.add(path, f"is longer than {max_len} characters")
             return None
+        if not expressions and "<+" in value:
+            self.add(path, expression_problem(path, value))
+            return None
         return value
 
-    def unknown(self, obj: Mapping[str, Any], allowed: set[str], path: str) -> None:
+    def flag(self, value: Any, path: str, *, default: bool) -> bool:
+        """A boolean field; ``null`` is the default."""
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            self.add(path, f"must be true or false, not {_kind(value)}")
+            return default
+        return value
+
+    def unknown(self, obj: Mapping[str, Any], allowed: set[str], path: str, *, why: str = "unknown field") -> None:
+        """Name every key not in ``allowed``: where it belongs if it is misplaced, else the closest match."""
         for key in obj:
-            if key not in allowed:
-                hint = _closest(str(key), allowed)
-                self.add(f"{path}.{key}", "unknown field" + (f" (did you mean {hint}?)" if hint else ""))
+            if key in allowed:
+                continue
+            where = f"{path}.{key}"
+            home = _HOME.get(str(key))
+            if home is not None and home != where:
+                self.add(where, f"is in the wrong place (Harness ignores it here without a word): move it to {home}")
+                continue
+            hint = _closest(str(key), allowed)
+            self.add(where, why + (f" (did you mean {hint}?)" if hint else ""))
+
+
+#: Where each field belongs, for the ones people put one level too high or too low.
+_HOME = {
+    "accountIdentifier": "connector.accountIdentifier",
+    "orgIdentifier": "connector.orgIdentifier",
+    "projectIdentifier": "connector.projectIdentifier",
+    "description": "connector.description",
+    "tags": "connector.tags",
+    "credential": "connector.spec.credential",
+    "delegateSelectors": "connector.spec.delegateSelectors",
+    "executeOnDelegate": "connector.spec.executeOnDelegate",
+    "proxy": "connector.spec.proxy",
+    "ignoreTestConnection": "connector.spec.ignoreTestConnection",
+    "awsSdkClientBackOffStrategyOverride": "connector.spec.awsSdkClientBackOffStrategyOverride",
+    "permissionCheck": "connector.spec.permissionCheck",
+    "crossAccountAccess": "connector.spec.credential.crossAccountAccess",
+    "region": "connector.spec.credential.region",
+    "testRegion": "connector.spec.credential.region",
+    "accessKey": "connector.spec.credential.spec.accessKey",
+    "accessKeyRef": "connector.spec.credential.spec.accessKeyRef",
+    "secretKeyRef": "connector.spec.credential.spec.secretKeyRef",
+    "sessionTokenRef": "connector.spec.credential.spec.sessionTokenRef",
+    "crossAccountRoleArn": "connector.spec.credential.crossAccountAccess.crossAccountRoleArn",
+    "externalId": "connector.spec.credential.crossAccountAccess.externalId",
+}
+
+#: The reference field to write instead of an expression in each secret field.
+_REF_FIELD = {
+    "accessKey": "accessKeyRef",
+    "accessKeyRef": "accessKeyRef",
+    "secretKeyRef": "secretKeyRef",
+    "sessionTokenRef": "sessionTokenRef",
+}
+_SECRET_EXPRESSION_RE = re.compile(r"""<\+secrets\.getValue\(\s*["']([^"']+)["']\s*\)>""")
+
+
+def expression_problem(path: str, value: str) -> str:
+    """What to write instead of a Harness expression, which only Harness itself evaluates."""
+    field_name = path.rsplit(".", 1)[-1].split("[", 1)[0]
+    secret = _SECRET_EXPRESSION_RE.fullmatch(value.strip())
+    if secret is not None:
+        ref = _REF_FIELD.get(field_name)
+        if ref is not None:
+            return (
+                f"is a Harness expression, which this delegate does not evaluate: "
+                f"write {ref}: {secret[1]} (the secret's reference) instead"
+            )
+        return (
+            "is a Harness secret expression, which this delegate does not evaluate: secrets are read "
+            "only through accessKeyRef, secretKeyRef and sessionTokenRef"
+        )
+    return "is a Harness expression (<+...>), which this delegate does not evaluate: write the value itself"
 
 
 def _kind(value: Any) -> str:
@@ -242,16 +347,42 @@ def _closest(key: str, options: set[str]) -> str | None:
     return m[0] if m else None
 
 
-_CONNECTOR_KEYS = {"name", "identifier", "description", "orgIdentifier", "projectIdentifier", "tags", "type", "spec"}
+_CONNECTOR_KEYS = {
+    "name",
+    "identifier",
+    "description",
+    "accountIdentifier",
+    "orgIdentifier",
+    "projectIdentifier",
+    "tags",
+    "type",
+    "spec",
+}
 _SPEC_KEYS = {
     "credential",
     "delegateSelectors",
     "executeOnDelegate",
+    "proxy",
+    "ignoreTestConnection",
     "awsSdkClientBackOffStrategyOverride",
     "permissionCheck",
 }
 _CRED_KEYS = {"type", "spec", "crossAccountAccess", "region"}
-_MANUAL_KEYS = {"accessKey", "accessKeyRef", "secretKeyRef"}
+_MANUAL_KEYS = {"accessKey", "accessKeyRef", "secretKeyRef", "sessionTokenRef"}
+#: What Harness's API answers around ``connector`` (ConnectorResponseDTO): metadata, not the connector.
+_EXPORT_KEYS = {
+    "createdAt",
+    "lastModifiedAt",
+    "status",
+    "harnessManaged",
+    "activityDetails",
+    "gitDetails",
+    "entityValidityDetails",
+    "governanceMetadata",
+    "isFavorite",
+}
+#: Harness's API answer around that (ResponseDTO): ``data`` holds the export.
+_RESPONSE_KEYS = {"status", "data", "metaData", "correlationId"}
 _XA_KEYS = {"crossAccountRoleArn", "externalId", "durationSeconds"}
 
 
@@ -264,13 +395,14 @@ def parse_connector(document: Any) -> AwsConnector:
     root = c.mapping(document, "document")
     if root is None:
         raise ConnectorInvalid(c.problems)
+    root, notices = _unwrap_export(root)
     if "connector" not in root:
         c.add("connector", "is required: the document's top level must be 'connector:' (Harness format)")
         raise ConnectorInvalid(c.problems)
     conn = c.mapping(root.get("connector"), "connector")
     if conn is None:
         raise ConnectorInvalid(c.problems)
-    c.unknown(root, {"connector"}, "document")
+    c.unknown(root, {"connector", *_EXPORT_KEYS}, "document")
     c.unknown(conn, _CONNECTOR_KEYS, "connector")
 
     name = c.string(conn.get("name"), "connector.name", required=True, max_len=128)
@@ -286,7 +418,8 @@ def parse_connector(document: Any) -> AwsConnector:
             )
         elif identifier in _RESERVED:
             c.add("connector.identifier", f"{identifier!r} is a reserved word")
-    description = c.string(conn.get("description"), "connector.description", max_len=1024)
+    description = c.string(conn.get("description"), "connector.description", max_len=1024, expressions=True)
+    account = c.string(conn.get("accountIdentifier"), "connector.accountIdentifier", max_len=128)
     org = c.string(conn.get("orgIdentifier"), "connector.orgIdentifier", max_len=128)
     project = c.string(conn.get("projectIdentifier"), "connector.projectIdentifier", max_len=128)
     tags = _tags(c, conn.get("tags"))
@@ -304,16 +437,13 @@ def parse_connector(document: Any) -> AwsConnector:
     c.unknown(spec, _SPEC_KEYS, "connector.spec")
 
     selectors = _selectors(c, spec.get("delegateSelectors"), "connector.spec.delegateSelectors")
-    execute_on_delegate = spec.get("executeOnDelegate", True)
-    if execute_on_delegate is None:
-        execute_on_delegate = True
-    if not isinstance(execute_on_delegate, bool):
-        c.add("connector.spec.executeOnDelegate", f"must be true or false, not {_kind(execute_on_delegate)}")
-        execute_on_delegate = True
+    execute_on_delegate = c.flag(spec.get("executeOnDelegate"), "connector.spec.executeOnDelegate", default=True)
+    proxy = c.flag(spec.get("proxy"), "connector.spec.proxy", default=False)
+    ignore_test = c.flag(spec.get("ignoreTestConnection"), "connector.spec.ignoreTestConnection", default=False)
 
     cred = c.mapping(spec.get("credential"), "connector.spec.credential")
     ctype_cred: CredentialType | None = None
-    access_key = access_key_ref = secret_key_ref = None
+    access_key = access_key_ref = secret_key_ref = session_token_ref = None
     cross: CrossAccountAccess | None = None
     region, region_explicit = DEFAULT_REGION, False
     if cred is not None:
@@ -324,7 +454,8 @@ def parse_connector(document: Any) -> AwsConnector:
         elif raw_type == "OidcAuthentication":
             c.add(
                 "connector.spec.credential.type",
-                "OidcAuthentication is not supported by this delegate; use Irsa, InheritFromDelegate or ManualConfig",
+                "OidcAuthentication is not supported yet: this delegate cannot get a Harness OIDC token to "
+                "exchange; use Irsa, InheritFromDelegate or ManualConfig meanwhile",
             )
         elif raw_type is None:
             c.add("connector.spec.credential.type", "is required: one of " + ", ".join(CREDENTIAL_TYPES))
@@ -348,7 +479,7 @@ def parse_connector(document: Any) -> AwsConnector:
         if ctype_cred == "ManualConfig":
             mspec = c.mapping(cred_spec_raw, "connector.spec.credential.spec")
             if mspec is not None:
-                access_key, access_key_ref, secret_key_ref = _manual(c, mspec)
+                access_key, access_key_ref, secret_key_ref, session_token_ref = _manual(c, mspec, cred)
         elif ctype_cred == "InheritFromDelegate" and cred_spec_raw is not None:
             ispec = c.mapping(cred_spec_raw, "connector.spec.credential.spec", required=False)
             if ispec is not None:
@@ -357,18 +488,23 @@ def parse_connector(document: Any) -> AwsConnector:
                     c, ispec.get("delegateSelectors"), "connector.spec.credential.spec.delegateSelectors"
                 )
                 selectors = tuple(dict.fromkeys(selectors + legacy))
-        elif ctype_cred == "Irsa" and cred_spec_raw not in (None, {}):
-            c.add(
-                "connector.spec.credential.spec",
-                "Irsa takes no fields: the role comes from the delegate's service account (eks.amazonaws.com/role-arn)",
-            )
+        elif ctype_cred == "Irsa" and cred_spec_raw is not None:
+            irsa = c.mapping(cred_spec_raw, "connector.spec.credential.spec", required=False)
+            if irsa is not None:
+                c.unknown(
+                    irsa,
+                    set(),
+                    "connector.spec.credential.spec",
+                    why="Irsa takes no fields: the role comes from the delegate's service account "
+                    "(eks.amazonaws.com/role-arn)",
+                )
 
         xa_raw = cred.get("crossAccountAccess")
         if xa_raw is not None:
             cross = _cross_account(c, xa_raw, region)
 
     if ctype_cred in ("InheritFromDelegate", "Irsa"):
-        if not selectors:
+        if not selectors and not spec.get("delegateSelectors"):  # given but invalid: already said
             c.add(
                 "connector.spec.delegateSelectors",
                 "Delegate Selector cannot be null for inherit from delegate credential type: name the tags of "
@@ -394,18 +530,42 @@ def parse_connector(document: Any) -> AwsConnector:
         org_identifier=org,
         project_identifier=project,
         tags=tags,
+        account_identifier=account,
         credential_type=ctype_cred,
         region=region,
         region_explicit=region_explicit,
         access_key=access_key,
         access_key_ref=access_key_ref,
         secret_key_ref=secret_key_ref,
+        session_token_ref=session_token_ref,
         cross_account=cross,
         delegate_selectors=selectors,
         execute_on_delegate=execute_on_delegate,
+        proxy=proxy,
+        ignore_test_connection=ignore_test,
+        notices=notices,
         backoff=backoff,
         permissions=permissions,
         permission_resources=resources,
+    )
+
+
+def _unwrap_export(root: Mapping[str, Any]) -> tuple[Mapping[str, Any], tuple[str, ...]]:
+    """The document inside a Harness API export, and one notice naming what was ignored around it.
+
+    Two shapes: the connector with its metadata (``{"connector", "createdAt", "status", ...}``), and
+    that inside the API's answer (``{"status": "SUCCESS", "data": {...}, "correlationId"}``).
+    """
+    ignored: list[str] = []
+    data = root.get("data")
+    if "connector" not in root and isinstance(data, Mapping) and set(root) <= _RESPONSE_KEYS:
+        ignored = [k for k in root if k != "data"]
+        root = data
+    ignored += [k for k in root if k in _EXPORT_KEYS and root[k] is not None]
+    if not ignored:
+        return root, ()
+    return root, (
+        "read .connector from a Harness API export; ignored what Harness keeps around it: " + ", ".join(ignored),
     )
 
 
@@ -432,22 +592,32 @@ def _selectors(c: _Checker, raw: Any, path: str) -> tuple[str, ...]:
         return ()
     out: list[str] = []
     for i, tag in enumerate(raw):
-        if not isinstance(tag, str) or not TAG_RE.match(tag):
+        if isinstance(tag, str) and "<+" in tag:
+            c.add(f"{path}[{i}]", expression_problem(path, tag))
+        elif not isinstance(tag, str) or not TAG_RE.match(tag):
             c.add(f"{path}[{i}]", "a tag has letters, digits and _.:/=+@- (starting with a letter or digit)")
         else:
             out.append(tag)
     return tuple(dict.fromkeys(out))
 
 
-def _manual(c: _Checker, spec: Mapping[str, Any]) -> tuple[str | None, SecretRef | None, SecretRef | None]:
+def _manual(
+    c: _Checker, spec: Mapping[str, Any], credential: Mapping[str, Any]
+) -> tuple[str | None, SecretRef | None, SecretRef | None, SecretRef | None]:
     base = "connector.spec.credential.spec"
     c.unknown(spec, _MANUAL_KEYS, base)
+
+    def given(key: str) -> bool:
+        # Present, even if invalid or one level too high: its own problem is already said.
+        return spec.get(key) not in (None, "") or credential.get(key) not in (None, "")
+
     access_key = c.string(spec.get("accessKey"), f"{base}.accessKey", max_len=128)
     raw_ak_ref = c.string(spec.get("accessKeyRef"), f"{base}.accessKeyRef", max_len=256)
     raw_sk_ref = c.string(spec.get("secretKeyRef"), f"{base}.secretKeyRef", max_len=256)
+    raw_st_ref = c.string(spec.get("sessionTokenRef"), f"{base}.sessionTokenRef", max_len=256)
     if access_key is not None and raw_ak_ref is not None:
         c.add(f"{base}.accessKey", "give accessKey or accessKeyRef, not both")
-    elif access_key is None and raw_ak_ref is None:
+    elif not given("accessKey") and not given("accessKeyRef"):
         c.add(f"{base}.accessKey", "is required (or accessKeyRef, a secret reference)")
     if access_key is not None and not ACCESS_KEY_ID_RE.match(access_key):
         c.add(
@@ -455,18 +625,25 @@ def _manual(c: _Checker, spec: Mapping[str, Any]) -> tuple[str | None, SecretRef
             "does not look like an AWS access key ID (16 to 128 capital letters and digits, e.g. AKIA...)",
         )
     ak_ref = _ref(c, raw_ak_ref, f"{base}.accessKeyRef")
-    sk_ref = None
-    if raw_sk_ref is None:
+    if not given("secretKeyRef"):
         c.add(f"{base}.secretKeyRef", "is required: a secret reference such as account.aws_secret_key")
-    elif _looks_like_secret_value(raw_sk_ref):
+    sk_ref = _secret_ref(c, raw_sk_ref, f"{base}.secretKeyRef", "a secret key")
+    st_ref = _secret_ref(c, raw_st_ref, f"{base}.sessionTokenRef", "a session token")
+    return access_key, ak_ref, sk_ref, st_ref
+
+
+def _secret_ref(c: _Checker, raw: str | None, path: str, what: str) -> SecretRef | None:
+    """A reference to a secret value, refusing the value itself pasted in its place."""
+    if raw is None:
+        return None
+    if _looks_like_secret_value(raw):
         c.add(
-            f"{base}.secretKeyRef",
-            "looks like a secret key itself; give a reference (account.NAME, org.NAME "
+            path,
+            f"looks like {what} itself; give a reference (account.NAME, org.NAME "
             "or NAME) to a secret the delegate can read, never the value",
         )
-    else:
-        sk_ref = _ref(c, raw_sk_ref, f"{base}.secretKeyRef")
-    return access_key, ak_ref, sk_ref
+        return None
+    return _ref(c, raw, path)
 
 
 def _ref(c: _Checker, raw: str | None, path: str) -> SecretRef | None:
@@ -511,10 +688,17 @@ def _cross_account(c: _Checker, raw: Any, region: str) -> CrossAccountAccess | N
     else:
         ok = False
     external_id = xa.get("externalId")
-    if external_id is not None and (not isinstance(external_id, str) or not EXTERNAL_ID_RE.match(external_id)):
+    if external_id == "":
+        external_id = None
+    if isinstance(external_id, str) and "<+" in external_id:
+        c.add(f"{base}.externalId", expression_problem(f"{base}.externalId", external_id))
+        ok = False
+    elif external_id is not None and (not isinstance(external_id, str) or not EXTERNAL_ID_RE.match(external_id)):
         c.add(f"{base}.externalId", "must be 2 to 1224 characters of letters, digits and +=,.@:/-")
         ok = False
-    duration = xa.get("durationSeconds", DEFAULT_ASSUME_ROLE_SECONDS)
+    duration = xa.get("durationSeconds")
+    if duration is None:
+        duration = DEFAULT_ASSUME_ROLE_SECONDS
     if isinstance(duration, bool) or not isinstance(duration, int) or not 900 <= duration <= 43200:
         c.add(f"{base}.durationSeconds", "must be a whole number of seconds from 900 to 43200")
         ok = False

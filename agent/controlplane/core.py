@@ -822,7 +822,7 @@ class ControlPlane:
             identifier=connector.identifier,
             outcome=outcome,
             connector=self.connector_record(row),
-            warnings=self._routing_warnings(connector),
+            warnings=[*connector.notices, *self._routing_warnings(connector)],
         )
 
     def _preview_apply(self, connector: AwsConnector, now: float) -> ApplyResult:
@@ -841,7 +841,7 @@ class ControlPlane:
             outcome=outcome,
             connector=self.connector_record(row),
             dry_run=True,
-            warnings=self._routing_warnings(connector),
+            warnings=[*connector.notices, *self._routing_warnings(connector)],
         )
 
     def _routing_warnings(self, connector: AwsConnector) -> list[str]:

@@ -172,7 +172,9 @@ class ApplyResult(Wire, kw_only=True):
     connector: ConnectorRecord
     #: True when the request only validated (``?dryRun=true``): nothing was stored.
     dry_run: bool = False
-    #: Problems the connector does not have but will meet: no connected delegate has all its selectors.
+    #: What the user should know though nothing is wrong: what the parser ignored (a Harness API
+    #: export's metadata), and problems the connector does not have but will meet (no connected
+    #: delegate has all its selectors).
     warnings: list[str] = []
 
 
