@@ -103,6 +103,17 @@ def test_stdlib_logs_and_tracebacks_are_redacted_too() -> None:
     assert "ValueError" in lines[1]["exception"]
 
 
+def test_a_secret_learnt_after_logging_is_configured_is_masked() -> None:
+    """`delegate-agent run` configures logging with an empty Redactor and its handlers add the secrets
+    they read later: the logs must use that very Redactor (an empty one is falsy, so `or` swapped it)."""
+    stream = io.StringIO()
+    r = Redactor()
+    configure_logging(fmt="json", level="info", redactor=r, stream=stream)
+    r.add("session-token-read-later-0123456789")
+    logging.getLogger("botocore.endpoint").warning("x-amz-security-token:session-token-read-later-0123456789")
+    assert json.loads(stream.getvalue())["event"] == f"x-amz-security-token:{MASK}"
+
+
 def test_backoff_is_full_jitter_capped_and_honours_retry_after() -> None:
     """Exponential ceilings, a uniform draw below them, a cap, and Retry-After as a floor."""
     high = Backoff(base=0.5, cap=4.0, rand=lambda: 1.0)

@@ -166,7 +166,8 @@ def configure_logging(
     stream = stream or sys.stderr
     if fmt is None:
         fmt = "console" if stream.isatty() else "json"
-    redact = redactor or Redactor()
+    # Not `redactor or ...`: a Redactor with no secrets yet is falsy (__len__ 0), and it must be this one.
+    redact = redactor if redactor is not None else Redactor()
     renderer: Any
     if fmt == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())

@@ -84,7 +84,7 @@ class Agent:
             if handler.task_type in self.handlers:
                 raise ValueError(f"two handlers for the task type {handler.task_type!r}")
             self.handlers[handler.task_type] = handler
-        self.redactor = redactor or Redactor()
+        self.redactor = redactor if redactor is not None else Redactor()
         self.metrics = metrics or AgentMetrics(name=settings.name)
         self.state = AgentState(
             name=settings.name,
