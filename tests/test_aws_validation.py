@@ -244,6 +244,64 @@ async def test_cross_account_lands_in_the_other_account(make_validator: Any) -> 
     assert result["identity"]["account"] == "210987654321"
 
 
+# --- temporary keys (sessionTokenRef) ------------------------------------------------------------
+
+
+@pytest.fixture
+async def temporary_keys(moto: str) -> dict[str, str]:
+    """A session of a role, as sts:AssumeRole hands it out: ASIA... key, secret key and session token."""
+    from aiobotocore.session import AioSession
+
+    from tests.awsfakes import ADMIN_KEY
+
+    role = await MotoIam(moto).role("temporary", trusted=f"arn:aws:iam::{ACCOUNT}:root")
+    async with AioSession().create_client(
+        "sts",
+        region_name="us-east-1",
+        endpoint_url=moto,
+        aws_access_key_id=ADMIN_KEY[0],
+        aws_secret_access_key=ADMIN_KEY[1],
+    ) as sts:
+        creds = (await sts.assume_role(RoleArn=role, RoleSessionName="handed-out"))["Credentials"]
+    return {"ak": creds["AccessKeyId"], "sk": creds["SecretAccessKey"], "st": creds["SessionToken"]}
+
+
+def temporary(session_token_ref: str | None = "account.st") -> AwsConnector:
+    spec = {"accessKeyRef": "account.ak", "secretKeyRef": "account.sk"}
+    if session_token_ref:
+        spec["sessionTokenRef"] = session_token_ref
+    return connector({"type": "ManualConfig", "spec": spec})
+
+
+async def test_temporary_keys_are_signed_with_their_session_token(
+    make_validator: Any, temporary_keys: dict[str, str], iam_enforced: None
+) -> None:
+    """sessionTokenRef is resolved like the keys and sent with them: moto (enforcing) accepts the session."""
+    v = make_validator(secrets=temporary_keys)
+    result = await run(v, temporary())
+    assert result["status"] == "SUCCESS", result
+    assert result["identity"]["arn"] == f"arn:aws:sts::{ACCOUNT}:assumed-role/temporary/handed-out"
+    assert result["credentialSource"].endswith("and session token account.st")
+    text = json.dumps(result)
+    assert temporary_keys["st"] not in text and temporary_keys["sk"] not in text
+
+
+@pytest.mark.parametrize("token", ["missing", "wrong"])
+async def test_temporary_keys_without_their_token_say_so(
+    make_validator: Any, temporary_keys: dict[str, str], iam_enforced: None, token: str
+) -> None:
+    """Without the session token, or with another session's, AWS refuses the keys and the hint says why."""
+    secrets = dict(temporary_keys, st="FwoGZXIvYXdzEOtherSessionsToken")
+    v = make_validator(secrets=secrets)
+    result = await run(v, temporary(None if token == "missing" else "account.st"))
+    f = result["failure"]
+    assert (f["step"], f["category"]) == ("get_caller_identity", "credentials_invalid"), f
+    if token == "missing":
+        assert "add sessionTokenRef" in f["hint"]
+    else:
+        assert "sessionTokenRef (account.st) may belong to other keys" in f["hint"]
+
+
 # --- partitions ----------------------------------------------------------------------------------
 
 

@@ -196,13 +196,28 @@ async def test_a_token_revoked_while_running_is_noticed_and_survived(
 # --- a canary secret, everywhere -------------------------------------------------------------------
 
 CANARY = "CANARY-9d1b2e7f-secret-value-do-not-print"
+#: A connector's session token (sessionTokenRef): a value of its own, so its own redaction is what is tested.
+TOKEN_CANARY = "TOKEN-CANARY-5e0c41aa-session-token-do-not-print"
+
+
+class _Tee(Redactor):
+    """A redactor that also tells another one every secret it learns."""
+
+    def __init__(self, also: Redactor) -> None:
+        super().__init__()
+        self._also = also
+
+    def add(self, *values: str | None) -> None:
+        super().add(*values)
+        self._also.add(*values)
 
 
 async def test_a_canary_secret_never_appears_anywhere(
     moto: str, control_plane_factory: ControlPlaneFactory, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    """The canary is the delegate token, a connector's secret key and the delegate's own AWS secret:
-    it is in no log line (debug included), metric, /status, result, database or outbox."""
+    """The canary is the delegate token, a connector's secret key and the delegate's own AWS secret, and
+    a second one the connector's session token (sent in a header botocore's debug log dumps): neither is
+    in any log line (debug included), metric, /status, result, database or outbox."""
     log = io.StringIO()
     redactor = Redactor()
     configure_logging(fmt="json", level="debug", redactor=redactor, stream=log)
@@ -215,6 +230,7 @@ async def test_a_canary_secret_never_appears_anywhere(
     secrets = tmp_path / "secrets"
     secrets.mkdir()
     (secrets / "sk").write_text(CANARY)  # the connector's secret key, read on the delegate
+    (secrets / "st").write_text(TOKEN_CANARY)  # its session token (moto does not check it without enforcement)
     aws, _ = AwsEnvironment.from_environ(
         {
             "AWS_ENDPOINT_URL": moto,
@@ -224,7 +240,9 @@ async def test_a_canary_secret_never_appears_anywhere(
         }
     )
     metrics = AgentMetrics(name="secure")
-    agent_redactor = Redactor()
+    # `delegate-agent run` gives its logs and its handlers one Redactor; here the delegate's own tells
+    # the log's what it learns (the secrets it reads), and only the log's knows the control plane's tokens.
+    agent_redactor = _Tee(redactor)
     handlers = build_handlers(aws, agent_redactor, metrics, secrets_dir=secrets)
     agent, run = await start_agent(
         cp.url,
@@ -244,7 +262,11 @@ async def test_a_canary_secret_never_appears_anywhere(
                 "spec": {
                     "credential": {
                         "type": "ManualConfig",
-                        "spec": {"accessKey": key.access_key, "secretKeyRef": "account.sk"},
+                        "spec": {
+                            "accessKey": key.access_key,
+                            "secretKeyRef": "account.sk",
+                            "sessionTokenRef": "account.st",
+                        },
                     }
                 },
             }
@@ -287,7 +309,9 @@ async def test_a_canary_secret_never_appears_anywhere(
     # The logs were really captured, at debug level, botocore's own request dumps included.
     assert '"level":"debug"' in texts["logs"] and "task.finished" in texts["logs"]
     assert "botocore" in texts["logs"]
-    for where, text in texts.items():
-        assert CANARY not in text, where
-    assert CANARY.encode() not in database
-    assert CANARY.encode() not in outbox
+    assert "session token account.st" in (results[0].result.credential_source or "")
+    for canary in (CANARY, TOKEN_CANARY):
+        for where, text in texts.items():
+            assert canary not in text, where
+        assert canary.encode() not in database
+        assert canary.encode() not in outbox

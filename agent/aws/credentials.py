@@ -1,7 +1,7 @@
 """Credentials per connector, with aiobotocore's own providers and fetchers, never via ``os.environ``.
 
-- ``ManualConfig``: the access key (plain or a secret reference) and the secret key reference,
-  resolved on the delegate.
+- ``ManualConfig``: the access key (plain or a secret reference), the secret key reference and,
+  for temporary keys, the session token reference, resolved on the delegate.
 - ``Irsa``: ``AWS_ROLE_ARN`` and ``AWS_WEB_IDENTITY_TOKEN_FILE`` as EKS injects them; the token
   file is re-read on every refresh.
 - ``InheritFromDelegate``: the delegate's own identity through the default chain: environment,
@@ -88,10 +88,13 @@ class CredentialResolver:
             access_key = self._secrets.resolve(connector.access_key_ref)
         assert connector.secret_key_ref is not None and access_key is not None
         secret_key = self._secrets.resolve(connector.secret_key_ref)
+        source = f"access key {access_key[:4]}...{access_key[-4:]} with secret {connector.secret_key_ref}"
+        token = None
+        if connector.session_token_ref is not None:
+            token = self._secrets.resolve(connector.session_token_ref)
+            source += f" and session token {connector.session_token_ref}"
         return Resolved(
-            AioCredentials(access_key, secret_key, method="explicit"),
-            method="static",
-            source=f"access key {access_key[:4]}...{access_key[-4:]} with secret {connector.secret_key_ref}",
+            AioCredentials(access_key, secret_key, token, method="explicit"), method="static", source=source
         )
 
     async def _ambient_cached(self, kind: str, region: str, make: Any) -> Resolved:

@@ -85,6 +85,8 @@ class Context:
     role_arn: str | None = None
     external_id_set: bool = False
     secret_ref: str | None = None
+    #: The connector's sessionTokenRef: its keys are temporary, and nobody renews them.
+    session_token_ref: str | None = None
     #: The endpoint overrides in force, as (variable, URL): AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_<SERVICE>.
     endpoints: tuple[tuple[str, str], ...] = ()
 
@@ -106,11 +108,18 @@ def _who(ctx: Context) -> str:
 
 
 def _bad_key_hint(ctx: Context) -> str:
+    if ctx.credential_type == "ManualConfig" and ctx.session_token_ref:
+        return (
+            f"AWS does not recognise the temporary keys: the session token referenced by sessionTokenRef "
+            f"({ctx.session_token_ref}) may belong to other keys, or the session has expired or been revoked: "
+            "store the access key, secret key and session token of one fresh session"
+        )
     if ctx.credential_type == "ManualConfig":
         return (
             f"AWS does not recognise the access key in the {ctx.partition} partition: it may be deleted or "
             "inactive, mistyped, or belong to another partition (GovCloud and China keys only work in their own "
-            "regions; pick a test region in the key's partition)"
+            "regions; pick a test region in the key's partition); temporary keys (ASIA...) also need their "
+            "session token: add sessionTokenRef"
         )
     return (
         "AWS rejected the delegate's temporary credentials: the role session may have been revoked, or the "
@@ -278,13 +287,16 @@ def _client_error(exc: ClientError, step: str, ctx: Context) -> Diagnosis:
         )
         return Diagnosis("credentials_invalid", f"{step}: the signature did not match ({code})", hint, code)
     if code in ("ExpiredToken", "ExpiredTokenException", "TokenRefreshRequired"):
-        return Diagnosis(
-            "credentials_invalid",
-            f"{step}: the session token has expired ({summary})",
+        hint = (
             "temporary credentials expired; they are renewed automatically, so test again, and check "
-            "the delegate's clock",
-            code,
+            "the delegate's clock"
         )
+        if ctx.credential_type == "ManualConfig" and ctx.session_token_ref:
+            hint = (
+                f"the temporary keys have expired and nobody renews them: store a fresh session's keys and "
+                f"token in the secrets (sessionTokenRef {ctx.session_token_ref}), or use long-term keys"
+            )
+        return Diagnosis("credentials_invalid", f"{step}: the session token has expired ({summary})", hint, code)
     if code in ("RequestExpired", "SignatureExpired", "RequestTimeTooSkewed"):
         return Diagnosis(
             "credentials_invalid",

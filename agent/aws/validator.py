@@ -144,6 +144,7 @@ class AwsValidator:
             role_arn=connector.cross_account.role_arn if connector.cross_account else None,
             external_id_set=bool(connector.cross_account and connector.cross_account.external_id),
             secret_ref=connector.secret_key_ref.raw if connector.secret_key_ref else None,
+            session_token_ref=connector.session_token_ref.raw if connector.session_token_ref else None,
             endpoints=self.env.endpoint_overrides(),
         )
         run = _TestRun(connector, ctx, observer=self._observer)
