@@ -612,6 +612,15 @@ async def test_platform_mode_runs_the_same_validator_in_the_control_plane(
         view = await resp.json()
     assert (view["status"], view["delegateName"]) == ("SUCCESS", "platform")
     assert view["result"]["identity"]["arn"] == key.arn
+    # Harness's shape too: run by the platform, so no delegate; epoch milliseconds; no errors.
+    harness = view["harness"]
+    assert (harness["status"], harness["delegateId"], harness["errors"], harness["taskId"]) == (
+        "SUCCESS",
+        None,
+        [],
+        view["taskId"],
+    )
+    assert isinstance(harness["testedAt"], int)
 
 
 def test_the_secret_store_reads_mounted_keys_and_refuses_paths(tmp_path: Path) -> None:

@@ -48,7 +48,7 @@ from agent.protocol.models import (
     TestRequest,
     ValidationSummary,
 )
-from agent.protocol.results import ValidationResult, failure_result
+from agent.protocol.results import ValidationResult, failure_result, harness_result
 
 #: Signs a task for the delegate (detached signature over the task's canonical bytes).
 TaskSigner = Callable[[Task], str]
@@ -704,6 +704,11 @@ class ControlPlane:
             delegate_name=t.delegate_name,
             failure_reason=t.failure_reason,
             result=t.result,
+            harness=(
+                harness_result(t.result, task_id=t.id)
+                if t.result is not None and t.type == TASK_TYPE_AWS_VALIDATE
+                else None
+            ),
         )
 
     # --- the sweeper -------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from agent.protocol.patterns import Tag, TokenName
-from agent.protocol.results import ValidationResult
+from agent.protocol.results import HarnessValidationResult, ValidationResult
 from agent.protocol.wire import TaskStatus, Timestamp, Wire
 
 PROTOCOL_VERSION = "v1"
@@ -216,6 +216,9 @@ class TaskView(Wire, kw_only=True):
     #: Set on a failure decided by the control plane (no delegate, lease lost, cancelled...).
     failure_reason: str | None = None
     result: ValidationResult | None = None
+    #: The result of a connector test as Harness's ConnectorValidationResult (``testedAt`` in epoch
+    #: milliseconds, integer error codes), for clients written against Harness; ``null`` until done.
+    harness: HarnessValidationResult | None = None
 
 
 class TaskList(Wire, kw_only=True):

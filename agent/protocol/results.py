@@ -6,20 +6,28 @@ failures around a handler), the control plane (for failures it decides: no deleg
 cancelled) and the CLI all build or read this one type, and :func:`failed` is the one way a
 failure is written into it.
 
-On the wire it is Harness's connector validation result (``status``, ``testedAt``,
-``errorSummary``, ``errors``) plus our own fields, camelCase. Every field is present in the
-JSON (``null`` when unknown); unknown fields are ignored on decode, so a newer peer can add some.
+On the wire it borrows the names of Harness's connector validation result (``status``,
+``testedAt``, ``errorSummary``, ``errors``) and adds our own fields, camelCase. Every field is
+present in the JSON (``null`` when unknown); unknown fields are ignored on decode, so a newer peer
+can add some. Its types are ours (an RFC 3339 ``testedAt``, string error codes); what a Harness
+client parses, exactly typed, is :class:`HarnessValidationResult`, made from it by
+:func:`harness_result` whenever the control plane serves a connector test.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from agent.protocol.wire import TaskStatus, Timestamp, Wire
 
 StepStatus = Literal["SUCCESS", "FAILURE", "SKIPPED"]
+#: Harness's ConnectivityStatus; a test here ends SUCCESS or FAILURE.
+ConnectivityStatus = Literal["SUCCESS", "FAILURE", "PARTIAL", "UNKNOWN"]
+#: The code Harness gives every connector-test error (NGErrorHelper's default): a client switches on
+#: ``reason`` and shows ``message``, never the code.
+HARNESS_GENERIC_ERROR_CODE = 450
 
 
 class Identity(Wire, kw_only=True):
@@ -90,6 +98,56 @@ class ValidationResult(Wire, kw_only=True):
     failure: Failure | None = None
     permission_check: PermissionCheck | None = None
     duration_ms: int | None = None
+
+
+class HarnessErrorDetail(Wire, kw_only=True):
+    """Harness's ``ErrorDetail``: ``code`` is an integer."""
+
+    reason: str
+    message: str
+    code: int = HARNESS_GENERIC_ERROR_CODE
+
+
+class HarnessValidationResult(Wire, kw_only=True):
+    """Harness's ``ConnectorValidationResult``, field for field and type for type.
+
+    Made from a :class:`ValidationResult` by :func:`harness_result`, never stored: it cannot
+    disagree with the result it comes from.
+    """
+
+    status: ConnectivityStatus
+    #: Epoch milliseconds, as Harness has it.
+    tested_at: int
+    error_summary: str | None = None
+    errors: list[HarnessErrorDetail] = []
+    #: The delegate that ran the test (``null`` when the control plane ran it or decided the failure).
+    delegate_id: str | None = None
+    task_id: str | None = None
+
+
+def epoch_ms(when: datetime) -> int:
+    """Milliseconds since the epoch, exactly (no float rounding); a naive time counts as UTC."""
+    aware = when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+    return (aware - _EPOCH) // timedelta(milliseconds=1)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def harness_result(result: ValidationResult, *, task_id: str | None = None) -> HarnessValidationResult:
+    """What a Harness client parses, from our result: the one place the two shapes meet.
+
+    Each of our ``errors`` becomes one Harness error with code 450, keeping its ``reason`` (our
+    failure category) and ``message``; our string code (the AWS error code) stays in the full result.
+    """
+    return HarnessValidationResult(
+        status=result.status,
+        tested_at=epoch_ms(result.tested_at),
+        error_summary=result.error_summary,
+        errors=[HarnessErrorDetail(reason=e.reason, message=e.message) for e in result.errors],
+        delegate_id=result.delegate_id,
+        task_id=task_id,
+    )
 
 
 #: Masks secret values in a result before it leaves the process (the delegate's Redactor does it).
