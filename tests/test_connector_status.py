@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ import aiohttp
 import pytest
 import yaml
 
-from agent.cli import EXIT_OK, main
+from agent.cli import EXIT_FAILED, EXIT_OK, main
 from agent.controlplane.app import ControlPlaneService
 from agent.protocol.client import ControlPlaneClient
 from agent.protocol.models import AcquireRequest, HeartbeatRequest, TaskResult, TestRequest
@@ -174,3 +175,12 @@ async def test_an_api_export_is_applied_with_one_notice(
     assert stored["connector"]["accountIdentifier"] == "kmpySmUISimoRrJL6NL73w"
     preview = cp.core.apply_connector(yaml.safe_load(export.read_text()), dry_run=True)
     assert (preview.outcome, preview.warnings[0]) == ("unchanged", notices[0].split(": ", 3)[3])
+
+
+async def test_validate_says_the_same_notice(capsys: pytest.CaptureFixture[str]) -> None:
+    """`delegate-agent validate` on an API export prints the notice on stderr and tests the connector."""
+    export = Path(__file__).parent / "data" / "connectors" / "api-export.json"
+    code = await asyncio.to_thread(main, ["validate", "-f", str(export), "-o", "json"])  # no secrets dir
+    out, err = capsys.readouterr()
+    assert "notice: read .connector from a Harness API export; ignored what Harness keeps around it" in err
+    assert code == EXIT_FAILED and json.loads(out)["failure"]["category"] == "secret_not_found"
