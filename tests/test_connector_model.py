@@ -283,3 +283,11 @@ def test_secret_references(ref: str, scope: str, name: str) -> None:
 def test_nonsense_documents_are_rejected_with_a_problem(bad: Any) -> None:
     """Whatever arrives, the answer is a list of problems, never a crash."""
     assert problems(bad)
+
+
+def test_a_harness_list_answer_is_named_as_such() -> None:
+    """The API's list of connectors (data.content[]) is not one connector: the problem says so."""
+    listing = {"status": "SUCCESS", "data": {"content": [{"connector": {}}], "pageIndex": 0}, "correlationId": "c"}
+    assert problems(listing) == {
+        "data.content": "is Harness's list of connectors: apply each entry of data.content on its own"
+    }

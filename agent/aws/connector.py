@@ -397,7 +397,10 @@ def parse_connector(document: Any) -> AwsConnector:
         raise ConnectorInvalid(c.problems)
     root, notices = _unwrap_export(root)
     if "connector" not in root:
-        c.add("connector", "is required: the document's top level must be 'connector:' (Harness format)")
+        if isinstance(root.get("content"), list):  # the API's list answer: data.content[].connector
+            c.add("data.content", "is Harness's list of connectors: apply each entry of data.content on its own")
+        else:
+            c.add("connector", "is required: the document's top level must be 'connector:' (Harness format)")
         raise ConnectorInvalid(c.problems)
     conn = c.mapping(root.get("connector"), "connector")
     if conn is None:
