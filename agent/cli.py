@@ -17,7 +17,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
@@ -714,26 +714,65 @@ def cmd_tokens_revoke(args: argparse.Namespace) -> int:
 
 def _settings(args: argparse.Namespace) -> tuple[AgentSettings, AwsEnvironment]:
     """The delegate's settings and the AWS environment for its handler; every problem in either at once."""
+    from agent.runtime.settings import ConfigError
+
+    config = args.config or os.environ.get("AGENT_CONFIG_FILE")
+    try:
+        return delegate_config(os.environ, Path(config) if config else None)
+    except ConfigError as exc:
+        problems = exc.problems
+    if len(problems) == 1:  # one line, as every other single mistake is
+        _err(f"{problems[0].field}: {problems[0].message}")
+        raise SystemExit(EXIT_USAGE)
+    raise SystemExit(_print_problems(f"the configuration has {len(problems)} problem(s):", problems))
+
+
+def delegate_config(environ: Mapping[str, str], config: Path | None = None) -> tuple[AgentSettings, AwsEnvironment]:
+    """Parse the delegate's settings and the AWS environment, and apply the settings that concern AWS.
+
+    The delegate's proxy (Harness's PROXY_*, with NO_PROXY) carries every AWS call; the AWS
+    timeouts come from the settings. Raises ``ConfigError`` with the problems of both.
+    """
     from dataclasses import replace
 
     from agent.aws.environment import AwsEnvironment
     from agent.runtime.settings import ConfigError, load_settings
 
-    config = args.config or os.environ.get("AGENT_CONFIG_FILE")
     settings: AgentSettings | None = None
     problems: list[Problem] = []
     try:
-        settings = load_settings(os.environ, Path(config) if config else None)
+        settings = load_settings(environ, config)
     except ConfigError as exc:
         problems.extend(exc.problems)
-    aws, aws_problems = AwsEnvironment.from_environ(os.environ)
+    aws, aws_problems = AwsEnvironment.from_environ(environ)
     problems.extend(aws_problems)
-    if len(problems) == 1:  # one line, as every other single mistake is
-        _err(f"{problems[0].field}: {problems[0].message}")
-        raise SystemExit(EXIT_USAGE)
     if settings is None or problems:
-        raise SystemExit(_print_problems(f"the configuration has {len(problems)} problem(s):", problems))
-    return settings, replace(aws, connect_timeout=settings.aws_connect_timeout, read_timeout=settings.aws_read_timeout)
+        raise ConfigError(problems)
+    aws = replace(aws, connect_timeout=settings.aws_connect_timeout, read_timeout=settings.aws_read_timeout)
+    if settings.proxy_url is not None:
+        aws = aws.through_proxy(
+            settings.proxy_url, user=settings.proxy_user, password=settings.proxy_password, no_proxy=settings.no_proxy
+        )
+    return settings, aws
+
+
+def environment_lines(environ: Mapping[str, str], settings: AgentSettings) -> list[str]:
+    """What check-config says about the environment: what each variable set, what was set in vain."""
+    from agent.runtime.settings import environment_report
+
+    lines = environment_report(environ).lines()
+    if settings.proxy_url is not None:
+        lines += [f"{name} is overridden by PROXY_HOST" for name in _STANDARD_PROXIES if environ.get(name)]
+        proxy = settings.control_plane_proxy()
+        lines.append(
+            f"the control plane is reached through the proxy {proxy}"
+            if proxy
+            else "the control plane is reached directly (PROXY_MANAGER=false or NO_PROXY)"
+        )
+    return lines
+
+
+_STANDARD_PROXIES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")
 
 
 def build_handlers(
@@ -763,14 +802,18 @@ def build_handlers(
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
     import errno
+    import tempfile
 
     from agent._files import DataDirUnusable
     from agent.observability.logging import Redactor, configure_logging
     from agent.observability.metrics import AgentMetrics
     from agent.runtime.agent import Agent, serve
+    from agent.runtime.settings import environment_report
     from agent.runtime.signing import task_check_from_key
 
     settings, aws = _settings(args)
+    if settings.additional_ca_path is not None:
+        aws = aws.trusting(settings.additional_ca_path, Path(tempfile.mkdtemp(prefix="delegate-agent-ca-")))
     redactor = Redactor()
     configure_logging(
         fmt=settings.log_format, level=settings.log_level, redactor=redactor, static={"delegate": settings.name}
@@ -782,6 +825,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         redactor=redactor,
         metrics=metrics,
         task_check=task_check_from_key(settings.control_plane.task_public_key),
+        unused_env=environment_report(os.environ).ignored,
     )
 
     try:
@@ -802,6 +846,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
     settings, _ = _settings(args)
     print(yaml.safe_dump(settings.describe(), sort_keys=False).rstrip())
+    for line in environment_lines(os.environ, settings):
+        print(f"delegate-agent: {line}", file=sys.stderr)
     print("configuration OK", file=sys.stderr)
     return EXIT_OK
 

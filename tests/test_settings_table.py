@@ -46,6 +46,10 @@ def _samples(tmp: Path) -> dict[str, tuple[str, Any, Any]]:
         "dataDir": str(tmp / "data" / "not-yet"),
         "secretsDir": str(tmp / "secrets"),
         "logging.format": "console",
+        "tls.additionalCaPath": str(tmp / "ca.pem"),
+        "proxy.host": "proxy.corp.example",
+        "proxy.user": "delegate",
+        "proxy.noProxy": "169.254.169.254,.svc.cluster.local",
     }
     return {key: (value, value, value) for key, value in same.items()} | {
         "controlPlane.url": ("https://cp.example:8443/", "https://cp.example:8443/", "https://cp.example:8443"),
@@ -58,6 +62,10 @@ def _samples(tmp: Path) -> dict[str, tuple[str, Any, Any]]:
         "shutdown.graceSeconds": ("3", 3, 3.0),
         "aws.connectTimeoutSeconds": ("1.5", 1.5, 1.5),
         "aws.readTimeoutSeconds": ("7", 7, 7.0),
+        "proxy.port": ("3128", 3128, 3128),
+        "proxy.scheme": ("https", "https", "https"),
+        "proxy.password": ("proxy-password-0123", None, "(set)"),  # the environment only
+        "proxy.manager": ("false", False, False),
     }
 
 
@@ -106,7 +114,8 @@ def test_every_file_key_sets_its_setting_and_the_environment_wins(tmp_path: Path
     config = tmp_path / "agent.yaml"
     config.write_text(yaml.safe_dump(_nested({k: file for k, (_, file, _) in samples.items() if ROWS[k].in_file})))
     described = _flat(load_settings({}, config).describe())
-    assert described == {key: shown for key, (_, _, shown) in samples.items()} | {"delegate.token": None}
+    env_only = {key: None for key, row in ROWS.items() if not row.in_file}
+    assert described == {key: shown for key, (_, _, shown) in samples.items()} | env_only
     overridden = load_settings({"DELEGATE_TASK_CAPACITY": "3", "LOGGING_LEVEL": "error"}, config)
     assert (overridden.capacity, overridden.log_level, overridden.name) == (3, "error", "eks-delegate-0")
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Literal
 
 from agent._values import bounded_message, parse_bounded
@@ -32,8 +33,9 @@ class AwsEnvironment:
     service_endpoints: Mapping[str, str] = field(default_factory=dict)
     sts_regional_endpoints: Literal["regional", "legacy"] = "regional"
     ca_bundle: str | None = None
-    https_proxy: str | None = None
-    http_proxy: str | None = None
+    #: Proxy URLs may hold a user and password (botocore sends them as Proxy-Authorization): not in repr.
+    https_proxy: str | None = field(default=None, repr=False)
+    http_proxy: str | None = field(default=None, repr=False)
     no_proxy: str | None = None
     metadata_endpoint: str | None = None
     metadata_disabled: bool = False
@@ -62,6 +64,37 @@ class AwsEnvironment:
         if self.endpoint_url:
             pairs.append(("AWS_ENDPOINT_URL", self.endpoint_url))
         return tuple(pairs)
+
+    def through_proxy(
+        self, proxy_url: str, *, user: str | None = None, password: str | None = None, no_proxy: str | None = None
+    ) -> AwsEnvironment:
+        """Every AWS call through the delegate's proxy (Harness's PROXY_*), which wins over HTTP(S)_PROXY.
+
+        The user and password go into the URL, from where botocore sends them as Proxy-Authorization
+        (to the proxy only, also inside a CONNECT tunnel).
+        """
+        if user:
+            scheme, _, rest = proxy_url.partition("://")
+            auth = urllib.parse.quote(user, safe="") + ":" + urllib.parse.quote(password or "", safe="")
+            proxy_url = f"{scheme}://{auth}@{rest}"
+        return replace(self, https_proxy=proxy_url, http_proxy=proxy_url, no_proxy=no_proxy or self.no_proxy)
+
+    def trusting(self, extra_ca: Path, directory: Path) -> AwsEnvironment:
+        """Trust ``extra_ca`` (a PEM file or a directory of them) besides the CA bundle in force.
+
+        botocore takes one bundle, which replaces the default, so this writes the bundle in force
+        (AWS_CA_BUNDLE, else botocore's default) plus the extra certificates
+        to ``directory``/aws-ca-bundle.pem and points ``ca_bundle`` at it.
+        """
+        from botocore.httpsession import get_cert_path  # noqa: PLC0415 - only a delegate that runs needs it
+
+        parts = [Path(self.ca_bundle or get_cert_path(True)).read_text()]
+        for pem in sorted(extra_ca.iterdir()) if extra_ca.is_dir() else [extra_ca]:
+            if pem.is_file():
+                parts.append(pem.read_text())
+        bundle = directory / "aws-ca-bundle.pem"
+        bundle.write_text("\n".join(part.rstrip("\n") for part in parts) + "\n")
+        return replace(self, ca_bundle=str(bundle))
 
     def proxies_for(self, url: str) -> dict[str, str]:
         """The proxy to use for ``url``, honouring ``NO_PROXY`` the way curl and botocore do."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import aiohttp
@@ -56,8 +56,11 @@ class ControlPlaneClient:
         *,
         observer: RequestObserver | None = None,
         request_timeout: float = 10.0,
+        proxy_headers: Mapping[str, str] | None = None,
     ) -> None:
+        """``proxy_headers`` (Proxy-Authorization) go to the session's proxy only, never to the control plane."""
         self._session = session
+        self._proxy_headers = dict(proxy_headers) if proxy_headers else None
         self._base = base_url.rstrip("/")
         self._signer = signer
         self._observer = observer
@@ -118,7 +121,9 @@ class ControlPlaneClient:
         status = "error"
         try:
             async with asyncio.timeout(timeout or self._timeout):
-                async with self._session.request(method, self._base + path, data=data, headers=headers) as resp:
+                async with self._session.request(
+                    method, self._base + path, data=data, headers=headers, proxy_headers=self._proxy_headers
+                ) as resp:
                     status = str(resp.status)
                     payload = await resp.read()
                     if resp.status >= 400:

@@ -77,8 +77,11 @@ class Agent:
         metrics: AgentMetrics | None = None,
         task_check: TaskCheck | None = None,
         watchdog: bool = True,
+        unused_env: Sequence[tuple[str, str]] = (),
     ) -> None:
         self.settings = settings
+        #: (variable, why) of the Harness variables set that mean nothing here (named once at startup).
+        self.unused_env = tuple(unused_env)
         self.handlers: dict[str, TaskHandler] = {}
         for handler in handlers:
             if handler.task_type in self.handlers:
@@ -102,8 +105,8 @@ class Agent:
         self._background: asyncio.Task[int] | None = None
         self.started = asyncio.Event()
         self.http_url = ""
-        if settings.token is not None:
-            self.redactor.add(settings.token)
+        for secret in settings.secrets():
+            self.redactor.add(secret)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -212,7 +215,14 @@ class Agent:
         http = HealthServer(probes=probes, registry=self.metrics.registry, host=s.http_host, port=s.http_port)
         stack.push_async_callback(http.stop)
         self.http_url = await http.start()
-        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=self._ssl_context(), limit=s.capacity + 8))
+        proxy = s.control_plane_proxy()
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=self._ssl_context(), limit=s.capacity + 8),
+            proxy=proxy,
+        )
+        proxy_headers = None
+        if proxy and s.proxy_user:
+            proxy_headers = {"Proxy-Authorization": aiohttp.encode_basic_auth(s.proxy_user, s.proxy_password or "")}
         stack.push_async_callback(session.close)
         stack.push_async_callback(self._close_handlers)
         token = TokenSource(path=s.token_file) if s.token_file else TokenSource(value=s.token or "")
@@ -223,6 +233,7 @@ class Agent:
             signer,
             observer=self.metrics.observe_request,
             request_timeout=s.control_plane.request_timeout,
+            proxy_headers=proxy_headers,
         )
         executor = Executor(
             handlers=self.handlers,
@@ -246,6 +257,7 @@ class Agent:
         poller = Poller(client=client, connection=connection, executor=executor, slots=slots, state=self.state)
         reporter = Reporter(client=client, outbox=outbox, state=self.state, metrics=self.metrics)
         log.info("agent.starting", version=__version__, endpoints=self.http_url, settings=s.describe())
+        self._warn_unused_env()
         await self._warm()
         if self._stop.is_set():  # asked to stop while warming up: nothing is running yet
             return 0
@@ -328,11 +340,24 @@ class Agent:
         except RuntimeError:
             return float("nan")
 
+    def _warn_unused_env(self) -> None:
+        """Name, once, the Harness variables that were set but mean nothing here; INIT_SCRIPT on its own."""
+        unused = dict(self.unused_env)
+        if unused.pop("INIT_SCRIPT", None) is not None:
+            log.warning("agent.init_script_not_run", hint="install what you need in the image instead")
+        if unused:
+            log.warning("agent.harness_variables_ignored", names=sorted(unused), reasons=unused)
+
     def _ssl_context(self) -> ssl.SSLContext | bool:
         cp = self.settings.control_plane
         if not cp.url.startswith("https://"):
             return True
         ctx = ssl.create_default_context(cafile=str(cp.ca_file) if cp.ca_file else None)
+        extra = self.settings.additional_ca_path
+        if extra is not None:
+            for pem in sorted(extra.iterdir()) if extra.is_dir() else [extra]:
+                if pem.is_file():
+                    ctx.load_verify_locations(cafile=str(pem))
         if cp.client_cert_file is not None and cp.client_key_file is not None:
             ctx.load_cert_chain(cp.client_cert_file, cp.client_key_file)
         return ctx

@@ -15,8 +15,11 @@ data dir when it opens it.
 
 from __future__ import annotations
 
+import base64
 import re
 import socket
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +154,35 @@ _LOG_LEVELS = {"debug": "debug", "trace": "debug", "info": "info", "warning": "w
 _LOG_LEVELS |= {"error": "error", "critical": "critical", "off": "critical"}
 
 
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _boolean(value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = _text(value).lower()
+    if text not in _TRUE + _FALSE:
+        raise _Invalid(f"must be true or false, not {text!r}")
+    return text in _TRUE
+
+
+def _host(value: object) -> str:
+    host = _text(value)
+    if not re.fullmatch(r"[A-Za-z0-9_.:\[\]-]+", host):
+        raise _Invalid(f"must be a host name or address (no scheme, no port), not {host!r}")
+    return host
+
+
+def _ca_path(value: object) -> Path:
+    """A PEM file, or a directory whose files are PEM certificates (Harness mounts one of each)."""
+    path = _path(value)
+    if not path.exists():
+        raise _Invalid(f"{path} does not exist")
+    if path.is_dir() and not any(p.is_file() for p in path.iterdir()):
+        raise _Invalid(f"{path} holds no certificate files")
+    return path
+
+
 def _log_level(value: object) -> str:
     level = _text(value)
     if level.lower() not in _LOG_LEVELS:
@@ -223,7 +255,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "controlPlane.clientCertFile",
-        ("AGENT_CONTROL_PLANE_CLIENT_CERT_FILE",),
+        ("DELEGATE_CLIENT_CERTIFICATE_PATH", "AGENT_CONTROL_PLANE_CLIENT_CERT_FILE"),
         _file,
         "control_plane.client_cert_file",
         "Client certificate for mutual TLS; needs clientKeyFile too.",
@@ -232,7 +264,7 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "controlPlane.clientKeyFile",
-        ("AGENT_CONTROL_PLANE_CLIENT_KEY_FILE",),
+        ("DELEGATE_CLIENT_CERTIFICATE_KEY_PATH", "AGENT_CONTROL_PLANE_CLIENT_KEY_FILE"),
         _file,
         "control_plane.client_key_file",
         "The client certificate's private key.",
@@ -294,10 +326,10 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "delegate.token",
-        ("DELEGATE_TOKEN",),
+        ("DELEGATE_TOKEN", "ACCOUNT_SECRET"),
         _text,
         "token",
-        "The delegate token itself, never written in this file.",
+        "The delegate token itself, never written in this file (ACCOUNT_SECRET: Harness's older name).",
         secret=True,
         in_file=False,
     ),
@@ -379,6 +411,78 @@ SETTINGS: tuple[Setting, ...] = (
         "Read timeout of each AWS call.",
         default=10,
     ),
+    Setting(
+        "tls.additionalCaPath",
+        ("ADDITIONAL_CERTS_PATH", "AGENT_ADDITIONAL_CA_PATH"),
+        _ca_path,
+        "additional_ca_path",
+        "CA certificates trusted besides the system's, for the control plane and AWS (a PEM file or a directory "
+        "of them), as Harness's ADDITIONAL_CERTS_PATH. controlPlane.caFile and AWS_CA_BUNDLE replace the "
+        "system's instead.",
+        example="/opt/harness-delegate/ca-bundle",
+        commented=True,
+    ),
+    Setting(
+        "proxy.host",
+        ("PROXY_HOST",),
+        _host,
+        "proxy_host",
+        "HTTP proxy for AWS calls and (see proxy.manager) the control plane, as Harness's PROXY_HOST.",
+        example="proxy.corp.example",
+        commented=True,
+    ),
+    Setting(
+        "proxy.port",
+        ("PROXY_PORT",),
+        _number(1, 65535, integer=True),
+        "proxy_port",
+        "The proxy's port; required with proxy.host.",
+        example="3128",
+        commented=True,
+    ),
+    Setting(
+        "proxy.scheme",
+        ("PROXY_SCHEME",),
+        _one_of("http", "https"),
+        "proxy_scheme",
+        "How the delegate talks to the proxy: http or https (TLS to the proxy itself).",
+        default="http",
+    ),
+    Setting(
+        "proxy.user",
+        ("PROXY_USER",),
+        _text,
+        "proxy_user",
+        "User for the proxy's Basic authentication (sent as Proxy-Authorization).",
+        example="delegate",
+        commented=True,
+    ),
+    Setting(
+        "proxy.password",
+        ("PROXY_PASSWORD",),
+        _text,
+        "proxy_password",
+        "The proxy user's password, never written in this file nor logged.",
+        secret=True,
+        in_file=False,
+    ),
+    Setting(
+        "proxy.manager",
+        ("PROXY_MANAGER",),
+        _boolean,
+        "proxy_manager",
+        "Whether the control-plane connection goes through the proxy too (Harness's default: true).",
+        default=True,
+    ),
+    Setting(
+        "proxy.noProxy",
+        ("NO_PROXY", "no_proxy"),
+        _text,
+        "no_proxy",
+        "Comma-separated hosts or domains (.corp.example) reached directly, for AWS and the control plane.",
+        example="169.254.169.254,.svc.cluster.local",
+        commented=True,
+    ),
 )
 
 
@@ -435,10 +539,51 @@ class AgentSettings:
     #: The CLI puts these into the AWS environment its handler uses (the runtime knows nothing of AWS).
     aws_connect_timeout: float = 5.0
     aws_read_timeout: float = 10.0
+    additional_ca_path: Path | None = None
+    proxy_host: str | None = None
+    proxy_port: int | None = None
+    proxy_scheme: str = "http"
+    proxy_user: str | None = None
+    proxy_password: str | None = field(default=None, repr=False)
+    proxy_manager: bool = True
+    no_proxy: str | None = None
 
     @property
     def http_listen(self) -> str:
         return f"{self.http_host}:{self.http_port}"
+
+    @property
+    def proxy_url(self) -> str | None:
+        """The proxy as ``scheme://host:port``, without credentials (they go in a header), or None."""
+        if not self.proxy_host or not self.proxy_port:
+            return None
+        host = self.proxy_host
+        if ":" in host and not host.startswith("["):  # an IPv6 address
+            host = f"[{host}]"
+        return f"{self.proxy_scheme}://{host}:{self.proxy_port}"
+
+    def proxy_bypassed(self, url: str) -> bool:
+        """True when ``url``'s host is in NO_PROXY (as curl and botocore read it)."""
+        host = urllib.parse.urlsplit(url).hostname or ""
+        return bool(self.no_proxy) and bool(
+            urllib.request.proxy_bypass_environment(host, {"no": self.no_proxy})  # type: ignore[attr-defined]
+        )
+
+    def control_plane_proxy(self) -> str | None:
+        """The proxy for the control-plane connection: PROXY_MANAGER on, and the host not in NO_PROXY."""
+        url = self.proxy_url
+        if url is None or not self.proxy_manager or self.proxy_bypassed(self.control_plane.url):
+            return None
+        return url
+
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret value these settings hold, for the redactor (and the forms they travel in)."""
+        found = [self.token or ""]
+        if self.proxy_password:
+            found += [self.proxy_password, urllib.parse.quote(self.proxy_password, safe="")]
+            basic = f"{self.proxy_user or ''}:{self.proxy_password}".encode()
+            found.append(base64.b64encode(basic).decode())
+        return tuple(dict.fromkeys(s for s in found if s))
 
     def describe(self) -> dict[str, Any]:
         """The effective settings in the config file's shape, for ``check-config`` and the startup log.
@@ -474,6 +619,82 @@ def _shown(row: Setting, value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return list(value) if isinstance(value, tuple) else value
+
+
+# --- the Harness delegate's other variables --------------------------------------------------------
+# A Harness delegate's ConfigMap sets more than this delegate reads. Those with a meaning here are
+# environment names in the table above; these have none, and are named once at startup and by
+# check-config, so nobody believes they took effect.
+
+_NO_CLIENT_TOOLS = "this delegate downloads and runs no client tools"
+_ONE_KIND = "there is one kind of delegate here"
+_CAPACITY = "the only limit here is DELEGATE_TASK_CAPACITY"
+
+#: Harness delegate variables that mean nothing to this delegate, and why.
+HARNESS_UNUSED: Mapping[str, str] = {
+    "ACCOUNT_ID": "the delegate token names the account",
+    "DEPLOY_MODE": _ONE_KIND,
+    "DELEGATE_TYPE": _ONE_KIND,
+    "NEXT_GEN": _ONE_KIND,
+    "DELEGATE_DESCRIPTION": "not sent to the control plane",
+    "DELEGATE_NAMESPACE": "not read (the pod's namespace does not change what it does)",
+    "POLL_FOR_TASKS": "this delegate always long-polls over HTTP(S)",
+    "JAVA_OPTS": "this delegate is not a JVM",
+    "INIT_SCRIPT": "not run: install what you need in the image instead",
+    "CLIENT_TOOLS_DOWNLOAD_DISABLED": _NO_CLIENT_TOOLS,
+    "INSTALL_CLIENT_TOOLS_IN_BACKGROUND": _NO_CLIENT_TOOLS,
+    "LOG_STREAMING_SERVICE_URL": "logs go to stdout only",
+    "STACK_DRIVER_LOGGING_ENABLED": "logs go to stdout only",
+    "DELEGATE_ORG_IDENTIFIER": "delegates are account-level here",
+    "DELEGATE_PROJECT_IDENTIFIER": "delegates are account-level here",
+    "DELEGATE_GROUP_NAME": "no delegate groups: DELEGATE_NAME names the delegate",
+    "DELEGATE_GROUP_ID": "no delegate groups: DELEGATE_NAME names the delegate",
+    "DELEGATE_PROFILE": "no delegate profiles",
+    "DELEGATE_RESOURCE_THRESHOLD": _CAPACITY,
+    "DELEGATE_CPU_THRESHOLD": _CAPACITY,
+    "MEMORY_USAGE_THRESHOLD": _CAPACITY,
+    "DYNAMIC_REQUEST_HANDLING": _CAPACITY,
+    "BLOCK_SHELL_TASK": "this delegate runs no shell tasks",
+    "ENABLE_CE": "no cloud cost features",
+    "GRPC_SERVICE_ENABLED": "no gRPC service",
+    "GRPC_SERVICE_CONNECTOR_PORT": "no gRPC service",
+    "MANAGER_PROXY_CURL": "written by Harness's proxy_setup.sh; PROXY_* and PROXY_MANAGER are read instead",
+    "PRECHECK_CONN": "the readiness probe reports an unreachable control plane",
+    "TRUST_ALL_CERTIFICATES": "certificates are always verified; trust a private CA with ADDITIONAL_CERTS_PATH",
+    "DESTINATION_CA_PATH": "Harness copies its CA bundle there for CI build pods, which this delegate does not "
+    "start; ADDITIONAL_CERTS_PATH is the CA this delegate trusts",
+}
+
+
+@dataclass(frozen=True)
+class EnvironmentReport:
+    """Which environment variables set a setting, and which Harness variables were set for nothing."""
+
+    #: (variable, setting key) for each variable that gave a setting its value.
+    mapped: tuple[tuple[str, str], ...]
+    #: (variable, why) for each Harness variable set that means nothing here.
+    ignored: tuple[tuple[str, str], ...]
+
+    def lines(self) -> list[str]:
+        """What check-config prints: one line per mapping, one for everything ignored, one for INIT_SCRIPT."""
+        lines = [f"{name} -> {key}" for name, key in self.mapped]
+        plain = [name for name, _ in self.ignored if name != "INIT_SCRIPT"]
+        if plain:
+            lines.append(f"ignored, no meaning here: {', '.join(plain)}")
+        if any(name == "INIT_SCRIPT" for name, _ in self.ignored):
+            lines.append(f"INIT_SCRIPT is set but {HARNESS_UNUSED['INIT_SCRIPT']}")
+        return lines
+
+
+def environment_report(environ: Mapping[str, str]) -> EnvironmentReport:
+    """What the environment sets, by the table's rules (the first name set wins), and what it sets in vain."""
+    mapped = []
+    for row in SETTINGS:
+        name = next((n for n in row.env if environ.get(n, "").strip()), None)
+        if name is not None:
+            mapped.append((name, row.key))
+    ignored = tuple((name, why) for name, why in HARNESS_UNUSED.items() if environ.get(name, "").strip())
+    return EnvironmentReport(mapped=tuple(mapped), ignored=ignored)
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -553,9 +774,16 @@ def _check_together(given: set[str]) -> Iterator[Problem]:
         yield Problem(field="DELEGATE_TOKEN", message="give DELEGATE_TOKEN or DELEGATE_TOKEN_FILE, not both")
     if ("controlPlane.clientCertFile" in given) != ("controlPlane.clientKeyFile" in given):
         yield Problem(
-            field="AGENT_CONTROL_PLANE_CLIENT_CERT_FILE",
-            message="mutual TLS needs both the client certificate and its key",
+            field="DELEGATE_CLIENT_CERTIFICATE_PATH",
+            message="mutual TLS needs both the client certificate and its key (DELEGATE_CLIENT_CERTIFICATE_KEY_PATH)",
         )
+    if "proxy.host" in given and "proxy.port" not in given:
+        yield Problem(field="PROXY_PORT", message="is required with PROXY_HOST")
+    for key, name in (("proxy.port", "PROXY_PORT"), ("proxy.user", "PROXY_USER"), ("proxy.password", "PROXY_PASSWORD")):
+        if key in given and "proxy.host" not in given:
+            yield Problem(field=name, message="has no effect without PROXY_HOST")
+    if "proxy.password" in given and "proxy.user" not in given:
+        yield Problem(field="PROXY_PASSWORD", message="needs PROXY_USER")
 
 
 def _assemble(values: Mapping[str, Any]) -> AgentSettings:
