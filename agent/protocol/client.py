@@ -58,9 +58,12 @@ class ControlPlaneClient:
         request_timeout: float = 10.0,
         proxy_headers: Mapping[str, str] | None = None,
     ) -> None:
-        """``proxy_headers`` (Proxy-Authorization) go to the session's proxy only, never to the control plane."""
+        """``proxy_headers`` (Proxy-Authorization) go to the session's proxy only, never to the control plane:
+        in the CONNECT request for https; for http, the request itself goes to the proxy, so they are its headers.
+        """
         self._session = session
         self._proxy_headers = dict(proxy_headers) if proxy_headers else None
+        self._headers_to_proxy = bool(proxy_headers) and base_url.startswith("http://")
         self._base = base_url.rstrip("/")
         self._signer = signer
         self._observer = observer
@@ -117,12 +120,18 @@ class ControlPlaneClient:
         if body is not None:
             data = _encoder.encode(body)
             headers["Content-Type"] = "application/json"
+        if self._headers_to_proxy and self._proxy_headers:
+            headers |= self._proxy_headers
         started = time.perf_counter()
         status = "error"
         try:
             async with asyncio.timeout(timeout or self._timeout):
                 async with self._session.request(
-                    method, self._base + path, data=data, headers=headers, proxy_headers=self._proxy_headers
+                    method,
+                    self._base + path,
+                    data=data,
+                    headers=headers,
+                    proxy_headers=None if self._headers_to_proxy else self._proxy_headers,
                 ) as resp:
                     status = str(resp.status)
                     payload = await resp.read()
