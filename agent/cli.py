@@ -756,6 +756,16 @@ def delegate_config(environ: Mapping[str, str], config: Path | None = None) -> t
     return settings, aws
 
 
+def trust_additional_cas(settings: AgentSettings, aws: AwsEnvironment, directory: Path | None = None) -> AwsEnvironment:
+    """AWS calls trust ADDITIONAL_CERTS_PATH too: botocore takes one bundle, written to ``directory``
+    (a new private temporary directory by default). Only ``run`` does this; check-config writes nothing."""
+    import tempfile
+
+    if settings.additional_ca_path is None:
+        return aws
+    return aws.trusting(settings.additional_ca_path, directory or Path(tempfile.mkdtemp(prefix="delegate-agent-ca-")))
+
+
 def environment_lines(environ: Mapping[str, str], settings: AgentSettings) -> list[str]:
     """What check-config says about the environment: what each variable set, what was set in vain."""
     from agent.runtime.settings import environment_report
@@ -802,7 +812,6 @@ def build_handlers(
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
     import errno
-    import tempfile
 
     from agent._files import DataDirUnusable
     from agent.observability.logging import Redactor, configure_logging
@@ -812,8 +821,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.runtime.signing import task_check_from_key
 
     settings, aws = _settings(args)
-    if settings.additional_ca_path is not None:
-        aws = aws.trusting(settings.additional_ca_path, Path(tempfile.mkdtemp(prefix="delegate-agent-ca-")))
+    aws = trust_additional_cas(settings, aws)
     redactor = Redactor()
     configure_logging(
         fmt=settings.log_format, level=settings.log_level, redactor=redactor, static={"delegate": settings.name}

@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from agent.cli import EXIT_OK, build_handlers, delegate_config, main
+from agent.cli import EXIT_OK, build_handlers, delegate_config, main, trust_additional_cas
 from agent.observability.logging import Redactor, configure_logging
 from agent.observability.metrics import AgentMetrics
 from agent.runtime.agent import Agent
@@ -165,9 +165,7 @@ def test_every_unused_harness_variable_has_a_reason() -> None:
 async def _run_delegate(env: dict[str, str], logs: io.StringIO) -> tuple[Agent, asyncio.Task[int]]:
     """The delegate as ``delegate-agent run`` wires it from ``env`` (without its signal handling)."""
     settings, aws = delegate_config(env)
-    if settings.additional_ca_path is not None:
-        (Path(env["AGENT_SECRETS_DIR"]).parent / "ca").mkdir(exist_ok=True)
-        aws = aws.trusting(settings.additional_ca_path, Path(env["AGENT_SECRETS_DIR"]).parent / "ca")
+    aws = trust_additional_cas(settings, aws, Path(env["AGENT_SECRETS_DIR"]).parent)
     redactor = Redactor()
     configure_logging(fmt="json", level=settings.log_level, redactor=redactor, stream=logs)
     metrics = AgentMetrics(name=settings.name)
