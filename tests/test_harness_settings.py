@@ -22,6 +22,7 @@ from agent.runtime.settings import HARNESS_UNUSED, environment_report
 from tests.awsfakes import FaultProxy
 from tests.conftest import API_KEY, TOKEN, manual_connector
 from tests.connect_proxy import ConnectProxy
+from tests.helpers import wait_for
 from tests.tls import make_pki
 
 PROXY_USER = "corp-delegate"
@@ -271,3 +272,38 @@ async def test_https_aws_endpoints_are_reached_through_connect_tunnels_trusting_
     assert proxy.tunnels and set(proxy.tunnels) == {host_port}
     assert proxy.refused == 0 and set(proxy.authorizations) == {BASIC}
     assert PROXY_PASSWORD not in logs.getvalue() + json.dumps(view)
+
+
+async def test_an_https_control_plane_is_reached_through_a_tunnel_with_harness_mtls_and_ca_names(
+    moto: str, control_plane_factory: Any, tmp_path: Path
+) -> None:
+    """DELEGATE_CLIENT_CERTIFICATE_PATH/_KEY_PATH are the client certificate, ADDITIONAL_CERTS_PATH the
+    private CA: the delegate registers with a mutual-TLS control plane through a CONNECT tunnel, the
+    proxy credentials in the CONNECT only."""
+    pki = make_pki(tmp_path / "pki")
+    cp = await control_plane_factory(
+        tls_cert_file=pki.server_cert, tls_key_file=pki.server_key, tls_client_ca_file=pki.ca
+    )
+    assert cp.url.startswith("https://")
+    proxy = ConnectProxy(credentials=(PROXY_USER, PROXY_PASSWORD))
+    logs = io.StringIO()
+    async with proxy.running() as address:
+        env = harness_env(
+            cp.url,
+            address,
+            _secrets(tmp_path),
+            moto,
+            DELEGATE_CLIENT_CERTIFICATE_PATH=str(pki.client_cert),
+            DELEGATE_CLIENT_CERTIFICATE_KEY_PATH=str(pki.client_key),
+            ADDITIONAL_CERTS_PATH=str(pki.ca),
+        )
+        agent, task = await _run_delegate(env, logs)
+        try:
+            await wait_for(lambda: agent.state.registered, "registration through the tunnel")
+        finally:
+            agent.request_shutdown()
+            assert await asyncio.wait_for(task, 30) == 0
+
+    assert cp.url.removeprefix("https://") in proxy.tunnels
+    assert proxy.forwarded == [] and proxy.refused == 0 and set(proxy.authorizations) == {BASIC}
+    assert PROXY_PASSWORD not in logs.getvalue()
