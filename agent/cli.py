@@ -749,11 +749,16 @@ def delegate_config(environ: Mapping[str, str], config: Path | None = None) -> t
     if settings is None or problems:
         raise ConfigError(problems)
     aws = replace(aws, connect_timeout=settings.aws_connect_timeout, read_timeout=settings.aws_read_timeout)
-    if settings.proxy_url is not None:
-        aws = aws.through_proxy(
-            settings.proxy_url, user=settings.proxy_user, password=settings.proxy_password, no_proxy=settings.no_proxy
-        )
-    return settings, aws
+    return settings, _through_proxy(settings, aws)
+
+
+def _through_proxy(settings: AgentSettings, aws: AwsEnvironment) -> AwsEnvironment:
+    """Every AWS call through the delegate's proxy (Harness's PROXY_*), if one is set."""
+    if settings.proxy_url is None:
+        return aws
+    return aws.through_proxy(
+        settings.proxy_url, user=settings.proxy_user, password=settings.proxy_password, no_proxy=settings.no_proxy
+    )
 
 
 def trust_additional_cas(settings: AgentSettings, aws: AwsEnvironment, directory: Path | None = None) -> AwsEnvironment:
@@ -873,6 +878,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from agent.aws.secrets import DELEGATE_SECRETS, SecretsPlace, SecretStore
     from agent.aws.validator import AwsValidator
     from agent.observability.logging import Redactor, configure_logging
+    from agent.runtime.settings import ConfigError, load_proxy_settings
 
     redactor = Redactor()
     configure_logging(fmt=args.log_format, level="warning", redactor=redactor)
@@ -887,8 +893,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for notice in connector.notices:
         _err(f"notice: {notice}")
     env, problems = AwsEnvironment.from_environ(os.environ)
+    try:  # the delegate's proxy (PROXY_*), so a test run here takes the delegate's path to AWS
+        proxy = load_proxy_settings(os.environ)
+    except ConfigError as exc:
+        problems.extend(exc.problems)
     if problems:
         return _print_problems(f"the AWS environment has {len(problems)} problem(s):", problems)
+    env = _through_proxy(proxy, env)
+    for secret in proxy.secrets():
+        redactor.add(secret)
     secrets_dir = args.secrets_dir or os.environ.get("AGENT_SECRETS_DIR")
     # Hints name the setting the user actually gave: the flag here, the delegate's variable otherwise.
     place = (

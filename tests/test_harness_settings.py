@@ -13,6 +13,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from agent.cli import EXIT_OK, build_handlers, delegate_config, main, trust_additional_cas
 from agent.observability.logging import Redactor, configure_logging
@@ -307,3 +308,29 @@ async def test_an_https_control_plane_is_reached_through_a_tunnel_with_harness_m
     assert cp.url.removeprefix("https://") in proxy.tunnels
     assert proxy.forwarded == [] and proxy.refused == 0 and set(proxy.authorizations) == {BASIC}
     assert PROXY_PASSWORD not in logs.getvalue()
+
+
+async def test_validate_takes_the_delegates_proxy_too(
+    moto: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`delegate-agent validate` run in a delegate's pod goes the delegate's way: through PROXY_*."""
+    secrets = _secrets(tmp_path)
+    doc = tmp_path / "connector.yaml"
+    doc.write_text(yaml.safe_dump(manual_connector("proxied")))
+    proxy = ConnectProxy(credentials=(PROXY_USER, PROXY_PASSWORD))
+    async with proxy.running() as (host, port):
+        for name, value in {
+            "AWS_ENDPOINT_URL": moto,
+            "PROXY_HOST": host,
+            "PROXY_PORT": str(port),
+            "PROXY_USER": PROXY_USER,
+            "PROXY_PASSWORD": PROXY_PASSWORD,
+            "NO_PROXY": "169.254.169.254",
+        }.items():
+            monkeypatch.setenv(name, value)
+        code = await asyncio.to_thread(main, ["validate", "-f", str(doc), "--secrets-dir", str(secrets)])
+    out, err = capsys.readouterr()
+    assert code == EXIT_OK, out + err
+    assert any(b"Action=GetCallerIdentity" in f.body for f in proxy.forwarded)
+    assert proxy.refused == 0 and set(proxy.authorizations) == {BASIC}
+    assert PROXY_PASSWORD not in out + err

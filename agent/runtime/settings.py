@@ -714,6 +714,23 @@ def load_settings(environ: Mapping[str, str], config_file: Path | None = None) -
     return _assemble(values)
 
 
+def load_proxy_settings(environ: Mapping[str, str]) -> AgentSettings:
+    """Only the proxy rows, from the environment (for ``validate``, which runs AWS calls but no delegate).
+
+    The other fields keep their defaults and mean nothing here; raises :class:`ConfigError` for the
+    proxy's problems alone.
+    """
+    problems: list[Problem] = []
+    reader = _Reader(environ, {}, None, problems)
+    rows = [row for row in SETTINGS if row.key.startswith("proxy.")]
+    values = {row.attr: reader.read(row) for row in rows if isinstance(row.attr, str)}
+    problems.extend(p for p in _check_together(reader.given) if p.field.startswith("PROXY_"))
+    if problems:
+        raise ConfigError(problems)
+    given = {attr: value for attr, value in values.items() if value is not None}
+    return AgentSettings(control_plane=ControlPlaneEndpoint(url="http://unused.invalid"), **given)
+
+
 class _Reader:
     """Looks each setting up in the environment, then in the file, remembering where it came from."""
 
