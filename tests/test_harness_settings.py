@@ -152,6 +152,26 @@ def test_proxy_settings_that_cannot_work_are_named() -> None:
     assert PROXY_PASSWORD not in str(err.value.problems)
 
 
+def test_additional_certs_that_are_not_certificates_are_named(tmp_path: Path) -> None:
+    """ADDITIONAL_CERTS_PATH is checked when the settings are read, not when the first TLS handshake fails."""
+    from agent.runtime.settings import ConfigError
+
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    (certs / "README").write_text("not a certificate")
+    base = {"MANAGER_HOST_AND_PORT": "http://cp", "DELEGATE_TOKEN": TOKEN, "DELEGATE_NAME": "d"}
+    for path, message in [
+        (certs, f"{certs / 'README'} is not a PEM CA certificate"),
+        (tmp_path / "absent", "does not exist"),
+        (tmp_path / "empty", "holds no certificate files"),
+    ]:
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        with pytest.raises(ConfigError) as err:
+            delegate_config(base | {"ADDITIONAL_CERTS_PATH": str(path)})
+        [problem] = err.value.problems
+        assert problem.field == "ADDITIONAL_CERTS_PATH" and message in problem.message
+
+
 def test_every_unused_harness_variable_has_a_reason() -> None:
     """The list the startup warning draws from says why for each name, and maps none the table reads."""
     from agent.runtime.settings import SETTINGS

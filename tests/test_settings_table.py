@@ -19,6 +19,7 @@ from agent.cli import main
 from agent.runtime import settings_doc
 from agent.runtime.outbox import DataDirUnusable, open_outbox
 from agent.runtime.settings import SETTINGS, AgentSettings, ConfigError, ControlPlaneEndpoint, load_settings
+from tests.tls import make_pki
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED = {"MANAGER_HOST_AND_PORT": "http://cp", "DELEGATE_TOKEN": "t" * 20, "DELEGATE_NAME": "d"}
@@ -46,7 +47,7 @@ def _samples(tmp: Path) -> dict[str, tuple[str, Any, Any]]:
         "dataDir": str(tmp / "data" / "not-yet"),
         "secretsDir": str(tmp / "secrets"),
         "logging.format": "console",
-        "tls.additionalCaPath": str(tmp / "ca.pem"),
+        "tls.additionalCaPath": str(make_pki(tmp / "pki").ca),
         "proxy.host": "proxy.corp.example",
         "proxy.user": "delegate",
         "proxy.noProxy": "169.254.169.254,.svc.cluster.local",

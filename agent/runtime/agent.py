@@ -55,7 +55,7 @@ from agent.runtime.health import HealthPolicy
 from agent.runtime.outbox import open_outbox
 from agent.runtime.poller import Poller
 from agent.runtime.reporter import Reporter
-from agent.runtime.settings import AgentSettings
+from agent.runtime.settings import AgentSettings, ca_files
 from agent.runtime.state import AgentState
 from agent.taskapi import TaskHandler
 
@@ -353,11 +353,9 @@ class Agent:
         if not cp.url.startswith("https://"):
             return True
         ctx = ssl.create_default_context(cafile=str(cp.ca_file) if cp.ca_file else None)
-        extra = self.settings.additional_ca_path
-        if extra is not None:
-            for pem in sorted(extra.iterdir()) if extra.is_dir() else [extra]:
-                if pem.is_file():
-                    ctx.load_verify_locations(cafile=str(pem))
+        if self.settings.additional_ca_path is not None:
+            for pem in ca_files(self.settings.additional_ca_path):
+                ctx.load_verify_locations(cafile=str(pem))
         if cp.client_cert_file is not None and cp.client_key_file is not None:
             ctx.load_cert_chain(cp.client_cert_file, cp.client_key_file)
         return ctx

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import re
 import socket
+import ssl
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping
@@ -173,13 +174,25 @@ def _host(value: object) -> str:
     return host
 
 
+def ca_files(path: Path) -> list[Path]:
+    """The certificate files of a CA setting: the file itself, or the files of a directory (a mounted
+    Secret's ``..data`` directories are skipped; its symlinked keys are files)."""
+    return [p for p in sorted(path.iterdir()) if p.is_file()] if path.is_dir() else [path]
+
+
 def _ca_path(value: object) -> Path:
-    """A PEM file, or a directory whose files are PEM certificates (Harness mounts one of each)."""
+    """A PEM file, or a directory whose files are PEM certificates; each must load as CA certificates."""
     path = _path(value)
     if not path.exists():
         raise _Invalid(f"{path} does not exist")
-    if path.is_dir() and not any(p.is_file() for p in path.iterdir()):
+    files = ca_files(path)
+    if not files:
         raise _Invalid(f"{path} holds no certificate files")
+    for pem in files:
+        try:
+            ssl.create_default_context(cafile=str(pem))
+        except (ssl.SSLError, OSError, UnicodeDecodeError) as exc:
+            raise _Invalid(f"{pem} is not a PEM CA certificate: {getattr(exc, 'reason', None) or exc}") from None
     return path
 
 
