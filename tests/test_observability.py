@@ -8,13 +8,16 @@ import logging
 import shutil
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 import structlog
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from agent.observability.logging import MASK, Redactor, configure_logging
+from agent.observability.metrics import MetricsRegistry
 from agent.protocol.auth import TokenSource, TokenUnavailable
 from agent.runtime.backoff import MAX_RETRY_AFTER, Backoff
 from agent.runtime.settings import ConfigError, load_settings
@@ -28,6 +31,9 @@ EXPECTED_FAMILIES = [
     "delegate_control_plane_auth_refused",
     "delegate_task_slots",
     "delegate_task_slots_busy",
+    "delegate_task_slots_free",
+    "delegate_task_slots_reserved",
+    "delegate_tasks_running",
     "delegate_tasks_started_total",
     "delegate_tasks_completed_total",
     "delegate_task_duration_seconds",
@@ -35,7 +41,7 @@ EXPECTED_FAMILIES = [
     "delegate_control_plane_requests_total",
     "delegate_control_plane_request_duration_seconds",
     "delegate_outbox_depth",
-    "delegate_seconds_since_last_heartbeat",
+    "delegate_last_heartbeat_timestamp_seconds",
     "process_resident_memory_bytes",
     "python_info",
 ]
@@ -66,6 +72,24 @@ async def test_metrics_pass_promtool_and_say_what_happened(
     assert 'delegate_tasks_completed_total{outcome="invalid",type="test.echo"} 1.0' in text
     assert "delegate_task_slots 3.0" in text
     assert "delegate_registered 1.0" in text
+    assert "_created" not in text  # one series per counter or histogram child, not two
+    registry = a.agent.metrics.registry
+    assert registry.get_sample_value("delegate_tasks_running") == 0
+    assert registry.get_sample_value("delegate_task_slots_busy") == 0  # a waiting poll holds slots, runs none
+    assert registry.get_sample_value("delegate_task_slots_free") == 3
+    heartbeat = registry.get_sample_value("delegate_last_heartbeat_timestamp_seconds")
+    assert heartbeat is not None and abs(time.time() - heartbeat) < 60
+
+
+def test_created_series_are_left_out_of_our_registries_only() -> None:
+    """MetricsRegistry drops _created; the process-wide switch stays on for every other registry."""
+    ours, theirs = MetricsRegistry(), CollectorRegistry()
+    for registry in (ours, theirs):
+        Counter("x", "x", registry=registry).inc()
+        Histogram("h", "h", registry=registry).observe(1)
+    assert ours.get_sample_value("x_created") is None and ours.get_sample_value("h_created") is None
+    assert ours.get_sample_value("x_total") == 1 and ours.get_sample_value("h_count") == 1
+    assert theirs.get_sample_value("x_created") is not None and theirs.get_sample_value("h_created") is not None
 
 
 def test_the_redactor_masks_values_and_secret_keys() -> None:

@@ -1,13 +1,16 @@
 """The delegate's Prometheus metrics, on a registry of its own (never the global one).
 
-Names follow the Prometheus conventions (``_total`` counters, ``_seconds`` units, base units) and
-pass ``promtool check metrics``. State that is cheap to read (slots, outbox depth, seconds since
-the last heartbeat) is sampled at scrape time through callbacks instead of being pushed.
+Names follow the Prometheus conventions (``_total`` counters, units in the name: ``_seconds``,
+``_timestamp_seconds``) and pass ``promtool check metrics``. Label values are lowercase, always.
+State that is cheap to read (slots, running tasks, outbox depth, the last heartbeat) is sampled at
+scrape time through callbacks instead of being pushed. :class:`MetricsRegistry` leaves out the
+``_created`` series prometheus_client adds to counters and histograms (a second series per child
+that nobody queries), for this registry only: the library's switch for that is process-wide.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from prometheus_client import (
     CollectorRegistry,
@@ -20,6 +23,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.gc_collector import GCCollector
+from prometheus_client.metrics_core import Metric
 
 from agent._version import __version__
 
@@ -28,9 +32,23 @@ _PICKUP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 _REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
+class MetricsRegistry(CollectorRegistry):
+    """A registry whose exposition (and ``get_sample_value``) has no ``_created`` series."""
+
+    def __init__(self) -> None:
+        super().__init__(auto_describe=True)
+
+    def collect(self) -> Iterable[Metric]:
+        for family in super().collect():
+            if family.type in ("counter", "histogram", "summary"):
+                created = family.name + "_created"
+                family.samples = [s for s in family.samples if s.name != created]
+            yield family
+
+
 class AgentMetrics:
     def __init__(self, *, name: str, registry: CollectorRegistry | None = None) -> None:
-        r = self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry = registry or MetricsRegistry()
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         GCCollector(registry=r)
@@ -46,7 +64,22 @@ class AgentMetrics:
             registry=r,
         )
         self.slots = Gauge("delegate_task_slots", "Tasks the delegate may run at once (its capacity).", registry=r)
-        self.slots_busy = Gauge("delegate_task_slots_busy", "Task slots in use, polls in flight included.", registry=r)
+        self.slots_busy = Gauge(
+            "delegate_task_slots_busy",
+            "Task slots running a task (a long poll waiting for work holds none).",
+            registry=r,
+        )
+        self.slots_free = Gauge(
+            "delegate_task_slots_free", "Task slots not running a task: capacity minus busy.", registry=r
+        )
+        self.slots_reserved = Gauge(
+            "delegate_task_slots_reserved",
+            "Free slots a long poll in flight holds for the work it asks for (the delegate never asks for more).",
+            registry=r,
+        )
+        self.tasks_running = Gauge(
+            "delegate_tasks_running", "Tasks running now (handlers started and not finished).", registry=r
+        )
         self.tasks_started = Counter("delegate_tasks_started", "Tasks started, by type.", ["type"], registry=r)
         self.tasks_completed = Counter(
             "delegate_tasks_completed",
@@ -81,9 +114,9 @@ class AgentMetrics:
             registry=r,
         )
         self.outbox_depth = Gauge("delegate_outbox_depth", "Results written but not yet acknowledged.", registry=r)
-        self.heartbeat_age = Gauge(
-            "delegate_seconds_since_last_heartbeat",
-            "Seconds since the last heartbeat the control plane acknowledged.",
+        self.last_heartbeat = Gauge(
+            "delegate_last_heartbeat_timestamp_seconds",
+            "Unix time of the last heartbeat (or registration) the control plane acknowledged; 0 before the first.",
             registry=r,
         )
         self.results_dropped = Counter(
@@ -97,7 +130,7 @@ class AgentMetrics:
         )
         self.aws_steps = Histogram(
             "delegate_aws_validation_step_duration_seconds",
-            "Duration of each AWS validation step, by step and status.",
+            "Duration of each AWS validation step, by step and status (success, failure).",
             ["step", "status"],
             buckets=_TASK_BUCKETS,
             registry=r,
@@ -116,17 +149,31 @@ class AgentMetrics:
     def observe_aws_step(
         self, step: str, status: str, seconds: float, credential_type: str, category: str | None
     ) -> None:
+        """One validation step. ``status`` and ``credential_type`` come as the result writes them
+        ("FAILURE", "ManualConfig"); labels carry them lowercase ("failure", "manualconfig")."""
+        status = status.lower()
         self.aws_steps.labels(step, status).observe(seconds)
-        if status == "FAILURE":
-            self.aws_failures.labels(step, category or "unknown", credential_type).inc()
+        if status == "failure":
+            self.aws_failures.labels(step, category or "unknown", credential_type.lower()).inc()
 
     def sample(
-        self, *, busy: Callable[[], float], outbox: Callable[[], float], heartbeat_age: Callable[[], float]
+        self,
+        *,
+        capacity: int,
+        busy: Callable[[], float],
+        reserved: Callable[[], float],
+        running: Callable[[], float],
+        outbox: Callable[[], float],
+        last_heartbeat: Callable[[], float | None],
     ) -> None:
         """Read these at scrape time instead of updating them on every change."""
+        self.slots.set(capacity)
         self.slots_busy.set_function(busy)
+        self.slots_free.set_function(lambda: capacity - busy())
+        self.slots_reserved.set_function(reserved)
+        self.tasks_running.set_function(running)
         self.outbox_depth.set_function(outbox)
-        self.heartbeat_age.set_function(heartbeat_age)
+        self.last_heartbeat.set_function(lambda: last_heartbeat() or 0.0)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -202,8 +202,14 @@ class Agent:
         elif len(outbox):
             log.info("agent.outbox_replay", pending=len(outbox), path=str(s.data_dir))
         slots = Slots(s.capacity)
-        self.metrics.slots.set(s.capacity)
-        self.metrics.sample(busy=lambda: slots.busy, outbox=lambda: len(outbox), heartbeat_age=self._heartbeat_age)
+        self.metrics.sample(
+            capacity=s.capacity,
+            busy=lambda: slots.busy,
+            reserved=lambda: slots.polling,
+            running=lambda: len(self.state.running),
+            outbox=lambda: len(outbox),
+            last_heartbeat=lambda: self.state.last_heartbeat_wall,
+        )
         probes = HealthPolicy(
             state=self.state,
             now=loop.time,
@@ -331,14 +337,6 @@ class Agent:
         log.info("agent.drained", seconds=round(loop.time() - started, 3))
 
     # --- helpers -----------------------------------------------------------------------------
-
-    def _heartbeat_age(self) -> float:
-        if self.state.last_heartbeat is None:
-            return float("nan")
-        try:
-            return max(0.0, asyncio.get_running_loop().time() - self.state.last_heartbeat)
-        except RuntimeError:
-            return float("nan")
 
     def _warn_unused_env(self) -> None:
         """Name, once, the Harness variables that were set but mean nothing here; INIT_SCRIPT on its own."""

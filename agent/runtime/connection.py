@@ -124,7 +124,7 @@ class Connection:
                 s.delegate_id = answer.delegate_id
                 s.intervals = answer.intervals
                 s.contact(loop.time(), time.time())
-                s.last_heartbeat = loop.time()
+                s.last_heartbeat, s.last_heartbeat_wall = loop.time(), s.last_contact_wall
                 self._set_auth(None)
                 self._set_registered(True)
                 self._registered.set()
@@ -180,7 +180,7 @@ class Connection:
             auth.reset()
             self._set_auth(None)
             s.contact(loop.time(), time.time())
-            s.last_heartbeat = loop.time()
+            s.last_heartbeat, s.last_heartbeat_wall = loop.time(), s.last_contact_wall
             if answer.intervals != s.intervals:
                 log.info(
                     "agent.intervals_changed",

@@ -44,31 +44,59 @@ TaskCheck = Callable[[Task], str | None]
 
 
 class Slots:
-    """Capacity: the poller takes slots *before* asking for work; each finished task gives one back."""
+    """Capacity. The poller reserves every free slot *before* it asks for work, so it never asks for
+    work it cannot start (and never asks while full); the slots it gets tasks for become busy, the
+    rest go back. A finished task gives its slot back.
+
+    ``busy`` counts slots running a task; ``polling`` counts slots a long poll in flight holds for
+    work it may or may not get. Nothing runs in those: they are free in truth (``free``), only not
+    available to another poll (``available``).
+    """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.busy = 0
+        self.polling = 0
         self._freed = asyncio.Event()
 
     @property
     def free(self) -> int:
+        """Slots not running a task (a waiting poll's reservation included)."""
         return self.capacity - self.busy
 
-    def take(self, n: int) -> None:
-        if n > self.free:
-            raise RuntimeError(f"taking {n} slots with only {self.free} free")
+    @property
+    def available(self) -> int:
+        """Slots a new poll may reserve."""
+        return self.capacity - self.busy - self.polling
+
+    def reserve(self, n: int) -> None:
+        """A poll holds ``n`` slots while it waits for work."""
+        if n > self.available:
+            raise RuntimeError(f"reserving {n} slots with only {self.available} available")
+        self.polling += n
+
+    def claim(self, n: int) -> None:
+        """``n`` reserved slots got tasks: they are busy until each task finishes."""
+        if n > self.polling:
+            raise RuntimeError(f"claiming {n} slots with only {self.polling} reserved")
+        self.polling -= n
         self.busy += n
 
+    def unreserve(self, n: int) -> None:
+        """The poll ended without work for ``n`` of its slots."""
+        self.polling -= n
+        self._freed.set()
+
     def release(self, n: int = 1) -> None:
+        """``n`` tasks finished."""
         self.busy -= n
         self._freed.set()
 
-    async def wait_free(self) -> int:
-        while self.free <= 0:
+    async def wait_available(self) -> int:
+        while self.available <= 0:
             self._freed.clear()
             await self._freed.wait()
-        return self.free
+        return self.available
 
 
 @dataclass

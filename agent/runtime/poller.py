@@ -1,6 +1,6 @@
-"""The poll loop: take every free slot, long-poll for that many tasks, hand them to the executor.
+"""The poll loop: reserve every free slot, long-poll for that many tasks, hand them to the executor.
 
-Slots are taken *before* the request, so the delegate never asks for work it cannot start, and
+Slots are reserved *before* the request, so the delegate never asks for work it cannot start, and
 never asks at all while full. The long poll means a task is picked up the moment it is queued
 (no polling interval). Errors are classified: refused credentials back off slowly, a 429 waits as
 told, an unknown delegate triggers registration, anything else backs off with full jitter.
@@ -52,35 +52,35 @@ class Poller:
             if self._stop.is_set():
                 return
             self._state.waiting_for_slots = True
-            free = await self._slots.wait_free()
+            free = await self._slots.wait_available()
             self._state.waiting_for_slots = False
             self._state.poll_progress = loop.time()
             if self._stop.is_set():
                 return
-            self._slots.take(free)
+            self._slots.reserve(free)
             wait = self._state.intervals.poll_wait_seconds * random.uniform(0.85, 1.0)  # noqa: S311 - jitter
             try:
                 answer = await self._client.acquire(delegate_id, AcquireRequest(max_tasks=free, wait_seconds=wait))
             except asyncio.CancelledError:
-                self._slots.release(free)
+                self._slots.unreserve(free)
                 raise
             except UnknownDelegate:
-                self._slots.release(free)
+                self._slots.unreserve(free)
                 log.warning(
                     "agent.poll_unknown_delegate", hint="the control plane forgot this delegate; registering again"
                 )
                 self._connection.reregister(delegate_id)
                 continue
             except AuthError as exc:
-                self._slots.release(free)
+                self._slots.unreserve(free)
                 await self._pause(auth.next(exc.retry_after), f"token refused: {exc}", loud=True)
                 continue
             except RateLimited as exc:
-                self._slots.release(free)
+                self._slots.unreserve(free)
                 await self._pause(transient.next(exc.retry_after), f"rate limited: {exc}")
                 continue
             except ProtocolError as exc:
-                self._slots.release(free)
+                self._slots.unreserve(free)
                 self._state.consecutive_failures += 1
                 await self._pause(transient.next(exc.retry_after), str(exc))
                 continue
@@ -88,7 +88,8 @@ class Poller:
             auth.reset()
             self._state.contact(loop.time(), time.time())
             tasks = answer.tasks[:free]
-            self._slots.release(free - len(tasks))
+            self._slots.claim(len(tasks))
+            self._slots.unreserve(free - len(tasks))
             if self._stop.is_set() and tasks:
                 # Drain began while the answer was on its way: give the tasks straight back.
                 await self._give_back([t.lease_id for t in tasks], len(tasks))

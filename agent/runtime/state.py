@@ -36,8 +36,9 @@ class AgentState:
     #: Loop time of the last answer from the control plane (any call), and of the last heartbeat.
     last_contact: float | None = None
     last_heartbeat: float | None = None
-    #: Wall-clock time of the last contact, for /status.
+    #: Wall-clock time of the last contact, for /status; of the last acknowledged heartbeat, for metrics.
     last_contact_wall: float | None = None
+    last_heartbeat_wall: float | None = None
     #: Loop time the poll loop last made progress (or None before it started).
     poll_progress: float | None = None
     #: True while the poll loop waits for a free slot (idle by design, not stuck).
