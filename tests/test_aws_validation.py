@@ -16,8 +16,9 @@ from agent.aws.connector import AwsConnector, parse_connector
 from agent.aws.environment import AwsEnvironment
 from agent.aws.handler import AwsValidationHandler
 from agent.aws.secrets import SecretStore
-from agent.aws.validator import AwsValidator
+from agent.aws.validator import AwsValidator, StepObserver
 from agent.observability.logging import Redactor
+from agent.observability.metrics import AgentMetrics
 from agent.taskapi import InvalidTask, TaskContext
 from tests.awsfakes import ACCOUNT, FaultProxy, IamSimulator, Key, MotoIam, PodIdentityAgent
 from tests.conftest import free_port
@@ -58,7 +59,13 @@ async def make_validator(moto: str, tmp_path: Path) -> AsyncIterator[Callable[..
     """Validators on moto; keyword arguments are extra environment variables for the delegate."""
     made: list[AwsValidator] = []
 
-    def make(*, secrets: dict[str, str] | None = None, redactor: Redactor | None = None, **env: str) -> AwsValidator:
+    def make(
+        *,
+        secrets: dict[str, str] | None = None,
+        redactor: Redactor | None = None,
+        observer: StepObserver | None = None,
+        **env: str,
+    ) -> AwsValidator:
         variables = {"AWS_ENDPOINT_URL": moto, "AWS_EC2_METADATA_DISABLED": "true", **env}
         aws_env, problems = AwsEnvironment.from_environ(variables)
         assert problems == []
@@ -68,7 +75,11 @@ async def make_validator(moto: str, tmp_path: Path) -> AsyncIterator[Callable[..
             (secrets_dir / name).write_text(value + "\n")
         redactor = redactor or Redactor()
         v = AwsValidator(
-            aws_env, AwsClients(aws_env), SecretStore(secrets_dir, on_read=redactor.add), redact=redactor.value
+            aws_env,
+            AwsClients(aws_env),
+            SecretStore(secrets_dir, on_read=redactor.add),
+            redact=redactor.value,
+            observer=observer,
         )
         made.append(v)
         return v
@@ -448,6 +459,58 @@ async def test_a_hanging_endpoint_times_out_within_the_budget(moto: str, make_va
         result = await run(v, manual(), timeout=1.5)
     f = result["failure"]
     assert (f["step"], f["category"]) == ("describe_regions", "timeout")
+
+
+# --- every failed step is a failed step in the metrics -----------------------------------------
+
+
+def step_counts(m: AgentMetrics, step: str) -> tuple[float | None, float | None]:
+    """How many times ``step`` was recorded as a success and as a failure."""
+    name = "delegate_aws_validation_step_duration_seconds_count"
+    get = m.registry.get_sample_value
+    return get(name, {"step": step, "status": "success"}), get(name, {"step": step, "status": "failure"})
+
+
+async def test_a_region_not_opted_in_is_a_failed_step_in_the_metrics(moto: str, make_validator: Any) -> None:
+    """DescribeRegions answers, but the region is not enabled: the step fails, and metrics say so once."""
+    key = await MotoIam(moto).user("deployer")
+    m = AgentMetrics(name="optin")
+    v = make_validator(secrets={"sk": key.secret_key}, observer=m.observe_aws_step)
+    result = await run(v, manual(key, region="ap-east-1"))  # moto: an opt-in region this account lacks
+    f = result["failure"]
+    assert (f["step"], f["category"], f["awsErrorCode"]) == ("describe_regions", "invalid_config", "OptInRequired")
+    assert steps(result)[-1] == ("describe_regions", "FAILURE")
+    assert step_counts(m, "describe_regions") == (None, 1)
+    assert step_counts(m, "get_caller_identity") == (1, None)
+    labels = {"step": "describe_regions", "category": "invalid_config", "credential_type": "manualconfig"}
+    assert m.registry.get_sample_value("delegate_aws_validation_failures_total", labels) == 1
+
+
+async def test_denied_permissions_are_a_failed_step_in_the_metrics(moto: str, make_validator: Any) -> None:
+    """The simulation answers with a denial: simulate_permissions is counted as failed, not succeeded."""
+    key = await MotoIam(moto).user("ci")
+    m = AgentMetrics(name="denied")
+    async with IamSimulator({"s3:GetObject": "implicitDeny"}).running() as iam_url:
+        v = make_validator(secrets={"sk": key.secret_key}, AWS_ENDPOINT_URL_IAM=iam_url, observer=m.observe_aws_step)
+        result = await run(v, manual(key), permissions=("s3:GetObject",))
+    assert result["failure"]["category"] == "permission_denied"
+    assert step_counts(m, "simulate_permissions") == (None, 1)
+    labels = {"step": "simulate_permissions", "category": "permission_denied", "credential_type": "manualconfig"}
+    assert m.registry.get_sample_value("delegate_aws_validation_failures_total", labels) == 1
+
+
+async def test_a_step_cut_short_by_the_bound_is_a_failed_step_in_the_metrics(moto: str, make_validator: Any) -> None:
+    """The test's own timeout ends a hanging call: that step is counted as failed with category timeout."""
+    proxy = FaultProxy(moto)
+    proxy.plan = ["pass", "hang", "hang", "hang"]
+    m = AgentMetrics(name="bound")
+    async with proxy.running() as url:
+        v = make_validator(secrets={"sk": "x"}, AWS_ENDPOINT_URL=url, AWS_MAX_ATTEMPTS="1", observer=m.observe_aws_step)
+        result = await run(v, manual(), timeout=1.5)
+    assert result["failure"]["category"] == "timeout"
+    assert step_counts(m, "describe_regions") == (None, 1)
+    labels = {"step": "describe_regions", "category": "timeout", "credential_type": "manualconfig"}
+    assert m.registry.get_sample_value("delegate_aws_validation_failures_total", labels) == 1
 
 
 async def test_throttling_is_retried_then_reported(moto: str, make_validator: Any) -> None:

@@ -52,6 +52,15 @@ class _StepFailed(Exception):
         self.diagnosis = diagnosis
 
 
+class _Refused(Exception):
+    """Raised inside a step when its call answered but the answer fails the step (a region not opted
+    in, a denied permission): the step records it as a failure like any error."""
+
+    def __init__(self, diagnosis: Diagnosis) -> None:
+        super().__init__(diagnosis.message)
+        self.diagnosis = diagnosis
+
+
 @dataclass
 class _TestRun:
     """One connection test in progress: its steps so far and what the hints need to know."""
@@ -60,16 +69,21 @@ class _TestRun:
     ctx: Context
     steps: list[Step] = field(default_factory=list)
     current: str | None = None
+    current_started: float = 0.0
     observer: StepObserver | None = None
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
+        """Time a step; record it (steps and observer) as a success, or as the failure it raised."""
         self.current = name
-        started = time.perf_counter()
+        started = self.current_started = time.perf_counter()
         try:
             yield
         except _StepFailed:
             raise
+        except _Refused as refused:
+            self._record(name, "FAILURE", started, refused.diagnosis.category)
+            raise _StepFailed(name, refused.diagnosis) from None
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 raise
@@ -84,6 +98,11 @@ class _TestRun:
     def fail(self, name: str, started: float, diagnosis: Diagnosis) -> _StepFailed:
         self._record(name, "FAILURE", started, diagnosis.category)
         return _StepFailed(name, diagnosis)
+
+    def timed_out(self, name: str) -> None:
+        """The whole test's bound ran out during ``name``: that step failed (unless it was recorded)."""
+        if not any(s.name == name for s in self.steps):
+            self._record(name, "FAILURE", self.current_started, "timeout")
 
     def _record(self, name: str, status: StepStatus, started: float, category: str | None) -> None:
         seconds = time.perf_counter() - started
@@ -168,10 +187,9 @@ class AwsValidator:
             self._fail(result, failed.step, failed.diagnosis)
         except TimeoutError:
             step = run.current or "resolve_credentials"
-            if not any(s.name == step for s in run.steps):
-                run.steps.append(
-                    Step(name=step, status="FAILURE", duration_ms=round((time.perf_counter() - started) * 1000))
-                )
+            if run.current is None:
+                run.current_started = started
+            run.timed_out(step)
             self._fail(
                 result,
                 step,
@@ -235,19 +253,17 @@ class AwsValidator:
             with run.step("describe_regions"):
                 async with self.clients.client("ec2", region, policy) as ec2:
                     answer = await ec2.describe_regions(RegionNames=[region], AllRegions=True)
-            regions = {r.get("RegionName"): r for r in answer.get("Regions", [])}
-            info = regions.get(region)
-            if info is not None and info.get("OptInStatus") == "not-opted-in":
-                run.steps[-1].status = "FAILURE"
-                raise _StepFailed(
-                    "describe_regions",
-                    Diagnosis(
-                        "invalid_config",
-                        f"{region} is not enabled for account {identity.account}",
-                        f"enable {region} (Account > AWS Regions) or pick another test region",
-                        "OptInRequired",
-                    ),
-                )
+                regions = {r.get("RegionName"): r for r in answer.get("Regions", [])}
+                info = regions.get(region)
+                if info is not None and info.get("OptInStatus") == "not-opted-in":
+                    raise _Refused(
+                        Diagnosis(
+                            "invalid_config",
+                            f"{region} is not enabled for account {identity.account}",
+                            f"enable {region} (Account > AWS Regions) or pick another test region",
+                            "OptInRequired",
+                        )
+                    )
             if actions:
                 await self._simulate(run, result, policy, resolved, actions)
 
@@ -295,33 +311,31 @@ class AwsValidator:
                     marker = page.get("Marker") if page.get("IsTruncated") else None
                     if not marker:
                         break
-        allowed = [a for a in actions if decisions.get(a) == "allowed"]
-        denied = [
-            PermissionDenial(action=a, decision=decisions.get(a, "implicitDeny"))
-            for a in actions
-            if decisions.get(a) != "allowed"
-        ]
-        result.permission_check = PermissionCheck(
-            principal=principal, resources=resources, allowed=allowed, denied=denied
-        )
-        if denied:
-            run.steps[-1].status = "FAILURE"
-            names = ", ".join(d.action for d in denied)
-            explicit = any(d.decision == "explicitDeny" for d in denied)
-            raise _StepFailed(
-                "simulate_permissions",
-                Diagnosis(
-                    "permission_denied",
-                    f"{principal} is not allowed: {names}",
-                    f"grant {names} to {principal} before pipelines use this connector"
-                    + (
-                        "; an explicit Deny (policy, permission boundary or SCP) blocks some of them"
-                        if explicit
-                        else ""
-                    ),
-                    "ImplicitDeny" if not explicit else "ExplicitDeny",
-                ),
+            allowed = [a for a in actions if decisions.get(a) == "allowed"]
+            denied = [
+                PermissionDenial(action=a, decision=decisions.get(a, "implicitDeny"))
+                for a in actions
+                if decisions.get(a) != "allowed"
+            ]
+            result.permission_check = PermissionCheck(
+                principal=principal, resources=resources, allowed=allowed, denied=denied
             )
+            if denied:
+                names = ", ".join(d.action for d in denied)
+                explicit = any(d.decision == "explicitDeny" for d in denied)
+                raise _Refused(
+                    Diagnosis(
+                        "permission_denied",
+                        f"{principal} is not allowed: {names}",
+                        f"grant {names} to {principal} before pipelines use this connector"
+                        + (
+                            "; an explicit Deny (policy, permission boundary or SCP) blocks some of them"
+                            if explicit
+                            else ""
+                        ),
+                        "ImplicitDeny" if not explicit else "ExplicitDeny",
+                    ),
+                )
 
     async def _whoami(self, resolved: Resolved, region: str, policy: RetryPolicy) -> str | None:
         """Best effort, for a better hint only: the ARN behind some credentials, or None."""
