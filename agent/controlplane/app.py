@@ -23,7 +23,7 @@ from aiohttp import web
 from agent._files import DataDirUnusable, NotUtf8Text, make_data_dir, read_text
 from agent.controlplane.core import ControlPlane, ControlPlaneSettings, PlatformValidator, TaskSigner
 from agent.controlplane.openapi import build_openapi
-from agent.controlplane.routes import MAX_BODY_BYTES, ROUTES, Handlers, bind, error_middleware
+from agent.controlplane.routes import MAX_BODY_BYTES, ROUTES, Handlers, bind, error_middleware, metrics_middleware
 from agent.controlplane.store import Store
 from agent.protocol.auth import Clock, IssuedToken, TokenKey, TokenVerifier, generate_token, token_id
 from agent.protocol.patterns import TOKEN_NAME_RE
@@ -453,7 +453,8 @@ async def _cancel(task: asyncio.Task[None]) -> None:
 
 
 def make_app(handlers: Handlers) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[error_middleware])
+    middlewares = [metrics_middleware(handlers.cp.metrics), error_middleware]
+    app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
     for route in ROUTES:
         app.router.add_route(route.method, route.path, bind(route, handlers), name=route.handler)
     return app

@@ -23,6 +23,7 @@ import msgspec
 import structlog
 
 from agent.aws.connector import AwsConnector, ConnectorInvalid, parse_actions, parse_connector
+from agent.controlplane.metrics import ControlPlaneMetrics
 from agent.controlplane.store import ConnectorRow, DelegateRow, Store, TaskRow, connector_change, with_updates
 from agent.protocol.auth import DEFAULT_AUDIENCE, Clock
 from agent.protocol.errors import Code
@@ -151,9 +152,11 @@ class ControlPlane:
         clock: Clock = time.time,
         platform_validator: PlatformValidator | None = None,
         task_signer: TaskSigner | None = None,
+        metrics: ControlPlaneMetrics | None = None,
     ) -> None:
         self.store = store
         self.settings = settings or ControlPlaneSettings()
+        self.metrics = metrics or ControlPlaneMetrics()
         self._clock = clock
         self._platform_validator = platform_validator
         self._task_signer = task_signer
@@ -164,6 +167,7 @@ class ControlPlane:
         self._waiters: list[_Waiter] = []
         self._done_events: dict[str, asyncio.Event] = {}
         self._sweeper: asyncio.Task[None] | None = None
+        self.metrics.sample(queue=self._queue_depth, tasks=store.count_tasks, connected=self._connected)
         self.recover()
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -357,6 +361,15 @@ class ControlPlane:
             if d.state == "draining":
                 self._pass_wakeup()
 
+    def _queue_depth(self) -> dict[QueueKey, int]:
+        depth: dict[QueueKey, int] = {}
+        for key in self._queued.values():
+            depth[key] = depth.get(key, 0) + 1
+        return depth
+
+    def _connected(self) -> int:
+        return sum(1 for d in self.store.delegates() if d.state in CONNECTED)
+
     def _eligible_keys(self, d: DelegateRow) -> list[QueueKey]:
         tags, types = frozenset(d.tags), frozenset(d.task_types)
         return [k for k, heap in self._heaps.items() if heap and k[0] in types and k[1] <= tags]
@@ -431,6 +444,7 @@ class ControlPlane:
                 409, Code.LEASE_FENCED, "the lease is no longer valid: the task expired, was reassigned or is finished"
             )
         if (t.lease_expires_at or 0) < now:
+            self.metrics.lease_expiries.inc()
             self._requeue(t, reason="lease expired before renewal")
             raise ApiFailure(409, Code.LEASE_FENCED, "the lease expired; the task went back to the queue")
         return t
@@ -500,6 +514,7 @@ class ControlPlane:
             )
         if (t.lease_expires_at or 0) < self._clock():
             self.store.bump("fenced")
+            self.metrics.lease_expiries.inc()
             self._requeue(t, reason="result arrived after the lease expired")
             raise ApiFailure(
                 409, Code.LEASE_FENCED, "the lease expired before the result arrived; the task was re-queued"
@@ -543,6 +558,7 @@ class ControlPlane:
                 )
         self._running.pop(t.id, None)
         self._queued.pop(t.id, None)
+        self.metrics.task_completed(status, failure_reason)
         event = self._done_events.pop(t.id, None)
         if event is not None:
             event.set()
@@ -734,6 +750,7 @@ class ControlPlane:
                     self.store.delete_delegate(d.id)
             for t in list(self._running.values()):
                 if (t.lease_expires_at or 0) < now:
+                    self.metrics.lease_expiries.inc()
                     self._requeue(t, reason=f"lease held by {t.delegate_name} expired")
                 elif t.started_at and now > t.started_at + t.timeout_seconds + self.settings.execution_grace_seconds:
                     self._complete(

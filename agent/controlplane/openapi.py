@@ -163,6 +163,9 @@ def build_openapi(routes: tuple[Route, ...] = ROUTES) -> dict[str, Any]:
                 }
             elif r.handler == "openapi":
                 entry["content"] = {"application/json": {"schema": {"type": "object"}}}
+            elif r.handler == "metrics":
+                text = {"schema": {"type": "string"}}
+                entry["content"] = {"text/plain": text, "application/openmetrics-text": text}
             responses[str(status)] = entry
         if r.request is not None or r.body_kind == "connector" or r.params:
             responses.setdefault("400", {**error, "description": "Invalid request: every problem is named"})

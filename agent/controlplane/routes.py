@@ -7,8 +7,10 @@ documented status against what the handlers actually return.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -17,10 +19,13 @@ import msgspec
 import structlog
 import yaml
 from aiohttp import web
+from aiohttp.typedefs import Middleware
+from prometheus_client.exposition import choose_encoder
 
 from agent._values import bounded_message, parse_bounded
 from agent._version import __version__
 from agent.controlplane.core import ApiFailure, ControlPlane, ts
+from agent.controlplane.metrics import ControlPlaneMetrics
 from agent.protocol.auth import Claims, IssuedToken, TokenVerifier
 from agent.protocol.errors import AuthError, Code, error_body
 from agent.protocol.models import (
@@ -211,6 +216,15 @@ ROUTES: tuple[Route, ...] = (
     ),
     Route("GET", "/healthz", "healthz", "Liveness of the control plane", "public", "none", {200: ("Alive", None)}),
     Route("GET", "/openapi.json", "openapi", "This document", "public", "none", {200: ("OpenAPI 3.1", None)}),
+    Route(
+        "GET",
+        "/metrics",
+        "metrics",
+        "Prometheus metrics: queue depth, tasks by state, lease expiries, delegates connected, request latency",
+        "public",
+        "none",
+        {200: ("Prometheus text exposition (OpenMetrics when the Accept header asks for it)", None)},
+    ),
     # --- user API ------------------------------------------------------------------------------
     Route(
         "GET",
@@ -518,6 +532,11 @@ class Handlers:
     async def openapi(self, request: web.Request, body: None) -> web.Response:
         return web.Response(body=self._openapi, content_type="application/json")
 
+    async def metrics(self, request: web.Request, body: None) -> web.Response:
+        # Content negotiation as prometheus_client does it: OpenMetrics if the scraper asks, else text 0.0.4.
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return web.Response(body=encoder(self.cp.metrics.registry), headers={"Content-Type": content_type})
+
     # --- connectors --------------------------------------------------------------------------
 
     async def list_connectors(self, request: web.Request, body: None) -> web.Response:
@@ -780,6 +799,29 @@ def _problem(exc: msgspec.ValidationError) -> Problem:
         text, _, path = text.rpartition(" - at `")
         where = path.rstrip("`").removeprefix("$").lstrip(".") or "body"
     return Problem(field=where, message=text)
+
+
+def metrics_middleware(metrics: ControlPlaneMetrics) -> Middleware:
+    """Count and time every request by route name; outermost, so it sees the status that was sent."""
+
+    @web.middleware
+    async def observe(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        started = time.perf_counter()
+        code = 500
+        try:
+            response = await handler(request)
+            code = response.status
+            return response
+        except asyncio.CancelledError:
+            code = 499  # the client hung up first (a long poll whose delegate went away)
+            raise
+        finally:
+            route = getattr(request.match_info.route, "name", None) or "unmatched"
+            metrics.observe_request(route, code, time.perf_counter() - started)
+
+    return observe
 
 
 @web.middleware
