@@ -52,7 +52,7 @@ async def test_keda_query_and_alert_are_zero_idle_and_scale_out_loaded(
     assert trigger["type"] == "prometheus"
     metric_type = trigger.get("metricType", "AverageValue")  # KEDA's default
     query, threshold = trigger["metadata"]["query"], float(trigger["metadata"]["threshold"])
-    namespace, service = "delegates", scaled["metadata"]["name"]  # render() installs into "delegates"
+    namespace, service = scaled["metadata"]["namespace"], scaled["metadata"]["name"]
 
     cp = await control_plane_factory(settings=FAST)
     fleet = [await agent_factory(cp, name=f"pod-{i}", capacity=CAPACITY) for i in range(2)]

@@ -141,17 +141,11 @@ def test_every_rendered_manifest_validates_against_eks_versions(variant: str) ->
             kubernetes_validate.validate(doc, version, strict=True)
 
 
-#: Objects whose template belongs to other work and does not set metadata.namespace yet.
-NAMESPACE_PENDING = {"ScaledObject"}
-
-
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_every_object_names_the_release_namespace(variant: str) -> None:
     """metadata.namespace is set on every object, so `helm template | kubectl apply` lands where helm would."""
     docs = render(*VARIANTS[variant])
     for doc in docs:
-        if doc["kind"] in NAMESPACE_PENDING:
-            continue
         assert doc["metadata"]["namespace"] == "delegates", (doc["kind"], doc["metadata"])
     other = helm("template", "rel", str(CHART), "--namespace", "elsewhere", *REQUIRED, *VARIANTS[variant])
     assert {d["metadata"].get("namespace") for d in yaml.safe_load_all(other.stdout) if d} - {None} == {"elsewhere"}
