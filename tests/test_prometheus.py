@@ -46,6 +46,11 @@ scrape_configs:
         }
         for query, expected in queries.items():
             assert await prom.value(query) == expected, query
+        # docs/deploy.md: Harness's delegate_name label, by joining on the info metric.
+        [joined] = await prom.query("delegate_tasks_running * on (instance) group_left (name) delegate_agent_info") or [
+            {}
+        ]
+        assert (joined["metric"]["name"], joined["value"][1]) == ("scraped", "0"), joined
 
 
 def test_the_shipped_alert_rules_are_valid() -> None:
