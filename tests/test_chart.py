@@ -312,8 +312,11 @@ def test_autoscaling_owns_the_replica_count(variant: str) -> None:
     if variant == "autoscaling":
         assert one(docs, "HorizontalPodAutoscaler")["spec"]["metrics"][0]["resource"]["name"] == "cpu"
     else:
-        query = one(docs, "ScaledObject")["spec"]["triggers"][0]["metadata"]["query"]
-        assert "delegate_task_slots_busy" in query and "HorizontalPodAutoscaler" not in kinds(docs)
+        [trigger] = one(docs, "ScaledObject")["spec"]["triggers"]
+        assert "delegate_task_slots_busy" in trigger["metadata"]["query"] and "HorizontalPodAutoscaler" not in kinds(
+            docs
+        )
+        assert trigger["metricType"] == "Value"  # a fleet-wide ratio; tests/test_autoscaling.py says why
 
 
 @pytest.mark.parametrize(
