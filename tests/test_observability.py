@@ -197,8 +197,9 @@ def test_settings_problems_are_all_reported(tmp_path: Path) -> None:
         "DELEGATE_TOKEN_FILE",
         "AGENT_DRAIN_TIMEOUT_SECONDS",
         "DELEGATE_TOKEN",
-        "AGENT_CONTROL_PLANE_CLIENT_CERT_FILE",
+        "DELEGATE_CLIENT_CERTIFICATE_PATH",  # the pair rule names Harness's variable, and its message all three
     ]
+    assert "AGENT_CONTROL_PLANE_CLIENT_CERT_FILE" in err.value.problems[-1].message
 
 
 def test_a_token_file_is_reread_when_it_changes(tmp_path: Path) -> None:

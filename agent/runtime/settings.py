@@ -805,7 +805,9 @@ def _check_together(given: set[str]) -> Iterator[Problem]:
     if ("controlPlane.clientCertFile" in given) != ("controlPlane.clientKeyFile" in given):
         yield Problem(
             field="DELEGATE_CLIENT_CERTIFICATE_PATH",
-            message="mutual TLS needs both the client certificate and its key (DELEGATE_CLIENT_CERTIFICATE_KEY_PATH)",
+            message="mutual TLS needs both the client certificate and its key: set both of "
+            "DELEGATE_CLIENT_CERTIFICATE_PATH and DELEGATE_CLIENT_CERTIFICATE_KEY_PATH (or "
+            "AGENT_CONTROL_PLANE_CLIENT_CERT_FILE and _KEY_FILE, or controlPlane.clientCertFile and clientKeyFile)",
         )
     if "proxy.host" in given and "proxy.port" not in given:
         yield Problem(field="PROXY_PORT", message="is required with PROXY_HOST")
@@ -855,6 +857,8 @@ def _read_file(path: Path) -> tuple[Mapping[str, Any], list[Problem]]:
         if key not in _FILE_KEYS:
             problems.append(Problem(field=f"{path}: {key}", message="unknown setting"))
         elif _FILE_KEYS[key]:
+            if value is None:
+                continue  # a section whose every key is commented out: nothing set there
             if not isinstance(value, Mapping):
                 problems.append(Problem(field=f"{path}: {key}", message="must be a mapping"))
                 continue
