@@ -10,6 +10,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # pip prints a warning per package for this machine's file:// extra indexes; keep the output readable.
 LINT_PATHS := $(wildcard agent tests bench)
+# make test spreads the suite over the cores (pytest-xdist), at most 4 workers; PYTEST_WORKERS= runs it in one process.
+PYTEST_WORKERS ?= -n auto --maxprocesses=4
 PIPQUIET := grep -v -E "is ignored: it is neither a file nor a directory" || true
 
 .PHONY: help venv test lint typecheck check demo bench profile load lock models clean image chart
@@ -38,7 +40,7 @@ typecheck: $(STAMP) ## mypy --strict on the package
 test: $(STAMP) ## run the test suite (installs what it needs first)
 	@bash tools/install-test-tools.sh
 	@# pytest exits 5 when it collected no tests: that must fail loudly, never pass.
-	$(BIN)/python -m pytest $(PYTEST_ARGS) || { rc=$$?; if [ $$rc -eq 5 ]; then \
+	$(BIN)/python -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS) || { rc=$$?; if [ $$rc -eq 5 ]; then \
 	  echo "make test: pytest collected no tests" >&2; fi; exit $$rc; }
 
 check: lint typecheck test ## everything CI runs
