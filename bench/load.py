@@ -143,7 +143,12 @@ class Stack:
         port = free_port()
         secrets = self.workdir / "secrets"
         secrets.mkdir(exist_ok=True)
-        (secrets / "load_secret_key").write_text("load-test-secret-key")
+        # Written as Kubernetes updates a mounted Secret: whole or not at all. A plain write_text here
+        # truncated the file while the other delegates read it (every restart in the fault run wrote
+        # it again), and a validation now and then failed on an empty secret.
+        staged = secrets / f".load_secret_key.{name}"
+        staged.write_text("load-test-secret-key")
+        staged.replace(secrets / "load_secret_key")
         env = _clean_env(
             MANAGER_HOST_AND_PORT=cp_url,
             DELEGATE_TOKEN_FILE=str(self.workdir / "control-plane" / "delegate-token"),
