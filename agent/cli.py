@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from agent.protocol.api_client import ApiClient
     from agent.protocol.models import ApplyResult, DelegateView, Problem, TaskView
     from agent.protocol.results import ValidationResult
+    from agent.runtime.agent import Agent
     from agent.runtime.settings import AgentSettings
     from agent.taskapi import TaskHandler
 
@@ -814,16 +815,39 @@ def build_handlers(
     return [AwsValidationHandler(validator)]
 
 
+def build_agent(
+    settings: AgentSettings,
+    aws: AwsEnvironment,
+    environ: Mapping[str, str],
+    *,
+    redactor: Redactor,
+    watchdog: bool = True,
+) -> Agent:
+    """The delegate as ``run`` wires it: handlers, metrics, the task signature check (one place)."""
+    from agent.observability.metrics import AgentMetrics
+    from agent.runtime.agent import Agent
+    from agent.runtime.settings import environment_report
+    from agent.runtime.signing import task_check_from_key
+
+    metrics = AgentMetrics(name=settings.name)
+    return Agent(
+        settings,
+        handlers=build_handlers(aws, redactor, metrics, secrets_dir=settings.secrets_dir, capacity=settings.capacity),
+        redactor=redactor,
+        metrics=metrics,
+        task_check=task_check_from_key(settings.control_plane.task_public_key),
+        watchdog=watchdog,
+        unused_env=environment_report(environ).ignored,
+    )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
     import errno
 
     from agent._files import DataDirUnusable
     from agent.observability.logging import Redactor, configure_logging
-    from agent.observability.metrics import AgentMetrics
-    from agent.runtime.agent import Agent, serve
-    from agent.runtime.settings import environment_report
-    from agent.runtime.signing import task_check_from_key
+    from agent.runtime.agent import serve
 
     settings, aws = _settings(args)
     aws = trust_additional_cas(settings, aws)
@@ -831,15 +855,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     configure_logging(
         fmt=settings.log_format, level=settings.log_level, redactor=redactor, static={"delegate": settings.name}
     )
-    metrics = AgentMetrics(name=settings.name)
-    agent = Agent(
-        settings,
-        handlers=build_handlers(aws, redactor, metrics, secrets_dir=settings.secrets_dir, capacity=settings.capacity),
-        redactor=redactor,
-        metrics=metrics,
-        task_check=task_check_from_key(settings.control_plane.task_public_key),
-        unused_env=environment_report(os.environ).ignored,
-    )
+    agent = build_agent(settings, aws, os.environ, redactor=redactor)
 
     try:
         return asyncio.run(serve(agent))

@@ -51,6 +51,19 @@ class Key:
         return f"arn:aws:iam::{ACCOUNT}:user/{self.user}"
 
 
+async def assume_role_session(moto: str, role_arn: str, session_name: str) -> dict[str, str]:
+    """A session of ``role_arn`` as sts:AssumeRole hands it out (AccessKeyId, SecretAccessKey, SessionToken)."""
+    async with AioSession().create_client(
+        "sts",
+        region_name="us-east-1",
+        endpoint_url=moto,
+        aws_access_key_id=ADMIN_KEY[0],
+        aws_secret_access_key=ADMIN_KEY[1],
+    ) as sts:
+        creds = (await sts.assume_role(RoleArn=role_arn, RoleSessionName=session_name))["Credentials"]
+    return {k: str(creds[k]) for k in ("AccessKeyId", "SecretAccessKey", "SessionToken")}
+
+
 class MotoIam:
     """Seeds users, keys, roles and policies in moto (while enforcement is off)."""
 

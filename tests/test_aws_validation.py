@@ -261,19 +261,10 @@ async def test_cross_account_lands_in_the_other_account(make_validator: Any) -> 
 @pytest.fixture
 async def temporary_keys(moto: str) -> dict[str, str]:
     """A session of a role, as sts:AssumeRole hands it out: ASIA... key, secret key and session token."""
-    from aiobotocore.session import AioSession
-
-    from tests.awsfakes import ADMIN_KEY
+    from tests.awsfakes import assume_role_session
 
     role = await MotoIam(moto).role("temporary", trusted=f"arn:aws:iam::{ACCOUNT}:root")
-    async with AioSession().create_client(
-        "sts",
-        region_name="us-east-1",
-        endpoint_url=moto,
-        aws_access_key_id=ADMIN_KEY[0],
-        aws_secret_access_key=ADMIN_KEY[1],
-    ) as sts:
-        creds = (await sts.assume_role(RoleArn=role, RoleSessionName="handed-out"))["Credentials"]
+    creds = await assume_role_session(moto, role, "handed-out")
     return {"ak": creds["AccessKeyId"], "sk": creds["SecretAccessKey"], "st": creds["SessionToken"]}
 
 

@@ -15,9 +15,8 @@ import aiohttp
 import pytest
 import yaml
 
-from agent.cli import EXIT_OK, build_handlers, delegate_config, main, trust_additional_cas
+from agent.cli import EXIT_OK, build_agent, delegate_config, main, trust_additional_cas
 from agent.observability.logging import Redactor, configure_logging
-from agent.observability.metrics import AgentMetrics
 from agent.runtime.agent import Agent
 from agent.runtime.settings import HARNESS_UNUSED, environment_report
 from tests.awsfakes import FaultProxy
@@ -190,15 +189,7 @@ async def _run_delegate(env: dict[str, str], logs: io.StringIO) -> tuple[Agent, 
     aws = trust_additional_cas(settings, aws, Path(env["AGENT_SECRETS_DIR"]).parent)
     redactor = Redactor()
     configure_logging(fmt="json", level=settings.log_level, redactor=redactor, stream=logs)
-    metrics = AgentMetrics(name=settings.name)
-    agent = Agent(
-        settings,
-        handlers=build_handlers(aws, redactor, metrics, secrets_dir=settings.secrets_dir, capacity=settings.capacity),
-        redactor=redactor,
-        metrics=metrics,
-        watchdog=False,
-        unused_env=environment_report(env).ignored,
-    )
+    agent = build_agent(settings, aws, env, redactor=redactor, watchdog=False)
     task = asyncio.create_task(agent.run())
     started = asyncio.create_task(agent.started.wait())
     await asyncio.wait({task, started}, timeout=20, return_when=asyncio.FIRST_COMPLETED)

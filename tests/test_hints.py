@@ -14,7 +14,7 @@ from agent.aws.environment import AwsEnvironment
 from agent.controlplane.app import ControlPlaneConfig, ControlPlaneService
 from agent.controlplane.platform import platform_validator_from_env
 from agent.observability.logging import Redactor
-from tests.awsfakes import ACCOUNT, ADMIN_KEY, MotoIam, moto_api
+from tests.awsfakes import ACCOUNT, ADMIN_KEY, MotoIam, assume_role_session, moto_api
 from tests.conftest import API_KEY, TOKEN, ControlPlaneFactory, free_port
 from tests.test_aws_validation import connector, make_validator, manual, run
 
@@ -42,14 +42,7 @@ async def _role_with_path(moto: str, name: str, path: str, *, trusted: str, acti
 
 async def _session_of(moto: str, role_arn: str) -> dict[str, str]:
     """Temporary credentials of ``role_arn`` (as a node's instance profile would hand out)."""
-    async with AioSession().create_client(
-        "sts",
-        region_name="us-east-1",
-        endpoint_url=moto,
-        aws_access_key_id=ADMIN_KEY[0],
-        aws_secret_access_key=ADMIN_KEY[1],
-    ) as sts:
-        creds = (await sts.assume_role(RoleArn=role_arn, RoleSessionName="i-0123456789"))["Credentials"]
+    creds = await assume_role_session(moto, role_arn, "i-0123456789")
     return {
         "AWS_ACCESS_KEY_ID": creds["AccessKeyId"],
         "AWS_SECRET_ACCESS_KEY": creds["SecretAccessKey"],
