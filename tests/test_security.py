@@ -16,13 +16,22 @@ from agent.aws.environment import AwsEnvironment
 from agent.cli import EXIT_OK, build_handlers, main
 from agent.observability.logging import Redactor, configure_logging
 from agent.observability.metrics import AgentMetrics
-from agent.protocol.models import TestRequest
-from agent.protocol.signing import TaskSigningKey
+from agent.protocol.models import AcquireRequest, Task, TestRequest
+from agent.protocol.signing import TaskSignatureVerifier, TaskSigningKey
 from agent.runtime.agent import Agent
 from agent.runtime.settings import AgentSettings, ControlPlaneEndpoint
 from agent.runtime.signing import task_check_from_key
 from tests.awsfakes import MotoIam
-from tests.conftest import API_KEY, FAST, TOKEN, AgentFactory, ControlPlaneFactory, done
+from tests.conftest import (
+    API_KEY,
+    FAST,
+    TOKEN,
+    AgentFactory,
+    ControlPlaneFactory,
+    delegate_client,
+    done,
+    register_request,
+)
 from tests.handlers import all_handlers
 from tests.helpers import POLL_SECONDS, sample, wait_for
 from tests.tls import make_pki
@@ -82,16 +91,28 @@ async def stop(agent: Agent, task: Any) -> None:
 # --- signed tasks ----------------------------------------------------------------------------------
 
 
+REFUSALS = {
+    "unsigned": "refused: the task is not signed",
+    "altered": "refused: the task's signature does not match the control plane's key",
+    "other-key": "refused: the task's signature does not match the control plane's key",
+}
+
+
 @pytest.mark.parametrize("tamper", ["none", "unsigned", "altered", "other-key"])
 async def test_signed_tasks_and_what_is_refused(control_plane_factory: ControlPlaneFactory, tamper: str) -> None:
     """With the control plane's public key, a delegate runs only tasks whose signature checks out."""
-    cp = await control_plane_factory(settings=FAST)
-    key = TaskSigningKey.generate().public_key_b64 if tamper == "other-key" else cp.signing_key.public_key_b64
+    signing = TaskSigningKey.generate()
+
+    def sign(task: Task) -> str:
+        if tamper == "unsigned":
+            return ""
+        if tamper == "altered":  # the signature covers another payload than the one delivered
+            return signing.sign(msgspec.structs.replace(task, payload={"message": "run something else"}))
+        return signing.sign(task)
+
+    cp = await control_plane_factory(settings=FAST, task_signer=sign, task_public_key=signing.public_key_b64)
+    key = TaskSigningKey.generate().public_key_b64 if tamper == "other-key" else signing.public_key_b64
     task = cp.core.create_task(type="test.echo", payload={"message": "run me"})
-    if tamper == "unsigned":
-        cp.store.update_task(task.id, signature=None)
-    elif tamper == "altered":  # a compromised path changes the payload after signing
-        cp.store.update_task(task.id, payload={"message": "run something else"})
     handlers = all_handlers()
     agent, run = await start_agent(cp.url, public_key=key, handlers=list(handlers.values()))
     try:
@@ -104,20 +125,28 @@ async def test_signed_tasks_and_what_is_refused(control_plane_factory: ControlPl
         return
     assert result.status == "FAILURE"
     assert result.result.failure.step == "verify_signature"
-    assert result.result.error_summary.startswith("refused:")
+    assert result.result.error_summary.startswith(REFUSALS[tamper])
     assert handlers["test.echo"].seen == []  # never run
 
 
 async def test_the_public_key_is_published(
     control_plane_factory: ControlPlaneFactory, http: aiohttp.ClientSession
 ) -> None:
-    """/v1/info and the data dir give operators the key to configure delegates with."""
+    """/v1/info and the data dir give operators the key; it verifies the lease hand-out a delegate gets."""
     cp = await control_plane_factory()
     async with http.get(cp.url + "/v1/info") as resp:
         info = await resp.json()
     assert info["taskPublicKey"] == cp.signing_key.public_key_b64
     assert cp.config.data_dir is not None
     assert (cp.config.data_dir / "task-signing-key.pub").read_text().strip() == info["taskPublicKey"]
+    client = delegate_client(http, cp.url)
+    delegate_id = (await client.register(register_request())).delegate_id
+    cp.core.create_task(type="test.echo", payload={"message": "signed for one delegate"})
+    (task,) = (await client.acquire(delegate_id, AcquireRequest(max_tasks=1, wait_seconds=0))).tasks
+    assert TaskSignatureVerifier(info["taskPublicKey"])(task) is None
+    # The signature covers the hand-out: this delegate, this lease, and a start-by time (the first lease's end).
+    assert task.delegate_id == delegate_id
+    assert task.signature_expires_at == task.lease_expires_at
 
 
 # --- HTTPS and mutual TLS --------------------------------------------------------------------------

@@ -51,7 +51,7 @@ from agent.protocol.models import (
 )
 from agent.protocol.results import ValidationResult, failure_result, harness_result
 
-#: Signs a task for the delegate (detached signature over the task's canonical bytes).
+#: Signs a lease hand-out for its delegate (detached signature over the task's canonical bytes).
 TaskSigner = Callable[[Task], str]
 
 log = structlog.get_logger("controlplane")
@@ -420,8 +420,13 @@ class ControlPlane:
         return leased
 
     def _wire_task(self, t: TaskRow) -> Task:
-        assert t.lease_id is not None and t.lease_expires_at is not None
-        return Task(
+        """The lease hand-out, signed for the delegate it was just leased to.
+
+        The signature expires with the first lease: a delegate that has not started the task by
+        then has lost it anyway (the task is re-queued), and a renewed lease runs on regardless.
+        """
+        assert t.lease_id is not None and t.lease_expires_at is not None and t.delegate_id is not None
+        task = Task(
             task_id=t.id,
             lease_id=t.lease_id,
             type=t.type,
@@ -431,8 +436,12 @@ class ControlPlane:
             lease_expires_at=ts(t.lease_expires_at),
             timeout_seconds=t.timeout_seconds,
             attempt=t.attempts,
-            signature=t.signature,
+            delegate_id=t.delegate_id,
+            signature_expires_at=ts(t.lease_expires_at),
         )
+        if self._task_signer is None:
+            return task
+        return msgspec.structs.replace(task, signature=self._task_signer(task))
 
     # --- leases and results ------------------------------------------------------------------
 
@@ -625,26 +634,9 @@ class ControlPlane:
             attempts=0,
             max_attempts=max_attempts or self.settings.max_attempts,
         )
-        if self._task_signer is not None:
-            row = with_updates(row, signature=self._task_signer(self._signable(row)))
         self.store.insert_task(row)
         self._enqueue(row)
         return row
-
-    @staticmethod
-    def _signable(t: TaskRow) -> Task:
-        """The fields a task signature covers (everything but the lease, which changes per attempt)."""
-        return Task(
-            task_id=t.id,
-            lease_id="",
-            type=t.type,
-            payload=t.payload,
-            created_at=ts(t.created_at),
-            lease_seconds=0,
-            lease_expires_at=ts(0),
-            timeout_seconds=t.timeout_seconds,
-            attempt=0,
-        )
 
     def _enqueue(self, t: TaskRow) -> None:
         key: QueueKey = (t.type, frozenset(t.selectors))

@@ -85,7 +85,12 @@ class Task(Wire, kw_only=True):
     #: Execution budget; the delegate stops the task when it runs out.
     timeout_seconds: float
     attempt: int
-    #: Detached Ed25519 signature over the task's canonical bytes, when the server signs tasks.
+    #: The delegate the task was leased to: a signed task runs only there.
+    delegate_id: str | None = None
+    #: The task may not *start* after this (the signature bounds a replay; a renewed lease runs on).
+    signature_expires_at: Timestamp | None = None
+    #: Detached Ed25519 signature over the lease hand-out (see agent/protocol/signing.py), when the
+    #: server signs tasks.
     signature: str | None = None
 
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -25,6 +25,7 @@ from agent.protocol.client import ControlPlaneClient
 from agent.protocol.errors import LeaseFenced, ProtocolError
 from agent.protocol.models import Task, TaskResult
 from agent.protocol.results import Redact, ValidationResult, failure_result
+from agent.protocol.signing import Refusal
 from agent.protocol.wire import TaskStatus
 from agent.runtime.outbox import Entry, Outbox
 from agent.runtime.state import AgentState, RunningTask
@@ -39,8 +40,15 @@ UNWIND_SECONDS = 5.0
 #: the task back too, and failing that its lease expires and re-queues it.
 RELEASE_SECONDS = 2.0
 
-#: Checks a task before it runs; returns a reason to refuse it, or None.
-TaskCheck = Callable[[Task], str | None]
+
+class TaskCheck(Protocol):
+    """Checks a task before it runs (agent/runtime/signing.py); returns why to refuse it, or None.
+
+    ``delegate_id`` is the id this delegate registered as: a signed task names the delegate it was
+    leased to, and runs nowhere else.
+    """
+
+    def __call__(self, task: Task, *, delegate_id: str) -> Refusal | None: ...
 
 
 class Slots:
@@ -148,6 +156,12 @@ class Executor:
 
     def start(self, task: Task) -> None:
         """Run a leased task; its slot is already taken and is released when it finishes."""
+        if self._check is not None:
+            # Before the task is registered anywhere: a replay of a running task must not touch it.
+            refusal = self._check(task, delegate_id=self._state.delegate_id or "")
+            if refusal is not None:
+                self._refuse(task, refusal)
+                return
         run = _Job(task)
         self._runs[task.task_id] = run
         self._idle.clear()
@@ -260,16 +274,6 @@ class Executor:
                 f"{', '.join(self.task_types) or 'nothing'})",
                 step="dispatch",
             )
-        if self._check is not None:
-            refused = self._check(task)
-            if refused is not None:
-                log.warning("task.refused", reason=refused)
-                return "invalid", self._failure(
-                    "invalid_task",
-                    refused,
-                    step="verify_signature",
-                    hint="the task was not run; check the control plane's signing key",
-                )
         ctx = TaskContext(
             task_id=task.task_id,
             type=task.type,
@@ -313,6 +317,47 @@ class Executor:
             )
         result = run.work.result()
         return ("success" if result.status == "SUCCESS" else "failure"), result
+
+    def _refuse(self, task: Task, refusal: Refusal) -> None:
+        """A task that fails its check never runs: a FAILURE naming why, reported when that is safe.
+
+        Reported only under a lease that is this delegate's and that no run of ours reports: a
+        replayed copy of a running task, or of one whose result waits in the outbox, must not
+        replace the genuine result. Whatever is not reported is still logged and counted.
+        """
+        try:
+            output = self._redact(
+                self._failure("invalid_task", refusal.message, step="verify_signature", hint=refusal.hint)
+            )
+            reported = refusal.lease_is_ours and not self._lease_reported(task.lease_id)
+            if reported:
+                now = datetime.now(UTC)
+                result = TaskResult(
+                    lease_id=task.lease_id, status="FAILURE", output=output, started_at=now, finished_at=now
+                )
+                self._outbox.put(Entry(task.task_id, result))
+            self._metrics.tasks_completed.labels(task.type, "invalid").inc()
+            log.warning(
+                "task.refused",
+                task_id=task.task_id,
+                task_type=task.type,
+                attempt=task.attempt,
+                status="FAILURE",
+                reason=refusal.reason,
+                error=output.error_summary,
+                hint=refusal.hint,
+                reported=reported,
+            )
+        except Exception:
+            log.exception("task.executor_error", task_id=task.task_id)
+        finally:
+            self._slots.release()
+
+    def _lease_reported(self, lease_id: str) -> bool:
+        """Whether a run of ours holds this lease, or its result waits in the outbox."""
+        if any(run.task.lease_id == lease_id for run in self._runs.values()):
+            return True
+        return any(entry.key == lease_id for entry in self._outbox.pending(limit=len(self._outbox)))
 
     async def _give_back(self, task: Task, reason: str) -> None:
         """Release the task's lease (the control plane re-queues it), retrying briefly.
