@@ -12,7 +12,9 @@ import pytest
 import yaml
 
 from agent.protocol.patterns import DELEGATE_NAME_RE
+from agent.protocol.signing import TaskSigningKey
 from agent.runtime.settings import SETTINGS, load_settings
+from agent.runtime.signing import task_check_from_key
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "delegate-agent"
@@ -266,6 +268,21 @@ def test_the_rendered_environment_is_settings_the_delegate_reads(tmp_path: Path)
     )
     assert cp.ca_file == tmp_path / "var/run/secrets/delegate-agent/ca/ca.crt"
     assert (settings.name, settings.tags) == ("fixed-name", ("eks", "prod"))
+
+
+def test_the_task_public_key_turns_on_the_signature_check() -> None:
+    """controlPlane.taskPublicKey becomes AGENT_TASK_PUBLIC_KEY, read as the delegate's key; a bad one is refused."""
+    key = TaskSigningKey.generate().public_key_b64
+    env = env_of(render("--set", f"controlPlane.taskPublicKey={key}"))
+    assert env["AGENT_TASK_PUBLIC_KEY"] == key
+    given = {k: v for k, v in env.items() if not k.endswith("_FILE") and k not in ("AGENT_DATA_DIR", "TMPDIR")}
+    settings = load_settings({**given, "DELEGATE_TOKEN": "x" * 32})
+    assert settings.control_plane.task_public_key == key
+    assert task_check_from_key(settings.control_plane.task_public_key) is not None
+    assert "AGENT_TASK_PUBLIC_KEY" not in env_of(render())  # empty by default: tasks are not checked
+    out = helm("template", "rel", str(CHART), *REQUIRED, "--set", "controlPlane.taskPublicKey=not-a-key", check=False)
+    assert out.returncode != 0
+    assert "controlPlane.taskPublicKey: Does not match pattern" in out.stderr, out.stderr
 
 
 def test_image_digest_pins_the_image() -> None:
