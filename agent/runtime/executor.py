@@ -336,7 +336,9 @@ class Executor:
                     lease_id=task.lease_id, status="FAILURE", output=output, started_at=now, finished_at=now
                 )
                 self._outbox.put(Entry(task.task_id, result))
-            self._metrics.tasks_completed.labels(task.type, "invalid").inc()
+            # A refused task's type is not trusted: only the types this delegate runs become labels.
+            label = task.type if task.type in self._handlers else "unknown"
+            self._metrics.tasks_completed.labels(label, "invalid").inc()
             log.warning(
                 "task.refused",
                 task_id=task.task_id,
