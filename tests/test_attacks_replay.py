@@ -59,6 +59,9 @@ class ReplayProxy:
     #: Every task handed out through the proxy, as it was on the wire.
     captured: list[dict[str, Any]] = field(default_factory=list)
     reported: list[Reported] = field(default_factory=list)
+    #: While set, results are answered 503 (the control plane seems down) and kept from it.
+    hold_results: bool = False
+    held: int = 0
     _replays: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def replay(self, delegate_id: str, task: dict[str, Any]) -> None:
@@ -88,6 +91,10 @@ class ReplayProxy:
         acquire = _ACQUIRE.fullmatch(request.path)
         if acquire and self._replays.get(acquire[1]):
             return web.json_response({"tasks": self._replays.pop(acquire[1])})
+        result = _RESULT.fullmatch(request.path)
+        if result and self.hold_results:
+            self.held += 1
+            return web.Response(status=503)
         headers = {k: v for k, v in request.headers.items() if k.lower() in ("authorization", "content-type")}
         try:
             async with self._session.request(
@@ -99,7 +106,6 @@ class ReplayProxy:
             return web.Response(status=502)
         if acquire and status == 200:
             self.captured.extend(json.loads(answer)["tasks"])
-        result = _RESULT.fullmatch(request.path)
         if result and request.method == "PUT":
             self.reported.append(Reported(result[1], json.loads(body), status, json.loads(answer or b"{}")))
         return web.Response(status=status, body=answer, headers=kept)
@@ -314,6 +320,86 @@ async def test_a_control_plane_clock_behind_the_delegate_s(
     assert view["status"] == "FAILURE"
     assert view["result"]["errorSummary"].startswith("refused: the task's signature expired at ")
     assert view["result"]["failure"]["hint"].startswith("the task was not run; check that the control plane's host")
+
+
+@pytest.mark.attacks
+@pytest.mark.parametrize("genuine", ["running", "its result waiting in the outbox"])
+async def test_a_tampered_copy_of_a_task_never_replaces_the_genuine_result(
+    control_plane_factory: ControlPlaneFactory, genuine: str
+) -> None:
+    """A copy stripped of its signature or altered is refused; while our run holds its lease, it is not reported."""
+    cp = await start(control_plane_factory)
+    proxy = ReplayProxy(cp.url)
+    with structlog.testing.capture_logs() as logs:
+        async with proxy.running() as url, delegates(url, key(cp), "a") as (a,):
+            if genuine == "running":
+                task = cp.core.create_task(type="test.gate", payload={})
+                await wait_for(lambda: a.handlers["test.gate"].started == [task.id], "the genuine run to start")
+                stolen = await captured(proxy, task.id)
+                stolen["signature"] = None
+            else:
+                proxy.hold_results = True  # the genuine SUCCESS waits in the delegate's outbox
+                task = cp.core.create_task(type="test.echo", payload={"message": "once"})
+                await wait_for(lambda: proxy.held, "the genuine result to be sent (and held)")
+                stolen = await captured(proxy, task.id)
+                stolen["attempt"] += 1
+            proxy.replay(a.id, stolen)
+            (refusal,) = await wait_for(lambda: refusals(logs, task.id), "the copy to be refused")
+            a.handlers["test.gate"].open(task.id)
+            proxy.hold_results = False
+            result = await done(cp, task.id)
+    assert refusal["error"].startswith(
+        "refused: the task is not signed"
+        if genuine == "running"
+        else "refused: the task's signature does not match the control plane's key"
+    )
+    assert refusal["reported"] is False
+    assert result.status == "SUCCESS"
+    assert {r.body["status"] for r in proxy.results_for(task.id)} == {"SUCCESS"}
+
+
+@pytest.mark.attacks
+async def test_a_task_replayed_to_the_same_delegate_after_a_restart_is_refused(
+    control_plane_factory: ControlPlaneFactory,
+) -> None:
+    """The replay memory dies with the process; the new process is a new delegate id, so the copy is refused."""
+    cp = await start(control_plane_factory)
+    proxy = ReplayProxy(cp.url)
+    with structlog.testing.capture_logs() as logs:
+        async with proxy.running() as url:
+            async with delegates(url, key(cp), "a") as (before,):
+                task = cp.core.create_task(type="test.echo", payload={"message": "once"})
+                await done(cp, task.id)
+                stolen = await captured(proxy, task.id)
+            async with delegates(url, key(cp), "a") as (after,):
+                proxy.replay(after.id, stolen)
+                (refusal,) = await wait_for(lambda: refusals(logs, task.id), "the restarted delegate to refuse it")
+    assert before.id != after.id
+    assert refusal["error"].startswith(
+        f"refused: the task was signed for another delegate ({before.id}), not this one ({after.id})"
+    )
+    assert after.handlers["test.echo"].seen == []
+    assert [r.body["status"] for r in proxy.results_for(task.id)] == ["SUCCESS"]
+
+
+async def test_a_task_runs_on_past_its_signature_expiry_while_its_lease_is_renewed(
+    control_plane_factory: ControlPlaneFactory,
+) -> None:
+    """The expiry bounds when a task may start, not how long it runs."""
+    cp = await start(control_plane_factory)
+    proxy = ReplayProxy(cp.url)
+    clock = ManualClock(time.time())
+    async with proxy.running() as url, delegates(url, key(cp), "a", clock=clock) as (a,):
+        task = cp.core.create_task(type="test.gate", payload={})
+        await wait_for(lambda: a.handlers["test.gate"].started == [task.id], "the task to start")
+        expires = datetime.fromisoformat((await captured(proxy, task.id))["signatureExpiresAt"]).timestamp()
+        await wait_for(
+            lambda: (cp.core.get_task(task.id).lease_expires_at or 0) > expires + 1, "the lease to be renewed past it"
+        )
+        clock.advance(3600)
+        a.handlers["test.gate"].open(task.id)
+        result = await done(cp, task.id)
+    assert result.status == "SUCCESS"
 
 
 # --- the delegate's replay memory -----------------------------------------------------------------
