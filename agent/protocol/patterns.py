@@ -1,4 +1,4 @@
-"""Every tag, name and identifier pattern, written once.
+r"""Every tag, name and identifier pattern, written once.
 
 Each pattern is a plain string in the subset Python's ``re`` and JSON Schema (ECMA-262) agree on,
 so the same text checks a wire model (through msgspec), documents the OpenAPI schema and checks
