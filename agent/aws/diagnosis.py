@@ -403,7 +403,7 @@ def _secret_hint(exc: SecretNotFound) -> str:
         return "fix the reference in the connector, or the value of the secret it names"
     if on_control_plane:
         return (
-            f"create the file {name!r} in the control plane's --secrets-dir ({exc.directory}), fix the reference "
+            f"create the file {name!r} in the control plane's --secrets-dir, fix the reference "
             "in the connector, or set executeOnDelegate: true so a delegate resolves it"
         )
     return f"create the key {name!r} in {place.store}, or fix the reference in the connector"

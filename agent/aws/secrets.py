@@ -13,9 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import structlog
+
 from agent.aws.connector import SecretRef
 
 MAX_SECRET_BYTES = 64 * 1024
+
+log = structlog.get_logger("aws")
 
 #: Why a reference could not be resolved; the diagnosis picks its hint by it.
 SecretProblem = Literal["no_directory", "missing", "empty", "unreadable", "invalid"]
@@ -95,19 +99,21 @@ class SecretStore:
             # Kubernetes mounts each key as a symlink into ..data/, so links are followed.
             with path.open("rb") as f:
                 data = f.read(MAX_SECRET_BYTES + 1)
-        except FileNotFoundError:
-            raise problem(
-                "missing",
-                f"secret {ref.raw} not found: {place.owner} has no file {ref.name!r} in {place.setting} ({directory})",
-            ) from None
-        except IsADirectoryError:
-            raise problem("unreadable", f"secret {ref.raw} is a directory, not a file, in {directory}") from None
-        except PermissionError:
-            raise problem(
-                "unreadable", f"secret {ref.raw} exists but {place.owner} may not read it ({directory / ref.name})"
-            ) from None
         except OSError as exc:
-            raise problem("unreadable", f"secret {ref.raw} cannot be read: {exc.strerror}") from None
+            # The result names the reference and the setting; the path and the OS's reason stay in
+            # this process's log, for whoever runs it (results travel to the control plane and users).
+            log.warning("aws.secret.unreadable", ref=ref.raw, path=str(path), reason=exc.strerror or str(exc))
+            if isinstance(exc, FileNotFoundError):
+                raise problem(
+                    "missing", f"secret {ref.raw} not found: {place.owner} has no file {ref.name!r} in {place.setting}"
+                ) from None
+            if isinstance(exc, IsADirectoryError):
+                raise problem("unreadable", f"secret {ref.raw} is unreadable: it is a directory, not a file") from None
+            if isinstance(exc, PermissionError):
+                raise problem(
+                    "unreadable", f"secret {ref.raw} is unreadable: {place.owner} may not read the file {ref.name!r}"
+                ) from None
+            raise problem("unreadable", f"secret {ref.raw} is unreadable: {exc.strerror or 'read error'}") from None
         if len(data) > MAX_SECRET_BYTES:
             raise problem("invalid", f"secret {ref.raw} is larger than {MAX_SECRET_BYTES} bytes")
         try:
@@ -117,9 +123,15 @@ class SecretStore:
         if not value:
             raise problem(
                 "empty",
-                f"secret {ref.raw} is empty: the file {ref.name!r} in {place.setting} ({directory}) has "
+                f"secret {ref.raw} is empty: the file {ref.name!r} in {place.setting} has "
                 f"{'only white space' if data else 'no content'}",
             )
-        if self._on_read is not None:
-            self._on_read(value)
+        self.remember(value)
         return value
+
+    def remember(self, *values: str | None) -> None:
+        """Hand secret values read elsewhere (fetched session keys, the environment's) to the redactor."""
+        if self._on_read is not None:
+            for value in values:
+                if value:
+                    self._on_read(value)
