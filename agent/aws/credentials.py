@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,12 +84,16 @@ class CredentialResolver:
         return await self._ambient_cached("chain", region, lambda: self._default_chain(region, delegate_name))
 
     def _static(self, connector: AwsConnector) -> Resolved:
+        # What a person reads names where each part came from, never a character of a secret's value:
+        # an access key kept in a secret is as secret as its secret key.
         access_key = connector.access_key
+        source = f"access key {access_key}"
         if connector.access_key_ref is not None:
             access_key = self._secrets.resolve(connector.access_key_ref)
+            source = f"access key from secret {connector.access_key_ref}"
         assert connector.secret_key_ref is not None and access_key is not None
         secret_key = self._secrets.resolve(connector.secret_key_ref)
-        source = f"access key {access_key[:4]}...{access_key[-4:]} with secret {connector.secret_key_ref}"
+        source += f" with secret {connector.secret_key_ref}"
         token = None
         if connector.session_token_ref is not None:
             token = self._secrets.resolve(connector.session_token_ref)
@@ -109,6 +114,26 @@ class CredentialResolver:
                 # Only a resolution that produced working credentials is kept (checked by the caller first).
                 self._ambient[key] = hit
             return hit
+
+    def _remembered(self, fetch: Callable[[], Awaitable[dict[str, Any]]]) -> Callable[[], Awaitable[dict[str, Any]]]:
+        """``fetch`` (an STS call) whose every answer is handed to the redactor before anyone uses it."""
+
+        async def fetch_and_remember() -> dict[str, Any]:
+            answer = await fetch()
+            self._secrets.remember(answer.get("secret_key"), answer.get("token"))
+            return answer
+
+        return fetch_and_remember
+
+    async def remember(self, credentials: Any) -> Any:
+        """The frozen keys of ``credentials``; the secret key and session token go to the redactor first.
+
+        Access key IDs are identifiers (AWS prints them), so they stay readable in logs unless they
+        came from a secret reference, which the secret store has registered already.
+        """
+        frozen = await credentials.get_frozen_credentials()
+        self._secrets.remember(frozen.secret_key, frozen.token)
+        return frozen
 
     def forget(self, resolved: Resolved) -> None:
         """Drop a cached delegate identity that failed, so the next task resolves it afresh."""
@@ -140,14 +165,14 @@ class CredentialResolver:
     ) -> Resolved:
         if not Path(token_file).is_file():
             raise CredentialProblem("token_file_missing", f"the web identity token file {token_file} does not exist")
-        fetcher = AioAssumeRoleWithWebIdentityCredentialFetcher(
+        web_fetcher = AioAssumeRoleWithWebIdentityCredentialFetcher(
             client_creator=self._clients.sts_creator(region),
             web_identity_token_loader=FileWebIdentityTokenLoader(token_file),  # re-read on every refresh
             role_arn=role_arn,
             extra_args={"RoleSessionName": name},
         )
         creds = AioDeferredRefreshableCredentials(
-            refresh_using=fetcher.fetch_credentials, method="assume-role-with-web-identity"
+            refresh_using=self._remembered(web_fetcher.fetch_credentials), method="assume-role-with-web-identity"
         )
         return Resolved(creds, method=method, source=f"{label} web identity for {role_arn}", role_arn=role_arn)
 
@@ -157,6 +182,7 @@ class CredentialResolver:
         tried: list[str] = []
         env_creds = await AioEnvProvider(environ=v).load()
         if env_creds is not None:
+            await self.remember(env_creds)
             return Resolved(env_creds, method="environment", source="AWS_ACCESS_KEY_ID in the delegate's environment")
         tried.append("no AWS_ACCESS_KEY_ID")
         if v.get("AWS_ROLE_ARN") and v.get("AWS_WEB_IDENTITY_TOKEN_FILE"):
@@ -179,6 +205,7 @@ class CredentialResolver:
                     "container_failed", f"the container credentials endpoint {where} failed: {_short(exc)}"
                 ) from None
             if creds is not None:
+                await self.remember(creds)
                 label = "EKS Pod Identity" if "169.254.170.23" in str(where) else "container credentials"
                 return Resolved(creds, method="container", source=f"{label} ({where})")
         tried.append("no container credentials endpoint")
@@ -202,6 +229,7 @@ class CredentialResolver:
                     f" instance metadata at {endpoint} did not answer: {_short(exc)}",
                 ) from None
             if creds is not None:
+                await self.remember(creds)
                 return Resolved(creds, method="instance-metadata", source=f"instance profile via IMDSv2 ({endpoint})")
             tried.append(f"instance metadata at {endpoint} has no role")
         raise CredentialProblem("no_credentials", f"no credentials found on the delegate: {', '.join(tried)}")
@@ -219,7 +247,9 @@ class CredentialResolver:
             role_arn=xa.role_arn,
             extra_args=extra,
         )
-        creds = AioDeferredRefreshableCredentials(refresh_using=fetcher.fetch_credentials, method="assume-role")
+        creds = AioDeferredRefreshableCredentials(
+            refresh_using=self._remembered(fetcher.fetch_credentials), method="assume-role"
+        )
         return Resolved(
             creds,
             method=f"{base.method}+assume-role",

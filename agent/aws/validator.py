@@ -219,7 +219,7 @@ class AwsValidator:
             resolved = await self.resolver.base(connector, region=region, delegate_name=delegate_name)
             try:
                 # Deferred credentials (web identity) fetch now, so errors land on this step.
-                await resolved.credentials.get_frozen_credentials()
+                await self.resolver.remember(resolved.credentials)
             except BaseException:
                 self.resolver.forget(resolved)
                 raise
@@ -235,7 +235,7 @@ class AwsValidator:
                     name=session_name(delegate_name, task_id),
                 )
                 try:
-                    await resolved.credentials.get_frozen_credentials()
+                    await self.resolver.remember(resolved.credentials)
                 except ClientError:
                     # Name who was refused: the hint is about *that* principal's trust relationship.
                     caller = await self._whoami(base, region, policy)
