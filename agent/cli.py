@@ -184,7 +184,7 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
     from agent.controlplane.platform import platform_validator_from_env
 
     validator = platform_validator_from_env(os.environ, secrets_dir=config.secrets_dir, redactor=redactor)
-    service = ControlPlaneService(config, platform_validator=validator)
+    service = ControlPlaneService(config, platform_validator=validator, on_secret=redactor.add)
 
     async def serve() -> None:
         stop = asyncio.Event()
@@ -193,8 +193,6 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
-            await service.setup()
-            redactor.add(*(k.secret for k in service.verifier.keys), *service.credentials.api_keys)
             await service.start()
             print(f"control plane listening on {service.url} (data in {config.data_dir})", file=sys.stderr, flush=True)
             await stop.wait()

@@ -12,7 +12,7 @@ import contextlib
 import os
 import sqlite3
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -184,8 +184,11 @@ class ControlPlaneService:
         task_signer: TaskSigner | None = None,
         task_public_key: str | None = None,
         clock: Clock | None = None,
+        on_secret: Callable[[str], None] | None = None,
     ) -> None:
+        """``on_secret`` is told every token and API key the service reads (the redactor's ``add``)."""
         self.config = config
+        self._on_secret = on_secret
         self._platform_validator = platform_validator
         self._task_signer = task_signer
         self.task_public_key = task_public_key
@@ -249,6 +252,7 @@ class ControlPlaneService:
             # Credentials may be generated into the data dir, the store and signing key live there:
             # any of them failing to write is the data dir's fault, said in one line.
             creds = load_credentials(config)
+            self._remember(*(k.secret for k in creds.tokens), *creds.api_keys)
             store = Store(config.data_dir / "controlplane.sqlite3" if config.data_dir else None)
             self._stack.callback(store.close)
             task_signer = self._task_signer
@@ -388,6 +392,7 @@ class ControlPlaneService:
         except CredentialsError as exc:
             log.error("controlplane.token_reload_failed", error=str(exc), hint="keeping the previous tokens")
             return False
+        self._remember(*(k.secret for k in keys))  # first: a later line about them must not show one
         if not keys:
             log.error(
                 "controlplane.token_reload_failed", error="the token file is empty", hint="keeping the previous tokens"
@@ -396,6 +401,11 @@ class ControlPlaneService:
         self.verifier.replace_keys(keys)
         log.info("controlplane.tokens_reloaded", token_names=[k.name for k in keys])
         return True
+
+    def _remember(self, *secrets: str) -> None:
+        if self._on_secret is not None:
+            for secret in secrets:
+                self._on_secret(secret)
 
     async def _watch_tokens(self) -> None:
         while True:

@@ -8,12 +8,14 @@ the token, so the server can hold several tokens at once (rotation) and revoke o
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import jwt
 
@@ -55,13 +57,19 @@ class TokenUnavailable(Exception):
 class TokenSource:
     """Where the delegate's token comes from: a value, or a file re-read when it changes."""
 
-    def __init__(self, *, value: str | None = None, path: Path | None = None) -> None:
+    def __init__(
+        self, *, value: str | None = None, path: Path | None = None, on_read: Callable[[str], None] | None = None
+    ) -> None:
+        """``on_read`` is told every token value read (the redactor's ``add``: protocol imports no logging)."""
         if (value is None) == (path is None):
             raise ValueError("give exactly one of value or path")
         self._value = value.strip() if value is not None else None
         self._path = path
         self._stamp: tuple[int, int] | None = None
         self._cached: str | None = None
+        self._on_read = on_read
+        if self._value and on_read is not None:
+            on_read(self._value)
 
     @property
     def path(self) -> Path | None:
@@ -88,6 +96,8 @@ class TokenSource:
                 raise TokenUnavailable(f"the delegate token file {self._path} is not UTF-8 text") from None
             if not text:
                 raise TokenUnavailable(f"the delegate token file {self._path} is empty")
+            if self._on_read is not None:
+                self._on_read(text)  # before anything can log or send it
             self._cached, self._stamp = text, stamp
         return self._cached
 
@@ -245,6 +255,8 @@ class TokenVerifier:
     def verify(self, authorization: str | None) -> Claims:
         if not authorization:
             raise _unauthenticated("missing Authorization header (expected: Bearer <token>)")
+        if not authorization.isascii():
+            raise _unauthenticated("the Authorization header must be ASCII (Bearer <token>)")
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise _unauthenticated("the Authorization header must be 'Bearer <token>'")
@@ -279,15 +291,27 @@ class TokenVerifier:
         except jwt.PyJWTError:
             raise _unauthenticated("the request token's signature or claims are invalid") from None
         now = self._clock()
-        iat, exp = float(claims["iat"]), float(claims["exp"])
+        iat, exp = _seconds(claims, "iat"), _seconds(claims, "exp")
         if iat > now + self._leeway:
             raise _unauthenticated("the request token was issued in the future (check the delegate's clock)")
-        if exp - iat > MAX_TOKEN_LIFETIME_SECONDS:
-            raise _unauthenticated("the request token lives too long (at most one hour)")
+        # Against now, not iat: a token claiming an old iat must not live longer for it.
+        if exp - now > MAX_TOKEN_LIFETIME_SECONDS + self._leeway:
+            raise _unauthenticated("the request token lives too long (at most one hour from now)")
         # Revocation is checked after the signature: only the token's holder learns it was revoked.
         if kid in self._revoked:
             raise AuthError(f"delegate token {key.name!r} has been revoked", status=403, code=Code.TOKEN_REVOKED)
         return Claims(token_name=key.name, token_id=kid, issuer=str(claims["iss"]), expires_at=exp)
+
+
+def _seconds(claims: dict[str, Any], name: str) -> float:
+    """A time claim as a finite number of seconds; anything else (text, NaN, 1e999, true) is refused."""
+    value = claims.get(name)
+    try:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(name)
+        return float(value)
+    except (ValueError, OverflowError):  # OverflowError: an integer too large for a float
+        raise _unauthenticated(f"the request token's {name} claim must be a number of seconds") from None
 
 
 def _unauthenticated(message: str) -> AuthError:

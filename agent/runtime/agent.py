@@ -231,7 +231,11 @@ class Agent:
             proxy_headers = {"Proxy-Authorization": aiohttp.encode_basic_auth(s.proxy_user, s.proxy_password or "")}
         stack.push_async_callback(session.close)
         stack.push_async_callback(self._close_handlers)
-        token = TokenSource(path=s.token_file) if s.token_file else TokenSource(value=s.token or "")
+        token = (
+            TokenSource(path=s.token_file, on_read=self.redactor.add)
+            if s.token_file
+            else TokenSource(value=s.token or "", on_read=self.redactor.add)
+        )
         signer = RequestSigner(token, audience=s.control_plane.audience, issuer=s.name)
         client = ControlPlaneClient(
             session,
