@@ -1,8 +1,28 @@
-"""Parsing small values from strings (environment variables, query parameters) with bounds."""
+"""Parsing small values from strings (environment variables, query parameters) with bounds, and
+quoting a value back in a message without repeating all of it."""
 
 from __future__ import annotations
 
 import urllib.parse
+
+#: How much of a value an error message repeats: enough to recognise it, not a megabyte of it.
+QUOTE_LIMIT = 100
+
+
+def clip(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """``text``, or its first ``limit`` characters, an ellipsis and how long it was."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}\u2026 ({len(text):,} characters)"
+
+
+def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(value)`` for a message, cut as :func:`clip` does: ``'abc\u2026' (5,000 characters)``."""
+    if not isinstance(value, str):
+        return clip(repr(value), limit)
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit] + chr(0x2026)!r} ({len(value):,} characters)"
 
 
 def parse_bounded(raw: str, lo: float, hi: float, *, integer: bool = False) -> float | None:
@@ -16,7 +36,7 @@ def parse_bounded(raw: str, lo: float, hi: float, *, integer: bool = False) -> f
 
 def bounded_message(raw: str, lo: float, hi: float, *, integer: bool = False) -> str:
     kind = "a whole number" if integer else "a number"
-    return f"must be {kind} from {lo:g} to {hi:g}, not {raw!r}"
+    return f"must be {kind} from {lo:g} to {hi:g}, not {quoted(raw)}"
 
 
 def http_url(url: str) -> str:
@@ -28,5 +48,5 @@ def http_url(url: str) -> str:
     except ValueError:
         ok = False
     if not ok:
-        raise ValueError(f"must be an http(s) URL with a host, not {url!r}")
+        raise ValueError(f"must be an http(s) URL with a host, not {quoted(url)}")
     return url.rstrip("/")

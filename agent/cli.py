@@ -260,10 +260,14 @@ def load_documents(path: str) -> list[Any]:
         raise UsageError(f"cannot read {path}: {exc.strerror}") from None
     import yaml
 
+    from agent._yaml import load_all
+
     try:
-        docs = [d for d in yaml.load_all(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) if d is not None]
+        docs = [d for d in load_all(text) if d is not None]
     except yaml.YAMLError as exc:
         raise UsageError(f"{path} is not valid YAML or JSON: {' '.join(str(exc).split())}") from None
+    except RecursionError:
+        raise UsageError(f"{path} nests too deeply to be a connector") from None
     if not docs:
         raise UsageError(f"{path} holds no document")
     return docs

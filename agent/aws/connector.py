@@ -35,6 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from agent._values import clip, quoted
 from agent.aws.partitions import parse_role_arn, partition_table
 from agent.protocol.models import Problem
 from agent.protocol.patterns import (
@@ -269,7 +270,7 @@ class _Checker:
         for key in obj:
             if key in allowed:
                 continue
-            where = f"{path}.{key}"
+            where = f"{path}.{clip(str(key))}"
             home = _HOME.get(str(key))
             if home is not None and home != where:
                 self.add(where, f"is in the wrong place (Harness ignores it here without a word): move it to {home}")
@@ -416,11 +417,11 @@ def parse_connector(document: Any) -> AwsConnector:
         if not CONNECTOR_IDENTIFIER_RE.match(identifier):
             c.add(
                 "connector.identifier",
-                f"{identifier!r} must start with a letter or '_' and contain only "
+                f"{quoted(identifier)} must start with a letter or '_' and contain only "
                 "letters, digits, '_' and '$' (at most 128)",
             )
         elif identifier in _RESERVED:
-            c.add("connector.identifier", f"{identifier!r} is a reserved word")
+            c.add("connector.identifier", f"{quoted(identifier)} is a reserved word")
     description = c.string(conn.get("description"), "connector.description", max_len=1024, expressions=True)
     account = c.string(conn.get("accountIdentifier"), "connector.accountIdentifier", max_len=128)
     org = c.string(conn.get("orgIdentifier"), "connector.orgIdentifier", max_len=128)
@@ -432,7 +433,7 @@ def parse_connector(document: Any) -> AwsConnector:
         c.add("connector.type", "is required (Aws)")
     elif ctype != "Aws":
         extra = " (did you mean Aws?)" if isinstance(ctype, str) and ctype.lower() == "aws" else ""
-        c.add("connector.type", f"{ctype!r} is not supported: this delegate validates Aws connectors{extra}")
+        c.add("connector.type", f"{quoted(ctype)} is not supported: this delegate validates Aws connectors{extra}")
 
     spec = c.mapping(conn.get("spec"), "connector.spec")
     if spec is None:
@@ -463,7 +464,7 @@ def parse_connector(document: Any) -> AwsConnector:
         elif raw_type is None:
             c.add("connector.spec.credential.type", "is required: one of " + ", ".join(CREDENTIAL_TYPES))
         else:
-            c.add("connector.spec.credential.type", f"{raw_type!r} is not one of " + ", ".join(CREDENTIAL_TYPES))
+            c.add("connector.spec.credential.type", f"{quoted(raw_type)} is not one of " + ", ".join(CREDENTIAL_TYPES))
 
         raw_region = cred.get("region")
         if raw_region is not None:
@@ -473,7 +474,7 @@ def parse_connector(document: Any) -> AwsConnector:
                     hint = partition_table().suggest(r)
                     c.add(
                         "connector.spec.credential.region",
-                        f"unknown region {r!r}" + (f" (did you mean {hint}?)" if hint else ""),
+                        f"unknown region {quoted(r)}" + (f" (did you mean {hint}?)" if hint else ""),
                     )
                 else:
                     region, region_explicit = r, True
@@ -656,7 +657,7 @@ def _ref(c: _Checker, raw: str | None, path: str) -> SecretRef | None:
     if ref is None:
         c.add(
             path,
-            f"{raw!r} is not a secret reference: use account.NAME, org.NAME or NAME, where NAME has "
+            f"{quoted(raw)} is not a secret reference: use account.NAME, org.NAME or NAME, where NAME has "
             "letters, digits, '_', '-', '.' and '$'",
         )
     return ref
@@ -674,7 +675,8 @@ def _cross_account(c: _Checker, raw: Any, region: str) -> CrossAccountAccess | N
         parsed = parse_role_arn(arn)
         if parsed is None:
             c.add(
-                f"{base}.crossAccountRoleArn", f"{arn!r} is not an IAM role ARN (arn:PARTITION:iam::ACCOUNT:role/NAME)"
+                f"{base}.crossAccountRoleArn",
+                f"{quoted(arn)} is not an IAM role ARN (arn:PARTITION:iam::ACCOUNT:role/NAME)",
             )
             ok = False
         else:
@@ -777,7 +779,9 @@ def parse_actions(c: _Checker | None, raw: Any, path: str, *, required: bool = F
     out: list[str] = []
     for i, a in enumerate(raw):
         if not isinstance(a, str) or not IAM_ACTION_RE.match(a):
-            checker.add(f"{path}[{i}]", f"{a!r} is not an IAM action (service:Action, e.g. ec2:DescribeInstances)")
+            checker.add(
+                f"{path}[{i}]", f"{quoted(a)} is not an IAM action (service:Action, e.g. ec2:DescribeInstances)"
+            )
         else:
             out.append(a)
     if len(out) > 100:

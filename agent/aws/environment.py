@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from agent._values import bounded_message, parse_bounded
+from agent._values import bounded_message, parse_bounded, quoted
 from agent.protocol.models import Problem
 
 RetryMode = Literal["standard", "adaptive", "legacy"]
@@ -125,13 +125,13 @@ class AwsEnvironment:
         mode = env.get("AWS_RETRY_MODE", "standard") or "standard"
         if mode not in ("standard", "adaptive", "legacy"):
             problems.append(
-                Problem(field="AWS_RETRY_MODE", message=f"must be standard, adaptive or legacy, not {mode!r}")
+                Problem(field="AWS_RETRY_MODE", message=f"must be standard, adaptive or legacy, not {quoted(mode)}")
             )
             mode = "standard"
         sts = (env.get("AWS_STS_REGIONAL_ENDPOINTS") or "regional").lower()
         if sts not in ("regional", "legacy"):
             problems.append(
-                Problem(field="AWS_STS_REGIONAL_ENDPOINTS", message=f"must be regional or legacy, not {sts!r}")
+                Problem(field="AWS_STS_REGIONAL_ENDPOINTS", message=f"must be regional or legacy, not {quoted(sts)}")
             )
             sts = "regional"
         service_endpoints: dict[str, str] = {}
@@ -142,7 +142,7 @@ class AwsEnvironment:
         urls += [(f"AWS_ENDPOINT_URL_{svc.upper()}", url) for svc, url in service_endpoints.items()]
         for name, url in urls:
             if url and urllib.parse.urlsplit(url).scheme not in ("http", "https"):
-                problems.append(Problem(field=name, message=f"must be an http(s) URL, not {url!r}"))
+                problems.append(Problem(field=name, message=f"must be an http(s) URL, not {quoted(url)}"))
         metadata_v1 = env.get("AWS_EC2_METADATA_V1_DISABLED", "true").lower() in _TRUE
         parsed = cls(
             endpoint_url=env.get("AWS_ENDPOINT_URL") or None,

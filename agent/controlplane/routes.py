@@ -22,8 +22,9 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client.exposition import choose_encoder
 
-from agent._values import bounded_message, parse_bounded
+from agent._values import bounded_message, clip, parse_bounded
 from agent._version import __version__
+from agent._yaml import load as load_yaml
 from agent.controlplane.core import ApiFailure, ControlPlane, ts
 from agent.controlplane.metrics import ControlPlaneMetrics
 from agent.protocol.auth import Claims, IssuedToken, TokenVerifier
@@ -709,13 +710,17 @@ def _flag(request: web.Request, name: str) -> bool:
 Handler = Callable[[web.Request, Any], Awaitable[web.StreamResponse]]
 
 
+#: How deep a connector document may nest: Harness's is five levels; deeper is an attack, not a connector.
+MAX_CONNECTOR_DEPTH = 32
+
+
 def _decode_connector_body(request: web.Request, raw: bytes) -> Any:
     ctype = request.content_type
     text = raw.decode("utf-8", errors="replace")
     try:
         if ctype in ("application/json", "text/json"):
-            return json.loads(text)
-        if ctype in (
+            doc = json.loads(text)
+        elif ctype in (
             "application/yaml",
             "application/x-yaml",
             "text/yaml",
@@ -723,14 +728,39 @@ def _decode_connector_body(request: web.Request, raw: bytes) -> Any:
             "text/plain",
             "application/octet-stream",
         ):
-            return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506
+            doc = load_yaml(text)
+        else:
+            raise ApiFailure(
+                415,
+                Code.UNSUPPORTED_MEDIA_TYPE,
+                f"send the connector as application/json or application/yaml, not {clip(ctype)}",
+            )
     except (ValueError, yaml.YAMLError) as exc:
         raise ApiFailure(
             400, Code.INVALID_CONNECTOR, f"the body is not valid {_kind_name(ctype)}: {str(exc).splitlines()[0][:200]}"
         ) from None
-    raise ApiFailure(
-        415, Code.UNSUPPORTED_MEDIA_TYPE, f"send the connector as application/json or application/yaml, not {ctype}"
-    )
+    except RecursionError:
+        raise _too_deep(MAX_CONNECTOR_DEPTH) from None
+    if _nested_deeper_than(doc, MAX_CONNECTOR_DEPTH):
+        raise _too_deep(MAX_CONNECTOR_DEPTH)
+    return doc
+
+
+def _too_deep(limit: int) -> ApiFailure:
+    return ApiFailure(400, Code.INVALID_CONNECTOR, f"the body nests deeper than {limit} levels: not a connector")
+
+
+def _nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether lists and mappings in ``value`` nest deeper than ``limit`` (without recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth >= limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
 
 
 def _kind_name(ctype: str) -> str:
@@ -764,10 +794,14 @@ def bind(route: Route, handlers: Handlers) -> Callable[[web.Request], Awaitable[
                     body = msgspec.convert(_integral(_json_decode(raw)), model)
                 except msgspec.ValidationError as exc:
                     raise ApiFailure(
-                        400, Code.INVALID_REQUEST, f"invalid request body: {exc}", problems=[_problem(exc)]
+                        400, Code.INVALID_REQUEST, f"invalid request body: {clip(str(exc))}", problems=[_problem(exc)]
                     ) from None
                 except msgspec.DecodeError as exc:
-                    raise ApiFailure(400, Code.INVALID_REQUEST, f"the body is not valid JSON: {exc}") from None
+                    raise ApiFailure(
+                        400, Code.INVALID_REQUEST, f"the body is not valid JSON: {clip(str(exc))}"
+                    ) from None
+                except RecursionError:  # no request model nests; a body that does is refused, not a 500
+                    raise ApiFailure(400, Code.INVALID_REQUEST, "the body nests too deeply") from None
             elif not route.request_optional:
                 raise ApiFailure(400, Code.INVALID_REQUEST, "this request needs a JSON body")
         return await fn(request, body)
@@ -798,7 +832,7 @@ def _problem(exc: msgspec.ValidationError) -> Problem:
     if " - at `$" in text:
         text, _, path = text.rpartition(" - at `")
         where = path.rstrip("`").removeprefix("$").lstrip(".") or "body"
-    return Problem(field=where, message=text)
+    return Problem(field=where, message=clip(text))
 
 
 def metrics_middleware(metrics: ControlPlaneMetrics) -> Middleware:

@@ -29,7 +29,8 @@ from typing import Any, get_args
 import yaml
 
 from agent._files import NotUtf8Text, data_dir_problem, read_text
-from agent._values import bounded_message, http_url, parse_bounded
+from agent._values import bounded_message, http_url, parse_bounded, quoted
+from agent._yaml import load as load_yaml
 from agent.observability.logging import LogFormat
 from agent.protocol.auth import DEFAULT_AUDIENCE
 from agent.protocol.models import Problem
@@ -70,7 +71,7 @@ def _one_of(*choices: str) -> Callable[[object], str]:
     def parse(value: object) -> str:
         text = _text(value)
         if text not in choices:
-            raise _Invalid(f"must be {' or '.join(choices)}, not {text!r}")
+            raise _Invalid(f"must be {' or '.join(choices)}, not {quoted(text)}")
         return text
 
     return parse
@@ -126,7 +127,9 @@ def _data_dir(value: object) -> Path:
 def _delegate_name(value: object) -> str:
     name = _text(value)
     if not DELEGATE_NAME_RE.match(name):
-        raise _Invalid(f"{name!r} must be 1-128 letters, digits, '.', '_' or '-' (starting with a letter or digit)")
+        raise _Invalid(
+            f"{quoted(name)} must be 1-128 letters, digits, '.', '_' or '-' (starting with a letter or digit)"
+        )
     return name
 
 
@@ -147,7 +150,7 @@ def _listen(value: object) -> tuple[str, int]:
     listen = _text(value)
     host, sep, port = listen.rpartition(":")
     if not sep or parse_bounded(port, 0, 65535, integer=True) is None:
-        raise _Invalid(f"must be HOST:PORT, not {listen!r}")
+        raise _Invalid(f"must be HOST:PORT, not {quoted(listen)}")
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - probes and Prometheus reach the pod on its IP
 
 
@@ -163,14 +166,14 @@ def _boolean(value: object) -> bool:
         return value
     text = _text(value).lower()
     if text not in _TRUE + _FALSE:
-        raise _Invalid(f"must be true or false, not {text!r}")
+        raise _Invalid(f"must be true or false, not {quoted(text)}")
     return text in _TRUE
 
 
 def _host(value: object) -> str:
     host = _text(value)
     if not re.fullmatch(r"[A-Za-z0-9_.:\[\]-]+", host):
-        raise _Invalid(f"must be a host name or address (no scheme, no port), not {host!r}")
+        raise _Invalid(f"must be a host name or address (no scheme, no port), not {quoted(host)}")
     return host
 
 
@@ -199,7 +202,7 @@ def _ca_path(value: object) -> Path:
 def _log_level(value: object) -> str:
     level = _text(value)
     if level.lower() not in _LOG_LEVELS:
-        raise _Invalid(f"must be debug, info, warning or error, not {level!r}")
+        raise _Invalid(f"must be debug, info, warning or error, not {quoted(level)}")
     return _LOG_LEVELS[level.lower()]
 
 
@@ -844,11 +847,13 @@ def _read_file(path: Path) -> tuple[Mapping[str, Any], list[Problem]]:
     except OSError as exc:
         raise ConfigError([Problem(field=str(path), message=f"cannot read the config file: {exc.strerror}")]) from None
     try:
-        doc = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506
+        doc = load_yaml(text)
     except yaml.YAMLError as exc:
         raise ConfigError(
             [Problem(field=str(path), message=f"is not valid YAML: {' '.join(str(exc).split())}")]
         ) from None
+    except RecursionError:
+        raise ConfigError([Problem(field=str(path), message="nests too deeply to be a config file")]) from None
     if doc is None:
         return {}, []
     if not isinstance(doc, Mapping):
