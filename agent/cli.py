@@ -193,6 +193,7 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
+            await service.setup()  # first: bad credentials or data dir are one line, before "started"
             await service.start()
             print(f"control plane listening on {service.url} (data in {config.data_dir})", file=sys.stderr, flush=True)
             await stop.wait()

@@ -295,7 +295,7 @@ class TokenVerifier:
         if iat > now + self._leeway:
             raise _unauthenticated("the request token was issued in the future (check the delegate's clock)")
         # Against now, not iat: a token claiming an old iat must not live longer for it.
-        if exp - now > MAX_TOKEN_LIFETIME_SECONDS + self._leeway:
+        if exp - now > MAX_TOKEN_LIFETIME_SECONDS:
             raise _unauthenticated("the request token lives too long (at most one hour from now)")
         # Revocation is checked after the signature: only the token's holder learns it was revoked.
         if kid in self._revoked:
