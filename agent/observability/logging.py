@@ -53,6 +53,12 @@ _SAFE_SUFFIXES = (
     "Source",
 )
 _MIN_SECRET_LENGTH = 6
+# Credentials inside text that no one has registered yet: botocore's debug log prints a response body
+# (STS AssumeRole, IAM CreateAccessKey, container and instance credentials) before the code that
+# asked for it can hand the keys to the redactor. XML elements and quoted keys (JSON, Python reprs).
+_CREDENTIAL_FIELDS = "SecretAccessKey|SessionToken|secretAccessKey|sessionToken|Token|X-Amz-Security-Token"
+_CREDENTIAL_XML = re.compile(rf"<({_CREDENTIAL_FIELDS})>[^<]*</\1>")
+_CREDENTIAL_QUOTED = re.compile(rf"""(["'](?:{_CREDENTIAL_FIELDS})["']\s*:\s*b?)(["'])(?:(?!\2).)*\2""")
 
 
 class Redactor:
@@ -98,6 +104,9 @@ class Redactor:
         return len(self._values)
 
     def text(self, value: str) -> str:
+        if "Token" in value or "ecretAccessKey" in value:
+            value = _CREDENTIAL_XML.sub(rf"<\1>{MASK}</\1>", value)
+            value = _CREDENTIAL_QUOTED.sub(rf"\1\2{MASK}\2", value)
         index = self._index
         if not index or len(value) < _MIN_SECRET_LENGTH:
             return value
