@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -14,14 +16,14 @@ import pytest
 
 from agent.aws.environment import AwsEnvironment
 from agent.cli import EXIT_OK, build_handlers, main
-from agent.observability.logging import Redactor, configure_logging
+from agent.observability.logging import MASK, Redactor, configure_logging
 from agent.observability.metrics import AgentMetrics
 from agent.protocol.models import AcquireRequest, Task, TestRequest
 from agent.protocol.signing import TaskSignatureVerifier, TaskSigningKey
 from agent.runtime.agent import Agent
 from agent.runtime.settings import AgentSettings, ControlPlaneEndpoint
 from agent.runtime.signing import task_check_from_key
-from tests.awsfakes import MotoIam
+from tests.awsfakes import ACCOUNT, MotoIam, assume_role_session
 from tests.conftest import (
     API_KEY,
     FAST,
@@ -224,9 +226,14 @@ async def test_a_token_revoked_while_running_is_noticed_and_survived(
 
 # --- a canary secret, everywhere -------------------------------------------------------------------
 
-CANARY = "CANARY-9d1b2e7f-secret-value-do-not-print"
+#: Random-looking, so that no eight of their characters occur in any text by chance.
+CANARY = "CANARY-9d1b2e7f-4c3a8b5e6f70a1d2e3c4b5a6"
+#: The delegate token, in the delegate's token file and the control plane's.
+TOKEN_FILE_CANARY = "TOKENFILE-3b9c2d1e-8a7f6e5d4c3b2a1f0e9d8c7b"
 #: A connector's session token (sessionTokenRef): a value of its own, so its own redaction is what is tested.
-TOKEN_CANARY = "TOKEN-CANARY-5e0c41aa-session-token-do-not-print"
+TOKEN_CANARY = "TOKENCANARY-5e0c41aa-7f6e5d4c3b2a19087766"
+#: How long a piece of a secret may not appear anywhere (the review found eight characters of one).
+FRAGMENT = 8
 
 
 class _Tee(Redactor):
@@ -241,31 +248,53 @@ class _Tee(Redactor):
         self._also.add(*values)
 
 
+#: Every session token moto hands out starts so (AWS's start alike, "FwoGZXIvYXdz..."): not a secret.
+SESSION_TOKEN_PREFIX = "FQoGZXIvYXdzEBYaD"
+
+
+def _fragments(secret: str) -> set[str]:
+    """Every eight characters of ``secret`` (after a session token's fixed prefix)."""
+    own = secret.removeprefix(SESSION_TOKEN_PREFIX)
+    return {own[i : i + FRAGMENT] for i in range(len(own) - FRAGMENT + 1)}
+
+
 async def test_a_canary_secret_never_appears_anywhere(
     moto: str, control_plane_factory: ControlPlaneFactory, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
-    """The canary is the delegate token, a connector's secret key and the delegate's own AWS secret, and
-    a second one the connector's session token (sent in a header botocore's debug log dumps): neither is
-    in any log line (debug included), metric, /status, result, database or outbox."""
+    """Canaries travel every way a secret enters: the delegate token (from its file, and the control
+    plane's token file), a connector's accessKeyRef, secretKeyRef and sessionTokenRef, the delegate's
+    environment credentials (a session moto's STS handed out) and the session AssumeRole fetches on the
+    delegate. None of them, nor any eight characters of one, is in any log line (debug included),
+    metric, /status, result, exception, database or outbox; a missing secret's result names the
+    reference but not the secrets directory."""
+    # Seeded before the logs are captured: these calls are the test's, not the delegate's.
+    iam = MotoIam(moto)
+    key = await iam.user("canary-user", ["ec2:DescribeRegions"])
+    node = await iam.role("canary-node", trusted=f"arn:aws:iam::{ACCOUNT}:root")
+    target = await iam.role("canary-target", trusted=node)
+    env_session = await assume_role_session(moto, node, "i-canary")  # what the node's metadata would give
     log = io.StringIO()
     redactor = Redactor()
     configure_logging(fmt="json", level="debug", redactor=redactor, stream=log)
     # All levels of every library too: botocore's debug lines dump requests, headers and signing steps.
     for name in ("", "botocore", "aiobotocore", "botocore.credentials", "aiobotocore.credentials", "aiohttp"):
         logging.getLogger(name).setLevel(logging.DEBUG)
-    cp = await control_plane_factory(settings=FAST, tokens=f"canary:{CANARY}")
-    redactor.add(CANARY)  # the control plane's own process knows its tokens
-    key = await MotoIam(moto).user("canary-user", ["ec2:DescribeRegions"])
+    # The control plane registers its tokens itself, as `delegate-agent control-plane` wires it.
+    cp = await control_plane_factory(settings=FAST, tokens=f"canary:{TOKEN_FILE_CANARY}", on_secret=redactor.add)
     secrets = tmp_path / "secrets"
     secrets.mkdir()
+    (secrets / "ak").write_text(key.access_key)  # accessKeyRef: an access key kept secret is one
     (secrets / "sk").write_text(CANARY)  # the connector's secret key, read on the delegate
     (secrets / "st").write_text(TOKEN_CANARY)  # its session token (moto does not check it without enforcement)
+    token_file = tmp_path / "delegate-token"
+    token_file.write_text(TOKEN_FILE_CANARY + "\n")
     aws, _ = AwsEnvironment.from_environ(
         {
             "AWS_ENDPOINT_URL": moto,
             "AWS_EC2_METADATA_DISABLED": "true",
-            "AWS_ACCESS_KEY_ID": key.access_key,
-            "AWS_SECRET_ACCESS_KEY": CANARY,
+            "AWS_ACCESS_KEY_ID": env_session["AccessKeyId"],
+            "AWS_SECRET_ACCESS_KEY": env_session["SecretAccessKey"],
+            "AWS_SESSION_TOKEN": env_session["SessionToken"],
         }
     )
     metrics = AgentMetrics(name="secure")
@@ -273,42 +302,55 @@ async def test_a_canary_secret_never_appears_anywhere(
     # the log's what it learns (the secrets it reads), and only the log's knows the control plane's tokens.
     agent_redactor = _Tee(redactor)
     handlers = build_handlers(aws, agent_redactor, metrics, secrets_dir=secrets)
-    agent, run = await start_agent(
-        cp.url,
-        token=CANARY,
-        handlers=[*handlers, *all_handlers().values()],
-        tmp=tmp_path / "agent-data",
-        redactor=agent_redactor,
-        metrics=metrics,
+    settings = AgentSettings(
+        control_plane=ControlPlaneEndpoint(url=cp.url, request_timeout=5),
+        token_file=token_file,
+        name="secure",
+        http_host="127.0.0.1",
+        http_port=0,
+        drain_timeout=2,
+        shutdown_grace=3,
+        data_dir=tmp_path / "agent-data",
         secrets_dir=secrets,
     )
+    agent = Agent(
+        settings,
+        handlers=[*handlers, *all_handlers().values()],
+        watchdog=False,
+        redactor=agent_redactor,
+        metrics=metrics,
+    )
+    run = asyncio.create_task(agent.run())
+    await asyncio.wait_for(agent.started.wait(), 10)
     try:
-        await wait_for(lambda: agent.state.registered, "registration with the canary token")
-        manual = {
-            "connector": {
-                "name": "canary manual",
-                "type": "Aws",
-                "spec": {
-                    "credential": {
-                        "type": "ManualConfig",
-                        "spec": {
-                            "accessKey": key.access_key,
-                            "secretKeyRef": "account.sk",
-                            "sessionTokenRef": "account.st",
-                        },
-                    }
-                },
-            }
+        await wait_for(lambda: agent.state.registered, "registration with the canary token file")
+        credential = {
+            "type": "ManualConfig",
+            "spec": {"accessKeyRef": "account.ak", "secretKeyRef": "account.sk", "sessionTokenRef": "account.st"},
         }
+        manual = {"connector": {"name": "canary manual", "type": "Aws", "spec": {"credential": credential}}}
         inherit = {
             "connector": {
                 "name": "canary inherit",
                 "type": "Aws",
-                "spec": {"credential": {"type": "InheritFromDelegate"}, "delegateSelectors": ["secure"]},
+                "spec": {
+                    "credential": {
+                        "type": "InheritFromDelegate",
+                        "crossAccountAccess": {"crossAccountRoleArn": target},
+                    },
+                    "delegateSelectors": ["secure"],
+                },
+            }
+        }
+        missing = {
+            "connector": {
+                "name": "canary missing",
+                "type": "Aws",
+                "spec": {"credential": {**credential, "spec": {**credential["spec"], "secretKeyRef": "account.nope"}}},
             }
         }
         results = []
-        for doc in (manual, inherit):
+        for doc in (manual, inherit, missing):
             applied = cp.core.apply_connector(doc)
             results.append(await cp.core.test_connector(applied.identifier, TestRequest(wait_seconds=30)))
         crash = cp.core.create_task(type="test.crash", payload={"secret": "no-secret-here"})
@@ -319,28 +361,63 @@ async def test_a_canary_secret_never_appears_anywhere(
             status_text = await resp.text()
         async with http.get(cp.url + "/api/v1/tasks", headers={"X-API-Key": API_KEY}) as resp:
             tasks_text = await resp.text()
+        async with http.get(cp.url + "/metrics") as resp:
+            cp_metrics_text = await resp.text()
     finally:
-        await stop(agent, run)
+        agent.request_shutdown()
+        await asyncio.wait_for(run, 30)
         await cp.stop()
-    # Both ran on the delegate with the canary in hand (moto checks signatures only under enforcement).
-    assert [r.delegate_name for r in results] == ["secure", "secure"]
-    assert results[1].result.identity.arn == key.arn
+    # All ran on the delegate with the canaries in hand (moto checks signatures only under enforcement).
+    assert [r.delegate_name for r in results] == ["secure", "secure", "secure"]
+    assert results[0].result.identity.arn == key.arn
+    assert results[1].result.identity.arn.startswith(f"arn:aws:sts::{ACCOUNT}:assumed-role/canary-target/")
+    # What the delegate's AssumeRole fetched, as moto handed it out (and the environment's session).
+    sessions = json.loads(urllib.request.urlopen(moto + "/moto-api/data.json", timeout=10).read())
+    fetched = [s for s in sessions["sts"]["AssumedRole"] if s.get("arn", "").startswith(results[1].result.identity.arn)]
+    assert fetched, sessions["sts"]["AssumedRole"]
     assert cp.config.data_dir is not None
     database = b"".join(p.read_bytes() for p in cp.config.data_dir.glob("controlplane.sqlite3*"))
     outbox = b"".join(p.read_bytes() for p in (tmp_path / "agent-data").glob("outbox.sqlite3*"))
     texts = {
         "logs": log.getvalue(),
         "metrics": metrics_text,
+        "control plane metrics": cp_metrics_text,
         "status": status_text,
-        "tasks": tasks_text,
+        "tasks and exceptions": tasks_text,
         "results": msgspec.json.encode([r.result for r in results]).decode(),
     }
     # The logs were really captured, at debug level, botocore's own request dumps included.
     assert '"level":"debug"' in texts["logs"] and "task.finished" in texts["logs"]
     assert "botocore" in texts["logs"]
-    assert "session token account.st" in (results[0].result.credential_source or "")
-    for canary in (CANARY, TOKEN_CANARY):
-        for where, text in texts.items():
-            assert canary not in text, where
-        assert canary.encode() not in database
-        assert canary.encode() not in outbox
+    assert results[0].result.credential_source == (
+        "access key from secret account.ak with secret account.sk and session token account.st"
+    )
+    assert results[2].result.error_summary.startswith("secret account.nope not found")
+    assert str(secrets) not in texts["results"] and str(secrets) not in texts["tasks and exceptions"]
+    assert str(secrets / "nope") in texts["logs"]  # the delegate's own log keeps where it looked
+    canaries = {
+        "delegate token": TOKEN_FILE_CANARY,
+        "secret key (secretKeyRef)": CANARY,
+        "session token (sessionTokenRef)": TOKEN_CANARY,
+        # An access key ID encodes its account in characters 5-12 (as AWS's do), shared by every key and
+        # session of the account: only its last eight characters are its own.
+        "access key (accessKeyRef)": key.access_key[-FRAGMENT:],
+        "environment secret key": env_session["SecretAccessKey"],
+        "environment session token": env_session["SessionToken"],
+        **{f"fetched secret key {i}": s["secret_access_key"] for i, s in enumerate(fetched)},
+        **{f"fetched session token {i}": s["session_token"] for i, s in enumerate(fetched)},
+    }
+    # Each process registered what it read itself: the delegate its token file, the control plane its
+    # tokens, and again when its token file changes (rotation).
+    assert Redactor.text(agent_redactor, TOKEN_FILE_CANARY) == MASK
+    rotated = "ROTATED-7e6d5c4b-3a2f1e0d-9c8b7a6f5e4d3c2b"
+    assert cp.config.delegate_token_file is not None
+    cp.config.delegate_token_file.write_text(f"canary:{TOKEN_FILE_CANARY}\nnext:{rotated}\n")
+    assert cp.reload_tokens()
+    assert redactor.text(rotated) == MASK
+    for what, canary in canaries.items():
+        for fragment in _fragments(canary):
+            for where, text in texts.items():
+                assert fragment not in text, (what, fragment, where)
+            assert fragment.encode() not in database, (what, fragment)
+            assert fragment.encode() not in outbox, (what, fragment)
