@@ -43,6 +43,7 @@ ALIAS_BOMB = "\n".join(
     ]
 )
 API = {"X-API-Key": API_KEY}
+NOT_ASCII = "the Authorization header must be ASCII (Bearer <token>)"
 
 
 async def _raw(url: str, request: bytes) -> tuple[int, dict[str, Any]]:
@@ -180,6 +181,30 @@ async def test_long_values_are_quoted_back_cut_to_a_hundred_characters(
     assert "(4,000 characters)" in str(info.value) and len(str(info.value)) < 400
 
 
+# --- a trailing newline ---------------------------------------------------------------------------
+
+
+async def test_a_trailing_newline_is_not_part_of_a_reference_or_a_tag(
+    control_plane_factory: ControlPlaneFactory, http: aiohttp.ClientSession
+) -> None:
+    """Python's ``$`` matches before a final newline: 'account.sk\\n' and 'eks\\n' are refused, not stored."""
+    cp = await control_plane_factory()
+    doc = manual_connector()
+    doc["connector"]["spec"]["credential"]["spec"]["secretKeyRef"] = "account.sk\n"
+    async with http.post(cp.url + "/api/v1/connectors", json=doc, headers=API) as resp:
+        assert resp.status == 400
+        problems = {p["field"]: p["message"] for p in (await resp.json())["error"]["problems"]}
+    assert problems["connector.spec.credential.spec.secretKeyRef"].startswith(
+        "'account.sk\\n' is not a secret reference"
+    )
+    task = {"type": "test.echo", "payload": {}, "selectors": ["eks\n"]}
+    async with http.post(cp.url + "/api/v1/tasks", json=task, headers=API) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"]["problems"][0]["field"] == "selectors[0]"
+    async with http.get(cp.url + "/api/v1/tasks", headers=API) as resp:
+        assert (await resp.json())["tasks"] == []
+
+
 # --- JSON nested 100,000 deep ----------------------------------------------------------------------
 
 
@@ -236,15 +261,21 @@ async def test_request_bodies_nested_100k_deep_are_a_400(
             "/v1/delegates/register",
             "Authorization",
             b"Bearer \xff\xfe\xfd",
-            "the Authorization header must be ASCII (Bearer <token>)",
+            NOT_ASCII,
         ),
         (
             "/v1/delegates/register",
             "Authorization",
             "Bearer jéton".encode(),
-            "the Authorization header must be ASCII (Bearer <token>)",
+            NOT_ASCII,
         ),
         ("/api/v1/tasks", "X-API-Key", b"\xff\xfe\xfd", "wrong API key"),
+        (
+            "/api/v1/tasks",
+            "Authorization",
+            b"Bearer \xff\xfe\xfd",
+            NOT_ASCII,
+        ),
         ("/api/v1/tasks", "X-API-Key", "clé".encode(), "wrong API key"),
     ],
 )

@@ -773,7 +773,8 @@ def bind(route: Route, handlers: Handlers) -> Callable[[web.Request], Awaitable[
     model = route.request
 
     async def endpoint(request: web.Request) -> web.StreamResponse:
-        _ascii_credentials(request)
+        if route.auth != "none":
+            _ascii_credentials(request)
         if route.auth == "delegate":
             request[_CLAIMS] = handlers.check_delegate(request)
         elif route.auth == "api":
@@ -814,10 +815,14 @@ _json_decode = msgspec.json.Decoder().decode
 
 
 def _ascii_credentials(request: web.Request) -> None:
-    """An API key with bytes that are not UTF-8 would fail to encode (a 500): it is just a wrong key."""
+    """Credentials are ASCII: other bytes (even invalid UTF-8, which would not encode again) are a 401."""
     given = request.headers.get("X-API-Key")
     if given is not None and not given.isascii():
         raise AuthError("wrong API key", status=401, code=Code.UNAUTHENTICATED)
+    if not request.headers.get("Authorization", "").isascii():
+        raise AuthError(
+            "the Authorization header must be ASCII (Bearer <token>)", status=401, code=Code.UNAUTHENTICATED
+        )
 
 
 def _integral(value: Any) -> Any:
