@@ -27,7 +27,7 @@ TOKEN_LIFETIME_SECONDS = 300.0
 TOKEN_REFRESH_MARGIN_SECONDS = 60.0
 #: Tolerated clock difference between delegate and control plane.
 CLOCK_LEEWAY_SECONDS = 60.0
-#: The server refuses tokens that claim to live longer than this.
+#: The server refuses tokens that expire later than this from its own now.
 MAX_TOKEN_LIFETIME_SECONDS = 3600.0
 DEFAULT_AUDIENCE = "delegate-agent-control-plane"
 
@@ -294,7 +294,7 @@ class TokenVerifier:
         iat, exp = _seconds(claims, "iat"), _seconds(claims, "exp")
         if iat > now + self._leeway:
             raise _unauthenticated("the request token was issued in the future (check the delegate's clock)")
-        # Against now, not iat: a token claiming an old iat must not live longer for it.
+        # Against now, not iat: an iat set ahead (inside the clock leeway) must not buy a longer life.
         if exp - now > MAX_TOKEN_LIFETIME_SECONDS:
             raise _unauthenticated("the request token lives too long (at most one hour from now)")
         # Revocation is checked after the signature: only the token's holder learns it was revoked.
