@@ -230,6 +230,8 @@ async def test_a_token_revoked_while_running_is_noticed_and_survived(
 CANARY = "CANARY-9d1b2e7f-4c3a8b5e6f70a1d2e3c4b5a6"
 #: The delegate token, in the delegate's token file and the control plane's.
 TOKEN_FILE_CANARY = "TOKENFILE-3b9c2d1e-8a7f6e5d4c3b2a1f0e9d8c7b"
+#: The projected service account token IRSA sends to AssumeRoleWithWebIdentity (botocore's debug log shows it).
+WEB_IDENTITY_CANARY = "eyJhbGciOiJSUzI1NiJ9.eyJjYW5hcnkiOiI0ZTVmNmE3YiJ9.c2lnLThkN2U2ZjVh"
 #: A connector's session token (sessionTokenRef): a value of its own, so its own redaction is what is tested.
 TOKEN_CANARY = "TOKENCANARY-5e0c41aa-7f6e5d4c3b2a19087766"
 #: How long a piece of a secret may not appear anywhere (the review found eight characters of one).
@@ -263,10 +265,10 @@ async def test_a_canary_secret_never_appears_anywhere(
 ) -> None:
     """Canaries travel every way a secret enters: the delegate token (from its file, and the control
     plane's token file), a connector's accessKeyRef, secretKeyRef and sessionTokenRef, the delegate's
-    environment credentials (a session moto's STS handed out) and the session AssumeRole fetches on the
-    delegate. None of them, nor any eight characters of one, is in any log line (debug included),
-    metric, /status, result, exception, database or outbox; a missing secret's result names the
-    reference but not the secrets directory."""
+    environment credentials (a session moto's STS handed out), the IRSA web identity token and the
+    sessions AssumeRole and AssumeRoleWithWebIdentity fetch on the delegate. None of them, nor any
+    eight characters of one, is in any log line (debug included), metric, /status, result,
+    exception, database or outbox; a missing secret's result names the reference, not the directory."""
     # Seeded before the logs are captured: these calls are the test's, not the delegate's.
     iam = MotoIam(moto)
     key = await iam.user("canary-user", ["ec2:DescribeRegions"])
@@ -286,6 +288,8 @@ async def test_a_canary_secret_never_appears_anywhere(
     (secrets / "ak").write_text(key.access_key)  # accessKeyRef: an access key kept secret is one
     (secrets / "sk").write_text(CANARY)  # the connector's secret key, read on the delegate
     (secrets / "st").write_text(TOKEN_CANARY)  # its session token (moto does not check it without enforcement)
+    web_identity = tmp_path / "web-identity-token"  # as EKS projects it for IRSA: the pod's proof of identity
+    web_identity.write_text(WEB_IDENTITY_CANARY)
     token_file = tmp_path / "delegate-token"
     token_file.write_text(TOKEN_FILE_CANARY + "\n")
     aws, _ = AwsEnvironment.from_environ(
@@ -295,6 +299,8 @@ async def test_a_canary_secret_never_appears_anywhere(
             "AWS_ACCESS_KEY_ID": env_session["AccessKeyId"],
             "AWS_SECRET_ACCESS_KEY": env_session["SecretAccessKey"],
             "AWS_SESSION_TOKEN": env_session["SessionToken"],
+            "AWS_ROLE_ARN": target,
+            "AWS_WEB_IDENTITY_TOKEN_FILE": str(web_identity),
         }
     )
     metrics = AgentMetrics(name="secure")
@@ -342,6 +348,13 @@ async def test_a_canary_secret_never_appears_anywhere(
                 },
             }
         }
+        irsa = {
+            "connector": {
+                "name": "canary irsa",
+                "type": "Aws",
+                "spec": {"credential": {"type": "Irsa"}, "delegateSelectors": ["secure"]},
+            }
+        }
         missing = {
             "connector": {
                 "name": "canary missing",
@@ -350,7 +363,7 @@ async def test_a_canary_secret_never_appears_anywhere(
             }
         }
         results = []
-        for doc in (manual, inherit, missing):
+        for doc in (manual, inherit, irsa, missing):
             applied = cp.core.apply_connector(doc)
             results.append(await cp.core.test_connector(applied.identifier, TestRequest(wait_seconds=30)))
         crash = cp.core.create_task(type="test.crash", payload={"secret": "no-secret-here"})
@@ -368,13 +381,15 @@ async def test_a_canary_secret_never_appears_anywhere(
         await asyncio.wait_for(run, 30)
         await cp.stop()
     # All ran on the delegate with the canaries in hand (moto checks signatures only under enforcement).
-    assert [r.delegate_name for r in results] == ["secure", "secure", "secure"]
+    assert [r.delegate_name for r in results] == ["secure"] * 4
     assert results[0].result.identity.arn == key.arn
     assert results[1].result.identity.arn.startswith(f"arn:aws:sts::{ACCOUNT}:assumed-role/canary-target/")
+    assert results[2].result.credential_source == f"IRSA web identity for {target}"
     # What the delegate's AssumeRole fetched, as moto handed it out (and the environment's session).
     sessions = json.loads(urllib.request.urlopen(moto + "/moto-api/data.json", timeout=10).read())
-    fetched = [s for s in sessions["sts"]["AssumedRole"] if s.get("arn", "").startswith(results[1].result.identity.arn)]
-    assert fetched, sessions["sts"]["AssumedRole"]
+    ours = (results[1].result.identity.arn, results[2].result.identity.arn)
+    fetched = [s for s in sessions["sts"]["AssumedRole"] if s.get("arn") in ours]
+    assert len(fetched) == 2, sessions["sts"]["AssumedRole"]
     assert cp.config.data_dir is not None
     database = b"".join(p.read_bytes() for p in cp.config.data_dir.glob("controlplane.sqlite3*"))
     outbox = b"".join(p.read_bytes() for p in (tmp_path / "agent-data").glob("outbox.sqlite3*"))
@@ -392,7 +407,7 @@ async def test_a_canary_secret_never_appears_anywhere(
     assert results[0].result.credential_source == (
         "access key from secret account.ak with secret account.sk and session token account.st"
     )
-    assert results[2].result.error_summary.startswith("secret account.nope not found")
+    assert results[3].result.error_summary.startswith("secret account.nope not found")
     assert str(secrets) not in texts["results"] and str(secrets) not in texts["tasks and exceptions"]
     assert str(secrets / "nope") in texts["logs"]  # the delegate's own log keeps where it looked
     canaries = {
@@ -404,6 +419,7 @@ async def test_a_canary_secret_never_appears_anywhere(
         "access key (accessKeyRef)": key.access_key[-FRAGMENT:],
         "environment secret key": env_session["SecretAccessKey"],
         "environment session token": env_session["SessionToken"],
+        "web identity token (IRSA)": WEB_IDENTITY_CANARY,
         **{f"fetched secret key {i}": s["secret_access_key"] for i, s in enumerate(fetched)},
         **{f"fetched session token {i}": s["session_token"] for i, s in enumerate(fetched)},
     }

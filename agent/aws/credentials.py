@@ -125,6 +125,14 @@ class CredentialResolver:
 
         return fetch_and_remember
 
+    def _remembered_token(self, load: Callable[[], str]) -> Callable[[], str]:
+        def load_and_remember() -> str:
+            token = load()
+            self._secrets.remember(token)
+            return token
+
+        return load_and_remember
+
     async def remember(self, credentials: Any) -> Any:
         """The frozen keys of ``credentials``; the secret key and session token go to the redactor first.
 
@@ -167,7 +175,8 @@ class CredentialResolver:
             raise CredentialProblem("token_file_missing", f"the web identity token file {token_file} does not exist")
         web_fetcher = AioAssumeRoleWithWebIdentityCredentialFetcher(
             client_creator=self._clients.sts_creator(region),
-            web_identity_token_loader=FileWebIdentityTokenLoader(token_file),  # re-read on every refresh
+            # Re-read on every refresh; the token (a JWT that proves the pod's identity) is a secret too.
+            web_identity_token_loader=self._remembered_token(FileWebIdentityTokenLoader(token_file)),
             role_arn=role_arn,
             extra_args={"RoleSessionName": name},
         )
@@ -197,6 +206,7 @@ class CredentialResolver:
         tried.append("no web identity (AWS_ROLE_ARN)")
         container = AioContainerProvider(environ=v)
         if "AWS_CONTAINER_CREDENTIALS_FULL_URI" in v or "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI" in v:
+            self._secrets.remember(v.get("AWS_CONTAINER_AUTHORIZATION_TOKEN"))  # the file's is sent unlogged
             where = v.get("AWS_CONTAINER_CREDENTIALS_FULL_URI") or v.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
             try:
                 creds = await container.load()

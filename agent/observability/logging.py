@@ -56,7 +56,9 @@ _MIN_SECRET_LENGTH = 6
 # Credentials inside text that no one has registered yet: botocore's debug log prints a response body
 # (STS AssumeRole, IAM CreateAccessKey, container and instance credentials) before the code that
 # asked for it can hand the keys to the redactor. XML elements and quoted keys (JSON, Python reprs).
-_CREDENTIAL_FIELDS = "SecretAccessKey|SessionToken|secretAccessKey|sessionToken|Token|X-Amz-Security-Token"
+_CREDENTIAL_FIELDS = (
+    "SecretAccessKey|SessionToken|secretAccessKey|sessionToken|Token|X-Amz-Security-Token|WebIdentityToken"
+)
 _CREDENTIAL_XML = re.compile(rf"<({_CREDENTIAL_FIELDS})>[^<]*</\1>")
 _CREDENTIAL_QUOTED = re.compile(rf"""(["'](?:{_CREDENTIAL_FIELDS})["']\s*:\s*b?)(["'])(?:(?!\2).)*\2""")
 
