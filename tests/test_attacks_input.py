@@ -11,6 +11,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import io
 import json
 import resource
 import time
@@ -179,6 +180,26 @@ async def test_long_values_are_quoted_back_cut_to_a_hundred_characters(
     with pytest.raises(ConfigError) as info:
         load_settings({"MANAGER_HOST_AND_PORT": "http://cp", "DELEGATE_TOKEN": "t" * 20, "DELEGATE_NAME": "é" * 4000})
     assert "(4,000 characters)" in str(info.value) and len(str(info.value)) < 400
+
+
+async def test_a_megabyte_of_unknown_keys_gets_fifty_problems_and_a_count(
+    control_plane_factory: ControlPlaneFactory, http: aiohttp.ClientSession
+) -> None:
+    """40,000 unknown keys (a megabyte) got megabytes back after seconds of "did you mean": now 50 and a count."""
+    cp = await control_plane_factory()
+    doc = manual_connector()
+    doc["connector"].update({f"k{i:06d}xxxxxxxxxx": 1 for i in range(40_000)})
+    started = time.perf_counter()
+    body = io.BytesIO(json.dumps(doc).encode())
+    async with http.post(
+        cp.url + "/api/v1/connectors", data=body, headers={**API, "Content-Type": "application/json"}
+    ) as resp:
+        raw = await resp.read()
+        assert resp.status == 400
+    assert time.perf_counter() - started < 2  # was seconds of CPU on the control plane's loop
+    problems = json.loads(raw)["error"]["problems"]
+    assert len(problems) == 51 and len(raw) < 10_000
+    assert problems[-1] == {"field": "document", "message": "and 39,950 more problems"}
 
 
 # --- a trailing newline ---------------------------------------------------------------------------

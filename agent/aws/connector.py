@@ -215,14 +215,33 @@ def _looks_like_secret_value(text: str) -> bool:
     )
 
 
+#: Problems listed one by one; past this a document is hostile or not a connector, and one line counts
+#: the rest (so a megabyte of unknown keys is not answered with four, nor costs seconds of "did you mean").
+MAX_PROBLEMS = 50
+
+
 class _Checker:
     """Collects problems while walking a document."""
 
     def __init__(self) -> None:
-        self.problems: list[Problem] = []
+        self._problems: list[Problem] = []
+        self._more = 0
+
+    @property
+    def full(self) -> bool:
+        return len(self._problems) >= MAX_PROBLEMS
+
+    @property
+    def problems(self) -> list[Problem]:
+        if not self._more:
+            return self._problems
+        return [*self._problems, Problem(field="document", message=f"and {self._more:,} more problems")]
 
     def add(self, path: str, message: str) -> None:
-        self.problems.append(Problem(field=path, message=message))
+        if self.full:
+            self._more += 1
+        else:
+            self._problems.append(Problem(field=path, message=message))
 
     def mapping(self, value: Any, path: str, *, required: bool = True) -> Mapping[str, Any] | None:
         if value is None:
@@ -269,6 +288,9 @@ class _Checker:
         """Name every key not in ``allowed``: where it belongs if it is misplaced, else the closest match."""
         for key in obj:
             if key in allowed:
+                continue
+            if self.full:
+                self._more += 1
                 continue
             where = f"{path}.{clip(str(key))}"
             home = _HOME.get(str(key))
