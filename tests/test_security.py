@@ -330,7 +330,7 @@ async def test_a_canary_secret_never_appears_anywhere(
     await asyncio.wait_for(agent.started.wait(), 10)
     try:
         await wait_for(lambda: agent.state.registered, "registration with the canary token file")
-        credential = {
+        credential: dict[str, Any] = {
             "type": "ManualConfig",
             "spec": {"accessKeyRef": "account.ak", "secretKeyRef": "account.sk", "sessionTokenRef": "account.st"},
         }
