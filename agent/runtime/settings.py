@@ -29,7 +29,7 @@ from typing import Any, get_args
 import yaml
 
 from agent._files import NotUtf8Text, data_dir_problem, read_text
-from agent._values import bounded_message, http_url, parse_bounded, quoted
+from agent._values import bounded_message, clip, http_url, parse_bounded, quoted
 from agent._yaml import load as load_yaml
 from agent.observability.logging import LogFormat
 from agent.protocol.auth import DEFAULT_AUDIENCE
@@ -860,7 +860,7 @@ def _read_file(path: Path) -> tuple[Mapping[str, Any], list[Problem]]:
         raise ConfigError([Problem(field=str(path), message="must be a mapping of settings")])
     for key, value in doc.items():
         if key not in _FILE_KEYS:
-            problems.append(Problem(field=f"{path}: {key}", message="unknown setting"))
+            problems.append(Problem(field=f"{path}: {clip(str(key))}", message="unknown setting"))
         elif _FILE_KEYS[key]:
             if value is None:
                 continue  # a section whose every key is commented out: nothing set there
@@ -869,5 +869,5 @@ def _read_file(path: Path) -> tuple[Mapping[str, Any], list[Problem]]:
                 continue
             for sub in value:
                 if sub not in _FILE_KEYS[key]:
-                    problems.append(Problem(field=f"{path}: {key}.{sub}", message="unknown setting"))
+                    problems.append(Problem(field=f"{path}: {key}.{clip(str(sub))}", message="unknown setting"))
     return doc, problems
