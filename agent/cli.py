@@ -154,6 +154,7 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
     from agent._files import DataDirUnusable
     from agent.controlplane.app import ControlPlaneService, CredentialsError, config_from_env
     from agent.controlplane.core import ControlPlaneSettings
+    from agent.observability.http import ConnectionLimits
     from agent.observability.logging import Redactor, configure_logging
 
     host, port = _parse_listen(args.listen)
@@ -179,6 +180,11 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
         tls_cert_file=Path(args.tls_cert) if args.tls_cert else None,
         tls_key_file=Path(args.tls_key) if args.tls_key else None,
         tls_client_ca_file=Path(args.tls_client_ca) if args.tls_client_ca else None,
+        limits=ConnectionLimits(
+            header_timeout=args.header_timeout_seconds,
+            keepalive_timeout=args.keepalive_timeout_seconds,
+            max_connections=args.max_connections,
+        ),
         settings=settings,
     )
     from agent.controlplane.platform import platform_validator_from_env
@@ -982,6 +988,12 @@ def _limit(value: str) -> int:
     return int(value)
 
 
+def _connections(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 100_000:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number from 1 to 100000")
+    return int(value)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, with its usage errors as JSON on stderr when ``-o json`` was asked for."""
 
@@ -1081,8 +1093,17 @@ def _add_control_plane(sub: Any, _: argparse.ArgumentParser) -> None:
         ("--lease-seconds", 30.0, "how long a taken task is a delegate's before it must renew the lease"),
         ("--pickup-timeout-seconds", 30.0, "how long a task waits for an eligible delegate before it fails"),
         ("--task-timeout-seconds", 120.0, "execution budget for one connection test, handed to the delegate"),
+        ("--header-timeout-seconds", 10.0, "a new connection that has not sent its request head by then is closed"),
+        ("--keepalive-timeout-seconds", 75.0, "an idle connection is closed after this long"),
     ):
         p.add_argument(flag, type=_positive, default=default, metavar="S", help=f"{text} (default: %(default)g)")
+    p.add_argument(
+        "--max-connections",
+        type=_connections,
+        default=512,
+        metavar="N",
+        help="open connections at most; over it the oldest one yet to send a request is closed (default: %(default)s)",
+    )
     p.add_argument(
         "--log-format",
         choices=["json", "console"],

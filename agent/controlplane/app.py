@@ -25,6 +25,7 @@ from agent.controlplane.core import ControlPlane, ControlPlaneSettings, Platform
 from agent.controlplane.openapi import build_openapi
 from agent.controlplane.routes import MAX_BODY_BYTES, ROUTES, Handlers, bind, error_middleware, metrics_middleware
 from agent.controlplane.store import Store
+from agent.observability.http import ConnectionLimits, LimitedSite
 from agent.protocol.auth import Clock, IssuedToken, TokenKey, TokenVerifier, generate_token, token_id
 from agent.protocol.patterns import TOKEN_NAME_RE
 from agent.protocol.signing import TaskSigningKey
@@ -55,6 +56,8 @@ class ControlPlaneConfig:
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     tls_client_ca_file: Path | None = None
+    #: Header and keep-alive timeouts and the open-connection cap (--header-timeout-seconds...).
+    limits: ConnectionLimits = field(default_factory=lambda: ConnectionLimits(max_connections=512))
     settings: ControlPlaneSettings = field(default_factory=ControlPlaneSettings)
 
 
@@ -295,10 +298,11 @@ class ControlPlaneService:
             access_log=None,
             shutdown_timeout=2.0,
             handler_cancellation=True,
+            keepalive_timeout=self.config.limits.keepalive_timeout,
         )
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)
-        site = web.TCPSite(runner, self.config.host, self.config.port, reuse_address=True, ssl_context=ssl_context)
+        site = LimitedSite(runner, self.config.host, self.config.port, self.config.limits, ssl_context=ssl_context)
         await site.start()
         host, port = runner.addresses[0][0], runner.addresses[0][1]
         scheme = "https" if ssl_context else "http"

@@ -6,16 +6,26 @@
 - ``/metrics``: Prometheus exposition from the delegate's own registry.
 - ``/api/health`` and ``/api/metrics``: the Harness delegate's paths for the same two answers, so
   probes and scrape configs written for a Harness delegate keep working unchanged.
+
+Both HTTP servers (this one and the control plane's) bind through :class:`LimitedSite`, so a flood
+of connections that never send a request can neither exhaust the process's file descriptors nor
+keep real clients out; see :class:`ConnectionLimits`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import ssl
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
+import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
+
+log = structlog.get_logger("http")
 
 #: Every path served, listed in the answer to any other path.
 PATHS = ["/healthz", "/readyz", "/metrics", "/status", "/api/health", "/api/metrics"]
@@ -34,10 +44,19 @@ class Probes(Protocol):
 class HealthServer:
     """Construct, then :meth:`start` binds the port; :meth:`stop` is safe to call twice."""
 
-    def __init__(self, *, probes: Probes, registry: CollectorRegistry, host: str, port: int) -> None:
+    def __init__(
+        self,
+        *,
+        probes: Probes,
+        registry: CollectorRegistry,
+        host: str,
+        port: int,
+        limits: ConnectionLimits | None = None,
+    ) -> None:
         self._probes = probes
         self._registry = registry
         self._host, self._port = host, port
+        self._limits = limits or ConnectionLimits()
         self._runner: web.AppRunner | None = None
         self.url = ""
 
@@ -53,9 +72,15 @@ class HealthServer:
         return app
 
     async def start(self) -> str:
-        self._runner = web.AppRunner(self.app(), handle_signals=False, access_log=None, shutdown_timeout=1.0)
+        self._runner = web.AppRunner(
+            self.app(),
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=1.0,
+            keepalive_timeout=self._limits.keepalive_timeout,
+        )
         await self._runner.setup()
-        await web.TCPSite(self._runner, self._host, self._port, reuse_address=True).start()
+        await LimitedSite(self._runner, self._host, self._port, self._limits).start()
         host, port = self._runner.addresses[0][:2]
         self.url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"  # noqa: S104
         return self.url
@@ -92,3 +117,230 @@ async def _errors(
         return await handler(request)
     except web.HTTPException as exc:
         return web.json_response({"error": exc.reason, "paths": PATHS}, status=exc.status)
+
+
+# --- connection limits -----------------------------------------------------------------------------
+# aiohttp closes a connection that sits idle for keepalive_timeout (the timer starts when it
+# connects and again after each response, and data short of a whole request does not reset it),
+# but it has no header timeout shorter than that and no cap on open connections: every accepted
+# socket is a file descriptor held until the peer or the timer lets go. LimitedSite wraps the
+# protocol aiohttp serves each connection with, to add the two.
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """How long a connection may take to send its first request head, stay idle, and how many may be open."""
+
+    #: A new connection that has not sent a whole request line and headers by then is closed.
+    header_timeout: float = 10.0
+    #: An idle connection (nothing sent since its last response) is closed after this long.
+    keepalive_timeout: float = 75.0
+    #: Open connections at most; over it, the oldest that has not sent a request yet is closed to
+    #: make room, and if every one is busy with a request the new one gets a 503.
+    max_connections: int = 256
+
+    def __post_init__(self) -> None:
+        if self.header_timeout <= 0 or self.keepalive_timeout <= 0 or self.max_connections < 1:
+            raise ValueError("connection limits must be positive")
+
+
+_REFUSED_BODY = b'{"error": "too many open connections: try again shortly"}'
+_REFUSED = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    b"Retry-After: 1\r\nContent-Length: " + str(len(_REFUSED_BODY)).encode() + b"\r\n\r\n" + _REFUSED_BODY
+)
+
+
+class _Guarded(asyncio.Protocol):
+    """One connection: aiohttp's protocol inside, so :class:`_ConnectionGuard` sees it open and close."""
+
+    def __init__(self, guard: _ConnectionGuard, inner: web.RequestHandler) -> None:
+        self.guard, self.inner = guard, inner
+        self.transport: asyncio.Transport | None = None
+        self.header_timer: asyncio.TimerHandle | None = None
+        self.refused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        if not self.guard.admit(self):
+            self.refused = True
+            transport.write(_REFUSED)
+            transport.close()
+            return
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.refused:
+            self.inner.data_received(data)
+
+    def eof_received(self) -> None:
+        if not self.refused:
+            self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.refused:
+            self.guard.forget(self)
+            self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if not self.refused:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if not self.refused:
+            self.inner.resume_writing()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class _ConnectionGuard:
+    """Counts the open connections, arms each one's header timer, and makes room over the cap."""
+
+    def __init__(self, server: web.Server, limits: ConnectionLimits) -> None:
+        self._server, self._limits = server, limits
+        self._open: set[_Guarded] = set()
+        #: Connections that have not sent a whole request head yet, oldest first.
+        self._waiting: dict[web.RequestHandler, _Guarded] = {}
+        # The request factory runs once a request's head is parsed: the moment a connection has
+        # shown it is a client and not a slot held open.
+        make_request = server.request_factory
+
+        def request_factory(*args: Any) -> web.BaseRequest:
+            self._started(args[2])
+            return make_request(*args)
+
+        server.request_factory = request_factory
+
+    def __call__(self) -> asyncio.Protocol:
+        return _Guarded(self, self._server())
+
+    def admit(self, conn: _Guarded) -> bool:
+        if len(self._open) >= self._limits.max_connections:
+            if not self._waiting:
+                log.warning("http.connection_refused", open=len(self._open), hint="every connection is busy")
+                return False
+            oldest = next(iter(self._waiting.values()))
+            self._drop(oldest)
+            oldest.close()
+        self._open.add(conn)
+        self._waiting[conn.inner] = conn
+        conn.header_timer = asyncio.get_running_loop().call_later(self._limits.header_timeout, conn.close)
+        return True
+
+    def forget(self, conn: _Guarded) -> None:
+        self._open.discard(conn)
+        self._drop(conn)
+
+    def _drop(self, conn: _Guarded) -> None:
+        if self._waiting.pop(conn.inner, None) is not None and conn.header_timer is not None:
+            conn.header_timer.cancel()
+
+    def _started(self, protocol: object) -> None:
+        conn = self._waiting.get(protocol)  # type: ignore[call-overload]
+        if conn is not None:
+            self._drop(conn)
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._open)
+
+
+class LimitedSite(web.BaseSite):
+    """A TCP site like ``web.TCPSite`` whose connections obey :class:`ConnectionLimits`.
+
+    aiohttp's own timer (``keepalive_timeout``, set on the runner) closes idle connections; this
+    site adds the header timeout and the cap, and logs accept errors at most once a second.
+    """
+
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        limits: ConnectionLimits,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        super().__init__(runner, ssl_context=ssl_context)
+        self._host, self._port, self._limits = host, port, limits
+        self.guard: _ConnectionGuard | None = None
+
+    @property
+    def name(self) -> str:
+        scheme = "https" if self._ssl_context else "http"
+        return f"{scheme}://{self._host}:{self._port}"
+
+    async def start(self) -> None:
+        await super().start()
+        server = self._runner.server
+        assert server is not None  # BaseSite refuses a runner that is not set up
+        loop = asyncio.get_running_loop()
+        limit_accept_errors(loop)
+        self.guard = _ConnectionGuard(server, self._limits)
+        # A TLS connection reaches the guard once its handshake is done; the handshake gets the
+        # header timeout as its own bound, so a silent TLS client is not held for asyncio's 60 s.
+        tls_timeout = self._limits.header_timeout if self._ssl_context else None
+        self._server = await loop.create_server(
+            self.guard,
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            backlog=self._backlog,
+            reuse_address=True,
+            ssl_handshake_timeout=tls_timeout,
+        )
+
+
+# --- accept errors ----------------------------------------------------------------------------------
+
+_ACCEPT_FAILED = "socket.accept() out of system resource"
+
+
+class AcceptErrorLog:
+    """The loop's exception handler, logging asyncio's accept failures (EMFILE...) once a second at most.
+
+    Out of descriptors, asyncio reports every failed ``accept()`` through the loop's exception
+    handler, a traceback each time; under a flood that buries every other line. This keeps one
+    line a second with a count of those it held back, and passes every other report on unchanged.
+    """
+
+    def __init__(self, previous: Callable[[asyncio.AbstractEventLoop, dict[str, Any]], object] | None) -> None:
+        self._previous = previous
+        self._last: float | None = None
+        self._held_back = 0
+        #: Accept failures seen since installed (each is also in the log, or counted in a later line).
+        self.count = 0
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if context.get("message") != _ACCEPT_FAILED:
+            if self._previous is not None:
+                self._previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+            return
+        self.count += 1
+        now = loop.time()
+        if self._last is not None and now - self._last < 1.0:
+            self._held_back += 1
+            return
+        exc = context.get("exception")
+        log.error(
+            "http.accept_failed",
+            error=str(exc) if exc else _ACCEPT_FAILED,
+            held_back=self._held_back,
+            hint="out of file descriptors: lower the connection cap or raise the open-files limit (ulimit -n)",
+        )
+        self._last, self._held_back = now, 0
+
+
+def limit_accept_errors(loop: asyncio.AbstractEventLoop) -> AcceptErrorLog:
+    """Install :class:`AcceptErrorLog` on ``loop`` once (it stays for the loop's life); returns it."""
+    current = loop.get_exception_handler()
+    if isinstance(current, AcceptErrorLog):
+        return current
+    handler = AcceptErrorLog(current)
+    loop.set_exception_handler(handler)
+    return handler

@@ -44,7 +44,7 @@ import aiohttp
 import structlog
 
 from agent._version import __version__
-from agent.observability.http import HealthServer
+from agent.observability.http import ConnectionLimits, HealthServer
 from agent.observability.logging import Redactor
 from agent.observability.metrics import AgentMetrics
 from agent.protocol.auth import RequestSigner, TokenSource
@@ -218,7 +218,10 @@ class Agent:
             outbox_durable=outbox.durable,
             control_plane=s.control_plane.url,
         )
-        http = HealthServer(probes=probes, registry=self.metrics.registry, host=s.http_host, port=s.http_port)
+        limits = ConnectionLimits(s.http_header_timeout, s.http_keepalive_timeout, s.http_max_connections)
+        http = HealthServer(
+            probes=probes, registry=self.metrics.registry, host=s.http_host, port=s.http_port, limits=limits
+        )
         stack.push_async_callback(http.stop)
         self.http_url = await http.start()
         proxy = s.control_plane_proxy()

@@ -359,6 +359,30 @@ SETTINGS: tuple[Setting, ...] = (
         show=lambda host_port: f"{host_port[0]}:{host_port[1]}",
     ),
     Setting(
+        "http.headerTimeoutSeconds",
+        ("AGENT_HTTP_HEADER_TIMEOUT_SECONDS",),
+        _number(0.1, 600),
+        "http_header_timeout",
+        "A connection to that port that has not sent its request line and headers by then is closed.",
+        default=10,
+    ),
+    Setting(
+        "http.keepAliveTimeoutSeconds",
+        ("AGENT_HTTP_KEEPALIVE_TIMEOUT_SECONDS",),
+        _number(0.1, 3600),
+        "http_keepalive_timeout",
+        "An idle connection to that port is closed after this long.",
+        default=75,
+    ),
+    Setting(
+        "http.maxConnections",
+        ("AGENT_HTTP_MAX_CONNECTIONS",),
+        _number(1, 10000, integer=True),
+        "http_max_connections",
+        "Open connections to that port at most; over it, the oldest one yet to send a request is closed.",
+        default=64,
+    ),
+    Setting(
         "dataDir",
         ("AGENT_DATA_DIR",),
         _data_dir,
@@ -546,6 +570,9 @@ class AgentSettings:
     capacity: int = 16
     http_host: str = "0.0.0.0"  # noqa: S104 - probes and Prometheus reach the pod on its IP
     http_port: int = 3460
+    http_header_timeout: float = 10.0
+    http_keepalive_timeout: float = 75.0
+    http_max_connections: int = 64
     data_dir: Path | None = None
     secrets_dir: Path | None = None
     log_format: LogFormat | None = None
