@@ -392,10 +392,11 @@ async def agent_factory(tmp_path: Path) -> AsyncIterator[AgentFactory]:
         token_file: Path | None = None,
         drain_timeout: float = 5.0,
         extra_handlers: tuple[Any, ...] = (),
+        allow_insecure: bool = False,
     ) -> Running:
         url = cp if isinstance(cp, str) else cp.url
         settings = AgentSettings(
-            control_plane=ControlPlaneEndpoint(url=url, request_timeout=5),
+            control_plane=ControlPlaneEndpoint(url=url, request_timeout=5, allow_insecure=allow_insecure),
             token=token,
             token_file=token_file,
             name=name,

@@ -138,7 +138,7 @@ def test_proxy_settings_that_cannot_work_are_named() -> None:
     """A proxy without a port, credentials without a proxy: each is a problem, all reported at once."""
     from agent.runtime.settings import ConfigError
 
-    base = {"MANAGER_HOST_AND_PORT": "http://cp", "DELEGATE_TOKEN": TOKEN, "DELEGATE_NAME": "d"}
+    base = {"MANAGER_HOST_AND_PORT": "https://cp", "DELEGATE_TOKEN": TOKEN, "DELEGATE_NAME": "d"}
     with pytest.raises(ConfigError) as err:
         delegate_config(base | {"PROXY_HOST": "http://proxy:3128", "PROXY_SCHEME": "socks5", "PROXY_MANAGER": "maybe"})
     assert sorted(p.field for p in err.value.problems) == ["PROXY_HOST", "PROXY_MANAGER", "PROXY_PORT", "PROXY_SCHEME"]
@@ -158,7 +158,7 @@ def test_additional_certs_that_are_not_certificates_are_named(tmp_path: Path) ->
     certs = tmp_path / "certs"
     certs.mkdir()
     (certs / "README").write_text("not a certificate")
-    base = {"MANAGER_HOST_AND_PORT": "http://cp", "DELEGATE_TOKEN": TOKEN, "DELEGATE_NAME": "d"}
+    base = {"MANAGER_HOST_AND_PORT": "https://cp", "DELEGATE_TOKEN": TOKEN, "DELEGATE_NAME": "d"}
     for path, message in [
         (certs, f"{certs / 'README'} is not a PEM CA certificate"),
         (tmp_path / "absent", "does not exist"),

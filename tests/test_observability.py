@@ -172,7 +172,7 @@ shutdown: {{drainTimeoutSeconds: 12}}
     assert s.control_plane.url == "https://env-cp:8443"
     assert (s.name, s.tags, s.capacity) == ("from-file", ("eks", "prod", "gov"), 8)
     assert (s.http_host, s.http_port, s.drain_timeout, s.token_file) == ("127.0.0.1", 9999, 12.0, token)
-    defaults = load_settings({"MANAGER_HOST_AND_PORT": "http://cp", "DELEGATE_TOKEN": "t" * 20})
+    defaults = load_settings({"MANAGER_HOST_AND_PORT": "https://cp", "DELEGATE_TOKEN": "t" * 20})
     assert defaults.name == socket.gethostname()
     assert (defaults.capacity, defaults.http_listen, defaults.data_dir) == (16, "0.0.0.0:3460", None)
 

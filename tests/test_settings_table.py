@@ -22,7 +22,7 @@ from agent.runtime.settings import SETTINGS, AgentSettings, ConfigError, Control
 from tests.tls import make_pki
 
 ROOT = Path(__file__).resolve().parent.parent
-REQUIRED = {"MANAGER_HOST_AND_PORT": "http://cp", "DELEGATE_TOKEN": "t" * 20, "DELEGATE_NAME": "d"}
+REQUIRED = {"MANAGER_HOST_AND_PORT": "https://cp", "DELEGATE_TOKEN": "t" * 20, "DELEGATE_NAME": "d"}
 ROWS = {row.key: row for row in SETTINGS}
 
 
@@ -67,6 +67,10 @@ def _samples(tmp: Path) -> dict[str, tuple[str, Any, Any]]:
         "proxy.scheme": ("https", "https", "https"),
         "proxy.password": ("proxy-password-0123", None, "(set)"),  # the environment only
         "proxy.manager": ("false", False, False),
+        "controlPlane.allowInsecure": ("true", True, True),
+        "http.headerTimeoutSeconds": ("4", 4, 4.0),
+        "http.keepAliveTimeoutSeconds": ("30", 30, 30.0),
+        "http.maxConnections": ("16", 16, 16),
     }
 
 
@@ -124,9 +128,9 @@ def test_every_file_key_sets_its_setting_and_the_environment_wins(tmp_path: Path
 def test_the_first_environment_name_is_preferred() -> None:
     """Harness's name wins over ours when both are set."""
     s = load_settings(
-        {**REQUIRED, "AGENT_CONTROL_PLANE_URL": "http://ours", "AGENT_LOG_LEVEL": "debug", "LOGGING_LEVEL": "error"}
+        {**REQUIRED, "AGENT_CONTROL_PLANE_URL": "https://ours", "AGENT_LOG_LEVEL": "debug", "LOGGING_LEVEL": "error"}
     )
-    assert (s.control_plane.url, s.log_level) == ("http://cp", "debug")
+    assert (s.control_plane.url, s.log_level) == ("https://cp", "debug")
 
 
 def test_the_file_refuses_keys_the_table_does_not_have(tmp_path: Path) -> None:
@@ -146,7 +150,7 @@ def test_the_file_refuses_keys_the_table_does_not_have(tmp_path: Path) -> None:
 def test_the_field_defaults_are_the_tables_defaults() -> None:
     """Settings built in code (tests, embedders) get the same defaults as parsed ones."""
     parsed = load_settings(REQUIRED)
-    assert parsed == AgentSettings(control_plane=ControlPlaneEndpoint(url="http://cp"), token="t" * 20, name="d")
+    assert parsed == AgentSettings(control_plane=ControlPlaneEndpoint(url="https://cp"), token="t" * 20, name="d")
 
 
 def test_each_settings_field_is_filled_by_exactly_one_row() -> None:

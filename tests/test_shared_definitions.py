@@ -45,7 +45,7 @@ def test_one_tag_pattern_decides_for_wire_settings_connectors_and_the_schema(tag
     assert wire_ok == settings_ok == connector_ok == bool(TAG_RE.match(tag))
 
 
-_MINIMAL_ENV = {"MANAGER_HOST_AND_PORT": "http://cp", "DELEGATE_TOKEN": "t" * 20, "DELEGATE_NAME": "d"}
+_MINIMAL_ENV = {"MANAGER_HOST_AND_PORT": "https://cp", "DELEGATE_TOKEN": "t" * 20, "DELEGATE_NAME": "d"}
 
 
 def _accepts(call: Callable[[], object]) -> bool:

@@ -271,6 +271,14 @@ class Agent:
         reporter = Reporter(client=client, outbox=outbox, state=self.state, metrics=self.metrics)
         log.info("agent.starting", version=__version__, endpoints=self.http_url, settings=s.describe())
         self._warn_unused_env()
+        if s.control_plane.allow_insecure:
+            log.warning(
+                "agent.insecure_control_plane_allowed",
+                url=s.control_plane.url,
+                plaintext=s.control_plane.plaintext_remote,
+                hint="AGENT_ALLOW_INSECURE=true: the delegate token and task credentials may cross the network "
+                "unencrypted; use an https:// control plane and unset it",
+            )
         await self._warm()
         if self._stop.is_set():  # asked to stop while warming up: nothing is running yet
             return 0

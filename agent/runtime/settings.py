@@ -16,6 +16,7 @@ data dir when it opens it.
 from __future__ import annotations
 
 import base64
+import ipaddress
 import re
 import socket
 import ssl
@@ -251,6 +252,16 @@ SETTINGS: tuple[Setting, ...] = (
         "The control plane's base URL (http or https).",
         required="is required: the control plane's URL (e.g. https://control-plane:8080)",
         example="http://127.0.0.1:8080",
+    ),
+    Setting(
+        "controlPlane.allowInsecure",
+        ("AGENT_ALLOW_INSECURE",),
+        _boolean,
+        "control_plane.allow_insecure",
+        "Allow a plain http:// control plane on another host: the delegate token and each task's role ARN and "
+        "External ID then cross the network unencrypted. Loopback URLs (localhost, 127.0.0.0/8, ::1) never "
+        "need it.",
+        default=False,
     ),
     Setting(
         "controlPlane.audience",
@@ -556,6 +567,12 @@ class ControlPlaneEndpoint:
     client_key_file: Path | None = None
     request_timeout: float = 10.0
     task_public_key: str | None = None
+    allow_insecure: bool = False
+
+    @property
+    def plaintext_remote(self) -> bool:
+        """True for an http:// URL whose host is not this one (loopback traffic never leaves the host)."""
+        return is_plaintext_remote(self.url)
 
 
 @dataclass(frozen=True)
@@ -752,6 +769,7 @@ def load_settings(environ: Mapping[str, str], config_file: Path | None = None) -
     reader = _Reader(environ, document, str(config_file) if config_file else None, problems)
     values = {row.key: reader.read(row) for row in SETTINGS}
     problems.extend(_check_together(reader.given))
+    problems.extend(_check_plaintext(values))
     if problems:
         raise ConfigError(problems)
     return _assemble(values)
@@ -846,6 +864,33 @@ def _check_together(given: set[str]) -> Iterator[Problem]:
             yield Problem(field=name, message="has no effect without PROXY_HOST")
     if "proxy.password" in given and "proxy.user" not in given:
         yield Problem(field="PROXY_PASSWORD", message="needs PROXY_USER")
+
+
+def is_plaintext_remote(url: str) -> bool:
+    """True for an http:// URL to another host; localhost, 127.0.0.0/8 and ::1 are this host."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http":
+        return False
+    host = (parts.hostname or "").rstrip(".").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True  # a name: it may resolve anywhere
+
+
+def _check_plaintext(values: Mapping[str, Any]) -> Iterator[Problem]:
+    """A plain-HTTP control plane on another host is refused unless AGENT_ALLOW_INSECURE says otherwise."""
+    url = values["controlPlane.url"]
+    if url and is_plaintext_remote(url) and not values["controlPlane.allowInsecure"]:
+        where = urllib.parse.urlsplit(url).netloc.rpartition("@")[2]  # never a user:password in the message
+        yield Problem(
+            field="MANAGER_HOST_AND_PORT",
+            message=f"http://{where} is plain HTTP to another host: the delegate token and each task's role ARN and "
+            "External ID would cross the network unencrypted. Use https://, or set AGENT_ALLOW_INSECURE=true "
+            "(controlPlane.allowInsecure) to accept that",
+        )
 
 
 def _assemble(values: Mapping[str, Any]) -> AgentSettings:
