@@ -232,7 +232,7 @@ async def control_plane_factory(tmp_path: Path) -> AsyncIterator[ControlPlaneFac
         **kwargs: Any,
     ) -> ControlPlaneService:
         data_dir = data_dir or tmp_path / f"cp-{len(started)}"
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         token_file = data_dir / "tokens.txt"
         if not token_file.exists():
             token_file.write_text(tokens + "\n")

@@ -80,6 +80,36 @@ def parse_token_lines(text: str, source: str) -> list[TokenKey]:
     return keys
 
 
+#: The data dir holds the database and generated credentials: its owner's alone.
+DATA_DIR_MODE = 0o700
+
+
+def _make_private_dir(path: Path, existed: bool) -> None:
+    """Narrow the data dir to 0700: silently when just created, with a warning when it was looser.
+
+    Tightening (rather than refusing) keeps an existing deployment starting; the warning says what
+    was open. A directory this user cannot chmod is refused, since its files would be readable.
+    """
+    mode = path.stat().st_mode & 0o777
+    if mode == DATA_DIR_MODE or (existed and not mode & 0o077):
+        return
+    try:
+        path.chmod(DATA_DIR_MODE)
+    except OSError as exc:
+        raise DataDirUnusable(
+            f"cannot use the data dir {path} (--data-dir): it is mode {mode:04o} and cannot be narrowed "
+            f"to 0700 ({exc.strerror}); chmod 700 it"
+        ) from None
+    if existed:
+        log.warning(
+            "controlplane.data_dir_tightened",
+            path=str(path),
+            was=f"{mode:04o}",
+            now="0700",
+            hint="the data dir holds the database and credentials; it is now readable by its owner only",
+        )
+
+
 def _read_private(path: Path, what: str) -> str:
     try:
         return read_text(path)
@@ -250,7 +280,9 @@ class ControlPlaneService:
         if self._platform_validator is not None:
             self._stack.push_async_callback(self._platform_validator.aclose)
         if config.data_dir is not None:
+            existed = config.data_dir.exists()
             make_data_dir(config.data_dir, "--data-dir")
+            _make_private_dir(config.data_dir, existed)
         try:
             # Credentials may be generated into the data dir, the store and signing key live there:
             # any of them failing to write is the data dir's fault, said in one line.

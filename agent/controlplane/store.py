@@ -7,6 +7,7 @@ hundred microseconds in WAL mode), so the event loop calls them directly.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -185,10 +186,29 @@ def _decode_result(raw: str) -> ValidationResult:
         return msgspec.convert(doc, ValidationResult)
 
 
+#: The database holds task payloads (role ARNs, External IDs) and token hashes: its owner's alone.
+DB_MODE = 0o600
+
+
+def _private_file(path: Path) -> None:
+    """Create ``path`` mode 0600, or narrow an existing one to it, before SQLite opens it.
+
+    SQLite gives its -wal and -shm files the database file's mode, so this covers them too.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, DB_MODE)
+    try:
+        if os.fstat(fd).st_mode & 0o777 != DB_MODE:
+            os.fchmod(fd, DB_MODE)
+    finally:
+        os.close(fd)
+
+
 class Store:
     """All durable state. ``path=None`` keeps everything in memory (tests, throwaway runs)."""
 
     def __init__(self, path: Path | None) -> None:
+        if path is not None:
+            _private_file(path)
         self._db = sqlite3.connect(str(path) if path else ":memory:", isolation_level=None, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
         if path is not None:

@@ -1,0 +1,337 @@
+"""Attacks on the transport: floods of half-open connections, a plaintext control plane, loose file modes.
+
+Issue 12, points 5 and 6. The servers under attack are the real programs, run as processes through
+the CLI, so a lowered open-files limit (RLIMIT_NOFILE) applies to them alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+import resource
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import aiohttp
+import pytest
+import structlog
+
+from agent.controlplane.app import ControlPlaneConfig, ControlPlaneService
+from tests.conftest import TOKEN, AgentFactory, ControlPlaneFactory, free_port
+from tests.helpers import wait_for, wait_until
+
+FLOOD = 500
+HEADER_TIMEOUT = 1.0
+
+
+@dataclass
+class Server:
+    """A server process, its base URL and every log line it writes (with the time it was read)."""
+
+    process: asyncio.subprocess.Process
+    url: str
+    lines: list[tuple[float, dict[str, object]]] = field(default_factory=list)
+
+    @property
+    def port(self) -> int:
+        return int(self.url.rsplit(":", 1)[1])
+
+    def open_fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.process.pid}/fd"))
+
+    def events(self, name: str) -> list[tuple[float, dict[str, object]]]:
+        return [(at, line) for at, line in self.lines if line.get("event") == name]
+
+
+def _open_files_limit(limit: int | None) -> Callable[[], None] | None:
+    if limit is None:
+        return None
+    return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
+
+@asynccontextmanager
+async def _serve(argv: list[str], env: dict[str, str], *, open_files: int | None = None) -> AsyncIterator[Server]:
+    """Run ``python -m agent ARGV`` with JSON logs on stderr; yields once it answers /healthz."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "agent",
+        *argv,
+        env={**os.environ, **env},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        preexec_fn=_open_files_limit(open_files),
+    )
+    server = Server(process, env.get("_URL", ""))
+    assert process.stderr is not None
+    stderr = process.stderr
+
+    async def read_log() -> None:
+        async for raw in stderr:
+            text = raw.decode(errors="replace")
+            if text.startswith("control plane listening on "):
+                server.url = text.split()[4]
+            elif text.startswith("{"):
+                server.lines.append((time.monotonic(), json.loads(text)))
+
+    reader = asyncio.create_task(read_log())
+    try:
+        async with aiohttp.ClientSession() as http:
+
+            async def healthy() -> bool:
+                if process.returncode is not None:
+                    raise AssertionError(f"{argv[0]} exited {process.returncode}: {server.lines[-3:]}")
+                if not server.url:
+                    return False
+                try:
+                    async with http.get(f"{server.url}/healthz") as answer:
+                        return answer.status in (200, 503)
+                except aiohttp.ClientError:
+                    return False
+
+            await wait_until(healthy, f"{argv[0]} to answer /healthz", 20)
+        yield server
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            await asyncio.wait_for(process.wait(), 20)
+        await asyncio.wait_for(reader, 5)
+
+
+def _control_plane(tmp_path: Path, *limits: str) -> list[str]:
+    return [
+        "control-plane",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        str(tmp_path / "cp"),
+        "--log-format",
+        "json",
+        "--header-timeout-seconds",
+        str(HEADER_TIMEOUT),
+        "--keepalive-timeout-seconds",
+        "2",
+        *limits,
+    ]
+
+
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def _half_open(port: int, count: int = FLOOD) -> list[Connection]:
+    """``count`` connections that never finish a request: half send nothing, half a partial request line."""
+    # Connecting is a kernel matter (the listen backlog): a server out of descriptors accepts nothing,
+    # yet up to the backlog connect at once; the rest wait for their SYN to be answered, or give up.
+
+    async def one(i: int) -> Connection | None:
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), 2)
+        except (OSError, TimeoutError):
+            return None  # not accepted in time (the server is out of descriptors): still a slot taken
+        if i % 2:
+            writer.write(b"GET /healthz HTT")
+        return reader, writer
+
+    opened = await asyncio.gather(*(one(i) for i in range(count)))
+    return [c for c in opened if c is not None]
+
+
+async def _closed_by_server(connection: Connection, within: float) -> bool:
+    """True when the server closes the connection within ``within`` seconds (a 503 first is fine)."""
+    reader, writer = connection
+    try:
+        async with asyncio.timeout(within):
+            while await reader.read(65536):
+                pass
+        return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        writer.close()
+
+
+async def _get_healthz(url: str, within: float) -> tuple[int, float]:
+    started = time.monotonic()
+    timeout = aiohttp.ClientTimeout(total=within)
+    async with aiohttp.ClientSession(timeout=timeout) as http, http.get(f"{url}/healthz") as answer:
+        await answer.read()
+        return answer.status, time.monotonic() - started
+
+
+async def _flood_and_check(server: Server, cap: int) -> None:
+    """500 half-open connections: a real request still gets in at once, the flood is closed, fds stay bounded."""
+    baseline = server.open_fds()
+    flood = await _half_open(server.port)
+    assert len(flood) == FLOOD, "every connection was accepted (over the cap, the oldest idle ones make room)"
+    assert server.open_fds() <= baseline + cap + 5, "the server holds at most the cap, not one fd per attacker"
+
+    status, seconds = await _get_healthz(server.url, within=5)
+    assert status == 200
+    assert seconds < 1.0, f"a real client waited {seconds:.2f}s behind the flood"
+
+    closed = await asyncio.gather(*(_closed_by_server(c, within=HEADER_TIMEOUT + 3) for c in flood))
+    assert all(closed), f"{closed.count(False)} idle connections outlived the header timeout"
+    await wait_for(lambda: server.open_fds() <= baseline + 1, "the server to let go of the flood's descriptors", 5)
+
+
+@pytest.mark.attacks
+async def test_500_half_open_connections_cannot_starve_the_control_plane(tmp_path: Path) -> None:
+    """The control plane caps open connections and closes those that send no request head in time."""
+    async with _serve(_control_plane(tmp_path, "--max-connections", "50"), {}) as server:
+        await _flood_and_check(server, cap=50)
+        assert not server.events("http.accept_failed")
+
+
+@pytest.mark.attacks
+async def test_500_half_open_connections_cannot_starve_the_delegates_probe_port(
+    tmp_path: Path, control_plane_factory: ControlPlaneFactory
+) -> None:
+    """The delegate's probe/metrics port has the same limits, set by AGENT_HTTP_* settings."""
+    cp = await control_plane_factory()
+    port = free_port()
+    env = {
+        "MANAGER_HOST_AND_PORT": cp.url,
+        "DELEGATE_TOKEN": TOKEN,
+        "DELEGATE_NAME": "flooded",
+        "AGENT_HTTP_LISTEN": f"127.0.0.1:{port}",
+        "AGENT_HTTP_HEADER_TIMEOUT_SECONDS": str(HEADER_TIMEOUT),
+        "AGENT_HTTP_KEEPALIVE_TIMEOUT_SECONDS": "2",
+        "AGENT_HTTP_MAX_CONNECTIONS": "20",
+        "AGENT_LOG_FORMAT": "json",
+        "_URL": f"http://127.0.0.1:{port}",
+    }
+    async with _serve(["run"], env) as server:
+        await _flood_and_check(server, cap=20)
+        assert not server.events("http.accept_failed")
+
+
+@pytest.mark.attacks
+async def test_out_of_descriptors_the_accept_errors_are_logged_once_a_second(tmp_path: Path) -> None:
+    """With the cap above the open-files limit, accept() fails with EMFILE: one line a second, then recovery."""
+    argv = _control_plane(tmp_path, "--max-connections", "1000", "--header-timeout-seconds", "0.5")
+    async with _serve(argv, {}, open_files=48) as server:
+        flood = await _half_open(server.port)
+        status, _ = await _get_healthz(server.url, within=15)
+        assert status == 200, "once the header timeout frees descriptors, a real client gets in"
+        await asyncio.gather(*(_closed_by_server(c, within=5) for c in flood))
+
+    failures = [line for _, line in server.events("http.accept_failed")]
+    assert failures, "the flood did exhaust the descriptors"
+    logged = [datetime.fromisoformat(str(line["timestamp"])).timestamp() for line in failures]
+    gaps = [b - a for a, b in itertools.pairwise(logged)]
+    assert all(gap > 0.9 for gap in gaps), f"more than one accept-error line a second: {gaps}"
+    assert failures[0]["error"] == "[Errno 24] Too many open files"
+    assert "ulimit" in str(failures[0]["hint"])
+    assert sum(int(str(line["held_back"])) for line in failures) > len(failures), "the rest were counted, not logged"
+
+
+# --- plaintext control plane ----------------------------------------------------------------------
+
+
+def _check_config(env: dict[str, str]) -> tuple[int, str]:
+    out = subprocess.run(
+        [sys.executable, "-m", "agent", "check-config"],
+        env={**os.environ, "DELEGATE_TOKEN": TOKEN, "DELEGATE_NAME": "d", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return out.returncode, out.stderr
+
+
+@pytest.mark.attacks
+@pytest.mark.parametrize(
+    "url", ["http://control-plane.example:8080", "http://10.0.0.7:8080", "http://[2001:db8::1]:8080"]
+)
+def test_a_plaintext_control_plane_on_another_host_is_refused(url: str) -> None:
+    """The token and task credentials must not cross a network in clear text: exit 2, the rule said."""
+    code, err = _check_config({"MANAGER_HOST_AND_PORT": url})
+    assert code == 2
+    assert "MANAGER_HOST_AND_PORT: http://" in err
+    assert "is plain HTTP to another host" in err
+    assert "AGENT_ALLOW_INSECURE=true" in err
+
+
+@pytest.mark.attacks
+def test_the_refusal_never_repeats_credentials_in_the_url() -> None:
+    """A user:password in the URL stays out of the message."""
+    code, err = _check_config({"MANAGER_HOST_AND_PORT": "http://admin:hunter2-secret@cp.example:8080"})
+    assert code == 2
+    assert "http://cp.example:8080 is plain HTTP" in err
+    assert "hunter2" not in err and "admin" not in err
+
+
+@pytest.mark.attacks
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:8080", "http://127.1.2.3:8080", "http://localhost:8080", "http://[::1]:8080"]
+)
+def test_loopback_http_is_allowed_because_it_never_leaves_the_host(url: str) -> None:
+    """make demo and the tests run on plain loopback HTTP."""
+    code, err = _check_config({"MANAGER_HOST_AND_PORT": url})
+    assert (code, err.strip().splitlines()[-1]) == (0, "configuration OK")
+
+
+@pytest.mark.attacks
+async def test_allow_insecure_accepts_plaintext_and_warns_loudly_at_start(
+    control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory
+) -> None:
+    """AGENT_ALLOW_INSECURE=true lets the setting through, and the delegate says so at start."""
+    code, err = _check_config({"MANAGER_HOST_AND_PORT": "http://cp.example:8080", "AGENT_ALLOW_INSECURE": "true"})
+    assert (code, err.strip().splitlines()[-1]) == (0, "configuration OK")
+
+    cp = await control_plane_factory()
+    with structlog.testing.capture_logs() as logs:
+        running = await agent_factory(cp, allow_insecure=True)
+        await running.registered()
+    [warning] = [e for e in logs if e["event"] == "agent.insecure_control_plane_allowed"]
+    assert warning["log_level"] == "warning"
+    assert "AGENT_ALLOW_INSECURE=true" in warning["hint"]
+
+
+# --- file permissions ------------------------------------------------------------------------------
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.attacks
+async def test_the_data_dir_and_everything_secret_in_it_are_the_owners_alone(tmp_path: Path) -> None:
+    """Another local user can read neither the database nor the generated credentials."""
+    data_dir = tmp_path / "new" / "cp"
+    async with ControlPlaneService(ControlPlaneConfig(port=0, data_dir=data_dir)) as cp:
+        cp.store.revoked_tokens()  # the database is open and written
+    assert _mode(data_dir) == 0o700
+    for name in ("controlplane.sqlite3", "delegate-token", "api-key", "task-signing-key"):
+        assert _mode(data_dir / name) == 0o600, name
+    for extra in data_dir.glob("controlplane.sqlite3-*"):  # WAL and shared-memory files take the database's mode
+        assert _mode(extra) == 0o600, extra.name
+
+
+@pytest.mark.attacks
+async def test_a_loose_existing_data_dir_and_database_are_tightened_with_a_warning(tmp_path: Path) -> None:
+    """A data dir left 0755 (and a database 0644) by an older version is narrowed at start, and said so."""
+    data_dir = tmp_path / "cp"
+    data_dir.mkdir(mode=0o755)
+    data_dir.chmod(0o755)
+    (data_dir / "controlplane.sqlite3").touch(mode=0o644)
+    (data_dir / "controlplane.sqlite3").chmod(0o644)
+    with structlog.testing.capture_logs() as logs:
+        async with ControlPlaneService(ControlPlaneConfig(port=0, data_dir=data_dir)):
+            pass
+    assert _mode(data_dir) == 0o700
+    assert _mode(data_dir / "controlplane.sqlite3") == 0o600
+    [warning] = [e for e in logs if e["event"] == "controlplane.data_dir_tightened"]
+    assert (warning["was"], warning["now"]) == ("0755", "0700")
