@@ -97,6 +97,22 @@ VARIANTS = {
         'extraVolumeMounts=[{"name":"corp-ca","mountPath":"/etc/corp-ca","readOnly":true},'
         '{"name":"scratch","mountPath":"/scratch"}]',
     ],
+    "network-policy": [
+        "--set",
+        "networkPolicy.enabled=true",
+        "--set-json",
+        'networkPolicy.metricsFrom=[{"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"monitoring"}}}]',
+        "--set-json",
+        'networkPolicy.controlPlane.cidrs=["10.20.0.0/16"]',
+        "--set-json",
+        'networkPolicy.controlPlane.peers=[{"namespaceSelector":{"matchLabels":{"team":"platform"}}}]',
+        "--set-json",
+        'networkPolicy.aws.cidrs=["10.0.128.0/20"]',
+        "--set-json",
+        'networkPolicy.aws.credentialCidrs=["169.254.169.254/32","169.254.170.23/32"]',
+        "--set-json",
+        'networkPolicy.extraEgress=[{"to":[{"ipBlock":{"cidr":"10.9.9.9/32"}}],"ports":[{"port":3128}]}]',
+    ],
     "everything": [
         "--set",
         "token.value=0123456789abcdef0123",
@@ -341,6 +357,8 @@ def test_autoscaling_owns_the_replica_count(variant: str) -> None:
     [
         (["--set", "delegate.capacity=0"], "delegate.capacity: Must be greater than or equal to 1"),
         (["--set", "controlPlane.url=not-a-url"], "controlPlane.url: Does not match pattern"),
+        (["--set", "controlPlane.url=http://cp.example:8080"], "controlPlane.allowInsecure does not match: true"),
+        (["--set-json", 'networkPolicy.aws.cidrs=["0.0.0.0"]'], "networkPolicy.aws.cidrs.0: Does not match pattern"),
         (["--set", "serviceAccount.roleArn=my-role"], "serviceAccount.roleArn: Does not match pattern"),
         (["--set-json", 'delegate.tags=["has space"]'], "delegate.tags.0: Does not match pattern"),
         (["--set", "logging.format=xml"], "logging.format: logging.format must be one of the following"),
@@ -372,6 +390,76 @@ def test_invalid_values_are_refused_with_a_clear_message(args: list[str], words:
     out = helm("template", "rel", str(CHART), *REQUIRED, *args, check=False)
     assert out.returncode != 0
     assert words in out.stderr, out.stderr
+
+
+def _rules(policy: dict[str, Any], direction: str) -> list[tuple[list[Any], list[dict[str, Any]]]]:
+    """Each rule of a NetworkPolicy as (ports as (port, protocol), peers)."""
+    peers = "from" if direction == "ingress" else "to"
+    return [
+        ([(p["port"], p.get("protocol", "TCP")) for p in rule["ports"]], rule.get(peers, []))
+        for rule in policy["spec"][direction]
+    ]
+
+
+def test_no_network_policy_unless_asked() -> None:
+    """networkPolicy.enabled is off by default: a CNI without enforcement, or other policies, stay unaffected."""
+    assert "NetworkPolicy" not in kinds(render())
+
+
+def test_the_network_policy_opens_only_the_probe_port_the_control_plane_dns_and_aws() -> None:
+    """Ingress: the probe/metrics port from the given peers. Egress: control plane, DNS, AWS, what was added."""
+    policy = one(render(*VARIANTS["network-policy"]), "NetworkPolicy")
+    assert policy["spec"]["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "delegate-agent",
+        "app.kubernetes.io/instance": "rel",
+    }
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    assert _rules(policy, "ingress") == [([("http", "TCP")], [monitoring])]
+    control_plane, dns, aws, credentials, proxy = _rules(policy, "egress")
+    assert control_plane == (
+        [(8443, "TCP")],  # the port of controlPlane.url
+        [{"ipBlock": {"cidr": "10.20.0.0/16"}}, {"namespaceSelector": {"matchLabels": {"team": "platform"}}}],
+    )
+    assert dns == (
+        [(53, "UDP"), (53, "TCP")],
+        [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}}}],
+    )
+    assert aws == ([(443, "TCP")], [{"ipBlock": {"cidr": "10.0.128.0/20"}}])
+    assert credentials == (
+        [(80, "TCP")],
+        [{"ipBlock": {"cidr": "169.254.169.254/32"}}, {"ipBlock": {"cidr": "169.254.170.23/32"}}],
+    )
+    assert proxy == ([(3128, "TCP")], [{"ipBlock": {"cidr": "10.9.9.9/32"}}])
+    [port] = container(render())["ports"]
+    assert port["name"] == "http", "the ingress rule names the container's probe/metrics port"
+
+
+@pytest.mark.parametrize(
+    ("url", "args", "port"),
+    [
+        ("https://cp.example", [], 443),
+        ("http://cp.example", ["--set", "controlPlane.allowInsecure=true"], 80),
+        ("https://cp.example:8443", ["--set", "networkPolicy.controlPlane.port=9443"], 9443),
+    ],
+)
+def test_the_control_plane_port_comes_from_its_url_unless_given(url: str, args: list[str], port: int) -> None:
+    """Without networkPolicy.controlPlane.port the egress rule uses the URL's port, or the scheme's."""
+    docs = render("--set", "networkPolicy.enabled=true", "--set", f"controlPlane.url={url}", *args)
+    control_plane, _dns, aws = _rules(one(docs, "NetworkPolicy"), "egress")
+    assert control_plane == ([(port, "TCP")], [])
+    assert aws == ([(443, "TCP")], [{"ipBlock": {"cidr": "0.0.0.0/0"}}])
+
+
+def test_a_plaintext_control_plane_needs_allow_insecure_and_the_delegate_accepts_it() -> None:
+    """allowInsecure sets AGENT_ALLOW_INSECURE, and the rendered environment then loads as the pod's would."""
+    docs = render("--set", "controlPlane.url=http://cp.example:8080", "--set", "controlPlane.allowInsecure=true")
+    env = env_of(docs)
+    assert env["AGENT_ALLOW_INSECURE"] == "true"
+    plaintext = {k: env[k] for k in ("MANAGER_HOST_AND_PORT", "AGENT_ALLOW_INSECURE")}
+    settings = load_settings(plaintext | {"DELEGATE_TOKEN": "t" * 20, "DELEGATE_NAME": "d"})
+    assert settings.control_plane.allow_insecure
+    assert "AGENT_ALLOW_INSECURE" not in env_of(render())
 
 
 def test_the_notes_say_how_to_check_registration(tmp_path: Path) -> None:
