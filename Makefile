@@ -21,9 +21,11 @@ help: ## list the targets
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	@echo "installing pinned dependencies into $(VENV) (constraints.txt)"
-	@{ $(BIN)/python -m pip install -q -c constraints.txt pip setuptools 2>&1; } | $(PIPQUIET)
-	@{ PYTHONWARNINGS=ignore PIP_CONSTRAINT=constraints.txt $(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]' 2>&1; } | $(PIPQUIET)
+	@echo "installing pinned dependencies into $(VENV) (constraints.txt, each file checked against its sha256)"
+	@# Every dependency, pip and setuptools included, by hash; then the project itself, which has no hash,
+	@# without dependencies and with that setuptools (no build isolation, so nothing unchecked is fetched).
+	@{ $(BIN)/python -m pip install -q --require-hashes --no-deps -r constraints.txt 2>&1; } | $(PIPQUIET)
+	@{ PYTHONWARNINGS=ignore $(BIN)/python -m pip install -q --no-deps --no-build-isolation -e . 2>&1; } | $(PIPQUIET)
 	@$(BIN)/python -c "import agent, aiobotocore, moto" 
 	@touch $(STAMP)
 
@@ -68,7 +70,7 @@ load: $(STAMP) ## 10,000 validations through the control plane and 3 delegates, 
 models: $(STAMP) ## regenerate the pruned AWS service models from the pinned botocore
 	$(BIN)/python -m agent.aws.models_gen
 
-lock: ## re-pin constraints.txt after changing dependencies
+lock: ## re-pin constraints.txt (versions and sha256 hashes) after changing dependencies
 	bash tools/lock.sh
 
 clean: ## remove the venv and caches
