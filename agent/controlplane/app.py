@@ -334,7 +334,14 @@ class ControlPlaneService:
         )
         await runner.setup()
         self._stack.push_async_callback(runner.cleanup)
-        site = LimitedSite(runner, self.config.host, self.config.port, self.config.limits, ssl_context=ssl_context)
+        site = LimitedSite(
+            runner,
+            self.config.host,
+            self.config.port,
+            self.config.limits,
+            ssl_context=ssl_context,
+            metrics=(self.core.metrics.registry, "controlplane_http"),
+        )
         await site.start()
         host, port = runner.addresses[0][0], runner.addresses[0][1]
         scheme = "https" if ssl_context else "http"

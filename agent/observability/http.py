@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 
 log = structlog.get_logger("http")
@@ -80,7 +81,10 @@ class HealthServer:
             keepalive_timeout=self._limits.keepalive_timeout,
         )
         await self._runner.setup()
-        await LimitedSite(self._runner, self._host, self._port, self._limits).start()
+        site = LimitedSite(
+            self._runner, self._host, self._port, self._limits, metrics=(self._registry, "delegate_http")
+        )
+        await site.start()
         host, port = self._runner.addresses[0][:2]
         self.url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"  # noqa: S104
         return self.url
@@ -136,7 +140,9 @@ class ConnectionLimits:
     #: An idle connection (nothing sent since its last response) is closed after this long.
     keepalive_timeout: float = 75.0
     #: Open connections at most; over it, the oldest that has not sent a request yet is closed to
-    #: make room, and if every one is busy with a request the new one gets a 503.
+    #: make room, and if every one is busy with a request the new one gets a 503. (asyncio accepts
+    #: up to a listen backlog, 128, in one go before the guard sees them: a burst can briefly hold
+    #: that many more descriptors. A smaller backlog would bound that but drop real clients' SYNs.)
     max_connections: int = 256
 
     def __post_init__(self) -> None:
@@ -202,6 +208,8 @@ class _ConnectionGuard:
     def __init__(self, server: web.Server, limits: ConnectionLimits) -> None:
         self._server, self._limits = server, limits
         self._open: set[_Guarded] = set()
+        #: Connections closed to protect the server, by reason (a metric).
+        self.closed = {"header_timeout": 0, "make_room": 0, "refused": 0}
         #: Connections that have not sent a whole request head yet, oldest first.
         self._waiting: dict[web.RequestHandler, _Guarded] = {}
         # The request factory runs once a request's head is parsed: the moment a connection has
@@ -220,15 +228,22 @@ class _ConnectionGuard:
     def admit(self, conn: _Guarded) -> bool:
         if len(self._open) >= self._limits.max_connections:
             if not self._waiting:
+                self.closed["refused"] += 1
                 log.warning("http.connection_refused", open=len(self._open), hint="every connection is busy")
                 return False
             oldest = next(iter(self._waiting.values()))
             self._drop(oldest)
             oldest.close()
+            self.closed["make_room"] += 1
         self._open.add(conn)
         self._waiting[conn.inner] = conn
-        conn.header_timer = asyncio.get_running_loop().call_later(self._limits.header_timeout, conn.close)
+        conn.header_timer = asyncio.get_running_loop().call_later(self._limits.header_timeout, self._expire, conn)
         return True
+
+    def _expire(self, conn: _Guarded) -> None:
+        self.closed["header_timeout"] += 1
+        self._drop(conn)
+        conn.close()
 
     def forget(self, conn: _Guarded) -> None:
         self._open.discard(conn)
@@ -263,9 +278,13 @@ class LimitedSite(web.BaseSite):
         limits: ConnectionLimits,
         *,
         ssl_context: ssl.SSLContext | None = None,
+        metrics: tuple[CollectorRegistry, str] | None = None,
     ) -> None:
         super().__init__(runner, ssl_context=ssl_context)
         self._host, self._port, self._limits = host, port, limits
+        #: Where to publish the connection counts, and the metric names' prefix.
+        self._metrics = metrics
+        self._collector: _ConnectionCollector | None = None
         self.guard: _ConnectionGuard | None = None
 
     @property
@@ -278,8 +297,12 @@ class LimitedSite(web.BaseSite):
         server = self._runner.server
         assert server is not None  # BaseSite refuses a runner that is not set up
         loop = asyncio.get_running_loop()
-        limit_accept_errors(loop)
+        accept_errors = limit_accept_errors(loop)
         self.guard = _ConnectionGuard(server, self._limits)
+        if self._metrics is not None:
+            registry, prefix = self._metrics
+            self._collector = _ConnectionCollector(prefix, self.guard, accept_errors)
+            registry.register(self._collector)
         # A TLS connection reaches the guard once its handshake is done; the handshake gets the
         # header timeout as its own bound, so a silent TLS client is not held for asyncio's 60 s.
         tls_timeout = self._limits.header_timeout if self._ssl_context else None
@@ -292,6 +315,40 @@ class LimitedSite(web.BaseSite):
             reuse_address=True,
             ssl_handshake_timeout=tls_timeout,
         )
+
+    async def stop(self) -> None:
+        if self._collector is not None and self._metrics is not None:
+            self._metrics[0].unregister(self._collector)
+            self._collector = None
+        await super().stop()
+
+
+class _ConnectionCollector:
+    """The guard's counts as Prometheus metrics, read at scrape time."""
+
+    def __init__(self, prefix: str, guard: _ConnectionGuard, accept_errors: AcceptErrorLog) -> None:
+        self._prefix, self._guard, self._accept_errors = prefix, guard, accept_errors
+
+    def collect(self) -> list[Any]:
+        closed = CounterMetricFamily(
+            f"{self._prefix}_connections_closed",
+            "Connections closed to protect the server: header_timeout (no request head in time), make_room "
+            "(the oldest idle one, over the cap), refused (over the cap, all busy).",
+            labels=["reason"],
+        )
+        for reason, count in self._guard.closed.items():
+            closed.add_metric([reason], count)
+        return [
+            closed,
+            GaugeMetricFamily(
+                f"{self._prefix}_connections_open", "Open connections to this port.", value=self._guard.open_connections
+            ),
+            CounterMetricFamily(
+                f"{self._prefix}_accept_errors",
+                "accept() failures in this process, out of file descriptors or memory (logged once a second).",
+                value=self._accept_errors.count,
+            ),
+        ]
 
 
 # --- accept errors ----------------------------------------------------------------------------------
