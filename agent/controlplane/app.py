@@ -84,15 +84,16 @@ def parse_token_lines(text: str, source: str) -> list[TokenKey]:
 DATA_DIR_MODE = 0o700
 
 
-def _make_private_dir(path: Path, existed: bool) -> None:
-    """Narrow the data dir to 0700: silently when just created, with a warning when it was looser.
+def _make_private_dir(path: Path, existed: bool) -> int | None:
+    """Narrow the data dir to 0700; returns the looser mode an existing one had (for a warning), else None.
 
-    Tightening (rather than refusing) keeps an existing deployment starting; the warning says what
-    was open. A directory this user cannot chmod is refused, since its files would be readable.
+    Tightening (rather than refusing) keeps an existing deployment starting, and the caller warns
+    once the data dir proved usable. A directory this user cannot chmod is refused: its files would
+    stay readable by others.
     """
     mode = path.stat().st_mode & 0o777
     if mode == DATA_DIR_MODE or (existed and not mode & 0o077):
-        return
+        return None
     try:
         path.chmod(DATA_DIR_MODE)
     except OSError as exc:
@@ -100,14 +101,17 @@ def _make_private_dir(path: Path, existed: bool) -> None:
             f"cannot use the data dir {path} (--data-dir): it is mode {mode:04o} and cannot be narrowed "
             f"to 0700 ({exc.strerror}); chmod 700 it"
         ) from None
-    if existed:
-        log.warning(
-            "controlplane.data_dir_tightened",
-            path=str(path),
-            was=f"{mode:04o}",
-            now="0700",
-            hint="the data dir holds the database and credentials; it is now readable by its owner only",
-        )
+    return mode if existed else None
+
+
+def _log_tightened(path: Path, mode: int) -> None:
+    log.warning(
+        "controlplane.data_dir_tightened",
+        path=str(path),
+        was=f"{mode:04o}",
+        now="0700",
+        hint="the data dir holds the database and credentials; it is now readable by its owner only",
+    )
 
 
 def _read_private(path: Path, what: str) -> str:
@@ -279,10 +283,11 @@ class ControlPlaneService:
         config = self.config
         if self._platform_validator is not None:
             self._stack.push_async_callback(self._platform_validator.aclose)
+        loosened = None
         if config.data_dir is not None:
             existed = config.data_dir.exists()
             make_data_dir(config.data_dir, "--data-dir")
-            _make_private_dir(config.data_dir, existed)
+            loosened = _make_private_dir(config.data_dir, existed)
         try:
             # Credentials may be generated into the data dir, the store and signing key live there:
             # any of them failing to write is the data dir's fault, said in one line.
@@ -297,6 +302,8 @@ class ControlPlaneService:
         except (OSError, sqlite3.Error) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise DataDirUnusable(f"cannot use the data dir {config.data_dir} (--data-dir): {reason}") from None
+        if config.data_dir is not None and loosened is not None:
+            _log_tightened(config.data_dir, loosened)
         kwargs: dict[str, Any] = {"platform_validator": self._platform_validator, "task_signer": task_signer}
         if self._clock is not None:
             kwargs["clock"] = self._clock

@@ -139,16 +139,19 @@ class ConnectionLimits:
     header_timeout: float = 10.0
     #: An idle connection (nothing sent since its last response) is closed after this long.
     keepalive_timeout: float = 75.0
-    #: Open connections at most; over it, the oldest that has not sent a request yet is closed to
-    #: make room, and if every one is busy with a request the new one gets a 503. (asyncio accepts
-    #: up to a listen backlog, 128, in one go before the guard sees them: a burst can briefly hold
-    #: that many more descriptors. A smaller backlog would bound that but drop real clients' SYNs.)
+    #: Open connections at most; over it, the oldest that has not sent a request (or sits idle
+    #: between requests) is closed to make room, and if every one is busy with a request the new
+    #: one gets a 503. A burst can briefly hold a few :data:`ACCEPT_BATCH` more descriptors: those
+    #: accepted and not yet seen by the guard, or closed and not yet released.
     max_connections: int = 256
 
     def __post_init__(self) -> None:
         if self.header_timeout <= 0 or self.keepalive_timeout <= 0 or self.max_connections < 1:
             raise ValueError("connection limits must be positive")
 
+
+#: Sockets accepted in one loop turn (asyncio's default is the listen backlog, 128).
+ACCEPT_BATCH = 16
 
 _REFUSED_BODY = b'{"error": "too many open connections: try again shortly"}'
 _REFUSED = (
@@ -202,12 +205,24 @@ class _Guarded(asyncio.Protocol):
             self.transport.close()
 
 
+def _between_requests(handler: web.RequestHandler) -> bool:
+    """True while aiohttp's handler waits for the next request (none in progress, nothing whole queued).
+
+    This is aiohttp's own test for an idle connection (``RequestHandler._process_keepalive``), read
+    from its private ``_waiter``; aiohttp is pinned, and the flood test fails if this stops working.
+    """
+    waiter = getattr(handler, "_waiter", None)
+    return waiter is not None and not waiter.done()
+
+
 class _ConnectionGuard:
     """Counts the open connections, arms each one's header timer, and makes room over the cap."""
 
     def __init__(self, server: web.Server, limits: ConnectionLimits) -> None:
         self._server, self._limits = server, limits
-        self._open: set[_Guarded] = set()
+        #: Open connections, oldest first.
+        self._open: dict[_Guarded, None] = {}
+        self._last_refusal = float("-inf")
         #: Connections closed to protect the server, by reason (a metric).
         self.closed = {"header_timeout": 0, "make_room": 0, "refused": 0}
         #: Connections that have not sent a whole request head yet, oldest first.
@@ -227,18 +242,30 @@ class _ConnectionGuard:
 
     def admit(self, conn: _Guarded) -> bool:
         if len(self._open) >= self._limits.max_connections:
-            if not self._waiting:
-                self.closed["refused"] += 1
-                log.warning("http.connection_refused", open=len(self._open), hint="every connection is busy")
+            victim = self._idlest()
+            if victim is None:
+                self._refused()
                 return False
-            oldest = next(iter(self._waiting.values()))
-            self._drop(oldest)
-            oldest.close()
+            self._drop(victim)
+            victim.close()
             self.closed["make_room"] += 1
-        self._open.add(conn)
+        self._open[conn] = None
         self._waiting[conn.inner] = conn
         conn.header_timer = asyncio.get_running_loop().call_later(self._limits.header_timeout, self._expire, conn)
         return True
+
+    def _idlest(self) -> _Guarded | None:
+        """The connection to close for a new one: the oldest yet to send a request, else the oldest idle
+        between requests (a client that sent one request and sits on the connection holds no slot)."""
+        waiting = next(iter(self._waiting.values()), None)
+        return waiting or next((c for c in self._open if _between_requests(c.inner)), None)
+
+    def _refused(self) -> None:
+        self.closed["refused"] += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._last_refusal >= 1.0:  # a line a second at most: the metric has the count
+            self._last_refusal = now
+            log.warning("http.connection_refused", open=len(self._open), hint="every connection is busy with a request")
 
     def _expire(self, conn: _Guarded) -> None:
         self.closed["header_timeout"] += 1
@@ -246,7 +273,7 @@ class _ConnectionGuard:
         conn.close()
 
     def forget(self, conn: _Guarded) -> None:
-        self._open.discard(conn)
+        self._open.pop(conn, None)
         self._drop(conn)
 
     def _drop(self, conn: _Guarded) -> None:
@@ -306,15 +333,21 @@ class LimitedSite(web.BaseSite):
         # A TLS connection reaches the guard once its handshake is done; the handshake gets the
         # header timeout as its own bound, so a silent TLS client is not held for asyncio's 60 s.
         tls_timeout = self._limits.header_timeout if self._ssl_context else None
+        # asyncio uses one number as the kernel's listen queue and as how many sockets it accepts in one
+        # loop turn, before the guard sees any of them. Accept in small batches, so a burst cannot hold
+        # many descriptors past the cap, but keep a deep queue, so real clients' SYNs are not dropped.
         self._server = await loop.create_server(
             self.guard,
             self._host,
             self._port,
             ssl=self._ssl_context,
-            backlog=self._backlog,
+            backlog=ACCEPT_BATCH,
             reuse_address=True,
             ssl_handshake_timeout=tls_timeout,
         )
+        for listening in self._server.sockets:
+            with listening.dup() as sock:  # the same socket; listen() again only deepens its queue
+                sock.listen(self._backlog)
 
     async def stop(self) -> None:
         if self._collector is not None and self._metrics is not None:
