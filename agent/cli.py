@@ -1102,7 +1102,8 @@ def _add_control_plane(sub: Any, _: argparse.ArgumentParser) -> None:
         type=_connections,
         default=512,
         metavar="N",
-        help="open connections at most; over it the oldest one yet to send a request is closed (default: %(default)s)",
+        help="open connections at most; over it the oldest one yet to send a request (or else idle between "
+        "requests) is closed (default: %(default)s)",
     )
     p.add_argument(
         "--log-format",

@@ -390,7 +390,8 @@ SETTINGS: tuple[Setting, ...] = (
         ("AGENT_HTTP_MAX_CONNECTIONS",),
         _number(1, 10000, integer=True),
         "http_max_connections",
-        "Open connections to that port at most; over it, the oldest one yet to send a request is closed.",
+        "Open connections to that port at most; over it, the oldest one yet to send a request (or else idle "
+        "between requests) is closed.",
         default=64,
     ),
     Setting(
