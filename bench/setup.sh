@@ -13,8 +13,10 @@ digest="$(find agent pyproject.toml constraints.txt -type f ! -name '*.pyc' -pri
 stamp="$B/agent/.installed-$digest"
 if [ ! -f "$stamp" ]; then
   rm -rf "$B/agent"; python3 -m venv "$B/agent"
-  { "$B/agent/bin/pip" install -q -c constraints.txt pip setuptools 2>&1; } | quiet
-  { PYTHONWARNINGS=ignore PIP_CONSTRAINT=constraints.txt "$B/agent/bin/pip" install -q -c constraints.txt . 2>&1; } | quiet
+  # As the image installs it: the runtime part of constraints.txt, hash-checked, then the project.
+  sed '/^# RUNTIME_END/,$d' constraints.txt > "$B/runtime-requirements.txt"
+  { "$B/agent/bin/pip" install -q --require-hashes --no-deps -r "$B/runtime-requirements.txt" 2>&1; } | quiet
+  { PYTHONWARNINGS=ignore "$B/agent/bin/pip" install -q --no-deps --no-build-isolation . 2>&1; } | quiet
   touch "$stamp"
 fi
 [ "${1:-all}" = agent ] && exit 0
