@@ -178,7 +178,7 @@ async def test_long_values_are_quoted_back_cut_to_a_hundred_characters(
     assert ref.startswith(repr(("not a ref " * 10) + "\u2026") + " (200 characters) is not a secret reference")
     assert f"connector.{'x' * 100}\u2026 (5,000 characters)" in problems
     with pytest.raises(ConfigError) as info:
-        load_settings({"MANAGER_HOST_AND_PORT": "http://cp", "DELEGATE_TOKEN": "t" * 20, "DELEGATE_NAME": "é" * 4000})
+        load_settings({"MANAGER_HOST_AND_PORT": "https://cp", "DELEGATE_TOKEN": "t" * 20, "DELEGATE_NAME": "é" * 4000})
     assert "(4,000 characters)" in str(info.value) and len(str(info.value)) < 400
 
 
