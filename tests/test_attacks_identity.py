@@ -21,6 +21,7 @@ import pytest
 from agent.cli import EXIT_OK, main
 from agent.controlplane.app import ControlPlaneConfig, ControlPlaneService, CredentialsError, load_credentials
 from agent.controlplane.core import ControlPlane, ControlPlaneSettings
+from agent.controlplane.ratelimit import FailureLimiter
 from agent.controlplane.store import Store
 from agent.controlplane.tokens import TokenScope
 from agent.protocol.client import ControlPlaneClient
@@ -367,3 +368,16 @@ async def test_refused_delegates_are_counted(stack: Stack) -> None:
     metric = stack.core.metrics.registry.get_sample_value
     for reason in (Code.DELEGATE_TOKEN_MISMATCH, Code.TOKEN_SCOPE):
         assert metric("controlplane_auth_refusals_total", {"credential": "delegate", "reason": reason}) == 1
+
+
+def test_a_flood_of_addresses_cannot_grow_the_failure_table() -> None:
+    """Each address costs one small entry, and the table keeps only the most recent ones."""
+    clock = ManualClock()
+    limiter = FailureLimiter(2, 60, clock, max_addresses=100)
+    for n in range(10_000):
+        limiter.failed(f"10.0.{n // 256}.{n % 256}")
+    assert len(limiter) == 100
+    limiter.failed("10.0.39.15")  # the newest address, twice now: refused, while it lasts
+    assert limiter.retry_after("10.0.39.15") == 60
+    clock.advance(60)
+    assert limiter.retry_after("10.0.39.15") is None

@@ -97,7 +97,7 @@ class ControlPlaneSettings:
     keep_done_tasks_seconds: float = 7 * 86400.0
     audience: str = DEFAULT_AUDIENCE
     #: Failed authentications (delegate token or API key) one client address may make per window;
-    #: beyond that it gets 429 with Retry-After until its oldest failure leaves the window.
+    #: beyond that it gets 429 with Retry-After until the window its first failure opened ends.
     auth_failure_limit: int = 1000
     auth_failure_window_seconds: float = 60.0
 

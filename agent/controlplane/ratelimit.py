@@ -1,14 +1,15 @@
 """Failed authentications per client address, so guessing credentials gets slow and cheap to refuse.
 
-A sliding window on the control plane's clock: an address with ``limit`` failures in the last
-``window`` seconds is refused (429) until its oldest failure leaves the window. Refused requests
-are not verified and do not count as failures, so the window reopens on time. Addresses are kept
-in least-recently-failed order and the table is bounded, so a flood of addresses cannot grow it.
+A fixed window on the control plane's clock: an address's first failure opens a window of
+``window`` seconds; once it holds ``limit`` failures the address is refused (429) until the window
+ends. Refused requests are not verified and do not count, so the window reopens on time. Each
+address costs one small entry, kept in least-recently-failed order and bounded in number, so a
+flood of addresses cannot grow the table.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import OrderedDict
 
 from agent.protocol.auth import Clock
 
@@ -21,32 +22,31 @@ class FailureLimiter:
         self._window = window
         self._clock = clock
         self._max = max_addresses
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
+        #: address -> (when its window opened, failures in it)
+        self._windows: OrderedDict[str, tuple[float, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        """Addresses remembered (those with failures, up to ``max_addresses``)."""
+        return len(self._windows)
 
     def retry_after(self, address: str) -> float | None:
         """Seconds until ``address`` may try again, or None when it may try now."""
-        times = self._recent(address)
-        if times is None or len(times) < self._limit:
+        opened, failures = self._current(address)
+        if failures < self._limit:
             return None
-        return max(times[0] + self._window - self._clock(), 0.001)
+        return max(opened + self._window - self._clock(), 0.001)
 
     def failed(self, address: str) -> None:
-        times = self._recent(address)
-        if times is None:
-            times = self._failures[address] = deque(maxlen=self._limit)
-        times.append(self._clock())
-        self._failures.move_to_end(address)
-        while len(self._failures) > self._max:
-            self._failures.popitem(last=False)
+        opened, failures = self._current(address)
+        self._windows[address] = (opened, failures + 1)
+        self._windows.move_to_end(address)
+        while len(self._windows) > self._max:
+            self._windows.popitem(last=False)
 
-    def _recent(self, address: str) -> deque[float] | None:
-        times = self._failures.get(address)
-        if times is None:
-            return None
-        cutoff = self._clock() - self._window
-        while times and times[0] <= cutoff:
-            times.popleft()
-        if not times:
-            del self._failures[address]
-            return None
-        return times
+    def _current(self, address: str) -> tuple[float, int]:
+        now = self._clock()
+        opened, failures = self._windows.get(address, (now, 0))
+        if now >= opened + self._window:
+            self._windows.pop(address, None)
+            return now, 0
+        return opened, failures
