@@ -265,7 +265,8 @@ def test_the_token_file_syntax_for_scopes(tmp_path: Path) -> None:
         "team-b": TokenScope(),
     }
     for line, message in [
-        (f"t:{TOKEN_A} name=x", "line 1: unknown option 'name=x'"),
+        (f"t:{TOKEN_A} name=x", "line 1: word 2 is not names=A|B or tags=A|B"),
+        (f"t:{TOKEN_A[:20]} {TOKEN_A[20:]}", "line 1: word 2 is not names=A|B or tags=A|B"),  # a space in it
         (f"t:{TOKEN_A} tags=", "line 1: tags= needs at least one pattern"),
         (f"t:{TOKEN_A} tags=a tags=b", "line 1: tags= is given twice"),
         (f"t:{TOKEN_A} tags=a,b", "line 1: tags= has 'a,b', which is not a tag pattern"),
@@ -276,7 +277,8 @@ def test_the_token_file_syntax_for_scopes(tmp_path: Path) -> None:
         with pytest.raises(CredentialsError) as err:
             load_credentials(ControlPlaneConfig(delegate_token_file=path, api_key=API_KEY))
         assert message in str(err.value)
-        assert TOKEN_A not in str(err.value) and TOKEN_B not in str(err.value)
+        assert TOKEN_A[:20] not in str(err.value) and TOKEN_A[20:] not in str(err.value)
+        assert TOKEN_B[:20] not in str(err.value) and TOKEN_B[20:] not in str(err.value)
 
 
 async def test_a_created_token_carries_its_scope_across_a_restart(

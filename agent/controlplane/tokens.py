@@ -83,10 +83,14 @@ class Caller:
 def parse_scope_options(options: Iterable[str]) -> TokenScope:
     """The scope from a token line's options, such as ``names=team-a-*`` and ``tags=eks|prod``."""
     values: dict[str, list[str]] = {}
-    for option in options:
+    for number, option in enumerate(options, 2):
         key, sep, value = option.partition("=")
         if not sep or key not in _OPTIONS:
-            raise ScopeInvalid(f"unknown option {option[:40]!r}: expected names=A|B or tags=A|B after the token")
+            # Not quoted: a token mistakenly written with a space in it would show its second half here.
+            raise ScopeInvalid(
+                f"word {number} is not names=A|B or tags=A|B (a token cannot contain spaces; what follows it "
+                "is its scope)"
+            )
         if key in values:
             raise ScopeInvalid(f"{key}= is given twice")
         values[key] = value.split("|")
