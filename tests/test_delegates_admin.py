@@ -121,3 +121,15 @@ async def test_revoking_the_last_active_token_needs_force(
     with pytest.raises(AuthError) as refused:
         await delegate_client(http, cp.url, token=token).register(register_request("locked-out"))
     assert refused.value.code == "token_revoked"
+
+
+async def test_an_empty_force_is_refused_not_taken_for_yes(
+    control_plane_factory: ControlPlaneFactory, http: aiohttp.ClientSession
+) -> None:
+    """``?force=`` is not a boolean: 400 naming it, and the last token stays active (found by the fuzzer)."""
+    cp = await control_plane_factory()
+    url = cp.url + "/api/v1/delegate-tokens/default/revoke?force="
+    async with http.post(url, headers={"X-API-Key": API_KEY}) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"]["message"] == "force must be true or false"
+    assert await delegate_client(http, cp.url).register(register_request("still-in"))

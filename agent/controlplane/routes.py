@@ -758,10 +758,11 @@ def _number(request: web.Request, name: str, default: float, lo: float, hi: floa
 
 
 def _flag(request: web.Request, name: str) -> bool:
+    """A boolean query parameter. An empty one (``?force=``) is refused: a force is said explicitly."""
     raw = request.query.get(name)
     if raw is None or raw.lower() in ("false", "0"):
         return False
-    if raw.lower() in ("true", "1", ""):
+    if raw.lower() in ("true", "1"):
         return True
     raise ApiFailure(
         400,
