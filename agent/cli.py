@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from agent.observability.logging import Redactor
     from agent.observability.metrics import AgentMetrics
     from agent.protocol.api_client import ApiClient
-    from agent.protocol.models import ApplyResult, DelegateView, Problem, TaskView
+    from agent.protocol.models import ApplyResult, DelegateView, Problem, TaskView, TokenView
     from agent.protocol.results import ValidationResult
     from agent.runtime.agent import Agent
     from agent.runtime.settings import AgentSettings
@@ -693,14 +693,24 @@ def cmd_tokens_list(args: argparse.Namespace) -> int:
         _print_json([msgspec.to_builtins(t) for t in tokens])
         return EXIT_OK
     _print_table(
-        [[t.name, t.token_id, "revoked" if t.revoked else "active", t.source] for t in tokens],
-        ["name", "id", "state", "source"],
+        [[t.name, t.token_id, "revoked" if t.revoked else "active", t.source, _scope_text(t)] for t in tokens],
+        ["name", "id", "state", "source", "scope"],
     )
     return EXIT_OK
 
 
+def _scope_text(token: TokenView) -> str:
+    """``names=a-*|b tags=eks`` as in the token file, or ``any`` for a token without a scope."""
+    parts = [f"{key}={'|'.join(value)}" for key, value in (("names", token.names), ("tags", token.tags)) if value]
+    return " ".join(parts) or "any"
+
+
+def _patterns(text: str | None) -> list[str] | None:
+    return None if text is None else [p.strip() for p in text.replace("|", ",").split(",")]
+
+
 def cmd_tokens_create(args: argparse.Namespace) -> int:
-    created = _client(args).create_token(args.name)
+    created = _client(args).create_token(args.name, names=_patterns(args.names), tags=_patterns(args.tags))
     if args.output == "json":
         _print_json(created)
     else:
@@ -1055,8 +1065,10 @@ def _add_control_plane(sub: Any, _: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--delegate-token-file",
         metavar="FILE",
-        help="accepted delegate tokens, one per line (name:token or token); re-read when it changes "
-        "(default: CONTROL_PLANE_DELEGATE_TOKENS, comma-separated; with neither, one is generated into the data dir)",
+        help="accepted delegate tokens, one per line (name:token or token), optionally limited to delegate "
+        "names and tags: 'team-a:TOKEN names=team-a-* tags=eks|prod'; a delegate stays bound to the token name "
+        "it registered with; re-read when it changes (default: CONTROL_PLANE_DELEGATE_TOKENS, comma-separated; "
+        "with neither, one is generated into the data dir)",
     )
     p.add_argument(
         "--api-key-file",
@@ -1223,6 +1235,16 @@ def _add_tokens(sub: Any, client_opts: argparse.ArgumentParser) -> None:
         "create", parents=[client_opts], help="create a delegate token; its value is printed once, on stdout"
     )
     c.add_argument("name", help="a name to revoke it by (letters, digits, '_', '.', '-')")
+    c.add_argument(
+        "--names",
+        metavar="PATTERNS",
+        help="limit it to these delegate names, comma-separated shell patterns (team-a-*); default any",
+    )
+    c.add_argument(
+        "--tags",
+        metavar="PATTERNS",
+        help="limit it to these tags, comma-separated patterns; default any (with --names: only tags those allow)",
+    )
     c.set_defaults(func=cmd_tokens_create)
     r = tsub.add_parser("revoke", parents=[client_opts], help="revoke a token by name or id")
     r.add_argument("name")

@@ -12,9 +12,11 @@ import pytest
 from agent.controlplane.app import ControlPlaneConfig, ControlPlaneService
 from agent.protocol.auth import RequestSigner, TokenKey, TokenSource, TokenVerifier, token_id
 from agent.protocol.errors import AuthError, Code
+from agent.protocol.models import HeartbeatRequest
 from tests.conftest import API_KEY, TOKEN, ControlPlaneFactory, delegate_client, register_request
 
 NEW_TOKEN = "rotated-delegate-token-fedcba9876543210"
+THIRD_TOKEN = "another-teams-delegate-token-00112233"
 
 
 async def test_a_valid_token_is_accepted_and_never_sent_in_clear(
@@ -90,6 +92,26 @@ async def test_rotation_accepts_old_and_new_then_only_new(
         await delegate_client(http, cp.url, token=TOKEN).register(register_request("a"))
     assert err.value.status == 401
     await delegate_client(http, cp.url, token=NEW_TOKEN).register(register_request("b"))
+
+
+async def test_rotating_under_the_same_name_keeps_the_delegates_a_new_name_does_not(
+    control_plane_factory: ControlPlaneFactory, http: aiohttp.ClientSession
+) -> None:
+    """A delegate is bound to its token's name: a new value under that name acts for it, another name cannot."""
+    cp = await control_plane_factory(tokens=f"team:{TOKEN}")
+    token_file = cp.config.delegate_token_file
+    assert token_file is not None
+    delegate_id = (await delegate_client(http, cp.url).register(register_request("a"))).delegate_id
+    token_file.write_text(f"team:{TOKEN}\nteam:{NEW_TOKEN}\nother:{THIRD_TOKEN}\n")
+    assert cp.reload_tokens()
+    beat = HeartbeatRequest(state="running")
+    await delegate_client(http, cp.url, token=NEW_TOKEN).heartbeat(delegate_id, beat)
+    token_file.write_text(f"team:{NEW_TOKEN}\nother:{THIRD_TOKEN}\n")
+    assert cp.reload_tokens()
+    await delegate_client(http, cp.url, token=NEW_TOKEN).heartbeat(delegate_id, beat)
+    with pytest.raises(AuthError) as err:
+        await delegate_client(http, cp.url, token=THIRD_TOKEN).heartbeat(delegate_id, beat)
+    assert (err.value.status, err.value.code) == (403, Code.DELEGATE_TOKEN_MISMATCH)
 
 
 async def test_a_broken_token_file_keeps_the_previous_tokens(

@@ -66,7 +66,7 @@ async def test_the_control_plane_serves_metrics_that_pass_promtool(
 async def test_an_expired_lease_is_counted(control_plane_factory: ControlPlaneFactory, clock: ManualClock) -> None:
     """A delegate that heartbeats but stops renewing: the sweeper re-queues the task and counts one lease expiry."""
     cp = await control_plane_factory(clock=clock)
-    d = cp.core.register(register_request("silent"), token_name=None)
+    d = cp.core.register(register_request("silent"))
     task = cp.core.create_task(type="test.echo", payload={})
     answer = await cp.core.acquire(d.delegate_id, AcquireRequest(max_tasks=1, wait_seconds=0))
     assert [t.task_id for t in answer.tasks] == [task.id]

@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 
 from agent.cli import EXIT_OK, EXIT_USAGE, main
+from agent.controlplane.tokens import Caller
 from agent.protocol.errors import AuthError
 from tests.conftest import API_KEY, ControlPlaneFactory, ManualClock, delegate_client, register_request
 
@@ -25,14 +26,14 @@ async def test_delegates_list_tells_deregistered_from_lost_and_folds_restarts(
     """Three instances of 'web' (stopped cleanly, went silent, running) fold into one row; --all shows them."""
     cp = await control_plane_factory(clock=clock)
     core = cp.core
-    first = core.register(register_request("web"), token_name="default").delegate_id
+    first = core.register(register_request("web"), caller=Caller("default")).delegate_id
     core.deregister(first)
     clock.advance(1)
-    core.register(register_request("web"), token_name="default")
+    core.register(register_request("web"), caller=Caller("default"))
     clock.advance(16)  # heartbeat 5 s: silent for three intervals is lost
     core.sweep()
-    newest = core.register(register_request("web"), token_name="default").delegate_id
-    core.register(register_request("db"), token_name="default")
+    newest = core.register(register_request("web"), caller=Caller("default")).delegate_id
+    core.register(register_request("db"), caller=Caller("default"))
     states = sorted((v.name, v.state) for v in core.delegate_views())
     assert states == [("db", "running"), ("web", "deregistered"), ("web", "lost"), ("web", "running")]
 
@@ -54,9 +55,9 @@ async def test_forget_removes_a_gone_delegate_and_a_connected_one_only_with_forc
 ) -> None:
     """`delegates forget` refuses a connected delegate (409) unless --force, in one line."""
     cp = await control_plane_factory()
-    gone = cp.core.register(register_request("old"), token_name="default").delegate_id
+    gone = cp.core.register(register_request("old"), caller=Caller("default")).delegate_id
     cp.core.deregister(gone)
-    live = cp.core.register(register_request("live"), token_name="default").delegate_id
+    live = cp.core.register(register_request("live"), caller=Caller("default")).delegate_id
 
     assert await cli(cp.url, "delegates", "forget", gone) == EXIT_OK
     assert capsys.readouterr().out.strip() == f"delegate {gone} forgotten"
@@ -120,3 +121,15 @@ async def test_revoking_the_last_active_token_needs_force(
     with pytest.raises(AuthError) as refused:
         await delegate_client(http, cp.url, token=token).register(register_request("locked-out"))
     assert refused.value.code == "token_revoked"
+
+
+async def test_an_empty_force_is_refused_not_taken_for_yes(
+    control_plane_factory: ControlPlaneFactory, http: aiohttp.ClientSession
+) -> None:
+    """``?force=`` is not a boolean: 400 naming it, and the last token stays active (found by the fuzzer)."""
+    cp = await control_plane_factory()
+    url = cp.url + "/api/v1/delegate-tokens/default/revoke?force="
+    async with http.post(url, headers={"X-API-Key": API_KEY}) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"]["message"] == "force must be true or false"
+    assert await delegate_client(http, cp.url).register(register_request("still-in"))

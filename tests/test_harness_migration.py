@@ -114,7 +114,7 @@ async def test_delegates_list_tells_the_pods_of_a_group_apart_by_host(
     pods = ["rel-delegate-agent-7d9f8-abcde", "rel-delegate-agent-7d9f8-fghij"]
     for pod in pods:
         request = msgspec.structs.replace(register_request("rel-delegate-agent"), hostname=pod)
-        cp.core.register(request, token_name=None)
+        cp.core.register(request)
     argv = ["delegates", "list", "--control-plane", cp.url, "--api-key", API_KEY]
     assert await asyncio.to_thread(main, argv) == 0
     header, *rows = capsys.readouterr().out.splitlines()

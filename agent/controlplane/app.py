@@ -25,6 +25,7 @@ from agent.controlplane.core import ControlPlane, ControlPlaneSettings, Platform
 from agent.controlplane.openapi import build_openapi
 from agent.controlplane.routes import MAX_BODY_BYTES, ROUTES, Handlers, bind, error_middleware, metrics_middleware
 from agent.controlplane.store import Store
+from agent.controlplane.tokens import ScopeInvalid, TokenScope, parse_scope_options
 from agent.observability.http import ConnectionLimits, LimitedSite
 from agent.protocol.auth import Clock, IssuedToken, TokenKey, TokenVerifier, generate_token, token_id
 from agent.protocol.patterns import TOKEN_NAME_RE
@@ -61,23 +62,48 @@ class ControlPlaneConfig:
     settings: ControlPlaneSettings = field(default_factory=ControlPlaneSettings)
 
 
-def parse_token_lines(text: str, source: str) -> list[TokenKey]:
-    """Delegate tokens, one per line (``name:token`` or a bare token); ``#`` starts a comment."""
+@dataclass(frozen=True)
+class TokenFile:
+    """The delegate tokens of a token file (or the environment), and the scope of each name."""
+
+    keys: list[TokenKey]
+    scopes: dict[str, TokenScope] = field(default_factory=dict)
+
+
+def parse_token_lines(text: str, source: str) -> TokenFile:
+    """Delegate tokens, one per line: ``name:token`` or a bare token, then optionally its scope.
+
+    ``team-a:TOKEN names=team-a-* tags=eks|prod`` limits the token to delegate names matching
+    ``team-a-*`` and tags from ``eks``, ``prod`` (see :mod:`agent.controlplane.tokens`). ``#``
+    starts a comment. One name may have several tokens (rotation); they must share a scope.
+    """
     keys: list[TokenKey] = []
+    scopes: dict[str, TokenScope] = {}
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        name, sep, secret = line.partition(":")
-        if not sep:
-            name, secret = "", line
-        name, secret = name.strip(), secret.strip()
+        name, sep, rest = line.partition(":")
+        if not sep or any(c.isspace() for c in name.strip()):
+            name, rest = "", line
+        secret, *options = rest.split() or [""]
+        name = name.strip()
         if name and not TOKEN_NAME_RE.match(name):
             raise CredentialsError(f"{source}, line {number}: token names use letters, digits, '_', '.', '-'")
         if len(secret) < 16:
             raise CredentialsError(f"{source}, line {number}: a delegate token needs at least 16 characters")
-        keys.append(TokenKey(name=name or f"token-{token_id(secret)[:8]}", secret=secret))
-    return keys
+        try:
+            scope = parse_scope_options(options)
+        except ScopeInvalid as exc:
+            raise CredentialsError(f"{source}, line {number}: {exc}") from None
+        key = TokenKey(name=name or f"token-{token_id(secret)[:8]}", secret=secret)
+        if scopes.setdefault(key.name, scope) != scope:
+            raise CredentialsError(
+                f"{source}, line {number}: token {key.name!r} is listed before with another scope; "
+                "tokens sharing a name share its scope"
+            )
+        keys.append(key)
+    return TokenFile(keys=keys, scopes=scopes)
 
 
 #: The data dir holds the database and generated credentials: its owner's alone.
@@ -135,19 +161,22 @@ class Credentials:
     tokens: list[TokenKey]
     api_keys: list[str] = field(repr=False)
     generated: list[Path]
+    #: The scope of each configured token name (names absent here may register anything).
+    scopes: dict[str, TokenScope] = field(default_factory=dict)
 
 
 def load_credentials(config: ControlPlaneConfig) -> Credentials:
     """Delegate tokens and API keys from files or environment; generated into the data dir if absent."""
     generated: list[Path] = []
     if config.delegate_token_file is not None:
-        tokens = parse_token_lines(
+        parsed = parse_token_lines(
             _read_private(config.delegate_token_file, "delegate token"), str(config.delegate_token_file)
         )
     elif config.delegate_tokens:
-        tokens = parse_token_lines(config.delegate_tokens.replace(",", "\n"), "CONTROL_PLANE_DELEGATE_TOKENS")
+        parsed = parse_token_lines(config.delegate_tokens.replace(",", "\n"), "CONTROL_PLANE_DELEGATE_TOKENS")
     else:
-        tokens = _generated_tokens(config, generated)
+        parsed = TokenFile(keys=_generated_tokens(config, generated))
+    tokens = parsed.keys
     if not tokens:
         raise CredentialsError("no delegate token configured: the token file is empty")
 
@@ -159,7 +188,7 @@ def load_credentials(config: ControlPlaneConfig) -> Credentials:
         api_keys = [_generated_secret(config, "api-key", generated)]
     if not api_keys:
         raise CredentialsError("no API key configured: the API key file is empty")
-    return Credentials(tokens=tokens, api_keys=api_keys, generated=generated)
+    return Credentials(tokens=tokens, api_keys=api_keys, generated=generated, scopes=parsed.scopes)
 
 
 def load_signing_key(config: ControlPlaneConfig, generated: list[Path]) -> TaskSigningKey:
@@ -314,7 +343,9 @@ class ControlPlaneService:
             revoked=store.revoked_tokens(),
             issued=[IssuedToken(name, kid, key) for name, kid, key, _ in store.issued_tokens()],
         )
-        handlers = Handlers(core, verifier, creds.api_keys, build_openapi(), task_public_key=self.task_public_key)
+        handlers = Handlers(
+            core, verifier, creds.api_keys, build_openapi(), task_public_key=self.task_public_key, scopes=creds.scopes
+        )
         self._token_stamp = self._stamp()
         self._parts = _Parts(
             credentials=creds, store=store, core=core, verifier=verifier, handlers=handlers, app=make_app(handlers)
@@ -436,12 +467,13 @@ class ControlPlaneService:
             return False
         self._token_stamp = stamp
         try:
-            keys = parse_token_lines(
+            parsed = parse_token_lines(
                 _read_private(self.config.delegate_token_file, "delegate token"), str(self.config.delegate_token_file)
             )
         except CredentialsError as exc:
             log.error("controlplane.token_reload_failed", error=str(exc), hint="keeping the previous tokens")
             return False
+        keys = parsed.keys
         self._remember(*(k.secret for k in keys))  # first: a later line about them must not show one
         if not keys:
             log.error(
@@ -449,6 +481,7 @@ class ControlPlaneService:
             )
             return False
         self.verifier.replace_keys(keys)
+        self.handlers.scopes = parsed.scopes
         log.info("controlplane.tokens_reloaded", token_names=[k.name for k in keys])
         return True
 

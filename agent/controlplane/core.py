@@ -25,6 +25,7 @@ import structlog
 from agent.aws.connector import AwsConnector, ConnectorInvalid, parse_actions, parse_connector
 from agent.controlplane.metrics import ControlPlaneMetrics
 from agent.controlplane.store import ConnectorRow, DelegateRow, Store, TaskRow, connector_change, with_updates
+from agent.controlplane.tokens import Caller
 from agent.protocol.auth import DEFAULT_AUDIENCE, Clock
 from agent.protocol.errors import Code
 from agent.protocol.models import (
@@ -95,6 +96,10 @@ class ControlPlaneSettings:
     forget_disconnected_after_seconds: float = 6 * 3600.0
     keep_done_tasks_seconds: float = 7 * 86400.0
     audience: str = DEFAULT_AUDIENCE
+    #: Failed authentications (delegate token or API key) one client address may make per window;
+    #: beyond that it gets 429 with Retry-After until the window its first failure opened ends.
+    auth_failure_limit: int = 1000
+    auth_failure_window_seconds: float = 60.0
 
     @property
     def disconnect_after(self) -> float:
@@ -222,11 +227,21 @@ class ControlPlane:
 
     # --- delegates ---------------------------------------------------------------------------
 
-    def register(self, req: RegisterRequest, *, token_name: str | None) -> RegisterResponse:
+    def register(self, req: RegisterRequest, *, caller: Caller | None = None) -> RegisterResponse:
+        """Register (or register again) a delegate, bound to the token that signed the request.
+
+        ``caller`` is None only for in-process callers (tests, the demo): the HTTP layer always
+        passes the request's token, and the delegate stays bound to that token's name.
+        """
         now = self._clock()
         existing = self.store.delegate_by_instance(req.instance_id)
-        delegate_id = existing.id if existing else "dlg_" + secrets.token_hex(8)
         tags = normalise_tags([*req.tags, req.name])
+        if caller is not None:
+            self._check_scope(req, tags, caller)
+            if existing is not None and existing.token_name not in (None, caller.token_name):
+                self._rebind(existing, caller)
+                existing = None
+        delegate_id = existing.id if existing else "dlg_" + secrets.token_hex(8)
         row = DelegateRow(
             id=delegate_id,
             name=req.name,
@@ -238,7 +253,7 @@ class ControlPlane:
             capacity=req.capacity,
             state="running",
             in_flight=existing.in_flight if existing else 0,
-            token_name=token_name,
+            token_name=caller.token_name if caller else existing.token_name if existing else None,
             registered_at=existing.registered_at if existing else now,
             last_heartbeat=now,
         )
@@ -248,15 +263,76 @@ class ControlPlane:
             delegate_id=delegate_id,
             delegate=req.name,
             tags=list(tags),
+            token_name=row.token_name,
             again=existing is not None,
         )
         self._wake_for_delegate(row)
         return RegisterResponse(delegate_id=delegate_id, intervals=self.settings.intervals(), server_time=ts(now))
 
-    def _delegate(self, delegate_id: str) -> DelegateRow:
+    def _check_scope(self, req: RegisterRequest, tags: tuple[str, ...], caller: Caller) -> None:
+        """Refuse a registration whose name or tags the token's scope does not allow, naming them."""
+        bad_name, bad_tags = caller.scope.refused(req.name, tags)
+        if bad_name is None and not bad_tags:
+            return
+        refused, problems = [], []
+        if bad_name is not None:
+            refused.append(f"name {bad_name!r}")
+            problems.append(Problem(field="name", message=f"{bad_name!r} is not allowed"))
+        if bad_tags:
+            refused.append(f"tags [{', '.join(bad_tags)}]")
+            problems += [Problem(field="tags", message=f"{t!r} is not allowed") for t in bad_tags]
+        raise ApiFailure(
+            403,
+            Code.TOKEN_SCOPE,
+            f"delegate token {caller.token_name!r} may not register the {' or the '.join(refused)}: "
+            f"it allows {caller.scope.describe()}",
+            problems=problems,
+        )
+
+    def _rebind(self, existing: DelegateRow, caller: Caller) -> None:
+        """Another token registers an instance: refused while the instance's own token still counts.
+
+        Once that token is revoked or no longer configured, its delegate can no longer speak, and
+        this registration starts afresh: a new delegate id, and the old one's leases re-queued, so
+        the new token gains nothing it could not get by registering a new instance.
+        """
+        assert existing.token_name is not None
+        if caller.is_active(existing.token_name):
+            raise ApiFailure(
+                403,
+                Code.DELEGATE_TOKEN_MISMATCH,
+                f"instance {existing.instance_id!r} is registered (delegate {existing.id}) with another delegate "
+                "token; only that token may register it again. A new delegate process uses a new instanceId",
+            )
+        with self.store.transaction():
+            for t in list(self._running.values()):
+                if t.delegate_id == existing.id:
+                    self._requeue(
+                        t, reason=f"delegate {existing.name} registered again with another token", count_attempt=False
+                    )
+            self.store.delete_delegate(existing.id)
+        log.warning(
+            "controlplane.delegate_rebound",
+            delegate_id=existing.id,
+            delegate=existing.name,
+            old_token_name=existing.token_name,
+            token_name=caller.token_name,
+        )
+
+    def _delegate(self, delegate_id: str, caller: Caller | None = None) -> DelegateRow:
+        """The delegate, when ``caller`` (None: in-process) is the token it is bound to."""
         d = self.store.get_delegate(delegate_id)
         if d is None:
             raise ApiFailure(404, Code.UNKNOWN_DELEGATE, f"unknown delegate {delegate_id}: register again")
+        if caller is not None and d.token_name != caller.token_name:
+            if d.token_name is None or not caller.is_active(d.token_name):
+                # Bound to no token (an older row) or to one that is gone: its holder may register again.
+                raise ApiFailure(404, Code.UNKNOWN_DELEGATE, f"unknown delegate {delegate_id}: register again")
+            raise ApiFailure(
+                403,
+                Code.DELEGATE_TOKEN_MISMATCH,
+                f"delegate {delegate_id} was registered with another delegate token; only that token may act for it",
+            )
         return d
 
     def _touch(self, d: DelegateRow, **values: Any) -> DelegateRow:
@@ -267,13 +343,13 @@ class ControlPlane:
         self.store.update_delegate(d.id, **values)
         return with_updates(d, **values)
 
-    def heartbeat(self, delegate_id: str, req: HeartbeatRequest) -> HeartbeatResponse:
-        d = self._touch(self._delegate(delegate_id), state=req.state, in_flight=len(req.in_flight))
+    def heartbeat(self, delegate_id: str, req: HeartbeatRequest, *, caller: Caller | None = None) -> HeartbeatResponse:
+        d = self._touch(self._delegate(delegate_id, caller), state=req.state, in_flight=len(req.in_flight))
         cancel = [t.id for t in self._running.values() if t.delegate_id == d.id and t.cancel_requested]
         return HeartbeatResponse(cancel=cancel, intervals=self.settings.intervals())
 
-    def deregister(self, delegate_id: str) -> None:
-        d = self._delegate(delegate_id)
+    def deregister(self, delegate_id: str, *, caller: Caller | None = None) -> None:
+        d = self._delegate(delegate_id, caller)
         with self.store.transaction():
             self.store.update_delegate(d.id, state="deregistered", in_flight=0)
             for t in list(self._running.values()):
@@ -325,9 +401,10 @@ class ControlPlane:
         req: AcquireRequest,
         *,
         gone: Callable[[], bool] = lambda: False,
+        caller: Caller | None = None,
     ) -> AcquireResponse:
         """Lease up to ``max_tasks`` tasks, holding the request open up to ``wait_seconds``."""
-        d = self._touch(self._delegate(delegate_id))
+        d = self._touch(self._delegate(delegate_id, caller))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(req.wait_seconds, self.settings.poll_wait_seconds + 5)
         while True:
@@ -445,21 +522,35 @@ class ControlPlane:
 
     # --- leases and results ------------------------------------------------------------------
 
-    def _lease(self, lease_id: str) -> TaskRow:
+    def _lease(self, lease_id: str, caller: Caller | None = None) -> TaskRow:
         now = self._clock()
         t = next((r for r in self._running.values() if r.lease_id == lease_id), None)
         if t is None:
             raise ApiFailure(
                 409, Code.LEASE_FENCED, "the lease is no longer valid: the task expired, was reassigned or is finished"
             )
+        self._check_holder(t, caller)
         if (t.lease_expires_at or 0) < now:
             self.metrics.lease_expiries.inc()
             self._requeue(t, reason="lease expired before renewal")
             raise ApiFailure(409, Code.LEASE_FENCED, "the lease expired; the task went back to the queue")
         return t
 
-    def renew(self, lease_id: str) -> LeaseResponse:
-        t = self._lease(lease_id)
+    def _check_holder(self, t: TaskRow, caller: Caller | None) -> None:
+        """Refuse a lease or result call for a task leased to a delegate bound to another token."""
+        if caller is None or t.delegate_id is None:
+            return
+        d = self.store.get_delegate(t.delegate_id)
+        if d is not None and d.token_name != caller.token_name:
+            raise ApiFailure(
+                403,
+                Code.DELEGATE_TOKEN_MISMATCH,
+                f"task {t.id} is leased to a delegate registered with another delegate token; "
+                "only that token may renew, release or report it",
+            )
+
+    def renew(self, lease_id: str, *, caller: Caller | None = None) -> LeaseResponse:
+        t = self._lease(lease_id, caller)
         expires = self._clock() + self.settings.lease_seconds
         self.store.update_task(t.id, lease_expires_at=expires)
         t = with_updates(t, lease_expires_at=expires)
@@ -472,14 +563,14 @@ class ControlPlane:
             lease_expires_at=ts(expires), lease_seconds=self.settings.lease_seconds, cancel_requested=t.cancel_requested
         )
 
-    def release(self, lease_id: str) -> None:
+    def release(self, lease_id: str, *, caller: Caller | None = None) -> None:
         """The delegate gives a task back (draining): it re-queues at once, without using an attempt.
 
         Unless the task's own deadline (:func:`task_deadline`) has passed: nobody is waiting for
         it any more, so it fails instead of starting over on another delegate. A task someone asked
         to cancel is not re-queued either: it ends as cancelled.
         """
-        t = self._lease(lease_id)
+        t = self._lease(lease_id, caller)
         if t.cancel_requested:  # someone cancelled it meanwhile: it ends here, whoever gave it back
             self._complete(
                 t,
@@ -503,11 +594,12 @@ class ControlPlane:
             failure_reason="cancelled",
         )
 
-    def submit_result(self, task_id: str, result: TaskResult) -> str:
+    def submit_result(self, task_id: str, result: TaskResult, *, caller: Caller | None = None) -> str:
         """Record a delegate's result; returns "accepted" or "duplicate" (idempotent per lease)."""
         t = self.store.get_task(task_id)
         if t is None:
             raise ApiFailure(404, Code.NOT_FOUND, f"unknown task {task_id}")
+        self._check_holder(t, caller)
         if t.state == "done":
             if t.result_lease_id == result.lease_id:
                 self.store.bump("duplicate")

@@ -94,6 +94,14 @@ class ControlPlaneMetrics:
             "Leases that expired before the delegate renewed them or reported (the task is re-queued or fails).",
             registry=r,
         )
+        self.auth_refusals = Counter(
+            "controlplane_auth_refusals",
+            "Delegate and API requests refused for their credentials, by credential (delegate, api_key) and "
+            "reason (the error code: unauthenticated, token_expired, token_revoked, delegate_token_mismatch, "
+            "token_scope, rate_limited).",
+            ["credential", "reason"],
+            registry=r,
+        )
         self.requests = Counter(
             "controlplane_http_requests",
             "HTTP requests, by route (the route table's name, or unmatched) and status code.",
@@ -115,6 +123,9 @@ class ControlPlaneMetrics:
 
     def task_completed(self, status: str, reason: str | None) -> None:
         self.tasks_completed.labels(status.lower(), reason or "reported").inc()
+
+    def auth_refused(self, credential: str, reason: str) -> None:
+        self.auth_refusals.labels(credential, reason).inc()
 
     def observe_request(self, route: str, code: int, seconds: float) -> None:
         self.requests.labels(route, str(code)).inc()

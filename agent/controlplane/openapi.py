@@ -109,6 +109,28 @@ CONNECTOR_SCHEMA: dict[str, Any] = {
 }
 
 
+_REVOKED = "The delegate token was revoked (code token_revoked)"
+#: What a 403 means on each delegate route, beyond a revoked token.
+_FORBIDDEN = {
+    "register": f"{_REVOKED}; the token's scope does not allow the delegate's name or tags (code token_scope, "
+    "naming them); or the instanceId is registered with another delegate token (code delegate_token_mismatch)",
+    "renew": f"{_REVOKED}, or the lease's delegate is bound to another token (code delegate_token_mismatch)",
+    "release": f"{_REVOKED}, or the lease's delegate is bound to another token (code delegate_token_mismatch)",
+    "submit_result": f"{_REVOKED}, or the task is leased to a delegate bound to another token "
+    "(code delegate_token_mismatch)",
+    "*": f"{_REVOKED}, or the delegate was registered with another token (code delegate_token_mismatch)",
+}
+
+
+def _rate_limited(error: dict[str, Any]) -> dict[str, Any]:
+    return {
+        **error,
+        "description": "Too many failed authentications from this client address (code rate_limited): "
+        "wait Retry-After seconds",
+        "headers": {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer", "minimum": 1}}},
+    }
+
+
 def _models(routes: tuple[Route, ...]) -> list[type[Any]]:
     found: list[type[Any]] = [ErrorBody]
     for r in routes:
@@ -175,10 +197,12 @@ def build_openapi(routes: tuple[Route, ...] = ROUTES) -> dict[str, Any]:
         if r.auth == "delegate":
             op["security"] = [{"delegateToken": []}]
             responses["401"] = {**error, "description": "Missing, invalid or expired request token"}
-            responses["403"] = {**error, "description": "The delegate token was revoked (code token_revoked)"}
+            responses["403"] = {**error, "description": _FORBIDDEN.get(r.handler, _FORBIDDEN["*"])}
+            responses["429"] = _rate_limited(error)
         elif r.auth == "api":
             op["security"] = [{"apiKey": []}, {"bearerApiKey": []}]
             responses["401"] = {**error, "description": "Missing or wrong API key"}
+            responses["429"] = _rate_limited(error)
         else:
             op["security"] = []
         op["responses"] = responses

@@ -27,6 +27,8 @@ from agent._version import __version__
 from agent._yaml import load as load_yaml
 from agent.controlplane.core import ApiFailure, ControlPlane, ts
 from agent.controlplane.metrics import ControlPlaneMetrics
+from agent.controlplane.ratelimit import FailureLimiter
+from agent.controlplane.tokens import UNRESTRICTED, Caller, ScopeInvalid, TokenScope
 from agent.protocol.auth import Claims, IssuedToken, TokenVerifier
 from agent.protocol.errors import AuthError, Code, error_body
 from agent.protocol.models import (
@@ -422,6 +424,9 @@ ROUTES: tuple[Route, ...] = (
 )
 
 _CLAIMS = web.RequestKey("claims", Claims)
+_CALLER = web.RequestKey("caller", Caller)
+#: Refusals of an authenticated delegate, counted with the failed authentications.
+_REFUSALS = frozenset({Code.DELEGATE_TOKEN_MISMATCH, Code.TOKEN_SCOPE})
 _json_encoder = msgspec.json.Encoder()
 
 
@@ -458,15 +463,60 @@ class Handlers:
         verifier: TokenVerifier,
         api_keys: list[str],
         openapi: dict[str, Any],
+        *,
         task_public_key: str | None = None,
+        scopes: Mapping[str, TokenScope] | None = None,
     ) -> None:
         self.cp = cp
         self.verifier = verifier
         self._api_keys = [k.encode() for k in api_keys]
         self._openapi = _json_encoder.encode(openapi)
         self._task_public_key = task_public_key
+        #: The scope of each configured token name (replaced when the token file is re-read).
+        self.scopes: Mapping[str, TokenScope] = dict(scopes or {})
+        self._issued_scopes = {kid: TokenScope(*scope) for kid, scope in cp.store.issued_token_scopes().items()}
+        s = cp.settings
+        self._failures = FailureLimiter(s.auth_failure_limit, s.auth_failure_window_seconds, cp.now)
 
     # --- auth --------------------------------------------------------------------------------
+
+    def authenticate(self, request: web.Request, auth: Auth) -> None:
+        """Check the request's credential; an address with too many wrong ones waits (429) first."""
+        address = request.remote or "unknown"
+        credential = "delegate" if auth == "delegate" else "api_key"
+        wait = self._failures.retry_after(address)
+        if wait is not None:
+            self.cp.metrics.auth_refused(credential, Code.RATE_LIMITED)
+            raise ApiFailure(
+                429,
+                Code.RATE_LIMITED,
+                f"too many failed authentications from {address}: try again in {int(wait + 0.999)}s",
+                retry_after=wait,
+            )
+        try:
+            _ascii_credentials(request)
+            if auth == "delegate":
+                claims = request[_CLAIMS] = self.check_delegate(request)
+                scope = self.scope_of(claims.token_name, claims.token_id)
+                request[_CALLER] = Caller(claims.token_name, scope, self.token_active)
+            else:
+                self.check_api_key(request)
+        except AuthError as exc:
+            self.cp.metrics.auth_refused(credential, exc.code or Code.UNAUTHENTICATED)
+            if request.headers.get("Authorization") or request.headers.get("X-API-Key"):
+                # A credential was presented and is wrong: a guess, or a stolen one gone stale. A request
+                # with none (a probe, a misconfigured client) guesses nothing, so it is only counted.
+                self._failures.failed(address)
+            raise
+
+    def scope_of(self, name: str, kid: str) -> TokenScope:
+        """A created token's scope by its id; a configured one's by its name (shared when rotating)."""
+        issued = self._issued_scopes.get(kid)
+        return issued if issued is not None else self.scopes.get(name, UNRESTRICTED)
+
+    def token_active(self, name: str) -> bool:
+        """Whether a token of this name is configured or created, and not revoked."""
+        return any(k.name == name and not self.verifier.is_revoked(k.kid) for k in self.verifier.all_keys)
 
     def check_delegate(self, request: web.Request) -> Claims:
         return self.verifier.verify(request.headers.get("Authorization"))
@@ -487,31 +537,31 @@ class Handlers:
     # --- delegate protocol -------------------------------------------------------------------
 
     async def register(self, request: web.Request, body: RegisterRequest) -> web.Response:
-        claims = request[_CLAIMS]
-        return json_response(self.cp.register(body, token_name=claims.token_name))
+        return json_response(self.cp.register(body, caller=request[_CALLER]))
 
     async def heartbeat(self, request: web.Request, body: HeartbeatRequest) -> web.Response:
-        return json_response(self.cp.heartbeat(request.match_info["delegateId"], body))
+        return json_response(self.cp.heartbeat(request.match_info["delegateId"], body, caller=request[_CALLER]))
 
     async def acquire(self, request: web.Request, body: AcquireRequest) -> web.Response:
         def gone() -> bool:
             return request.transport is None or request.transport.is_closing()
 
-        return json_response(await self.cp.acquire(request.match_info["delegateId"], body, gone=gone))
+        delegate_id = request.match_info["delegateId"]
+        return json_response(await self.cp.acquire(delegate_id, body, gone=gone, caller=request[_CALLER]))
 
     async def deregister(self, request: web.Request, body: None) -> web.Response:
-        self.cp.deregister(request.match_info["delegateId"])
+        self.cp.deregister(request.match_info["delegateId"], caller=request[_CALLER])
         return web.Response(status=204)
 
     async def renew(self, request: web.Request, body: None) -> web.Response:
-        return json_response(self.cp.renew(request.match_info["leaseId"]))
+        return json_response(self.cp.renew(request.match_info["leaseId"], caller=request[_CALLER]))
 
     async def release(self, request: web.Request, body: None) -> web.Response:
-        self.cp.release(request.match_info["leaseId"])
+        self.cp.release(request.match_info["leaseId"], caller=request[_CALLER])
         return web.Response(status=204)
 
     async def submit_result(self, request: web.Request, body: TaskResult) -> web.Response:
-        outcome = self.cp.submit_result(request.match_info["taskId"], body)
+        outcome = self.cp.submit_result(request.match_info["taskId"], body, caller=request[_CALLER])
         return json_response(SubmitResultResponse(outcome=outcome))  # type: ignore[arg-type]
 
     # --- public ------------------------------------------------------------------------------
@@ -633,6 +683,7 @@ class Handlers:
                 revoked=k.kid in revoked,
                 revoked_at=_ts(revoked.get(k.kid)),
                 source=source,  # type: ignore[arg-type]
+                **_scope_fields(self.scope_of(k.name, k.kid)),
             )
             for k, source in keys
         ]
@@ -648,12 +699,18 @@ class Handlers:
                 f"a delegate token named {body.name!r} already exists ({state}); choose another name",
                 problems=[Problem(field="name", message="is taken")],
             )
+        try:
+            scope = TokenScope.of(body.names, body.tags)
+        except ScopeInvalid as exc:
+            raise ApiFailure(400, Code.INVALID_REQUEST, str(exc)) from None
         key, value = IssuedToken.create(body.name)
         now = self.cp.now()
-        self.cp.store.add_issued_token(key.name, key.kid, key.key, now)
+        self.cp.store.add_issued_token(key.name, key.kid, key.key, now, scope=(scope.names, scope.tags))
+        self._issued_scopes[key.kid] = scope
         self.verifier.add_issued(key)
-        log.warning("controlplane.token_created", token=key.name, token_id=key.kid)
-        return json_response(CreatedToken(name=key.name, token_id=key.kid, token=value, created_at=ts(now)), 201)
+        log.warning("controlplane.token_created", token=key.name, token_id=key.kid, scope=scope.describe())
+        created = CreatedToken(name=key.name, token_id=key.kid, token=value, created_at=ts(now), **_scope_fields(scope))
+        return json_response(created, 201)
 
     async def revoke_token(self, request: web.Request, body: None) -> web.Response:
         name = request.match_info["name"]
@@ -676,6 +733,13 @@ class Handlers:
         return json_response(TokenView(name=key.name, token_id=key.kid, revoked=True, revoked_at=_ts(now)))
 
 
+def _scope_fields(scope: TokenScope) -> dict[str, list[str] | None]:
+    return {
+        "names": None if scope.names is None else list(scope.names),
+        "tags": None if scope.tags is None else list(scope.tags),
+    }
+
+
 def _ts(value: float | None) -> Any:
     return ts(value) if value is not None else None
 
@@ -694,10 +758,11 @@ def _number(request: web.Request, name: str, default: float, lo: float, hi: floa
 
 
 def _flag(request: web.Request, name: str) -> bool:
+    """A boolean query parameter. An empty one (``?force=``) is refused: a force is said explicitly."""
     raw = request.query.get(name)
     if raw is None or raw.lower() in ("false", "0"):
         return False
-    if raw.lower() in ("true", "1", ""):
+    if raw.lower() in ("true", "1"):
         return True
     raise ApiFailure(
         400,
@@ -774,11 +839,7 @@ def bind(route: Route, handlers: Handlers) -> Callable[[web.Request], Awaitable[
 
     async def endpoint(request: web.Request) -> web.StreamResponse:
         if route.auth != "none":
-            _ascii_credentials(request)
-        if route.auth == "delegate":
-            request[_CLAIMS] = handlers.check_delegate(request)
-        elif route.auth == "api":
-            handlers.check_api_key(request)
+            handlers.authenticate(request, route.auth)
         body: Any = None
         if route.body_kind == "connector":
             raw = await request.read()
@@ -806,7 +867,13 @@ def bind(route: Route, handlers: Handlers) -> Callable[[web.Request], Awaitable[
                     raise ApiFailure(400, Code.INVALID_REQUEST, "the body nests too deeply") from None
             elif not route.request_optional:
                 raise ApiFailure(400, Code.INVALID_REQUEST, "this request needs a JSON body")
-        return await fn(request, body)
+        try:
+            return await fn(request, body)
+        except ApiFailure as exc:
+            if exc.code in _REFUSALS:
+                handlers.cp.metrics.auth_refused("delegate", exc.code)
+                log.warning("controlplane.delegate_refused", address=request.remote, code=exc.code, path=request.path)
+            raise
 
     return endpoint
 

@@ -79,9 +79,19 @@ CREATE TABLE IF NOT EXISTS connectors(
 CREATE TABLE IF NOT EXISTS counters(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS revoked_tokens(kid TEXT PRIMARY KEY, name TEXT NOT NULL, revoked_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS issued_tokens(
-    kid TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, signing_key BLOB NOT NULL, created_at REAL NOT NULL
+    kid TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, signing_key BLOB NOT NULL, created_at REAL NOT NULL,
+    scope_names TEXT, scope_tags TEXT
 );
 """
+
+#: Columns added after a table was first shipped: (table, column, type), added to older databases at open.
+_ADDED_COLUMNS = (
+    ("issued_tokens", "scope_names", "TEXT"),
+    ("issued_tokens", "scope_tags", "TEXT"),
+)
+
+#: A token's scope as stored: delegate name patterns and tag patterns, None meaning any.
+StoredScope = tuple[tuple[str, ...] | None, tuple[str, ...] | None]
 
 _json = msgspec.json.Encoder()
 _unjson = msgspec.json.Decoder()
@@ -217,7 +227,15 @@ class Store:
             self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=5000")
         self._db.executescript(_SCHEMA)
+        self._migrate()
         self._depth = 0
+
+    def _migrate(self) -> None:
+        """Bring a database written by an older version up to the schema (additive changes only)."""
+        for table, column, kind in _ADDED_COLUMNS:
+            have = {str(r[1]) for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         self._db.close()
@@ -374,11 +392,26 @@ class Store:
         rows = self._db.execute("SELECT name, kid, signing_key, created_at FROM issued_tokens ORDER BY created_at")
         return [(str(r[0]), str(r[1]), bytes(r[2]), float(r[3])) for r in rows]
 
-    def add_issued_token(self, name: str, kid: str, signing_key: bytes, now: float) -> None:
+    def add_issued_token(
+        self, name: str, kid: str, signing_key: bytes, now: float, *, scope: StoredScope = (None, None)
+    ) -> None:
+        names, tags = (None if v is None else _json.encode(list(v)).decode() for v in scope)
         self._db.execute(
-            "INSERT INTO issued_tokens(kid, name, signing_key, created_at) VALUES(?, ?, ?, ?)",
-            (kid, name, signing_key, now),
+            "INSERT INTO issued_tokens(kid, name, signing_key, created_at, scope_names, scope_tags) "
+            "VALUES(?, ?, ?, ?, ?, ?)",
+            (kid, name, signing_key, now, names, tags),
         )
+
+    def issued_token_scopes(self) -> dict[str, StoredScope]:
+        """The scope of each token this server created, by kid (tokens made before scopes: any)."""
+        rows = self._db.execute("SELECT kid, scope_names, scope_tags FROM issued_tokens")
+        return {
+            str(r[0]): (
+                None if r[1] is None else tuple(_unjson.decode(r[1])),
+                None if r[2] is None else tuple(_unjson.decode(r[2])),
+            )
+            for r in rows
+        }
 
     def revoke_token(self, kid: str, name: str, now: float) -> None:
         self._db.execute(

@@ -139,8 +139,8 @@ class ApiClient:
     def list_tokens(self) -> TokenList:
         return self._get("/api/v1/delegate-tokens", TokenList)
 
-    def create_token(self, name: str) -> CreatedToken:
-        body = msgspec.json.encode(CreateTokenRequest(name=name))
+    def create_token(self, name: str, *, names: list[str] | None = None, tags: list[str] | None = None) -> CreatedToken:
+        body = msgspec.json.encode(CreateTokenRequest(name=name, names=names, tags=tags))
         _, data = self._call("POST", "/api/v1/delegate-tokens", body=body)
         return msgspec.json.decode(data, type=CreatedToken)
 

@@ -23,6 +23,10 @@ class Code:
     TOKEN_EXPIRED = "token_expired"  # 401
     TOKEN_REVOKED = "token_revoked"  # 403
     FORBIDDEN = "forbidden"  # 403
+    #: 403: the delegate (or the lease's delegate) was registered with another delegate token.
+    DELEGATE_TOKEN_MISMATCH = "delegate_token_mismatch"
+    #: 403 at registration: the token's scope does not allow the delegate's name or tags.
+    TOKEN_SCOPE = "token_scope"
     INVALID_REQUEST = "invalid_request"  # 400: body or parameters do not validate
     INVALID_CONNECTOR = "invalid_connector"  # 400: every problem is listed
     NOT_FOUND = "not_found"  # 404

@@ -254,6 +254,12 @@ class DelegateList(Wire, kw_only=True):
     delegates: list[DelegateView]
 
 
+#: A delegate name or tag pattern in a token's scope: the tag alphabet plus shell wildcards ``*`` and ``?``.
+SCOPE_PATTERN = r"^[A-Za-z0-9*?][A-Za-z0-9_.:/=+@*?-]{0,127}$"
+ScopePattern = Annotated[str, msgspec.Meta(pattern=SCOPE_PATTERN)]
+ScopePatterns = Annotated[list[ScopePattern], msgspec.Meta(min_length=1, max_length=64)]
+
+
 class TokenView(Wire, kw_only=True):
     name: str
     token_id: str
@@ -261,10 +267,18 @@ class TokenView(Wire, kw_only=True):
     revoked_at: Timestamp | None = None
     #: ``configured``: from the token file or environment; ``created``: made by ``POST /api/v1/delegate-tokens``.
     source: Literal["configured", "created"] = "configured"
+    #: The delegate names its delegates may register (patterns); absent: any.
+    names: list[str] | None = None
+    #: The other tags they may carry (patterns); absent: any (or, with ``names``, only those patterns).
+    tags: list[str] | None = None
 
 
 class CreateTokenRequest(Wire, kw_only=True):
     name: TokenName
+    #: Limit the token to these delegate names (shell patterns such as ``team-a-*``); absent: any name.
+    names: ScopePatterns | None = None
+    #: Limit the token to these tags (patterns); absent: any tag (with ``names``: only tags those allow).
+    tags: ScopePatterns | None = None
 
 
 class CreatedToken(Wire, kw_only=True):
@@ -274,6 +288,8 @@ class CreatedToken(Wire, kw_only=True):
     token_id: str
     token: str
     created_at: Timestamp
+    names: list[str] | None = None
+    tags: list[str] | None = None
 
 
 class TokenList(Wire, kw_only=True):

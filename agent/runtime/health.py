@@ -58,7 +58,12 @@ class HealthPolicy:
         return problems
 
     def status(self) -> dict[str, Any]:
-        """The /status document for people: id, tags, state, tasks in flight, outbox; no secrets."""
+        """The /status document for people: name, tags, state, tasks in flight, outbox; no secrets.
+
+        It is served without authentication on the probe port, so it leaves out what identifies this
+        process to the control plane (its delegateId and instanceId): the delegate logs its delegateId
+        when it registers, and ``delegate-agent delegates list`` shows both to API-key holders.
+        """
         s = self.state
         now = self.now()
         if s.draining:
@@ -72,8 +77,6 @@ class HealthPolicy:
         return {
             "version": __version__,
             "name": s.name,
-            "delegateId": s.delegate_id,
-            "instanceId": s.instance_id,
             "tags": list(s.tags),
             "state": phase,
             "registered": s.registered,
