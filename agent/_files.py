@@ -8,6 +8,7 @@ Nothing here imports anything else of ours, so every room may use it.
 
 from __future__ import annotations
 
+import fcntl
 import os
 from pathlib import Path
 
@@ -59,3 +60,73 @@ def make_data_dir(path: Path, source: str) -> None:
             problem = exc.strerror or str(exc)
     if problem is not None:
         raise DataDirUnusable(f"cannot use the data dir {path} ({source}): {problem}")
+
+
+class DataDirInUse(DataDirUnusable):
+    """Another live process owns the data dir; two owners would overwrite each other's state."""
+
+
+class DataFileDamaged(DataDirUnusable):
+    """A file in the data dir is damaged; the message names it and what to do, in one line."""
+
+
+#: The lock file in every data dir: held (flock) for the owner's life, and proof the dir was used before.
+LOCK_NAME = ".lock"
+
+
+class DataDirLock:
+    """Exclusive ownership of a data dir for as long as this process lives.
+
+    ``flock`` on a lock file: the kernel drops it when the process dies however it dies (kill -9,
+    OOM), so there is no stale lock to clean up, and a second process on the same dir (a second
+    control plane, two delegates sharing a volume) is refused at start instead of rewriting the
+    first one's state later. The file holds the owner's PID, for the message the second one prints.
+    """
+
+    def __init__(self, path: Path, fd: int, *, used_before: bool) -> None:
+        self.path = path
+        self._fd: int | None = fd
+        #: The lock file existed before this start: state files missing now were lost, not never made.
+        self.used_before = used_before
+
+    @classmethod
+    def acquire(cls, directory: Path, source: str) -> DataDirLock:
+        """Take the lock on ``directory`` (which exists); :class:`DataDirInUse` naming the holder's PID."""
+        path = directory / LOCK_NAME
+        used_before = path.exists()
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise DataDirUnusable(
+                f"cannot use the data dir {directory} ({source}): cannot open {path}: {exc.strerror}"
+            ) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = _read_pid(fd)
+            os.close(fd)
+            who = f"PID {holder}" if holder else "another process"
+            raise DataDirInUse(
+                f"the data dir {directory} ({source}) is in use by {who}: stop it first, or give this "
+                "process its own data dir"
+            ) from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # a full disk: the lock is held all the same; only the PID in the message is missing
+        return cls(path, fd, used_before=used_before)
+
+    def release(self) -> None:
+        """Let go (idempotent). The file stays: removing it would race with the next owner's open."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None

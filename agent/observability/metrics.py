@@ -114,6 +114,16 @@ class AgentMetrics:
             registry=r,
         )
         self.outbox_depth = Gauge("delegate_outbox_depth", "Results written but not yet acknowledged.", registry=r)
+        self.outbox_fault = Gauge(
+            "delegate_outbox_fault",
+            "1 while results cannot be written to the data dir (disk full, I/O error): no new work is taken.",
+            registry=r,
+        )
+        self.outbox_quarantined = Counter(
+            "delegate_outbox_quarantined",
+            "Outbox rows that no longer decoded and were moved to its dead_letter table.",
+            registry=r,
+        )
         self.last_heartbeat = Gauge(
             "delegate_last_heartbeat_timestamp_seconds",
             "Unix time of the last heartbeat (or registration) the control plane acknowledged; 0 before the first.",
@@ -164,6 +174,7 @@ class AgentMetrics:
         reserved: Callable[[], float],
         running: Callable[[], float],
         outbox: Callable[[], float],
+        outbox_fault: Callable[[], bool] = lambda: False,
         last_heartbeat: Callable[[], float | None],
     ) -> None:
         """Read these at scrape time instead of updating them on every change."""
@@ -173,6 +184,7 @@ class AgentMetrics:
         self.slots_reserved.set_function(reserved)
         self.tasks_running.set_function(running)
         self.outbox_depth.set_function(outbox)
+        self.outbox_fault.set_function(lambda: float(outbox_fault()))
         self.last_heartbeat.set_function(lambda: last_heartbeat() or 0.0)
 
     def exposition(self) -> bytes:

@@ -192,7 +192,7 @@ class Agent:
         s = self.settings
         loop = asyncio.get_running_loop()
         stack.callback(self._cancel_watchdog)
-        outbox = open_outbox(s.data_dir)
+        outbox = open_outbox(s.data_dir, on_quarantine=self.metrics.outbox_quarantined.inc)
         stack.callback(outbox.close)
         if not outbox.durable:
             log.warning(
@@ -208,6 +208,7 @@ class Agent:
             reserved=lambda: slots.polling,
             running=lambda: len(self.state.running),
             outbox=lambda: len(outbox),
+            outbox_fault=lambda: outbox.fault is not None,
             last_heartbeat=lambda: self.state.last_heartbeat_wall,
         )
         probes = HealthPolicy(
@@ -216,6 +217,7 @@ class Agent:
             busy=lambda: slots.busy,
             outbox_depth=lambda: len(outbox),
             outbox_durable=outbox.durable,
+            outbox_fault=lambda: outbox.fault,
             control_plane=s.control_plane.url,
         )
         limits = ConnectionLimits(s.http_header_timeout, s.http_keepalive_timeout, s.http_max_connections)
@@ -267,7 +269,14 @@ class Agent:
             in_flight=lambda: executor.in_flight,
             cancel=executor.cancel,
         )
-        poller = Poller(client=client, connection=connection, executor=executor, slots=slots, state=self.state)
+        poller = Poller(
+            client=client,
+            connection=connection,
+            executor=executor,
+            slots=slots,
+            state=self.state,
+            outbox_fault=lambda: outbox.fault,
+        )
         reporter = Reporter(client=client, outbox=outbox, state=self.state, metrics=self.metrics)
         log.info("agent.starting", version=__version__, endpoints=self.http_url, settings=s.describe())
         self._warn_unused_env()

@@ -29,6 +29,8 @@ class HealthPolicy:
     outbox_depth: Callable[[], int]
     outbox_durable: bool
     control_plane: str
+    #: Why results cannot be written to disk now (the delegate takes no new work), or None.
+    outbox_fault: Callable[[], str | None] = lambda: None
 
     def liveness_problems(self) -> list[str]:
         """Why a restart would help; waiting for a free slot or for the control plane is not stuck."""
@@ -48,6 +50,9 @@ class HealthPolicy:
             problems.append("draining: shutting down")
         if s.auth_error:
             problems.append(f"the control plane refuses our token: {s.auth_error}")
+        fault = self.outbox_fault()
+        if fault is not None:
+            problems.append(f"taking no new work: {fault}")
         if not s.registered:
             problems.append("not registered with the control plane")
         if s.last_contact is not None:
@@ -91,6 +96,7 @@ class HealthPolicy:
             ],
             "outboxDepth": self.outbox_depth(),
             "outboxDurable": self.outbox_durable,
+            "outboxFault": self.outbox_fault(),
             "lastContact": datetime.fromtimestamp(s.last_contact_wall, UTC).isoformat()
             if s.last_contact_wall
             else None,

@@ -5,27 +5,45 @@ container restart and is replayed at the next start. WAL with ``synchronous=NORM
 on a process crash; only a power loss can drop the last commit, and on Kubernetes that means the
 node and its emptyDir are gone anyway. Without a data dir results live in memory, and the delegate
 says so at startup.
+
+The disk may fail under it. A result that cannot be written (disk full, I/O error) is kept in
+memory and still delivered; the outbox then reports a *fault*, which makes the delegate unready
+and stops it taking new work, and it tries the disk again (at most once a second) until a write
+succeeds and the fault clears, without a restart. A removal that fails after the control plane
+acknowledged a result is remembered and retried the same way, never raised. A row that no longer
+decodes is moved to a ``dead_letter`` table with a log line and a metric, so one damaged row cannot
+stop the others. A damaged file is refused at start, in one line that says what to do.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+import struct
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 import msgspec
+import structlog
 
-from agent._files import DataDirUnusable
+from agent._files import DataDirLock, DataDirUnusable, DataFileDamaged
 from agent.protocol.models import TaskResult
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(TaskResult).decode
 
+log = structlog.get_logger("agent.outbox")
+
 __all__ = ["DataDirUnusable", "Entry", "MemoryOutbox", "Outbox", "SqliteOutbox", "open_outbox"]
+
+#: The file's name in the data dir.
+OUTBOX_FILE = "outbox.sqlite3"
+#: While faulted, the disk is tried again at most this often.
+RETRY_DISK_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -42,6 +60,11 @@ class Outbox(Protocol):
     durable: bool
     changed: asyncio.Event
 
+    @property
+    def fault(self) -> str | None:
+        """Why results cannot be kept on disk right now (the delegate takes no new work), or None."""
+        ...
+
     def put(self, entry: Entry) -> None: ...
     def pending(self, limit: int = 100) -> list[Entry]: ...
     def remove(self, key: str) -> None: ...
@@ -51,6 +74,7 @@ class Outbox(Protocol):
 
 class MemoryOutbox:
     durable = False
+    fault = None
 
     def __init__(self) -> None:
         self._entries: OrderedDict[str, Entry] = OrderedDict()
@@ -74,23 +98,79 @@ class MemoryOutbox:
 
 
 class SqliteOutbox:
+    """The durable outbox; see the module docstring for what happens when the disk fails."""
+
     durable = True
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        lock: DataDirLock | None = None,
+        on_quarantine: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.path = path
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS outbox(lease_id TEXT PRIMARY KEY, task_id TEXT NOT NULL, "
-            "body BLOB NOT NULL, created_at REAL NOT NULL)"
-        )
-        self._count = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        self._lock = lock
+        self._on_quarantine = on_quarantine
+        self._clock = clock
+        damage = wal_damage(path.with_name(path.name + "-wal"))
+        if damage is not None:
+            raise _damaged(path, damage)
+        try:
+            self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise DataDirUnusable(f"cannot use the outbox {path} (AGENT_DATA_DIR): {exc}") from None
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            check = [row[0] for row in self._db.execute("PRAGMA quick_check").fetchall()]
+            if check != ["ok"]:
+                raise _damaged(path, f"quick_check: {'; '.join(map(str, check[:3]))}")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS outbox(lease_id TEXT PRIMARY KEY, task_id TEXT NOT NULL, "
+                "body BLOB NOT NULL, created_at REAL NOT NULL)"
+            )
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS dead_letter(lease_id TEXT, task_id TEXT, body BLOB, "
+                "reason TEXT NOT NULL, quarantined_at REAL NOT NULL)"
+            )
+            self._db.execute("CREATE TABLE IF NOT EXISTS probe(id INTEGER PRIMARY KEY, at REAL NOT NULL)")
+            self._count = int(self._db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
+        except DataFileDamaged:
+            self._db.close()
+            raise
+        except sqlite3.OperationalError as exc:
+            self._db.close()
+            raise DataDirUnusable(f"cannot use the outbox {path} (AGENT_DATA_DIR): {exc}") from None
+        except sqlite3.DatabaseError as exc:  # not a database, malformed image
+            self._db.close()
+            raise _damaged(path, str(exc)) from None
+        #: Results the disk refused, kept here (and delivered from here) until it takes them.
+        self._spill: OrderedDict[str, Entry] = OrderedDict()
+        #: Acknowledged results whose row could not be deleted yet: never sent again, deleted later.
+        self._undeleted: set[str] = set()
+        #: Rows that neither decode nor could be moved to dead_letter (full disk): skipped.
+        self._unreadable: set[str] = set()
+        self._fault: str | None = None
+        self._next_try = 0.0
         self.changed = asyncio.Event()
         if self._count:
             self.changed.set()
 
+    @property
+    def fault(self) -> str | None:
+        return self._fault
+
     def put(self, entry: Entry) -> None:
+        try:
+            self._write(entry)
+        except sqlite3.Error as exc:
+            self._spill[entry.key] = entry
+            self._failed("write a result", exc)
+        self.changed.set()
+
+    def _write(self, entry: Entry) -> None:
         body, now = _encode(entry.result), time.time()
         # One statement in the usual case (a lease's first and only result); a second result for
         # the same lease replaces the first and leaves the count alone.
@@ -101,30 +181,197 @@ class SqliteOutbox:
             self._count += 1
         else:
             self._db.execute("UPDATE outbox SET body=?, created_at=? WHERE lease_id=?", (body, now, entry.key))
-        self.changed.set()
 
     def pending(self, limit: int = 100) -> list[Entry]:
-        rows = self._db.execute("SELECT task_id, body FROM outbox ORDER BY created_at LIMIT ?", (limit,)).fetchall()
-        return [Entry(task_id=r[0], result=_decode(r[1])) for r in rows]
+        if self._fault is not None and self._clock() >= self._next_try:
+            self._retry_disk()
+        skip = self._undeleted | self._unreadable
+        rows = self._db.execute(
+            "SELECT lease_id, task_id, body FROM outbox ORDER BY created_at LIMIT ?", (limit + len(skip),)
+        ).fetchall()
+        entries = list(self._spill.values())[:limit]
+        for lease_id, task_id, body in rows:
+            if len(entries) >= limit:
+                break
+            if lease_id in skip or lease_id in self._spill:
+                continue
+            try:
+                entries.append(Entry(task_id=task_id, result=_decode(body)))
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                self._quarantine(lease_id, task_id, body, str(exc))
+        return entries
+
+    def _quarantine(self, lease_id: str, task_id: str, body: bytes, reason: str) -> None:
+        """Move a row that no longer decodes out of the way, so the rest still flows."""
+        log.error(
+            "agent.outbox_row_quarantined",
+            task_id=task_id,
+            reason=reason[:200],
+            path=str(self.path),
+            hint="the row was moved to the dead_letter table; its task is re-run by the control plane "
+            "when the lease expires",
+        )
+        self._on_quarantine()
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                "INSERT INTO dead_letter(lease_id, task_id, body, reason, quarantined_at) VALUES(?, ?, ?, ?, ?)",
+                (lease_id, task_id, body, reason[:500], time.time()),
+            )
+            self._db.execute("DELETE FROM outbox WHERE lease_id=?", (lease_id,))
+            self._db.execute("COMMIT")
+            self._count -= 1
+        except sqlite3.Error as exc:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            self._unreadable.add(lease_id)
+            self._failed("quarantine a damaged result", exc)
 
     def remove(self, key: str) -> None:
+        if self._spill.pop(key, None) is not None:
+            return
+        try:
+            self._delete(key)
+        except sqlite3.Error as exc:
+            self._undeleted.add(key)
+            self._failed("remove a delivered result", exc)
+
+    def _delete(self, key: str) -> None:
         if self._db.execute("DELETE FROM outbox WHERE lease_id=?", (key,)).rowcount:
             self._count -= 1
 
+    def _failed(self, what: str, exc: sqlite3.Error) -> None:
+        reason = f"cannot {what} to {self.path}: {exc}"
+        if self._fault is None:
+            log.error(
+                "agent.outbox_fault",
+                error=reason,
+                hint="taking no new work until the disk accepts writes again; results are kept in memory meanwhile",
+            )
+        self._fault = reason
+        self._next_try = self._clock() + RETRY_DISK_SECONDS
+
+    def _retry_disk(self) -> None:
+        """Write what waits in memory, delete what was acknowledged; clear the fault once the disk takes it."""
+        try:
+            for key, entry in list(self._spill.items()):
+                self._write(entry)
+                del self._spill[key]
+            for key in list(self._undeleted):
+                self._delete(key)
+                self._undeleted.discard(key)
+            self._unreadable.clear()  # they are tried (and quarantined) again by the next read
+            # A real write, so "the disk takes writes again" is known even with nothing waiting.
+            self._db.execute("INSERT OR REPLACE INTO probe(id, at) VALUES(1, ?)", (time.time(),))
+        except sqlite3.Error as exc:
+            self._fault = f"cannot write to {self.path}: {exc}"
+            self._next_try = self._clock() + RETRY_DISK_SECONDS
+            return
+        log.info("agent.outbox_recovered", path=str(self.path))
+        self._fault = None
+
     def __len__(self) -> int:
-        return self._count
+        return self._count + len(self._spill) - len(self._undeleted)
 
     def close(self) -> None:
         self._db.close()
+        if self._lock is not None:
+            self._lock.release()
 
 
-def open_outbox(data_dir: Path | None) -> Outbox:
-    """The outbox for ``data_dir``, creating the directory: the settings only checked it could be."""
+def open_outbox(data_dir: Path | None, *, on_quarantine: Callable[[], None] = lambda: None) -> Outbox:
+    """The outbox for ``data_dir``: the directory created, locked for this process, the file checked."""
     if data_dir is None:
         return MemoryOutbox()
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
-        return SqliteOutbox(data_dir / "outbox.sqlite3")
-    except (OSError, sqlite3.Error) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise DataDirUnusable(f"cannot use the data dir {data_dir} (AGENT_DATA_DIR): {reason}") from None
+    except OSError as exc:
+        raise DataDirUnusable(f"cannot use the data dir {data_dir} (AGENT_DATA_DIR): {exc.strerror}") from None
+    lock = DataDirLock.acquire(data_dir, "AGENT_DATA_DIR")
+    path = data_dir / OUTBOX_FILE
+    try:
+        if lock.used_before and _missing_or_empty(path):
+            log.warning(
+                "agent.outbox_missing",
+                path=str(path),
+                hint="this data dir was used before, but its outbox is missing or empty: results not yet "
+                "delivered when it was lost are gone (the control plane re-runs their tasks)",
+            )
+        return SqliteOutbox(path, lock=lock, on_quarantine=on_quarantine)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _missing_or_empty(path: Path) -> bool:
+    try:
+        return path.stat().st_size == 0
+    except OSError:
+        return True
+
+
+def _damaged(path: Path, detail: str) -> DataFileDamaged:
+    return DataFileDamaged(
+        f"the outbox {path} is damaged ({detail}): stop the delegate, move {path.name} and its -wal and -shm "
+        f"files aside (e.g. into {path.parent}/damaged/), and start again; results in it that were not "
+        "delivered are lost, and the control plane re-runs their tasks when their leases expire"
+    )
+
+
+# --- the write-ahead log ------------------------------------------------------------------------
+# SQLite replays a WAL only up to its first frame whose checksum fails, and ignores the rest without
+# a word. A torn last frame after a crash is normal; committed frames of the same generation *after*
+# a bad one mean a flipped bit swallowed results that were written. That is worth refusing to start.
+
+_WAL_HEADER = 32
+_FRAME_HEADER = 24
+_WAL_MAGIC = {0x377F0682: "<", 0x377F0683: ">"}
+
+
+def _checksum(data: bytes, order: str, s0: int, s1: int) -> tuple[int, int]:
+    words = struct.unpack(f"{order}{len(data) // 4}I", data)
+    for i in range(0, len(words), 2):
+        s0 = (s0 + words[i] + s1) & 0xFFFFFFFF
+        s1 = (s1 + words[i + 1] + s0) & 0xFFFFFFFF
+    return s0, s1
+
+
+def wal_damage(wal: Path) -> str | None:
+    """Why SQLite would silently drop committed frames of this WAL, or None when it would not."""
+    try:
+        data = wal.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot read {wal.name}: {exc.strerror}"
+    if len(data) <= _WAL_HEADER:
+        return None
+    magic, _version, page_size, _seq, salt1, salt2, c0, c1 = struct.unpack(">8I", data[:_WAL_HEADER])
+    order = _WAL_MAGIC.get(magic)
+    if order is None or page_size < 512 or page_size & (page_size - 1):
+        return f"{wal.name} has no valid header, so SQLite would ignore all of it"
+    if _checksum(data[:24], order, 0, 0) != (c0, c1):
+        return f"the header of {wal.name} fails its checksum, so SQLite would ignore all of it"
+    frame_size = _FRAME_HEADER + page_size
+    s = (c0, c1)
+    frames = (len(data) - _WAL_HEADER) // frame_size
+    bad_at: int | None = None
+    lost = 0
+    for n in range(frames):
+        start = _WAL_HEADER + n * frame_size
+        header = data[start : start + _FRAME_HEADER]
+        _page, commit, f_salt1, f_salt2, f0, f1 = struct.unpack(">6I", header)
+        if (f_salt1, f_salt2) != (salt1, salt2):
+            continue  # a frame from an earlier generation: reused space, not data
+        if bad_at is None:
+            s = _checksum(header[:8] + data[start + _FRAME_HEADER : start + frame_size], order, *s)
+            if s != (f0, f1):
+                bad_at = n
+        elif commit:
+            lost += 1
+    if bad_at is not None and lost:
+        return (
+            f"frame {bad_at + 1} of {wal.name} fails its checksum and {lost} committed transaction(s) after it "
+            "would be silently dropped"
+        )
+    return None

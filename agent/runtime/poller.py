@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 
 import structlog
 
@@ -26,13 +27,23 @@ log = structlog.get_logger("agent.poller")
 
 #: After an empty answer, wait up to this before asking again, so a fleet drifts out of step.
 EMPTY_POLL_JITTER = 0.05
+#: While results cannot be written to disk, look again this often (the outbox retries the disk).
+FAULT_RECHECK_SECONDS = 0.5
 
 
 class Poller:
     def __init__(
-        self, *, client: ControlPlaneClient, connection: Connection, executor: Executor, slots: Slots, state: AgentState
+        self,
+        *,
+        client: ControlPlaneClient,
+        connection: Connection,
+        executor: Executor,
+        slots: Slots,
+        state: AgentState,
+        outbox_fault: Callable[[], str | None] = lambda: None,
     ) -> None:
         self._client = client
+        self._outbox_fault = outbox_fault
         self._connection = connection
         self._executor = executor
         self._slots = slots
@@ -51,6 +62,12 @@ class Poller:
             delegate_id = await self._connection.wait_registered()
             if self._stop.is_set():
                 return
+            if self._outbox_fault() is not None:
+                # A result we could not keep on disk is at risk: take no new work until the disk
+                # takes writes again. Deliberate waiting, so the poll loop still counts as alive.
+                self._state.poll_progress = loop.time()
+                await self._pause(FAULT_RECHECK_SECONDS, None)
+                continue
             self._state.waiting_for_slots = True
             free = await self._slots.wait_available()
             self._state.waiting_for_slots = False
@@ -94,6 +111,11 @@ class Poller:
                 # Drain began while the answer was on its way: give the tasks straight back.
                 await self._give_back([t.lease_id for t in tasks], len(tasks))
                 return
+            if tasks and self._outbox_fault() is not None:
+                # The disk failed while this long poll waited: these tasks go back at once (without
+                # using an attempt), to a delegate that can keep their results.
+                await self._give_back([t.lease_id for t in tasks], len(tasks))
+                continue
             for task in tasks:
                 self._executor.start(task)
             if not tasks:
