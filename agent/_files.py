@@ -8,6 +8,7 @@ Nothing here imports anything else of ours, so every room may use it.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from pathlib import Path
@@ -83,17 +84,14 @@ class DataDirLock:
     first one's state later. The file holds the owner's PID, for the message the second one prints.
     """
 
-    def __init__(self, path: Path, fd: int, *, used_before: bool) -> None:
+    def __init__(self, path: Path, fd: int) -> None:
         self.path = path
         self._fd: int | None = fd
-        #: The lock file existed before this start: state files missing now were lost, not never made.
-        self.used_before = used_before
 
     @classmethod
     def acquire(cls, directory: Path, source: str) -> DataDirLock:
         """Take the lock on ``directory`` (which exists); :class:`DataDirInUse` naming the holder's PID."""
         path = directory / LOCK_NAME
-        used_before = path.exists()
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
@@ -115,7 +113,7 @@ class DataDirLock:
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         except OSError:
             pass  # a full disk: the lock is held all the same; only the PID in the message is missing
-        return cls(path, fd, used_before=used_before)
+        return cls(path, fd)
 
     def release(self) -> None:
         """Let go (idempotent). The file stays: removing it would race with the next owner's open."""
@@ -130,3 +128,27 @@ def _read_pid(fd: int) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() else None
+
+
+def lost_state_file(path: Path) -> bool:
+    """Whether ``path`` (a database) existed at an earlier start and is now missing or empty.
+
+    Each successful open leaves a marker beside it (:func:`mark_state_file`), so a database lost
+    between two starts (a wiped volume, a truncation) is told apart from a first start.
+    """
+    if not _marker(path).exists():
+        return False
+    try:
+        return path.stat().st_size == 0
+    except OSError:
+        return True
+
+
+def mark_state_file(path: Path) -> None:
+    """Note that ``path`` exists now (best effort: a full disk only costs the next warning)."""
+    with contextlib.suppress(OSError):
+        _marker(path).touch(mode=0o600, exist_ok=True)
+
+
+def _marker(path: Path) -> Path:
+    return path.with_name(f".{path.name}.seen")

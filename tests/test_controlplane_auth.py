@@ -202,9 +202,9 @@ async def test_generated_credentials_when_none_are_given(tmp_path: Path) -> None
             tmp_path / "task-signing-key",
         ]
         assert (tmp_path / "task-signing-key.pub").read_text().strip() == service.signing_key.public_key_b64
-        again = ControlPlaneService(ControlPlaneConfig(data_dir=tmp_path, port=0))
-        await again.setup()
-        assert again.api_key == service.api_key  # generated once, then reused
-        await again.shutdown()
     finally:
         await service.shutdown()
+    again = ControlPlaneService(ControlPlaneConfig(data_dir=tmp_path, port=0))
+    await again.setup()  # the next owner of the data dir (one at a time)
+    assert again.api_key == service.api_key  # generated once, then reused
+    await again.shutdown()

@@ -24,10 +24,11 @@ import pytest
 import structlog
 
 from agent._files import DataDirInUse, DataFileDamaged
+from agent._sqlite import wal_damage
 from agent.controlplane.app import ControlPlaneService
 from agent.protocol.models import TaskResult
 from agent.protocol.results import ValidationResult
-from agent.runtime.outbox import OUTBOX_FILE, Entry, SqliteOutbox, open_outbox, wal_damage
+from agent.runtime.outbox import OUTBOX_FILE, Entry, SqliteOutbox, open_outbox
 from tests.conftest import FAST, AgentFactory, ControlPlaneFactory, done
 from tests.helpers import wait_for, wait_until
 

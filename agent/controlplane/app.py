@@ -20,11 +20,19 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from agent._files import DataDirUnusable, NotUtf8Text, make_data_dir, read_text
+from agent._files import (
+    DataDirLock,
+    DataDirUnusable,
+    NotUtf8Text,
+    lost_state_file,
+    make_data_dir,
+    mark_state_file,
+    read_text,
+)
 from agent.controlplane.core import ControlPlane, ControlPlaneSettings, PlatformValidator, TaskSigner
 from agent.controlplane.openapi import build_openapi
 from agent.controlplane.routes import MAX_BODY_BYTES, ROUTES, Handlers, bind, error_middleware, metrics_middleware
-from agent.controlplane.store import Store
+from agent.controlplane.store import Store, StoreUnavailable
 from agent.controlplane.tokens import ScopeInvalid, TokenScope, parse_scope_options
 from agent.observability.http import ConnectionLimits, LimitedSite
 from agent.protocol.auth import Clock, IssuedToken, TokenKey, TokenVerifier, generate_token, token_id
@@ -313,21 +321,37 @@ class ControlPlaneService:
         if self._platform_validator is not None:
             self._stack.push_async_callback(self._platform_validator.aclose)
         loosened = None
+        db_path = None
         if config.data_dir is not None:
             existed = config.data_dir.exists()
             make_data_dir(config.data_dir, "--data-dir")
             loosened = _make_private_dir(config.data_dir, existed)
+            # One owner per data dir: a second control plane here would rewrite the first one's tasks.
+            lock = DataDirLock.acquire(config.data_dir, "--data-dir")
+            self._stack.callback(lock.release)
+            db_path = config.data_dir / DATABASE_FILE
+            if lost_state_file(db_path):
+                log.warning(
+                    "controlplane.database_missing",
+                    path=str(db_path),
+                    hint="this data dir was used before, but its database is missing or empty: starting with "
+                    "none (connectors, tasks and created tokens are gone); restore a backup if that is wrong",
+                )
         try:
             # Credentials may be generated into the data dir, the store and signing key live there:
             # any of them failing to write is the data dir's fault, said in one line.
             creds = load_credentials(config)
             self._remember(*(k.secret for k in creds.tokens), *creds.api_keys)
-            store = Store(config.data_dir / "controlplane.sqlite3" if config.data_dir else None)
+            store = Store(db_path)
             self._stack.callback(store.close)
+            if db_path is not None:
+                mark_state_file(db_path)
             task_signer = self._task_signer
             if task_signer is None:
                 self.signing_key = load_signing_key(config, creds.generated)
                 task_signer, self.task_public_key = self.signing_key.sign, self.signing_key.public_key_b64
+        except StoreUnavailable as exc:
+            raise DataDirUnusable(f"cannot use the data dir {config.data_dir} (--data-dir): {exc}") from None
         except (OSError, sqlite3.Error) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise DataDirUnusable(f"cannot use the data dir {config.data_dir} (--data-dir): {reason}") from None
@@ -336,7 +360,10 @@ class ControlPlaneService:
         kwargs: dict[str, Any] = {"platform_validator": self._platform_validator, "task_signer": task_signer}
         if self._clock is not None:
             kwargs["clock"] = self._clock
-        core = ControlPlane(store, config.settings, **kwargs)
+        try:
+            core = ControlPlane(store, config.settings, **kwargs)  # recover() writes: a full disk stops it here
+        except StoreUnavailable as exc:
+            raise DataDirUnusable(f"cannot start on the data dir {config.data_dir} (--data-dir): {exc}") from None
         verifier = TokenVerifier(
             creds.tokens,
             audience=config.settings.audience,
@@ -531,6 +558,10 @@ _GENERATED: dict[str, tuple[str, str, str]] = {
         "only tasks this control plane signed",
     ),
 }
+
+
+#: The database's file name in the data dir.
+DATABASE_FILE = "controlplane.sqlite3"
 
 
 def _log_generated(path: Path) -> None:

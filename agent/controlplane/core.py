@@ -23,8 +23,17 @@ import msgspec
 import structlog
 
 from agent.aws.connector import AwsConnector, ConnectorInvalid, parse_actions, parse_connector
+from agent.controlplane.clock import SteadyClock
 from agent.controlplane.metrics import ControlPlaneMetrics
-from agent.controlplane.store import ConnectorRow, DelegateRow, Store, TaskRow, connector_change, with_updates
+from agent.controlplane.store import (
+    ConnectorRow,
+    DelegateRow,
+    Store,
+    StoreUnavailable,
+    TaskRow,
+    connector_change,
+    with_updates,
+)
 from agent.controlplane.tokens import Caller
 from agent.protocol.auth import DEFAULT_AUDIENCE, Clock
 from agent.protocol.errors import Code
@@ -154,7 +163,7 @@ class ControlPlane:
         store: Store,
         settings: ControlPlaneSettings | None = None,
         *,
-        clock: Clock = time.time,
+        clock: Clock | None = None,
         platform_validator: PlatformValidator | None = None,
         task_signer: TaskSigner | None = None,
         metrics: ControlPlaneMetrics | None = None,
@@ -162,7 +171,10 @@ class ControlPlane:
         self.store = store
         self.settings = settings or ControlPlaneSettings()
         self.metrics = metrics or ControlPlaneMetrics()
-        self._clock = clock
+        # Deadlines run on a clock that wall-clock steps and stalls cannot move (controlplane/clock.py);
+        # a test passes its own.
+        self._steady = SteadyClock() if clock is None else None
+        self._clock: Clock = clock or self._steady or time.time
         self._platform_validator = platform_validator
         self._task_signer = task_signer
         # In-memory index over the queued and running tasks (rebuilt by recover()).
@@ -173,6 +185,8 @@ class ControlPlane:
         self._done_events: dict[str, asyncio.Event] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self.metrics.sample(queue=self._queue_depth, tasks=store.count_tasks, connected=self._connected)
+        # A write the disk refused was rolled back: what memory holds is rebuilt from what the disk holds.
+        store.on_write_failure = self._reindex
         self.recover()
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -204,7 +218,42 @@ class ControlPlane:
                 self.store.update_task(running.id, lease_expires_at=expires)
                 self._running[running.id] = with_updates(running, lease_expires_at=expires)
 
+    def _reindex(self) -> None:
+        """Rebuild the queue and lease index from the database, writing nothing (after a failed write)."""
+        self._heaps.clear()
+        self._queued.clear()
+        self._running.clear()
+        for queued in self.store.tasks_in_state("queued"):
+            self._enqueue(queued)
+        for running in self.store.tasks_in_state("running"):
+            if running.lease_id is not None:  # not a platform test, which runs in this process
+                self._running[running.id] = running
+        log.warning(
+            "controlplane.reindexed",
+            queued=len(self._queued),
+            running=len(self._running),
+            reason=self.store.fault,
+        )
+
+    def _stale(self, t: TaskRow, what: str) -> None:
+        """A transition found the task no longer as we knew it: change nothing, and re-read the truth."""
+        log.error(
+            "controlplane.stale_transition",
+            task_id=t.id,
+            transition=what,
+            expected_state=t.state,
+            hint="the database changed under this process (a second control plane on the same data?)",
+        )
+        self.store.after_commit(self._reindex)
+
+    @property
+    def write_fault(self) -> str | None:
+        """Why the database refuses writes (disk full, I/O error), until one succeeds again."""
+        return self.store.fault
+
     async def start(self) -> None:
+        if self._steady is not None:
+            await self._steady.start()
         if self._sweeper is None:
             self._sweeper = asyncio.create_task(self._sweep_forever(), name="controlplane-sweeper")
 
@@ -216,11 +265,15 @@ class ControlPlane:
             self._sweeper = None
         for w in self._waiters:
             w.event.set()
+        if self._steady is not None:
+            await self._steady.stop()
 
     async def _sweep_forever(self) -> None:
         while True:
             try:
                 self.sweep()
+            except StoreUnavailable as exc:
+                log.warning("controlplane.sweep_not_recorded", error=str(exc), hint="retried at the next sweep")
             except Exception:
                 log.exception("controlplane.sweep_failed")
             await asyncio.sleep(self.settings.sweep_interval_seconds)
@@ -490,7 +543,9 @@ class ControlPlane:
                     "started_at": now,
                     "attempts": t.attempts + 1,
                 }
-                self.store.update_task(t.id, **values)
+                if not self.store.update_task(t.id, expect=("queued", None), **values):
+                    self._stale(t, "lease")
+                    continue
                 t = with_updates(t, **values)
                 self._running[t.id] = t
                 leased.append(self._wire_task(t))
@@ -552,7 +607,9 @@ class ControlPlane:
     def renew(self, lease_id: str, *, caller: Caller | None = None) -> LeaseResponse:
         t = self._lease(lease_id, caller)
         expires = self._clock() + self.settings.lease_seconds
-        self.store.update_task(t.id, lease_expires_at=expires)
+        if not self.store.update_task(t.id, expect=("running", lease_id), lease_expires_at=expires):
+            self._stale(t, "renewal")
+            raise ApiFailure(409, Code.LEASE_FENCED, "the lease is no longer valid: the task changed meanwhile")
         t = with_updates(t, lease_expires_at=expires)
         self._running[t.id] = t
         if t.delegate_id:
@@ -647,7 +704,9 @@ class ControlPlane:
             "lease_expires_at": None,
         }
         with self.store.transaction():
-            self.store.update_task(t.id, **values)
+            if t.state == "done" or not self.store.update_task(t.id, expect=(t.state, t.lease_id), **values):
+                self._stale(t, "completion")
+                return t
             if t.connector_id:
                 self.store.update_connector(
                     t.connector_id,
@@ -659,11 +718,17 @@ class ControlPlane:
                 )
         self._running.pop(t.id, None)
         self._queued.pop(t.id, None)
-        self.metrics.task_completed(status, failure_reason)
-        event = self._done_events.pop(t.id, None)
-        if event is not None:
-            event.set()
-        log.info("controlplane.task_done", task_id=t.id, status=status, delegate=t.delegate_name, reason=failure_reason)
+
+        def announce() -> None:  # only once the result is on disk
+            self.metrics.task_completed(status, failure_reason)
+            event = self._done_events.pop(t.id, None)
+            if event is not None:
+                event.set()
+            log.info(
+                "controlplane.task_done", task_id=t.id, status=status, delegate=t.delegate_name, reason=failure_reason
+            )
+
+        self.store.after_commit(announce)
         return with_updates(t, **values)
 
     def _requeue(self, t: TaskRow, *, reason: str, count_attempt: bool = True) -> None:
@@ -690,11 +755,14 @@ class ControlPlane:
             "attempts": attempts,
             "pickup_deadline": now + t.pickup_timeout,
         }
-        self.store.update_task(t.id, **values)
+        with self.store.transaction():
+            if not self.store.update_task(t.id, expect=("running", t.lease_id), **values):
+                self._stale(t, "re-queue")
+                return
+            self.store.bump("requeued")
         self._running.pop(t.id, None)
         t = with_updates(t, **values)
         self._enqueue(t)
-        self.store.bump("requeued")
         log.info("controlplane.task_requeued", task_id=t.id, reason=reason, attempts=attempts)
 
     # --- tasks -------------------------------------------------------------------------------
@@ -784,7 +852,9 @@ class ControlPlane:
                 failure_reason="cancelled",
             )
         if t.state == "running":
-            self.store.update_task(t.id, cancel_requested=True)
+            if not self.store.update_task(t.id, expect=("running", t.lease_id), cancel_requested=True):
+                self._stale(t, "cancellation")
+                return self.get_task(task_id)
             t = with_updates(t, cancel_requested=True)
             self._running[t.id] = t
         return t
@@ -815,7 +885,11 @@ class ControlPlane:
 
     def sweep(self) -> None:
         """Apply every deadline that has passed: disconnections, lease expiry, pickup, timeouts."""
+        if self.store.fault is not None and not self.store.probe():
+            return  # the disk still refuses writes: nothing here could be recorded
         now = self._clock()
+        if self.store.count_leased() != len(self._running):
+            self._reindex()  # a task left running without a lease we know of: the sweep below expires it
         with self.store.transaction():
             for d in self.store.delegates():
                 silent = now - d.last_heartbeat
@@ -849,7 +923,7 @@ class ControlPlane:
                     )
             for task_id in list(self._queued):
                 queued = self.store.get_task(task_id)
-                if queued is None:
+                if queued is None or queued.state != "queued":
                     self._queued.pop(task_id, None)
                 elif queued.pickup_deadline < now:
                     self._fail_unpicked(queued)
@@ -1045,7 +1119,9 @@ class ControlPlane:
         # It never enters the delegate queue: the platform runs it now.
         self._queued.pop(task.id, None)
         now = self._clock()
-        self.store.update_task(task.id, state="running", delegate_name="platform", started_at=now, attempts=1)
+        self.store.update_task(
+            task.id, expect=("queued", None), state="running", delegate_name="platform", started_at=now, attempts=1
+        )
         task = with_updates(task, state="running", delegate_name="platform", started_at=now, attempts=1)
         if self._platform_validator is None:
             return self._complete(

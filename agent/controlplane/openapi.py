@@ -194,6 +194,14 @@ def build_openapi(routes: tuple[Route, ...] = ROUTES) -> dict[str, Any]:
         if r.request is not None or r.body_kind == "connector":
             responses.setdefault("413", {**error, "description": "Body larger than 1 MiB"})
             responses.setdefault("415", {**error, "description": "Unsupported content type"})
+        if r.auth != "none":
+            responses.setdefault(
+                "503",
+                {
+                    **error,
+                    "description": "The database refuses writes (disk full); nothing changed: retry after Retry-After",
+                },
+            )
         if r.auth == "delegate":
             op["security"] = [{"delegateToken": []}]
             responses["401"] = {**error, "description": "Missing, invalid or expired request token"}

@@ -28,6 +28,7 @@ from agent._yaml import load as load_yaml
 from agent.controlplane.core import ApiFailure, ControlPlane, ts
 from agent.controlplane.metrics import ControlPlaneMetrics
 from agent.controlplane.ratelimit import FailureLimiter
+from agent.controlplane.store import StoreUnavailable
 from agent.controlplane.tokens import UNRESTRICTED, Caller, ScopeInvalid, TokenScope
 from agent.protocol.auth import Claims, IssuedToken, TokenVerifier
 from agent.protocol.errors import AuthError, Code, error_body
@@ -47,6 +48,7 @@ from agent.protocol.models import (
     HeartbeatResponse,
     LeaseResponse,
     Problem,
+    Readiness,
     RegisterRequest,
     RegisterResponse,
     ServerInfo,
@@ -64,6 +66,8 @@ log = structlog.get_logger("controlplane.http")
 
 Auth = Literal["delegate", "api", "none"]
 MAX_BODY_BYTES = 1024 * 1024
+#: Retry-After while the database refuses writes: the sweeper probes it about as often.
+STORE_RETRY_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -218,6 +222,15 @@ ROUTES: tuple[Route, ...] = (
         {200: ("Server information", ServerInfo)},
     ),
     Route("GET", "/healthz", "healthz", "Liveness of the control plane", "public", "none", {200: ("Alive", None)}),
+    Route(
+        "GET",
+        "/readyz",
+        "readyz",
+        "Readiness: 503 while the database refuses writes (disk full), with the reason",
+        "public",
+        "none",
+        {200: ("Ready", Readiness), 503: ("Not ready: problems says why", Readiness)},
+    ),
     Route("GET", "/openapi.json", "openapi", "This document", "public", "none", {200: ("OpenAPI 3.1", None)}),
     Route(
         "GET",
@@ -579,6 +592,11 @@ class Handlers:
 
     async def healthz(self, request: web.Request, body: None) -> web.Response:
         return json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request, body: None) -> web.Response:
+        fault = self.cp.write_fault
+        problems = [] if fault is None else [f"disk full or failing: {fault}"]
+        return json_response(Readiness(ready=not problems, problems=problems), 503 if problems else 200)
 
     async def openapi(self, request: web.Request, body: None) -> web.Response:
         return web.Response(body=self._openapi, content_type="application/json")
@@ -947,6 +965,13 @@ async def error_middleware(
         return await handler(request)
     except ApiFailure as exc:
         return error_response(exc.status, exc.code, exc.message, problems=exc.problems, retry_after=exc.retry_after)
+    except StoreUnavailable as exc:
+        return error_response(
+            503,
+            Code.UNAVAILABLE,
+            f"the control plane cannot record this now ({exc}); nothing was changed, retry later",
+            retry_after=STORE_RETRY_SECONDS,
+        )
     except AuthError as exc:
         status = exc.status or 401
         headers = {"WWW-Authenticate": 'Bearer error="invalid_token"'} if status == 401 else None

@@ -7,9 +7,10 @@ hundred microseconds in WAL mode), so the event loop calls them directly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
+from agent._files import DataFileDamaged
+from agent._sqlite import wal_damage
 from agent.protocol.results import ValidationResult
 
 _SCHEMA = """
@@ -217,18 +220,43 @@ class Store:
     """All durable state. ``path=None`` keeps everything in memory (tests, throwaway runs)."""
 
     def __init__(self, path: Path | None) -> None:
+        self.path = path
         if path is not None:
+            damage = wal_damage(path.with_name(path.name + "-wal"))
+            if damage is not None:
+                raise _damaged(path, damage)
             _private_file(path)
         self._db = sqlite3.connect(str(path) if path else ":memory:", isolation_level=None, check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        if path is not None:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode survives a process crash; only a power loss can drop the last commits.
-            self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(_SCHEMA)
-        self._migrate()
+        try:
+            self._db.row_factory = sqlite3.Row
+            if path is not None:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                # NORMAL in WAL mode survives a process crash (kill -9, OOM) whole; a power loss can drop
+                # the last commits, and then the tasks they touched are re-run from their previous state
+                # (a creation acknowledged in that window is lost). FULL would fsync every commit: on
+                # this project's machines that is ~50 ms each, forty times the cost of a lease.
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                check = [str(r[0]) for r in self._db.execute("PRAGMA quick_check").fetchall()]
+                if check != ["ok"]:
+                    raise _damaged(path, "quick_check: " + "; ".join(check[:3]))
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)
+            self._migrate()
+        except sqlite3.OperationalError as exc:
+            self._db.close()
+            raise StoreUnavailable(f"cannot use the database {path}: {exc}") from None
+        except sqlite3.DatabaseError as exc:  # not a database, or a malformed image
+            self._db.close()
+            raise _damaged(path, str(exc)) from None
+        except BaseException:
+            self._db.close()
+            raise
         self._depth = 0
+        self._after_commit: list[Callable[[], None]] = []
+        #: Why the last write failed (disk full, I/O error); None once a write succeeds again.
+        self.fault: str | None = None
+        #: Called after a write failed and was rolled back: the owner rebuilds what it keeps in memory.
+        self.on_write_failure: Callable[[], None] = lambda: None
 
     def _migrate(self) -> None:
         """Bring a database written by an older version up to the schema (additive changes only)."""
@@ -242,7 +270,7 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        """Group writes; nested uses join the outer transaction."""
+        """Group writes; nested uses join the outer transaction. Failure: rolled back, :class:`StoreUnavailable`."""
         if self._depth:
             self._depth += 1
             try:
@@ -250,20 +278,73 @@ class Store:
             finally:
                 self._depth -= 1
             return
-        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise self._failed(exc) from None
         self._depth = 1
         try:
             yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        else:
             self._db.execute("COMMIT")
-        finally:
+        except BaseException as exc:
+            self._after_commit.clear()
+            if self._db.in_transaction:  # SQLite may already have rolled back (SQLITE_FULL)
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
             self._depth = 0
+            if isinstance(exc, sqlite3.Error):
+                raise self._failed(exc) from None
+            if isinstance(exc, StoreUnavailable):
+                self._failed(None)
+            raise
+        self._depth = 0
+        self.fault = None
+        self._run_after_commit()
+
+    def after_commit(self, effect: Callable[[], None]) -> None:
+        """Run ``effect`` once the current transaction commits (at once outside one); never if it rolls back.
+
+        Logs, metrics and wakeups that announce a change go here, so nothing announces a change the
+        disk refused.
+        """
+        if self._depth:
+            self._after_commit.append(effect)
+        else:
+            effect()
+
+    def _run_after_commit(self) -> None:
+        effects, self._after_commit = self._after_commit, []
+        for effect in effects:
+            effect()
+
+    def _write(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        try:
+            cursor = self._db.execute(sql, params)
+        except sqlite3.Error as exc:
+            if self._depth:  # the transaction rolls back, then reports
+                self.fault = _reason(self.path, exc)
+                raise StoreUnavailable(self.fault) from None
+            raise self._failed(exc) from None
+        if not self._depth:
+            self.fault = None
+        return cursor
+
+    def _failed(self, exc: sqlite3.Error | None) -> StoreUnavailable:
+        if exc is not None:
+            self.fault = _reason(self.path, exc)
+        self.on_write_failure()
+        return StoreUnavailable(self.fault or "the database refused a write")
+
+    def probe(self) -> bool:
+        """One real write: True when the database takes writes (again)."""
+        try:
+            self._write("INSERT INTO counters(name, value) VALUES('probe', 0) ON CONFLICT(name) DO UPDATE SET value=0")
+        except StoreUnavailable:
+            return False
+        return True
 
     def bump(self, name: str, by: int = 1) -> None:
-        self._db.execute(
+        self._write(
             "INSERT INTO counters(name, value) VALUES(?, ?) ON CONFLICT(name) DO UPDATE SET "
             "value = value + excluded.value",
             (name, by),
@@ -293,7 +374,7 @@ class Store:
         self._update("delegates", "id", delegate_id, values)
 
     def delete_delegate(self, delegate_id: str) -> bool:
-        return self._db.execute("DELETE FROM delegates WHERE id=?", (delegate_id,)).rowcount > 0
+        return self._write("DELETE FROM delegates WHERE id=?", (delegate_id,)).rowcount > 0
 
     # --- tasks -------------------------------------------------------------------------------
 
@@ -349,11 +430,25 @@ class Store:
     def count_tasks(self) -> dict[str, int]:
         return {str(r[0]): int(r[1]) for r in self._db.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state")}
 
-    def update_task(self, task_id: str, **values: Any) -> None:
-        self._update("tasks", "id", task_id, values)
+    def count_leased(self) -> int:
+        """Tasks running under a lease (the index over them must hold as many)."""
+        return int(
+            self._db.execute("SELECT COUNT(*) FROM tasks WHERE state='running' AND lease_id IS NOT NULL").fetchone()[0]
+        )
+
+    def update_task(self, task_id: str, *, expect: tuple[str, str | None] | None = None, **values: Any) -> bool:
+        """Change a task; with ``expect=(state, lease_id)`` only if it is still in that state under that lease.
+
+        Every state transition passes ``expect``: a transition decided on a stale view (a second
+        process, a lost update) changes nothing and returns False instead of overwriting a result.
+        """
+        if expect is None:
+            return self._update("tasks", "id", task_id, values)
+        state, lease_id = expect
+        return self._update("tasks", "id", task_id, values, where=("state=? AND lease_id IS ?", (state, lease_id)))
 
     def purge_done_tasks(self, older_than: float) -> int:
-        return self._db.execute("DELETE FROM tasks WHERE state='done' AND completed_at < ?", (older_than,)).rowcount
+        return self._write("DELETE FROM tasks WHERE state='done' AND completed_at < ?", (older_than,)).rowcount
 
     # --- connectors --------------------------------------------------------------------------
 
@@ -377,7 +472,7 @@ class Store:
         return [_decode_row(ConnectorRow, r) for r in rows]
 
     def delete_connector(self, identifier: str) -> bool:
-        return self._db.execute("DELETE FROM connectors WHERE identifier=?", (identifier,)).rowcount > 0
+        return self._write("DELETE FROM connectors WHERE identifier=?", (identifier,)).rowcount > 0
 
     def update_connector(self, identifier: str, **values: Any) -> None:
         self._update("connectors", "identifier", identifier, values)
@@ -396,7 +491,7 @@ class Store:
         self, name: str, kid: str, signing_key: bytes, now: float, *, scope: StoredScope = (None, None)
     ) -> None:
         names, tags = (None if v is None else _json.encode(list(v)).decode() for v in scope)
-        self._db.execute(
+        self._write(
             "INSERT INTO issued_tokens(kid, name, signing_key, created_at, scope_names, scope_tags) "
             "VALUES(?, ?, ?, ?, ?, ?)",
             (kid, name, signing_key, now, names, tags),
@@ -414,9 +509,7 @@ class Store:
         }
 
     def revoke_token(self, kid: str, name: str, now: float) -> None:
-        self._db.execute(
-            "INSERT OR IGNORE INTO revoked_tokens(kid, name, revoked_at) VALUES(?, ?, ?)", (kid, name, now)
-        )
+        self._write("INSERT OR IGNORE INTO revoked_tokens(kid, name, revoked_at) VALUES(?, ?, ?)", (kid, name, now))
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -424,23 +517,49 @@ class Store:
         names = [f.name for f in fields(row)]
         values = [_encode(n, getattr(row, n)) for n in names]
         updates = ", ".join(f"{n}=excluded.{n}" for n in names if n != key)
-        self._db.execute(
+        self._write(
             f"INSERT INTO {table}({', '.join(names)}) VALUES({', '.join('?' * len(names))}) "
             f"ON CONFLICT({key}) DO UPDATE SET {updates}",
             values,
         )
 
-    def _update(self, table: str, key: str, key_value: str, values: dict[str, Any]) -> None:
+    def _update(
+        self,
+        table: str,
+        key: str,
+        key_value: str,
+        values: dict[str, Any],
+        *,
+        where: tuple[str, Sequence[Any]] = ("1", ()),
+    ) -> bool:
         if not values:
-            return
+            return True
         cols: Sequence[str] = list(values)
         sets = ", ".join(f"{c}=?" for c in cols)
-        self._db.execute(
-            f"UPDATE {table} SET {sets} WHERE {key}=?", [*(_encode(c, values[c]) for c in cols), key_value]
+        cursor = self._write(
+            f"UPDATE {table} SET {sets} WHERE {key}=? AND {where[0]}",
+            [*(_encode(c, values[c]) for c in cols), key_value, *where[1]],
         )
+        return cursor.rowcount > 0
 
 
 R = TypeVar("R")
+
+
+class StoreUnavailable(Exception):
+    """The database refused a write (disk full, I/O error); the change was rolled back, nothing half-done."""
+
+
+def _reason(path: Path | None, exc: sqlite3.Error) -> str:
+    return f"cannot write to the database {path or ':memory:'}: {exc}"
+
+
+def _damaged(path: Path | None, detail: str) -> DataFileDamaged:
+    return DataFileDamaged(
+        f"the control plane's database {path} is damaged ({detail}): stop the control plane, move "
+        f"{path.name if path else 'it'} and its -wal and -shm files aside (e.g. into a damaged/ folder) and start "
+        "again with an empty database (then apply the connectors again), or restore a backup"
+    )
 
 
 def connector_change(

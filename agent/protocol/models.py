@@ -329,3 +329,10 @@ class ServerInfo(Wire, kw_only=True):
     protocol: str
     audience: str
     task_public_key: str | None = None
+
+
+class Readiness(Wire, kw_only=True):
+    """``GET /readyz``: whether this control plane can take work, and if not, why."""
+
+    ready: bool
+    problems: list[str]

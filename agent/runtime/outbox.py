@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -30,7 +29,8 @@ from typing import Protocol
 import msgspec
 import structlog
 
-from agent._files import DataDirLock, DataDirUnusable, DataFileDamaged
+from agent._files import DataDirLock, DataDirUnusable, DataFileDamaged, lost_state_file, mark_state_file
+from agent._sqlite import wal_damage
 from agent.protocol.models import TaskResult
 
 _encode = msgspec.json.Encoder().encode
@@ -120,7 +120,7 @@ class SqliteOutbox:
         try:
             self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
-            raise DataDirUnusable(f"cannot use the outbox {path} (AGENT_DATA_DIR): {exc}") from None
+            raise DataDirUnusable(f"cannot use the data dir {path.parent} (AGENT_DATA_DIR): {exc}") from None
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -142,7 +142,9 @@ class SqliteOutbox:
             raise
         except sqlite3.OperationalError as exc:
             self._db.close()
-            raise DataDirUnusable(f"cannot use the outbox {path} (AGENT_DATA_DIR): {exc}") from None
+            raise DataDirUnusable(
+                f"cannot use the data dir {path.parent} (AGENT_DATA_DIR): {path.name}: {exc}"
+            ) from None
         except sqlite3.DatabaseError as exc:  # not a database, malformed image
             self._db.close()
             raise _damaged(path, str(exc)) from None
@@ -290,24 +292,19 @@ def open_outbox(data_dir: Path | None, *, on_quarantine: Callable[[], None] = la
     lock = DataDirLock.acquire(data_dir, "AGENT_DATA_DIR")
     path = data_dir / OUTBOX_FILE
     try:
-        if lock.used_before and _missing_or_empty(path):
+        if lost_state_file(path):
             log.warning(
                 "agent.outbox_missing",
                 path=str(path),
                 hint="this data dir was used before, but its outbox is missing or empty: results not yet "
                 "delivered when it was lost are gone (the control plane re-runs their tasks)",
             )
-        return SqliteOutbox(path, lock=lock, on_quarantine=on_quarantine)
+        outbox = SqliteOutbox(path, lock=lock, on_quarantine=on_quarantine)
+        mark_state_file(path)
+        return outbox
     except BaseException:
         lock.release()
         raise
-
-
-def _missing_or_empty(path: Path) -> bool:
-    try:
-        return path.stat().st_size == 0
-    except OSError:
-        return True
 
 
 def _damaged(path: Path, detail: str) -> DataFileDamaged:
@@ -316,62 +313,3 @@ def _damaged(path: Path, detail: str) -> DataFileDamaged:
         f"files aside (e.g. into {path.parent}/damaged/), and start again; results in it that were not "
         "delivered are lost, and the control plane re-runs their tasks when their leases expire"
     )
-
-
-# --- the write-ahead log ------------------------------------------------------------------------
-# SQLite replays a WAL only up to its first frame whose checksum fails, and ignores the rest without
-# a word. A torn last frame after a crash is normal; committed frames of the same generation *after*
-# a bad one mean a flipped bit swallowed results that were written. That is worth refusing to start.
-
-_WAL_HEADER = 32
-_FRAME_HEADER = 24
-_WAL_MAGIC = {0x377F0682: "<", 0x377F0683: ">"}
-
-
-def _checksum(data: bytes, order: str, s0: int, s1: int) -> tuple[int, int]:
-    words = struct.unpack(f"{order}{len(data) // 4}I", data)
-    for i in range(0, len(words), 2):
-        s0 = (s0 + words[i] + s1) & 0xFFFFFFFF
-        s1 = (s1 + words[i + 1] + s0) & 0xFFFFFFFF
-    return s0, s1
-
-
-def wal_damage(wal: Path) -> str | None:
-    """Why SQLite would silently drop committed frames of this WAL, or None when it would not."""
-    try:
-        data = wal.read_bytes()
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        return f"cannot read {wal.name}: {exc.strerror}"
-    if len(data) <= _WAL_HEADER:
-        return None
-    magic, _version, page_size, _seq, salt1, salt2, c0, c1 = struct.unpack(">8I", data[:_WAL_HEADER])
-    order = _WAL_MAGIC.get(magic)
-    if order is None or page_size < 512 or page_size & (page_size - 1):
-        return f"{wal.name} has no valid header, so SQLite would ignore all of it"
-    if _checksum(data[:24], order, 0, 0) != (c0, c1):
-        return f"the header of {wal.name} fails its checksum, so SQLite would ignore all of it"
-    frame_size = _FRAME_HEADER + page_size
-    s = (c0, c1)
-    frames = (len(data) - _WAL_HEADER) // frame_size
-    bad_at: int | None = None
-    lost = 0
-    for n in range(frames):
-        start = _WAL_HEADER + n * frame_size
-        header = data[start : start + _FRAME_HEADER]
-        _page, commit, f_salt1, f_salt2, f0, f1 = struct.unpack(">6I", header)
-        if (f_salt1, f_salt2) != (salt1, salt2):
-            continue  # a frame from an earlier generation: reused space, not data
-        if bad_at is None:
-            s = _checksum(header[:8] + data[start + _FRAME_HEADER : start + frame_size], order, *s)
-            if s != (f0, f1):
-                bad_at = n
-        elif commit:
-            lost += 1
-    if bad_at is not None and lost:
-        return (
-            f"frame {bad_at + 1} of {wal.name} fails its checksum and {lost} committed transaction(s) after it "
-            "would be silently dropped"
-        )
-    return None

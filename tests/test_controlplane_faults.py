@@ -1,0 +1,307 @@
+"""The control plane under disk, clock and operator faults, each made by the test itself.
+
+A second process on the same data dir, a tmpfs filled to the last byte under the database, a
+damaged database file, a control plane frozen with SIGSTOP. What a user relies on is asserted:
+every task ends with exactly one result and the right reason, nothing announces a change the disk
+refused, readiness says why, and recovery needs no restart; a damaged file is one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+import structlog
+
+from agent._files import DataDirInUse
+from agent.controlplane.app import DATABASE_FILE, ControlPlaneConfig, ControlPlaneService
+from agent.controlplane.core import ControlPlane, ControlPlaneSettings
+from agent.controlplane.store import Store
+from agent.protocol.models import TaskResult
+from agent.protocol.results import ValidationResult
+from tests.conftest import API_KEY, FAST, TOKEN, AgentFactory, ControlPlaneFactory, ManualClock, done, free_port
+from tests.helpers import wait_for, wait_until
+from tests.test_disk_faults import fill, small_disk  # noqa: F401 - the fixture is used by name
+
+pytestmark = pytest.mark.fault
+
+
+def _control_plane(data_dir: Path, port: int, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "agent",
+        "control-plane",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--data-dir",
+        str(data_dir),
+        "--log-format",
+        "json",
+        *extra,
+    ]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "AGENT_", "DELEGATE_", "CONTROL_PLANE_"))}
+    env.update({"CONTROL_PLANE_DELEGATE_TOKENS": f"default:{TOKEN}", "CONTROL_PLANE_API_KEY": API_KEY})
+    return env
+
+
+def _run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, env=_env(), check=False, timeout=60)
+
+
+# --- one owner per data dir ---------------------------------------------------------------------
+
+
+async def test_a_second_control_plane_on_the_same_data_dir_is_refused(
+    tmp_path: Path, control_plane_factory: ControlPlaneFactory
+) -> None:
+    first = await control_plane_factory(data_dir=tmp_path / "shared")
+    second = ControlPlaneService(ControlPlaneConfig(data_dir=tmp_path / "shared", api_key=API_KEY))
+    with pytest.raises(DataDirInUse, match=f"is in use by PID {os.getpid()}"):
+        await second.setup()
+    await second.shutdown()
+    out = await asyncio.to_thread(_run, _control_plane(tmp_path / "shared", free_port()))
+    assert out.returncode == 2, out.stderr
+    assert f"the data dir {tmp_path / 'shared'} (--data-dir) is in use by PID {os.getpid()}" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert first.core.create_task(type="test.echo", payload={"message": "still mine"}).state == "queued"
+
+
+def _finished(lease_id: str) -> TaskResult:
+    from datetime import UTC, datetime
+
+    now = datetime.now(UTC)
+    return TaskResult(
+        lease_id=lease_id,
+        status="SUCCESS",
+        output=ValidationResult(status="SUCCESS", tested_at=now),
+        started_at=now,
+        finished_at=now,
+    )
+
+
+@pytest.mark.parametrize("stale_view", ["queued", "running"])
+def test_a_stale_sweeper_cannot_overwrite_a_finished_task(tmp_path: Path, stale_view: str) -> None:
+    """Every transition is conditional on the state it expects: a view of the task that is out of date
+    (here a second core on the same file, as two control planes were before the lock) changes nothing."""
+    from agent.controlplane.store import DelegateRow
+
+    clock = ManualClock()
+    settings = ControlPlaneSettings(pickup_timeout_seconds=30, lease_seconds=30)
+    live = ControlPlane(Store(tmp_path / DATABASE_FILE), settings, clock=clock)
+    stale = ControlPlane(Store(tmp_path / DATABASE_FILE), settings, clock=clock)
+    task = live.create_task(type="test.echo", payload={"message": "x"})
+    live.store.save_delegate(
+        DelegateRow("dlg_1", "d1", "i1", None, ("d1",), "1", ("test.echo",), 1, "running", 0, None, 0.0, clock())
+    )
+    if stale_view == "queued":
+        stale.recover()  # it saw the task queued
+    [leased] = live._take(live.store.get_delegate("dlg_1"), 1)  # type: ignore[arg-type]
+    if stale_view == "running":
+        stale.recover()  # it saw the task leased
+    assert live.submit_result(task.id, _finished(leased.lease_id)) == "accepted"
+    clock.advance(120)  # past the stale view's pickup deadline and lease expiry
+    with structlog.testing.capture_logs() as logs:
+        stale.sweep()
+    row = live.store.get_task(task.id)
+    assert row is not None and (row.state, row.status, row.failure_reason) == ("done", "SUCCESS", None)
+    assert task.id not in stale._queued and task.id not in stale._running  # it re-read the truth
+    if stale_view == "running":  # its index disagreed with the database: it said so and re-read it
+        assert {"controlplane.reindexed", "controlplane.stale_transition"} & {e["event"] for e in logs}
+
+
+# --- a full disk --------------------------------------------------------------------------------
+
+
+async def test_a_full_disk_refuses_changes_cleanly_and_recovers_without_a_restart(
+    small_disk: Path,  # noqa: F811 - the fixture
+    control_plane_factory: ControlPlaneFactory,
+    agent_factory: AgentFactory,
+) -> None:
+    cp = await control_plane_factory(data_dir=small_disk / "cp", settings=FAST)
+    delegate = await agent_factory(cp, capacity=2)
+    await delegate.registered()
+    before = [cp.core.create_task(type="test.echo", payload={"message": f"{n}"}) for n in range(3)]
+    for t in before:
+        await done(cp, t.id)
+    headers = {"X-API-Key": API_KEY}
+    filler = fill(small_disk)
+    with structlog.testing.capture_logs() as logs:
+        async with aiohttp.ClientSession() as http:
+            # A creation the disk cannot hold: 503 with Retry-After and the reason, and nothing half-done.
+            async with http.post(
+                cp.url + "/api/v1/tasks", json={"type": "test.echo", "payload": {"message": "late"}}, headers=headers
+            ) as r:
+                body = await r.json()
+                assert r.status == 503, body
+                assert r.headers["Retry-After"] == "5"
+                assert body["error"]["code"] == "unavailable" and "full" in body["error"]["message"]
+            async with http.get(cp.url + "/readyz") as r:
+                ready = await r.json()
+                assert r.status == 503 and "disk full" in ready["problems"][0], ready
+            assert len(cp.core._queued) == 0 and len(cp.core._running) == cp.core.store.count_leased()
+
+            filler.unlink()
+
+            async def ready_again() -> bool:
+                async with http.get(cp.url + "/readyz") as r:
+                    return r.status == 200
+
+            await wait_until(ready_again, "readiness once the disk has space again")
+            async with http.post(
+                cp.url + "/api/v1/tasks", json={"type": "test.echo", "payload": {"message": "later"}}, headers=headers
+            ) as r:
+                assert r.status == 201
+                later = (await r.json())["taskId"]
+        assert (await done(cp, later)).status == "SUCCESS"
+    announced = [e["task_id"] for e in logs if e["event"] == "controlplane.task_done"]
+    assert announced == [later]  # nothing was announced that the disk refused
+    assert cp.core.store.count_tasks() == {"done": 4}
+
+
+async def test_a_result_refused_by_a_full_disk_is_retried_and_counted_once(
+    small_disk: Path,  # noqa: F811 - the fixture
+    control_plane_factory: ControlPlaneFactory,
+    agent_factory: AgentFactory,
+) -> None:
+    cp = await control_plane_factory(data_dir=small_disk / "cp", settings=FAST)
+    delegate = await agent_factory(cp, capacity=4)
+    await delegate.registered()
+    gated = [cp.core.create_task(type="test.gate", payload={}) for _ in range(3)]
+    await wait_for(lambda: len(delegate.agent.state.running) == 3, "three tasks running")
+    filler = fill(small_disk)
+    delegate.gate.open_all()  # results arrive while the disk is full: 503, kept in the delegate's outbox
+    await wait_for(lambda: cp.core.store.fault is not None, "the control plane to notice the full disk")
+    await wait_for(lambda: delegate.agent.state.running == {}, "the handlers to finish")
+    filler.unlink()
+    for t in gated:
+        finished = await done(cp, t.id, timeout=30)
+        assert (finished.status, finished.attempts) == ("SUCCESS", 1)
+    assert cp.core.store.counters().get("accepted") == 3
+
+
+async def test_starting_on_a_full_disk_is_one_line_and_exit_2(small_disk: Path) -> None:  # noqa: F811
+    data = small_disk / "cp"
+    first = ControlPlaneService(ControlPlaneConfig(data_dir=data, api_key=API_KEY, delegate_tokens=f"default:{TOKEN}"))
+    await first.setup()
+    first.core.create_task(type="test.echo", payload={"message": "queued"})  # recover() rewrites its deadline
+    await first.shutdown()
+    fill(small_disk)
+    out = await asyncio.to_thread(_run, _control_plane(data, free_port()))
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    [line] = [x for x in out.stderr.splitlines() if x.startswith("delegate-agent")]
+    assert f"the data dir {data} (--data-dir)" in line and "full" in line, line
+
+
+# --- corruption ---------------------------------------------------------------------------------
+
+
+def test_a_damaged_database_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    data = tmp_path / "cp"
+    data.mkdir()
+    (data / DATABASE_FILE).write_bytes(b"SQLite format 3\0" + os.urandom(8000))
+    out = _run(_control_plane(data, free_port()))
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr
+    assert f"the control plane's database {data / DATABASE_FILE} is damaged" in out.stderr
+    assert "move controlplane.sqlite3 and its -wal and -shm files aside" in out.stderr
+
+
+async def test_a_database_lost_from_a_used_data_dir_is_a_warning(
+    tmp_path: Path, control_plane_factory: ControlPlaneFactory
+) -> None:
+    data = tmp_path / "cp"
+    cp = await control_plane_factory(data_dir=data)
+    await cp.shutdown()
+    (data / DATABASE_FILE).unlink()
+    with structlog.testing.capture_logs() as logs:
+        await control_plane_factory(data_dir=data)
+    assert "controlplane.database_missing" in [e["event"] for e in logs if e["log_level"] == "warning"]
+
+
+# --- a stall ------------------------------------------------------------------------------------
+
+STALL_SECONDS = 7.0
+
+
+async def test_queued_tasks_get_their_allowance_back_after_a_stall(tmp_path: Path, agent_factory: AgentFactory) -> None:
+    """SIGSTOP the control plane longer than the tasks' pickup timeout: once it runs again the time it
+    stood still does not count, as after a restart, so nothing fails no_eligible_delegate."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = (tmp_path / "cp.log").open("wb")
+    proc = await asyncio.create_subprocess_exec(
+        *_control_plane(tmp_path / "cp", port, "--heartbeat-seconds", "1", "--poll-wait-seconds", "1"),
+        env=_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        async with aiohttp.ClientSession(headers={"X-API-Key": API_KEY}) as http:
+
+            async def up() -> bool:
+                try:
+                    async with http.get(url + "/readyz") as r:
+                        return r.status == 200
+                except aiohttp.ClientError:
+                    return False
+
+            await wait_until(up, "the control plane to start", 30)
+            ids = []
+            for n in range(20):
+                async with http.post(
+                    url + "/api/v1/tasks",
+                    json={"type": "test.echo", "payload": {"message": f"{n}"}, "pickupTimeoutSeconds": 5},
+                ) as r:
+                    assert r.status == 201
+                    ids.append((await r.json())["taskId"])
+            proc.send_signal(signal.SIGSTOP)
+            await asyncio.sleep(STALL_SECONDS)  # the fault itself: the control plane stands still this long
+            proc.send_signal(signal.SIGCONT)
+            await agent_factory(url)
+            for task_id in ids:
+                async with http.get(f"{url}/api/v1/tasks/{task_id}", params={"wait": "20"}) as r:
+                    task = await r.json()
+                assert (task["state"], task["status"]) == ("done", "SUCCESS"), task
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.terminate()
+            await proc.wait()
+        log.close()
+    assert '"event":"controlplane.stalled"' in (tmp_path / "cp.log").read_text()
+
+
+def test_a_damaged_wal_under_the_database_is_refused(tmp_path: Path) -> None:
+    """A WAL with a flipped bit under the control plane's database is refused, as the outbox's is."""
+    from agent._files import DataFileDamaged
+
+    db = sqlite3.connect(tmp_path / "live.sqlite3", isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA wal_autocheckpoint=0")
+    db.execute("CREATE TABLE t(x BLOB)")
+    for _ in range(6):
+        db.execute("INSERT INTO t VALUES(?)", (b"x" * 3000,))
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    for suffix in ("", "-wal"):
+        (crashed / (DATABASE_FILE + suffix)).write_bytes((tmp_path / ("live.sqlite3" + suffix)).read_bytes())
+    db.close()
+    wal = crashed / (DATABASE_FILE + "-wal")
+    data = bytearray(wal.read_bytes())
+    page = int.from_bytes(data[8:12], "big")
+    data[32 + (24 + page) + 24 + 7] ^= 0x10
+    wal.write_bytes(bytes(data))
+    with pytest.raises(DataFileDamaged, match=r"control plane's database .* is damaged"):
+        Store(crashed / DATABASE_FILE)
