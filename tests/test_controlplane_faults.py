@@ -9,11 +9,14 @@ refused, readiness says why, and recovery needs no restart; a damaged file is on
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import glob
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -230,23 +233,26 @@ async def test_a_database_lost_from_a_used_data_dir_is_a_warning(
     assert "controlplane.database_missing" in [e["event"] for e in logs if e["log_level"] == "warning"]
 
 
-# --- a stall ------------------------------------------------------------------------------------
+# --- a stall and a wall-clock step -------------------------------------------------------------------
 
 STALL_SECONDS = 7.0
 
 
-async def test_queued_tasks_get_their_allowance_back_after_a_stall(tmp_path: Path, agent_factory: AgentFactory) -> None:
-    """SIGSTOP the control plane longer than the tasks' pickup timeout: once it runs again the time it
-    stood still does not count, as after a restart, so nothing fails no_eligible_delegate."""
+@contextlib.asynccontextmanager
+async def control_plane_process(
+    tmp_path: Path, *args: str, env: dict[str, str] | None = None
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, aiohttp.ClientSession]]:
+    """A real control plane as a process of its own (so a signal or a preloaded clock hits only it)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = (tmp_path / "cp.log").open("wb")
-    proc = await asyncio.create_subprocess_exec(
-        *_control_plane(tmp_path / "cp", port, "--heartbeat-seconds", "1", "--poll-wait-seconds", "1"),
-        env=_env(),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    log_path = tmp_path / "cp.log"
+    with log_path.open("wb") as log:
+        proc = await asyncio.create_subprocess_exec(
+            *_control_plane(tmp_path / "cp", port, "--heartbeat-seconds", "1", "--poll-wait-seconds", "1", *args),
+            env={**_env(), **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         async with aiohttp.ClientSession(headers={"X-API-Key": API_KEY}) as http:
 
@@ -257,30 +263,75 @@ async def test_queued_tasks_get_their_allowance_back_after_a_stall(tmp_path: Pat
                 except aiohttp.ClientError:
                     return False
 
-            await wait_until(up, "the control plane to start", 30)
-            ids = []
-            for n in range(20):
-                async with http.post(
-                    url + "/api/v1/tasks",
-                    json={"type": "test.echo", "payload": {"message": f"{n}"}, "pickupTimeoutSeconds": 5},
-                ) as r:
-                    assert r.status == 201
-                    ids.append((await r.json())["taskId"])
-            proc.send_signal(signal.SIGSTOP)
-            await asyncio.sleep(STALL_SECONDS)  # the fault itself: the control plane stands still this long
-            proc.send_signal(signal.SIGCONT)
-            await agent_factory(url)
-            for task_id in ids:
-                async with http.get(f"{url}/api/v1/tasks/{task_id}", params={"wait": "20"}) as r:
-                    task = await r.json()
-                assert (task["state"], task["status"]) == ("done", "SUCCESS"), task
+            await wait_until(up, f"the control plane to start (log: {log_path})", 30)
+            yield proc, url, http
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGCONT)
             proc.terminate()
             await proc.wait()
-        log.close()
+
+
+async def _queue(http: aiohttp.ClientSession, url: str, n: int, pickup: float) -> list[str]:
+    ids = []
+    for i in range(n):
+        async with http.post(
+            url + "/api/v1/tasks",
+            json={"type": "test.echo", "payload": {"message": f"{i}"}, "pickupTimeoutSeconds": pickup},
+        ) as r:
+            assert r.status == 201, await r.text()
+            ids.append((await r.json())["taskId"])
+    return ids
+
+
+async def _all_succeed(http: aiohttp.ClientSession, url: str, ids: list[str]) -> None:
+    for task_id in ids:
+        async with http.get(f"{url}/api/v1/tasks/{task_id}", params={"wait": "20"}) as r:
+            task = await r.json()
+        assert (task["state"], task["status"]) == ("done", "SUCCESS"), task
+
+
+async def test_queued_tasks_get_their_allowance_back_after_a_stall(tmp_path: Path, agent_factory: AgentFactory) -> None:
+    """SIGSTOP the control plane longer than the tasks' pickup timeout: once it runs again the time it
+    stood still does not count, as after a restart, so nothing fails no_eligible_delegate."""
+    async with control_plane_process(tmp_path) as (proc, url, http):
+        ids = await _queue(http, url, 20, pickup=5)
+        proc.send_signal(signal.SIGSTOP)
+        await asyncio.sleep(STALL_SECONDS)  # the fault itself: the control plane stands still this long
+        proc.send_signal(signal.SIGCONT)
+        await agent_factory(url)
+        await _all_succeed(http, url, ids)
     assert '"event":"controlplane.stalled"' in (tmp_path / "cp.log").read_text()
+
+
+def _libfaketime() -> str:
+    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
+    if not found:
+        pytest.fail("libfaketime is missing: run tools/install-test-tools.sh (make test does)")
+    return found[0]
+
+
+async def test_a_wall_clock_step_fails_no_queued_task(tmp_path: Path, agent_factory: AgentFactory) -> None:
+    """The control plane's wall clock jumps 45 s ahead (libfaketime, monotonic time untouched, as NTP
+    stepping a clock does): tasks with a 20 s pickup allowance are still picked up and succeed."""
+    offset = tmp_path / "faketime"
+    offset.write_text("+0s\n")
+    env = {
+        "LD_PRELOAD": _libfaketime(),
+        "FAKETIME_TIMESTAMP_FILE": str(offset),
+        "FAKETIME_NO_CACHE": "1",
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+    }
+    async with control_plane_process(tmp_path, env=env) as (_proc, url, http):
+        ids = await _queue(http, url, 10, pickup=20)
+        async with http.get(url + "/v1/info") as r:
+            before = r.headers["Date"]
+        offset.write_text("+45s\n")
+        async with http.get(url + "/v1/info") as r:
+            after = r.headers["Date"]
+        assert before != after  # the step took: the server's own Date header moved (by ~45 s)
+        await agent_factory(url)
+        await _all_succeed(http, url, ids)
 
 
 def test_a_damaged_wal_under_the_database_is_refused(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ apt_packages=()
 command -v promtool >/dev/null || apt_packages+=(prometheus)       # promtool + a real Prometheus server
 command -v unshare >/dev/null || apt_packages+=(util-linux)        # PID-namespace test of SIGTERM as PID 1
 command -v zsh >/dev/null || apt_packages+=(zsh)                   # the zsh completion script is run by zsh
+command -v faketime >/dev/null || apt_packages+=(faketime)         # libfaketime: a wall-clock step under a real process
 if [ "${#apt_packages[@]}" -gt 0 ]; then
   echo "install-test-tools: apt-get install ${apt_packages[*]}"
   as_root apt-get update -qq
