@@ -166,6 +166,7 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
         lease_seconds=args.lease_seconds,
         pickup_timeout_seconds=args.pickup_timeout_seconds,
         task_timeout_seconds=args.task_timeout_seconds,
+        clock_leeway_seconds=args.clock_leeway_seconds,
         **({"audience": args.audience} if args.audience else {}),
     )
     config = config_from_env(
@@ -1107,6 +1108,7 @@ def _add_control_plane(sub: Any, _: argparse.ArgumentParser) -> None:
         ("--task-timeout-seconds", 120.0, "execution budget for one connection test, handed to the delegate"),
         ("--header-timeout-seconds", 10.0, "a new connection that has not sent its request head by then is closed"),
         ("--keepalive-timeout-seconds", 75.0, "an idle connection is closed after this long"),
+        ("--clock-leeway-seconds", 60.0, "how far a delegate's clock may differ from this server's"),
     ):
         p.add_argument(flag, type=_positive, default=default, metavar="S", help=f"{text} (default: %(default)g)")
     p.add_argument(

@@ -334,6 +334,40 @@ async def test_a_wall_clock_step_fails_no_queued_task(tmp_path: Path, agent_fact
         await _all_succeed(http, url, ids)
 
 
+@pytest.mark.parametrize("leeway", [None, "300"])
+async def test_clocks_that_disagree_are_named_on_both_sides(
+    tmp_path: Path, agent_factory: AgentFactory, leeway: str | None
+) -> None:
+    """The control plane's clock runs 120 s behind (libfaketime): delegate tokens look issued in the
+    future. The refusal names both clocks and which way they disagree, the delegate's readiness says
+    so; a wider --clock-leeway-seconds lets it in meanwhile."""
+    offset = tmp_path / "faketime"
+    offset.write_text("-120s\n")
+    env = {
+        "LD_PRELOAD": _libfaketime(),
+        "FAKETIME_TIMESTAMP_FILE": str(offset),
+        "FAKETIME_NO_CACHE": "1",
+        "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+    }
+    args = ("--clock-leeway-seconds", leeway) if leeway else ()
+    async with control_plane_process(tmp_path, *args, env=env) as (_proc, url, http):
+        delegate = await agent_factory(url)
+        if leeway:
+            await delegate.registered()
+            return
+        await wait_for(lambda: delegate.agent.state.auth_error, "the delegate to be refused")
+        async with http.get(delegate.agent.http_url + "/readyz") as r:
+            assert r.status == 503
+            reason = " ".join((await r.json())["problems"])
+    assert (
+        "the control plane refuses our token: HTTP 401 unauthenticated: the request token was issued in the future"
+        in reason
+    )
+    assert "the control plane's clock reads" in reason and "120s ahead (leeway 60s)" in reason
+    assert "the delegate's clock runs ahead, or the control plane's behind" in reason
+    assert "check NTP on the delegate's node and on the control plane's host" in reason
+
+
 def test_a_damaged_wal_under_the_database_is_refused(tmp_path: Path) -> None:
     """A WAL with a flipped bit under the control plane's database is refused, as the outbox's is."""
     from agent._files import DataFileDamaged

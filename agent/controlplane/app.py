@@ -367,6 +367,7 @@ class ControlPlaneService:
         verifier = TokenVerifier(
             creds.tokens,
             audience=config.settings.audience,
+            leeway=config.settings.clock_leeway_seconds,
             revoked=store.revoked_tokens(),
             issued=[IssuedToken(name, kid, key) for name, kid, key, _ in store.issued_tokens()],
         )

@@ -35,7 +35,7 @@ from agent.controlplane.store import (
     with_updates,
 )
 from agent.controlplane.tokens import Caller
-from agent.protocol.auth import DEFAULT_AUDIENCE, Clock
+from agent.protocol.auth import CLOCK_LEEWAY_SECONDS, DEFAULT_AUDIENCE, Clock
 from agent.protocol.errors import Code
 from agent.protocol.models import (
     TASK_TYPE_AWS_VALIDATE,
@@ -109,6 +109,8 @@ class ControlPlaneSettings:
     #: beyond that it gets 429 with Retry-After until the window its first failure opened ends.
     auth_failure_limit: int = 1000
     auth_failure_window_seconds: float = 60.0
+    #: Tolerated difference between a delegate's clock and this server's when checking request tokens.
+    clock_leeway_seconds: float = CLOCK_LEEWAY_SECONDS
 
     @property
     def disconnect_after(self) -> float:
@@ -217,6 +219,12 @@ class ControlPlane:
                 expires = max(running.lease_expires_at or 0.0, now + self.settings.lease_seconds)
                 self.store.update_task(running.id, lease_expires_at=expires)
                 self._running[running.id] = with_updates(running, lease_expires_at=expires)
+
+    def _to_wall(self, when: float) -> float:
+        """A time on this process's clock, said on the wall clock (the same unless a stall was removed)."""
+        if self._steady is None:
+            return when
+        return when + (time.time() - self._steady())
 
     def _reindex(self) -> None:
         """Rebuild the queue and lease index from the database, writing nothing (after a failed write)."""
@@ -558,6 +566,9 @@ class ControlPlane:
         then has lost it anyway (the task is re-queued), and a renewed lease runs on regardless.
         """
         assert t.lease_id is not None and t.lease_expires_at is not None and t.delegate_id is not None
+        # The delegate compares these with its wall clock: after a stall this process's steady
+        # clock runs behind the wall clock, so say them in wall time.
+        lease_expires = ts(self._to_wall(t.lease_expires_at))
         task = Task(
             task_id=t.id,
             lease_id=t.lease_id,
@@ -565,11 +576,11 @@ class ControlPlane:
             payload=t.payload,
             created_at=ts(t.created_at),
             lease_seconds=self.settings.lease_seconds,
-            lease_expires_at=ts(t.lease_expires_at),
+            lease_expires_at=lease_expires,
             timeout_seconds=t.timeout_seconds,
             attempt=t.attempts,
             delegate_id=t.delegate_id,
-            signature_expires_at=ts(t.lease_expires_at),
+            signature_expires_at=lease_expires,
         )
         if self._task_signer is None:
             return task

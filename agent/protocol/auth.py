@@ -278,22 +278,25 @@ class TokenVerifier:
                 algorithms=["HS256"],
                 audience=self._audience,
                 leeway=self._leeway,
-                options={"require": ["exp", "iat", "aud", "iss"], "verify_iat": False},
+                # Times are checked below, on this server's clock, so the refusal can name both clocks.
+                options={"require": ["exp", "iat", "aud", "iss"], "verify_iat": False, "verify_exp": False},
             )
-        except jwt.ExpiredSignatureError:
-            raise AuthError(
-                "the request token has expired (check the delegate's clock)",
-                status=401,
-                code=Code.TOKEN_EXPIRED,
-            ) from None
         except jwt.InvalidAudienceError:
             raise _unauthenticated(f"the request token is for another audience (expected {self._audience!r})") from None
         except jwt.PyJWTError:
             raise _unauthenticated("the request token's signature or claims are invalid") from None
         now = self._clock()
         iat, exp = _seconds(claims, "iat"), _seconds(claims, "exp")
+        if exp + self._leeway < now:
+            raise AuthError(
+                f"the request token has expired: {_clocks(now, 'expired at', exp, self._leeway)}",
+                status=401,
+                code=Code.TOKEN_EXPIRED,
+            )
         if iat > now + self._leeway:
-            raise _unauthenticated("the request token was issued in the future (check the delegate's clock)")
+            raise _unauthenticated(
+                f"the request token was issued in the future: {_clocks(now, 'was issued at', iat, self._leeway)}"
+            )
         # Against now, not iat: an iat set ahead (inside the clock leeway) must not buy a longer life.
         if exp - now > MAX_TOKEN_LIFETIME_SECONDS:
             raise _unauthenticated("the request token lives too long (at most one hour from now)")
@@ -312,6 +315,25 @@ def _seconds(claims: dict[str, Any], name: str) -> float:
         return float(value)
     except (ValueError, OverflowError):  # OverflowError: an integer too large for a float
         raise _unauthenticated(f"the request token's {name} claim must be a number of seconds") from None
+
+
+def _clocks(now: float, what: str, when: float, leeway: float) -> str:
+    """Both clocks and which way they disagree, so whoever reads it knows which host to check."""
+    ahead = when > now
+    which = (
+        "the delegate's clock runs ahead, or the control plane's behind"
+        if ahead
+        else "the delegate's clock runs behind, or the control plane's ahead"
+    )
+    return (
+        f"the control plane's clock reads {_iso(now)}, the token says it {what} {_iso(when)} by the delegate's "
+        f"clock, {abs(when - now):.0f}s {'ahead' if ahead else 'behind'} (leeway {leeway:.0f}s): {which}; "
+        "check NTP on the delegate's node and on the control plane's host"
+    )
+
+
+def _iso(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
 def _unauthenticated(message: str) -> AuthError:
