@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import glob
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -363,7 +364,8 @@ async def test_clocks_that_disagree_are_named_on_both_sides(
         "the control plane refuses our token: HTTP 401 unauthenticated: the request token was issued in the future"
         in reason
     )
-    assert "the control plane's clock reads" in reason and "120s ahead (leeway 60s)" in reason
+    assert "the control plane's clock reads" in reason
+    assert re.search(r"\b1[12]\ds ahead \(leeway 60s\)", reason), reason  # 120 s, give or take the run
     assert "the delegate's clock runs ahead, or the control plane's behind" in reason
     assert "check NTP on the delegate's node and on the control plane's host" in reason
 
