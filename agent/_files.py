@@ -78,10 +78,11 @@ LOCK_NAME = ".lock"
 class DataDirLock:
     """Exclusive ownership of a data dir for as long as this process lives.
 
-    ``flock`` on a lock file: the kernel drops it when the process dies however it dies (kill -9,
-    OOM), so there is no stale lock to clean up, and a second process on the same dir (a second
-    control plane, two delegates sharing a volume) is refused at start instead of rewriting the
-    first one's state later. The file holds the owner's PID, for the message the second one prints.
+    ``flock`` on the directory itself: the kernel drops it when the process dies however it dies
+    (kill -9, OOM), so there is no stale lock to clean up, and no file whose removal would let a
+    second owner in. A second process on the same dir (a second control plane, two delegates on
+    one volume) is refused at start instead of rewriting the first one's state later. The owner's
+    PID is written to ``.lock`` in the dir, only for the message the second one prints.
     """
 
     def __init__(self, path: Path, fd: int) -> None:
@@ -91,40 +92,40 @@ class DataDirLock:
     @classmethod
     def acquire(cls, directory: Path, source: str) -> DataDirLock:
         """Take the lock on ``directory`` (which exists); :class:`DataDirInUse` naming the holder's PID."""
-        path = directory / LOCK_NAME
+        pid_file = directory / LOCK_NAME
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
-            raise DataDirUnusable(
-                f"cannot use the data dir {directory} ({source}): cannot open {path}: {exc.strerror}"
-            ) from None
+            raise DataDirUnusable(f"cannot use the data dir {directory} ({source}): {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = _read_pid(fd)
             os.close(fd)
+            holder = _read_pid(pid_file)
             who = f"PID {holder}" if holder else "another process"
             raise DataDirInUse(
                 f"the data dir {directory} ({source}) is in use by {who}: stop it first, or give this "
                 "process its own data dir"
             ) from None
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        except OSError:
-            pass  # a full disk: the lock is held all the same; only the PID in the message is missing
-        return cls(path, fd)
+        # A full disk only costs the PID in the next refusal's message: the lock is held all the same.
+        with contextlib.suppress(OSError):
+            pid_fd = os.open(pid_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(pid_fd, f"{os.getpid()}\n".encode())
+            finally:
+                os.close(pid_fd)
+        return cls(directory, fd)
 
     def release(self) -> None:
-        """Let go (idempotent). The file stays: removing it would race with the next owner's open."""
+        """Let go (idempotent)."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
 
 
-def _read_pid(fd: int) -> int | None:
+def _read_pid(path: Path) -> int | None:
     try:
-        text = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip()
+        text = path.read_bytes()[:32].decode("ascii", errors="replace").strip()
     except OSError:
         return None
     return int(text) if text.isdigit() else None

@@ -250,6 +250,9 @@ def test_a_second_delegate_on_the_same_data_dir_exits_2_naming_the_first(tmp_pat
         assert out.returncode == 2, out.stderr
         assert f"the data dir {data} (AGENT_DATA_DIR) is in use by PID {os.getpid()}" in out.stderr
         assert "Traceback" not in out.stderr
+        (data / ".lock").unlink()  # a lock file taken for stale and removed lets nobody in: the dir is locked
+        with pytest.raises(DataDirInUse, match="is in use by another process"):
+            open_outbox(data)
     finally:
         first.close()
     open_outbox(data).close()  # released: the next owner gets it

@@ -333,7 +333,10 @@ def _clocks(now: float, what: str, when: float, leeway: float) -> str:
 
 
 def _iso(seconds: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+    except (OverflowError, OSError, ValueError):  # a forged claim far outside any calendar
+        return f"{seconds:.6g} (Unix seconds)"
 
 
 def _unauthenticated(message: str) -> AuthError:
