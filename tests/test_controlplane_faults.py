@@ -392,3 +392,97 @@ def test_a_damaged_wal_under_the_database_is_refused(tmp_path: Path) -> None:
     wal.write_bytes(bytes(data))
     with pytest.raises(DataFileDamaged, match=r"control plane's database .* is damaged"):
         Store(crashed / DATABASE_FILE)
+
+
+# --- review findings --------------------------------------------------------------------------------
+
+
+async def test_damaged_rows_are_named_and_left_out_never_a_crash(
+    tmp_path: Path, control_plane_factory: ControlPlaneFactory, http: aiohttp.ClientSession
+) -> None:
+    """A bit flipped inside a row gets past quick_check (it checks structure, not values): the control
+    plane still starts, lists what reads, names each damaged row once, and answers for one clearly."""
+    data = tmp_path / "cp"
+    cp = await control_plane_factory(data_dir=data)
+    for name in ("good", "bad"):
+        await _apply(http, cp.url, name)
+    tasks = [cp.core.create_task(type="test.echo", payload={"message": f"{n}"}) for n in range(4)]
+    await cp.shutdown()
+    with sqlite3.connect(data / DATABASE_FILE) as db:
+        db.execute("UPDATE connectors SET body='{\"connector\": [' WHERE identifier='bad'")
+        db.execute("UPDATE tasks SET payload='{not json' WHERE id=?", (tasks[0].id,))
+        db.execute("UPDATE tasks SET created_at='abc' WHERE id=?", (tasks[1].id,))
+        db.execute("UPDATE tasks SET state='bogus' WHERE id=?", (tasks[2].id,))
+    with structlog.testing.capture_logs() as logs:
+        cp = await control_plane_factory(data_dir=data)
+        headers = {"X-API-Key": API_KEY}
+        async with http.get(cp.url + "/api/v1/connectors", headers=headers) as r:
+            assert r.status == 200
+            assert [c["identifier"] for c in (await r.json())["connectors"]] == ["good"]
+        async with http.get(cp.url + "/api/v1/connectors/bad", headers=headers) as r:
+            body = await r.json()
+            assert r.status == 500
+            assert body["error"]["message"].startswith("the stored connector 'bad' is damaged (")
+        async with http.get(cp.url + "/api/v1/tasks", headers=headers) as r:
+            assert r.status == 200
+            assert [t["taskId"] for t in (await r.json())["tasks"]] == [tasks[3].id]
+    damaged = sorted(e["error"].split(" is damaged")[0] for e in logs if e["event"] == "controlplane.row_damaged")
+    assert damaged == sorted([f"the stored task {tasks[i].id!r}" for i in range(3)] + ["the stored connector 'bad'"]), (
+        damaged
+    )
+    assert not [e for e in logs if e.get("exc_info") or e["log_level"] == "critical"]
+
+
+async def _apply(http: aiohttp.ClientSession, url: str, identifier: str) -> None:
+    from tests.conftest import manual_connector
+
+    async with http.post(
+        url + "/api/v1/connectors", json=manual_connector(identifier), headers={"X-API-Key": API_KEY}
+    ) as r:
+        assert r.status == 201, await r.text()
+
+
+async def test_a_full_disk_costs_queued_tasks_nothing_and_the_log_stays_short(
+    small_disk: Path,  # noqa: F811 - the fixture
+    control_plane_factory: ControlPlaneFactory,
+    agent_factory: AgentFactory,
+) -> None:
+    """While the disk refuses writes nobody can lease, heartbeat or report: that is the control plane's
+    fault, so a connected delegate is not declared lost and queued tasks get their allowance back."""
+    cp = await control_plane_factory(data_dir=small_disk / "cp", settings=FAST)  # 3 s of silence = lost
+    delegate = await agent_factory(cp, capacity=1)
+    await delegate.registered()
+    busy = cp.core.create_task(type="test.gate", payload={})
+    await wait_for(lambda: delegate.agent.state.running, "the gate task to start")
+    waiting = [cp.core.create_task(type="test.echo", payload={"message": f"{n}"}, pickup_timeout=4) for n in range(3)]
+    with structlog.testing.capture_logs() as logs:
+        filler = fill(small_disk)
+        await wait_for(lambda: cp.core.store.fault is not None, "the control plane to hit the full disk")
+        await asyncio.sleep(6)  # the fault itself: longer than the pickup allowance and the silence limit
+        filler.unlink()
+        delegate.gate.open_all()
+        for t in [busy, *waiting]:
+            finished = await done(cp, t.id, timeout=30)
+            assert (finished.status, finished.failure_reason) == ("SUCCESS", None)
+    events = [e["event"] for e in logs]
+    assert "controlplane.delegate_disconnected" not in events
+    assert events.count("controlplane.reindexed") <= 2, events.count("controlplane.reindexed")
+    assert events.count("controlplane.sweep_not_recorded") <= 1
+    assert "controlplane.store_recovered" in events
+
+
+async def test_the_write_ahead_log_cannot_fill_a_small_volume_by_itself(tmp_path: Path) -> None:
+    """SQLite's default lets the log grow to 4 MiB before folding it back: on a 2 MiB volume the
+    control plane filled its disk with its own log. Now the log is folded back at 1 MiB."""
+    from tests.test_disk_faults import tmpfs
+
+    with tmpfs(tmp_path / "vol", "2m") as vol:
+        core = ControlPlane(Store(vol / DATABASE_FILE), ControlPlaneSettings(keep_done_tasks_seconds=0))
+        for n in range(1500):  # tasks come and go: the data stays small, the log is what grows
+            t = core.create_task(type="test.echo", payload={"message": "x" * 200})
+            core.cancel_task(t.id)
+            if n % 100 == 0:
+                core.sweep()
+        wal = vol / (DATABASE_FILE + "-wal")
+        assert wal.stat().st_size <= 1024 * 1024 + 64 * 1024
+        core.store.close()

@@ -9,6 +9,7 @@ line with exit 2, never a traceback or a silent loss.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -44,15 +45,14 @@ def _entry(lease: str) -> Entry:
     return Entry(task_id=f"tsk_{lease}", result=result)
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 512 KiB tmpfs of the test's own (root only: mounting needs CAP_SYS_ADMIN)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
+@contextlib.contextmanager
+def tmpfs(at: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` mounted by the test itself (root only: mounting needs CAP_SYS_ADMIN)."""
+    at.mkdir()
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a small tmpfs needs root")
     made = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=512k,mode=0700", "tmpfs", str(mount)],
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(at)],
         capture_output=True,
         text=True,
         check=False,
@@ -60,9 +60,16 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     if made.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {made.stderr.strip()}")
     try:
-        yield mount
+        yield at
     finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
+        subprocess.run(["umount", "-l", str(at)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 512 KiB tmpfs of the test's own."""
+    with tmpfs(tmp_path / "small", "512k") as mount:
+        yield mount
 
 
 def fill(directory: Path) -> Path:

@@ -187,6 +187,13 @@ class ControlPlane:
         self._done_events: dict[str, asyncio.Event] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self.metrics.sample(queue=self._queue_depth, tasks=store.count_tasks, connected=self._connected)
+        #: When each delegate was last heard, even if the disk refused to record it.
+        self._seen: dict[str, float] = {}
+        self._unindexed = 0
+        self._reindexes = 0
+        self._next_reindex_log = 0.0
+        self._sweep_failing = False
+        self._fault_seen = False
         # A write the disk refused was rolled back: what memory holds is rebuilt from what the disk holds.
         store.on_write_failure = self._reindex
         self.recover()
@@ -236,12 +243,31 @@ class ControlPlane:
         for running in self.store.tasks_in_state("running"):
             if running.lease_id is not None:  # not a platform test, which runs in this process
                 self._running[running.id] = running
-        log.warning(
-            "controlplane.reindexed",
-            queued=len(self._queued),
-            running=len(self._running),
-            reason=self.store.fault,
-        )
+        self._unindexed = self.store.count_leased() - len(self._running)  # damaged rows left out
+        self._fault_seen = self._fault_seen or self.store.fault is not None
+        mono = time.monotonic()
+        self._reindexes += 1
+        if mono >= self._next_reindex_log:  # a flapping disk must not flood the log
+            log.warning(
+                "controlplane.reindexed",
+                queued=len(self._queued),
+                running=len(self._running),
+                reason=self.store.fault,
+                times=self._reindexes,
+            )
+            self._reindexes = 0
+            self._next_reindex_log = mono + 10.0
+
+    def _after_fault(self) -> None:
+        """The first thing done once the disk takes writes again, before any deadline is judged.
+
+        Nobody could lease, heartbeat, renew or report while the disk refused: as after a restart,
+        everyone gets their allowance back instead of failing for what was this server's fault.
+        """
+        if self._fault_seen and self.store.fault is None:
+            self._fault_seen = False
+            log.info("controlplane.store_recovered")
+            self.recover()
 
     def _stale(self, t: TaskRow, what: str) -> None:
         """A transition found the task no longer as we knew it: change nothing, and re-read the truth."""
@@ -280,8 +306,11 @@ class ControlPlane:
         while True:
             try:
                 self.sweep()
+                self._sweep_failing = False
             except StoreUnavailable as exc:
-                log.warning("controlplane.sweep_not_recorded", error=str(exc), hint="retried at the next sweep")
+                if not self._sweep_failing:  # once per episode, not once per sweep
+                    log.warning("controlplane.sweep_not_recorded", error=str(exc), hint="retried at every sweep")
+                self._sweep_failing = True
             except Exception:
                 log.exception("controlplane.sweep_failed")
             await asyncio.sleep(self.settings.sweep_interval_seconds)
@@ -397,7 +426,7 @@ class ControlPlane:
         return d
 
     def _touch(self, d: DelegateRow, **values: Any) -> DelegateRow:
-        values["last_heartbeat"] = self._clock()
+        values["last_heartbeat"] = self._seen[d.id] = self._clock()
         if d.state not in CONNECTED and "state" not in values:
             values["state"] = "running"
             log.info("controlplane.delegate_reconnected", delegate_id=d.id, delegate=d.name)
@@ -513,6 +542,7 @@ class ControlPlane:
         return [k for k, heap in self._heaps.items() if heap and k[0] in types and k[1] <= tags]
 
     def _take(self, d: DelegateRow, limit: int) -> list[Task]:
+        self._after_fault()
         now = self._clock()
         keys = self._eligible_keys(d)
         chosen: list[str] = []
@@ -589,6 +619,7 @@ class ControlPlane:
     # --- leases and results ------------------------------------------------------------------
 
     def _lease(self, lease_id: str, caller: Caller | None = None) -> TaskRow:
+        self._after_fault()
         now = self._clock()
         t = next((r for r in self._running.values() if r.lease_id == lease_id), None)
         if t is None:
@@ -664,6 +695,7 @@ class ControlPlane:
 
     def submit_result(self, task_id: str, result: TaskResult, *, caller: Caller | None = None) -> str:
         """Record a delegate's result; returns "accepted" or "duplicate" (idempotent per lease)."""
+        self._after_fault()
         t = self.store.get_task(task_id)
         if t is None:
             raise ApiFailure(404, Code.NOT_FOUND, f"unknown task {task_id}")
@@ -898,12 +930,13 @@ class ControlPlane:
         """Apply every deadline that has passed: disconnections, lease expiry, pickup, timeouts."""
         if self.store.fault is not None and not self.store.probe():
             return  # the disk still refuses writes: nothing here could be recorded
+        self._after_fault()
         now = self._clock()
-        if self.store.count_leased() != len(self._running):
+        if self.store.count_leased() - len(self._running) != self._unindexed:
             self._reindex()  # a task left running without a lease we know of: the sweep below expires it
         with self.store.transaction():
             for d in self.store.delegates():
-                silent = now - d.last_heartbeat
+                silent = now - max(d.last_heartbeat, self._seen.get(d.id, 0.0))
                 if d.state in CONNECTED and silent > self.settings.disconnect_after:
                     self.store.update_delegate(d.id, state="lost")
                     log.warning(

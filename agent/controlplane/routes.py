@@ -28,7 +28,7 @@ from agent._yaml import load as load_yaml
 from agent.controlplane.core import ApiFailure, ControlPlane, ts
 from agent.controlplane.metrics import ControlPlaneMetrics
 from agent.controlplane.ratelimit import FailureLimiter
-from agent.controlplane.store import StoreUnavailable
+from agent.controlplane.store import RowDamaged, StoreUnavailable
 from agent.controlplane.tokens import UNRESTRICTED, Caller, ScopeInvalid, TokenScope
 from agent.protocol.auth import Claims, IssuedToken, TokenVerifier
 from agent.protocol.errors import AuthError, Code, error_body
@@ -965,6 +965,9 @@ async def error_middleware(
         return await handler(request)
     except ApiFailure as exc:
         return error_response(exc.status, exc.code, exc.message, problems=exc.problems, retry_after=exc.retry_after)
+    except RowDamaged as exc:
+        log.error("controlplane.http.row_damaged", method=request.method, path=request.path, error=str(exc))
+        return error_response(500, Code.INTERNAL, f"{exc}; see the control plane's log")
     except StoreUnavailable as exc:
         return error_response(
             503,

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import msgspec
+import structlog
 
 from agent._files import DataFileDamaged
 from agent._sqlite import wal_damage
@@ -96,6 +97,8 @@ _ADDED_COLUMNS = (
 #: A token's scope as stored: delegate name patterns and tag patterns, None meaning any.
 StoredScope = tuple[tuple[str, ...] | None, tuple[str, ...] | None]
 
+log = structlog.get_logger("controlplane.store")
+
 _json = msgspec.json.Encoder()
 _unjson = msgspec.json.Decoder()
 _unjson_result = msgspec.json.Decoder(ValidationResult)
@@ -172,20 +175,69 @@ def _encode(name: str, value: Any) -> Any:
     return value
 
 
+class RowDamaged(Exception):
+    """A stored row that no longer reads as what was written (a flipped bit, a hand edit)."""
+
+    def __init__(self, table: str, key: str, reason: str) -> None:
+        super().__init__(f"the stored {table} {key!r} is damaged ({reason[:200]})")
+        self.table, self.key = table, key
+
+
+#: Stored states a row may be in (anything else is damage, not a state).
+_STATES = {"TaskRow": {"queued", "running", "done"}}
+_NUMBER = (int, float)
+_KINDS: dict[str, tuple[type, ...]] = {
+    "float": _NUMBER,
+    "float | None": (*_NUMBER, type(None)),
+    "int": (int,),
+    "str": (str,),
+    "str | None": (str, type(None)),
+}
+
+
 def _decode_row(cls: type[Any], row: sqlite3.Row) -> Any:
+    """The row as ``cls``; :class:`RowDamaged` naming it when a value is not what was written."""
     kwargs: dict[str, Any] = {}
-    for f in fields(cls):
-        value = row[f.name]
-        if f.name == "result" and value is not None:
-            value = _decode_result(value)
-        elif f.name in _JSON_COLUMNS and value is not None:
-            value = _unjson.decode(value)
-            if f.name in _TUPLE_COLUMNS:
-                value = tuple(value)
-        elif f.name == "cancel_requested":
-            value = bool(value)
-        kwargs[f.name] = value
-    return cls(**kwargs)
+    try:
+        for f in fields(cls):
+            value = row[f.name]
+            if f.name == "result" and value is not None:
+                value = _decode_result(value)
+            elif f.name in _JSON_COLUMNS and value is not None:
+                value = _unjson.decode(value)
+                if f.name in _TUPLE_COLUMNS:
+                    value = tuple(value)
+            elif f.name == "cancel_requested":
+                value = bool(value)
+            elif isinstance(f.type, str) and f.type in _KINDS and not isinstance(value, _KINDS[f.type]):
+                raise ValueError(f"{f.name} is {value!r:.40}, not {f.type}")
+            kwargs[f.name] = value
+        if kwargs.get("state") not in _STATES.get(cls.__name__, {kwargs.get("state")}):
+            raise ValueError(f"state {kwargs.get('state')!r:.40} is not a state")
+        return cls(**kwargs)
+    except (msgspec.MsgspecError, ValueError, TypeError, KeyError) as exc:
+        key = str(row["id"] if "id" in row.keys() else row["identifier"])  # noqa: SIM118 - Row's "in" reads values
+        raise RowDamaged(cls.__name__.removesuffix("Row").lower(), key, str(exc)) from None
+
+
+def _readable(cls: type[Any], rows: list[sqlite3.Row]) -> list[Any]:
+    """Every row that reads; a damaged one is named in the log (once per process) and left out."""
+    out = []
+    for r in rows:
+        try:
+            out.append(_decode_row(cls, r))
+        except RowDamaged as exc:
+            if (exc.table, exc.key) not in _reported:
+                _reported.add((exc.table, exc.key))
+                log.error(
+                    "controlplane.row_damaged",
+                    error=str(exc),
+                    hint="left out of every list and of the queue; delete or repair the row, or restore a backup",
+                )
+    return out
+
+
+_reported: set[tuple[str, str]] = set()
 
 
 def _decode_result(raw: str) -> ValidationResult:
@@ -216,6 +268,10 @@ def _private_file(path: Path) -> None:
         os.close(fd)
 
 
+#: The write-ahead log is truncated back to this after a checkpoint.
+WAL_LIMIT_BYTES = 1024 * 1024
+
+
 class Store:
     """All durable state. ``path=None`` keeps everything in memory (tests, throwaway runs)."""
 
@@ -236,6 +292,10 @@ class Store:
                 # (a creation acknowledged in that window is lost). FULL would fsync every commit: on
                 # this project's machines that is ~50 ms each, forty times the cost of a lease.
                 self._db.execute("PRAGMA synchronous=NORMAL")
+                # Keep the write-ahead log small (checkpoint at 1 MiB, truncate back to 1 MiB): left at
+                # SQLite's 4 MiB it filled a small volume by itself, with nothing an operator could free.
+                self._db.execute("PRAGMA wal_autocheckpoint=256")
+                self._db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
                 check = [str(r[0]) for r in self._db.execute("PRAGMA quick_check").fetchall()]
                 if check != ["ok"]:
                     raise _damaged(path, "quick_check: " + "; ".join(check[:3]))
@@ -337,6 +397,9 @@ class Store:
 
     def probe(self) -> bool:
         """One real write: True when the database takes writes (again)."""
+        with contextlib.suppress(sqlite3.Error):
+            # Fold the log into the database first: it frees the log's space when the pages fit.
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         try:
             self._write("INSERT INTO counters(name, value) VALUES('probe', 0) ON CONFLICT(name) DO UPDATE SET value=0")
         except StoreUnavailable:
@@ -368,7 +431,7 @@ class Store:
 
     def delegates(self) -> list[DelegateRow]:
         rows = self._db.execute("SELECT * FROM delegates ORDER BY registered_at").fetchall()
-        return [_decode_row(DelegateRow, r) for r in rows]
+        return _readable(DelegateRow, rows)
 
     def update_delegate(self, delegate_id: str, **values: Any) -> None:
         self._update("delegates", "id", delegate_id, values)
@@ -387,7 +450,7 @@ class Store:
 
     def tasks_in_state(self, state: str) -> list[TaskRow]:
         rows = self._db.execute("SELECT * FROM tasks WHERE state=? ORDER BY created_at", (state,)).fetchall()
-        return [_decode_row(TaskRow, r) for r in rows]
+        return _readable(TaskRow, rows)
 
     def list_tasks(
         self, *, state: str | None = None, connector_id: str | None = None, limit: int = 100
@@ -403,7 +466,7 @@ class Store:
         rows = self._db.execute(
             f"SELECT * FROM tasks {where} ORDER BY created_at DESC LIMIT ?", (*args, limit)
         ).fetchall()
-        return [_decode_row(TaskRow, r) for r in rows]
+        return _readable(TaskRow, rows)
 
     def latencies(self) -> list[float]:
         """Seconds from creation to completion of every finished task that a delegate ran."""
@@ -469,7 +532,7 @@ class Store:
 
     def connectors(self) -> list[ConnectorRow]:
         rows = self._db.execute("SELECT * FROM connectors ORDER BY identifier").fetchall()
-        return [_decode_row(ConnectorRow, r) for r in rows]
+        return _readable(ConnectorRow, rows)
 
     def delete_connector(self, identifier: str) -> bool:
         return self._write("DELETE FROM connectors WHERE identifier=?", (identifier,)).rowcount > 0
