@@ -391,8 +391,8 @@ class ControlPlane:
             raise ApiFailure(
                 403,
                 Code.DELEGATE_TOKEN_MISMATCH,
-                f"instance {existing.instance_id!r} is registered (delegate {existing.id}) with another delegate "
-                "token; only that token may register it again. A new delegate process uses a new instanceId",
+                f"instance {existing.instance_id!r} is registered with another delegate token; only that token "
+                "may register it again. A new delegate process uses a new instanceId",
             )
         with self.store.transaction():
             for t in list(self._running.values()):
@@ -642,7 +642,7 @@ class ControlPlane:
             raise ApiFailure(
                 403,
                 Code.DELEGATE_TOKEN_MISMATCH,
-                f"task {t.id} is leased to a delegate registered with another delegate token; "
+                "this lease belongs to a delegate registered with another delegate token; "
                 "only that token may renew, release or report it",
             )
 
