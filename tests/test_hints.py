@@ -94,6 +94,16 @@ async def test_an_empty_secret_file_says_it_is_empty(make_validator: Any, tmp_pa
         assert "holds nothing" in f["hint"] and "'sk'" in f["hint"]
 
 
+async def test_a_secret_with_a_line_break_inside_is_named_not_an_internal_error(make_validator: Any) -> None:
+    """A session token pasted with a line break in its middle: the failure names the secret and why."""
+    v = make_validator(secrets={"sk": "first-half\nsecond-half"})
+    result = await run(v, manual())
+    f = result["failure"]
+    assert (f["step"], f["category"]) == ("resolve_credentials", "secret_not_found"), result
+    assert "secret account.sk holds a line break or another control character" in result["errorSummary"]
+    assert "first-half" not in str(result)
+
+
 async def test_a_refused_custom_endpoint_is_named_as_the_one_that_refused(make_validator: Any) -> None:
     """AWS_ENDPOINT_URL at a closed port: the message names that endpoint and its variable, not AWS egress."""
     closed = f"http://127.0.0.1:{free_port()}"

@@ -127,6 +127,14 @@ class SecretStore:
                 f"{'only white space' if data else 'no content'}",
             )
         self.remember(value)
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            # An AWS key or token is one printable line; a line break inside one would only fail
+            # later, deep in the HTTP client, as an error that names neither the secret nor why.
+            raise problem(
+                "invalid",
+                f"secret {ref.raw} holds a line break or another control character inside its value: "
+                "AWS keys and session tokens are one line",
+            )
         return value
 
     def remember(self, *values: str | None) -> None:
