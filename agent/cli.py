@@ -191,7 +191,7 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
     from agent.controlplane.platform import platform_validator_from_env
 
     validator = platform_validator_from_env(os.environ, secrets_dir=config.secrets_dir, redactor=redactor)
-    service = ControlPlaneService(config, platform_validator=validator, on_secret=redactor.add)
+    service = ControlPlaneService(config, platform_validator=validator, on_secret=redactor.pin)
 
     async def serve() -> None:
         stop = asyncio.Event()

@@ -244,3 +244,14 @@ def test_the_redactor_masks_overlapping_and_many_secrets_and_forgets_the_oldest(
     many.add(*values)
     assert len(many) == 4096
     assert many.text(f"x {values[-1]} y {values[0]}") == f"x {MASK} y {values[0]}"
+
+
+def test_a_pinned_secret_outlives_any_number_of_session_keys() -> None:
+    """The delegate token is pinned when read: thousands of fetched session keys later it is still masked."""
+    r = Redactor(max_values=3)
+    r.pin("the-delegate-token-value")
+    r.add(*(f"session-{i:04d}-key" for i in range(100)))
+    assert r.text("token the-delegate-token-value and session-0099-key") == f"token {MASK} and {MASK}"
+    r.add("the-delegate-token-value")  # added again as a plain value: still pinned, never evicted
+    r.add(*(f"other-{i:04d}-key" for i in range(10)))
+    assert r.text("the-delegate-token-value") == MASK

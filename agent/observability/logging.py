@@ -79,12 +79,27 @@ class Redactor:
         #: First _MIN_SECRET_LENGTH characters -> the values starting so, longest first. Entries
         #: are replaced, never mutated, so a reader on another thread sees a whole tuple.
         self._index: dict[str, tuple[str, ...]] = {}
+        #: Long-lived secrets (the delegate token, the control plane's tokens and keys): never evicted
+        #: by the bound, however many short-lived session keys arrive after them.
+        self._pinned: set[str] = set()
+
+    def pin(self, *values: str | None) -> None:
+        """Remember secret values for the life of the process (outside the bound ``add`` keeps)."""
+        with self._lock:
+            for value in values:
+                if not value or len(value) < _MIN_SECRET_LENGTH or value in self._pinned:
+                    continue
+                self._pinned.add(value)
+                self._values.pop(value, None)
+                prefix = value[:_MIN_SECRET_LENGTH]
+                if value not in self._index.get(prefix, ()):
+                    self._index[prefix] = tuple(sorted((*self._index.get(prefix, ()), value), key=len, reverse=True))
 
     def add(self, *values: str | None) -> None:
         """Remember secret values so they are masked wherever they show up later."""
         with self._lock:
             for value in values:
-                if not value or len(value) < _MIN_SECRET_LENGTH:
+                if not value or len(value) < _MIN_SECRET_LENGTH or value in self._pinned:
                     continue
                 if value in self._values:
                     self._values.move_to_end(value)
@@ -96,7 +111,7 @@ class Redactor:
                 while len(self._values) > self._max:
                     old, _ = self._values.popitem(last=False)
                     prefix = old[:_MIN_SECRET_LENGTH]
-                    rest = tuple(v for v in self._index.get(prefix, ()) if v != old)
+                    rest = tuple(v for v in self._index.get(prefix, ()) if v != old or v in self._pinned)
                     if rest:
                         self._index[prefix] = rest
                     else:

@@ -237,9 +237,9 @@ class Agent:
         stack.push_async_callback(session.close)
         stack.push_async_callback(self._close_handlers)
         token = (
-            TokenSource(path=s.token_file, on_read=self.redactor.add)
+            TokenSource(path=s.token_file, on_read=self.redactor.pin)
             if s.token_file
-            else TokenSource(value=s.token or "", on_read=self.redactor.add)
+            else TokenSource(value=s.token or "", on_read=self.redactor.pin)
         )
         signer = RequestSigner(token, audience=s.control_plane.audience, issuer=s.name)
         client = ControlPlaneClient(
