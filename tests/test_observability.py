@@ -255,3 +255,30 @@ def test_a_pinned_secret_outlives_any_number_of_session_keys() -> None:
     r.add("the-delegate-token-value")  # added again as a plain value: still pinned, never evicted
     r.add(*(f"other-{i:04d}-key" for i in range(10)))
     assert r.text("the-delegate-token-value") == MASK
+
+
+def test_a_silent_control_plane_readiness_reason_carries_the_last_error() -> None:
+    """503s that name a full disk are not "no answer" without a word: the last error comes along."""
+    from agent.runtime.health import HealthPolicy
+    from agent.runtime.state import AgentState
+
+    now = [1000.0]
+    state = AgentState(name="d1", tags=(), capacity=1, instance_id="i1", registered=True)
+    state.contact(now[0], 0.0)
+    state.last_error = "HTTP 503 unavailable: the control plane cannot record this now (disk full)"
+    policy = HealthPolicy(
+        state=state,
+        now=lambda: now[0],
+        busy=lambda: 0,
+        outbox_depth=lambda: 0,
+        outbox_durable=True,
+        control_plane="https://cp",
+    )
+    assert policy.readiness_problems() == []
+    now[0] += 45
+    assert policy.readiness_problems() == [
+        "no answer from the control plane for 45s (last: HTTP 503 unavailable: the control plane cannot record "
+        "this now (disk full))"
+    ]
+    state.contact(now[0], 0.0)
+    assert policy.readiness_problems() == [] and state.last_error is None

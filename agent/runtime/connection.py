@@ -171,6 +171,7 @@ class Connection:
                 continue
             except ProtocolError as exc:
                 s.consecutive_failures += 1
+                s.last_error = str(exc)
                 delay = min(transient.next(exc.retry_after), s.intervals.heartbeat_seconds)
                 log.warning(
                     "agent.heartbeat_failed", error=str(exc), retry_in=round(delay, 2), failures=s.consecutive_failures

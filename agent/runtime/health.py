@@ -59,7 +59,8 @@ class HealthPolicy:
             silent = self.now() - s.last_contact
             allowed = max(3 * s.intervals.heartbeat_seconds, 30.0)
             if silent > allowed:
-                problems.append(f"no answer from the control plane for {silent:.0f}s")
+                last = f" (last: {s.last_error})" if s.last_error else ""
+                problems.append(f"no answer from the control plane for {silent:.0f}s{last}")
         return problems
 
     def status(self) -> dict[str, Any]:

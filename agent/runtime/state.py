@@ -44,12 +44,15 @@ class AgentState:
     #: True while the poll loop waits for a free slot (idle by design, not stuck).
     waiting_for_slots: bool = False
     consecutive_failures: int = 0
+    #: Why the last heartbeat failed (cleared by the next that succeeds), for the readiness reason.
+    last_error: str | None = None
     running: dict[str, RunningTask] = field(default_factory=dict)
 
     def contact(self, now: float, wall: float) -> None:
         self.last_contact = now
         self.last_contact_wall = wall
         self.consecutive_failures = 0
+        self.last_error = None
         self.auth_error = None
 
     def summary(self) -> dict[str, Any]:
