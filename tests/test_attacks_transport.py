@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import logging
 import os
 import resource
 import socket
@@ -28,7 +29,7 @@ import pytest
 import structlog
 
 from agent.controlplane.app import ControlPlaneConfig, ControlPlaneService
-from agent.observability.http import ACCEPT_BATCH, ConnectionLimits
+from agent.observability.http import ACCEPT_BATCH, BadRequestLog, ConnectionLimits
 from tests.conftest import TOKEN, AgentFactory, ControlPlaneFactory, free_port
 from tests.helpers import wait_for, wait_until
 
@@ -379,6 +380,107 @@ def test_loopback_http_is_allowed_because_it_never_leaves_the_host(url: str) -> 
     """make demo and the tests run on plain loopback HTTP."""
     code, err = _check_config({"MANAGER_HOST_AND_PORT": url})
     assert (code, err.strip().splitlines()[-1]) == (0, "configuration OK")
+
+
+# --- requests that do not parse ------------------------------------------------------------------------
+
+#: Requests aiohttp's parser refuses with a 400, each of which it logged at ERROR with a traceback.
+MALFORMED = {
+    "a header over 8190 bytes": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",
+    "a URL over 8190 bytes": b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    "Content-Length: -1": b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    "Content-Length with Transfer-Encoding": (
+        b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"
+    ),
+    "150 headers": b"GET /healthz HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(150)) + b"\r\n",
+    "a non-ASCII path": "GET /h\u00e9althz HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+}
+
+
+async def _send_raw(port: int, raw: bytes) -> bytes:
+    """Send ``raw`` on a new connection; the whole answer, up to the server closing the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(raw)
+        async with asyncio.timeout(5):
+            return await reader.read()
+    finally:
+        writer.close()
+
+
+async def _malformed_requests_get_400_and_one_line_a_second(server: Server, prefix: str) -> None:
+    """Every malformed request gets its 400; then a flood of them until the log's second line shows."""
+    sent = 0
+    for name, raw in MALFORMED.items():
+        answer = await _send_raw(server.port, raw)
+        assert answer.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request"), (name, answer[:100])
+        sent += 1
+
+    async def second_line() -> bool:
+        nonlocal sent
+        assert (await _send_raw(server.port, MALFORMED["Content-Length: -1"])).startswith(b"HTTP/1.0 400 ")
+        sent += 1
+        return len(server.events("http.bad_request")) >= 2
+
+    await wait_until(second_line, "a second http.bad_request line, a second after the first", 10, every=0.01)
+    counts = await _metrics(server.url)
+    assert counts[f"{prefix}_bad_requests_total"] == sent, "the metric counts every one"
+
+
+def _check_bad_request_log(server: Server, address: str = "127.0.0.1") -> None:
+    """No traceback anywhere in the log; the bad-request lines one a second at most, the rest counted."""
+    assert not [line for _, line in server.lines if "exception" in line or "Traceback" in json.dumps(line)]
+    assert not server.events("Error handling request from 127.0.0.1")
+    lines = [line for _, line in server.events("http.bad_request")]
+    logged = [datetime.fromisoformat(str(line["timestamp"])).timestamp() for line in lines]
+    gaps = [b - a for a, b in itertools.pairwise(logged)]
+    assert all(gap > 0.9 for gap in gaps), f"more than one bad-request line a second: {gaps}"
+    assert lines[0]["level"] == "warning" and lines[0]["address"] == address and lines[0]["status"] == 400
+    assert "8190" in str(lines[0]["error"]) and len(str(lines[0]["error"])) < 200, "the reason, clipped"
+    assert int(str(lines[1]["held_back"])) > len(MALFORMED) - 2, "those within the second were counted, not logged"
+
+
+@pytest.mark.attacks
+async def test_malformed_requests_to_the_control_plane_log_one_line_a_second_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    """Review #6: an oversized header or URL, a bad Content-Length, too many headers, a non-ASCII path:
+    each a 400, and no credential needed, so each one's ERROR traceback let anyone fill the log."""
+    async with _serve(_control_plane(tmp_path), {}) as server:
+        await _malformed_requests_get_400_and_one_line_a_second(server, "controlplane_http")
+    _check_bad_request_log(server)
+
+
+@pytest.mark.attacks
+async def test_malformed_requests_to_the_delegates_probe_port_log_one_line_a_second_without_a_traceback(
+    control_plane_factory: ControlPlaneFactory,
+) -> None:
+    """The delegate's probe/metrics port is served the same way, and is as reachable."""
+    cp = await control_plane_factory()
+    port = free_port()
+    env = {
+        "MANAGER_HOST_AND_PORT": cp.url,
+        "DELEGATE_TOKEN": TOKEN,
+        "DELEGATE_NAME": "probed",
+        "AGENT_HTTP_LISTEN": f"127.0.0.1:{port}",
+        "AGENT_LOG_FORMAT": "json",
+        "_URL": f"http://127.0.0.1:{port}",
+    }
+    async with _serve(["run"], env) as server:
+        await _malformed_requests_get_400_and_one_line_a_second(server, "delegate_http")
+    _check_bad_request_log(server)
+
+
+def test_a_real_handler_error_keeps_its_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    """Only parse errors are shortened: anything else aiohttp logs passes on as it was, traceback and all."""
+    bad_requests = BadRequestLog(logging.getLogger("aiohttp.server"))
+    bug = RuntimeError("a bug in a handler")
+    with caplog.at_level(logging.ERROR, logger="aiohttp.server"):
+        bad_requests.exception("Error handling request from %s", "127.0.0.1", exc_info=bug)
+    [record] = caplog.records
+    assert record.getMessage() == "Error handling request from 127.0.0.1"
+    assert record.exc_info is not None and record.exc_info[1] is bug
+    assert bad_requests.count == 0
 
 
 @pytest.mark.attacks

@@ -15,6 +15,7 @@ keep real clients out; see :class:`ConnectionLimits`.
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,9 +23,12 @@ from typing import Any, Protocol
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
+
+from agent._values import clip
 
 log = structlog.get_logger("http")
 
@@ -227,6 +231,8 @@ class _ConnectionGuard:
         self.closed = {"header_timeout": 0, "make_room": 0, "refused": 0}
         #: Connections that have not sent a whole request head yet, oldest first.
         self._waiting: dict[web.RequestHandler, _Guarded] = {}
+        #: The handlers' logger, once the first handler shows which one it is (see :class:`BadRequestLog`).
+        self.bad_requests: BadRequestLog | None = None
         # The request factory runs once a request's head is parsed: the moment a connection has
         # shown it is a client and not a slot held open.
         make_request = server.request_factory
@@ -238,7 +244,12 @@ class _ConnectionGuard:
         server.request_factory = request_factory
 
     def __call__(self) -> asyncio.Protocol:
-        return _Guarded(self, self._server())
+        handler = self._server()
+        if self.bad_requests is None:
+            self.bad_requests = BadRequestLog(handler.logger)
+        # aiohttp types the attribute as a Logger; the adapter answers every call a handler makes.
+        handler.logger = self.bad_requests  # type: ignore[assignment]
+        return _Guarded(self, handler)
 
     def admit(self, conn: _Guarded) -> bool:
         if len(self._open) >= self._limits.max_connections:
@@ -294,7 +305,8 @@ class LimitedSite(web.BaseSite):
     """A TCP site like ``web.TCPSite`` whose connections obey :class:`ConnectionLimits`.
 
     aiohttp's own timer (``keepalive_timeout``, set on the runner) closes idle connections; this
-    site adds the header timeout and the cap, and logs accept errors at most once a second.
+    site adds the header timeout and the cap, and logs accept errors and requests that do not parse
+    at most once a second (:class:`AcceptErrorLog`, :class:`BadRequestLog`).
     """
 
     def __init__(
@@ -371,8 +383,14 @@ class _ConnectionCollector:
         )
         for reason, count in self._guard.closed.items():
             closed.add_metric([reason], count)
+        bad_requests = self._guard.bad_requests
         return [
             closed,
+            CounterMetricFamily(
+                f"{self._prefix}_bad_requests",
+                "Requests that could not be parsed (answered 400; logged once a second, without a traceback).",
+                value=bad_requests.count if bad_requests is not None else 0,
+            ),
             GaugeMetricFamily(
                 f"{self._prefix}_connections_open", "Open connections to this port.", value=self._guard.open_connections
             ),
@@ -382,6 +400,47 @@ class _ConnectionCollector:
                 value=self._accept_errors.count,
             ),
         ]
+
+
+# --- unparseable requests --------------------------------------------------------------------------
+
+
+class BadRequestLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """The logger aiohttp's request handlers use, with requests that do not parse logged once a second.
+
+    aiohttp answers a request it cannot parse (a header or URL over 8190 bytes, a negative
+    Content-Length, Content-Length with Transfer-Encoding, too many headers, a non-ASCII path) with
+    a 400, and logs "Error handling request" at ERROR with the parser's traceback
+    (``RequestHandler.handle_error``): anyone who can reach the port could fill the log, with no
+    credential. Those become one line a second, without a traceback, with a count of the ones held
+    back; every other record (a handler's real error, with its traceback) passes on unchanged.
+    """
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__(logger, {})
+        self._last: float | None = None
+        self._held_back = 0
+        #: Unparseable requests seen since the server started (each logged, or counted in a later line).
+        self.count = 0
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info")
+        if not isinstance(exc, HttpProcessingError) or level <= logging.DEBUG:
+            super().log(level, msg, *args, **kwargs)
+            return
+        self.count += 1
+        now = asyncio.get_running_loop().time()
+        if self._last is not None and now - self._last < 1.0:
+            self._held_back += 1
+            return
+        log.warning(
+            "http.bad_request",
+            address=args[0] if args else None,
+            status=exc.code,
+            error=clip(" ".join(exc.message.split())),
+            held_back=self._held_back,
+        )
+        self._last, self._held_back = now, 0
 
 
 # --- accept errors ----------------------------------------------------------------------------------
