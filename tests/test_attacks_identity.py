@@ -17,11 +17,12 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import structlog
 
 from agent.cli import EXIT_OK, main
 from agent.controlplane.app import ControlPlaneConfig, ControlPlaneService, CredentialsError, load_credentials
 from agent.controlplane.core import ControlPlane, ControlPlaneSettings
-from agent.controlplane.ratelimit import FailureLimiter
+from agent.controlplane.ratelimit import FailureLimiter, OncePerSecond
 from agent.controlplane.store import Store
 from agent.controlplane.tokens import TokenScope
 from agent.protocol.client import ControlPlaneClient
@@ -374,6 +375,46 @@ async def test_refused_delegates_are_counted(stack: Stack) -> None:
         assert metric("controlplane_auth_refusals_total", {"credential": "delegate", "reason": reason}) == 1
 
 
+async def test_a_flood_of_refused_delegate_requests_is_rate_limited_and_logged_once_a_second(
+    control_plane_factory: ControlPlaneFactory, http: aiohttp.ClientSession
+) -> None:
+    """Review #7: B's token sent 3000 heartbeats for A's delegate in 2 s: 3000 403s and 3000 warnings.
+
+    A valid token acting for another's delegate (or beyond its scope) now counts against the address
+    as a wrong credential does, so the flood turns into 429s; and each (address, code) is logged once
+    a second, with the count of the ones held back.
+    """
+    clock = ManualClock()
+    settings = ControlPlaneSettings(sweep_interval_seconds=3600, auth_failure_limit=5, auth_failure_window_seconds=60)
+    cp = await control_plane_factory(tokens=TOKENS, settings=settings, clock=clock)
+    a_id = (await delegate_client(http, cp.url, token=TOKEN_A).register(register_request("team-a"))).delegate_id
+    b = delegate_client(http, cp.url, token=TOKEN_B)
+    with structlog.testing.capture_logs() as logs:
+        for _ in range(4):
+            await refused(b.heartbeat(a_id, HeartbeatRequest(state="draining")), Code.DELEGATE_TOKEN_MISMATCH, MISMATCH)
+        await refused(b.register(register_request("team-a")), Code.TOKEN_SCOPE, "name 'team-a'")
+        for _ in range(2):  # five refusals from this address: B waits out the window, as a guesser does
+            with pytest.raises(RateLimited) as limited:
+                await b.heartbeat(a_id, HeartbeatRequest(state="draining"))
+            assert limited.value.retry_after == 60
+    refusals = [e for e in logs if e["event"] == "controlplane.delegate_refused"]
+    assert [(e["code"], e["held_back"], e["log_level"]) for e in refusals] == [
+        (Code.DELEGATE_TOKEN_MISMATCH, 0, "warning"),  # the first of each (address, code); the rest held back
+        (Code.TOKEN_SCOPE, 0, "warning"),
+    ]
+    assert refusals[0]["address"] == "127.0.0.1"
+    metric = cp.core.metrics.registry.get_sample_value
+    name = "controlplane_auth_refusals_total"
+    assert metric(name, {"credential": "delegate", "reason": Code.DELEGATE_TOKEN_MISMATCH}) == 4
+    assert metric(name, {"credential": "delegate", "reason": Code.RATE_LIMITED}) == 2
+
+    clock.advance(60)  # the window reopens: the next refusal is a 403 again, and its line counts the three
+    with structlog.testing.capture_logs() as logs:
+        await refused(b.heartbeat(a_id, HeartbeatRequest(state="draining")), Code.DELEGATE_TOKEN_MISMATCH, MISMATCH)
+    [line] = [e for e in logs if e["event"] == "controlplane.delegate_refused"]
+    assert (line["code"], line["held_back"]) == (Code.DELEGATE_TOKEN_MISMATCH, 3)
+
+
 def test_a_flood_of_addresses_cannot_grow_the_failure_table() -> None:
     """Each address costs one small entry, and the table keeps only the most recent ones."""
     clock = ManualClock()
@@ -385,3 +426,16 @@ def test_a_flood_of_addresses_cannot_grow_the_failure_table() -> None:
     assert limiter.retry_after("10.0.39.15") == 60
     clock.advance(60)
     assert limiter.retry_after("10.0.39.15") is None
+
+
+def test_refusals_are_logged_once_a_second_per_key_and_a_flood_of_keys_cannot_grow_the_table() -> None:
+    """The first of each key is logged, repeats within the second are counted; old keys are forgotten."""
+    clock = ManualClock()
+    once = OncePerSecond(clock, max_keys=100)
+    assert [once.held_back("10.0.0.1", "token_scope") for _ in range(3)] == [0, None, None]
+    assert once.held_back("10.0.0.1", "delegate_token_mismatch") == 0  # another code: its own line
+    clock.advance(1)
+    assert once.held_back("10.0.0.1", "token_scope") == 2
+    for n in range(10_000):
+        once.held_back(f"10.0.{n // 256}.{n % 256}", "token_scope")
+    assert len(once) == 100

@@ -1,4 +1,5 @@
-"""Failed authentications per client address, so guessing credentials gets slow and cheap to refuse.
+"""Failed authentications per client address, so guessing credentials gets slow and cheap to refuse;
+and a repeated refusal logged once a second, so a flood of them cannot fill the log.
 
 A fixed window on the control plane's clock: an address's first failure opens a window of
 ``window`` seconds; once it holds ``limit`` failures the address is refused (429) until the window
@@ -50,3 +51,36 @@ class FailureLimiter:
             self._windows.pop(address, None)
             return now, 0
         return opened, failures
+
+
+class OncePerSecond:
+    """Which repeats of an event to log: the first for a key, then one a second at most, with a count.
+
+    :meth:`held_back` answers None for a repeat within the second (count it, do not log it), else how
+    many were held back since the last line. Keys are kept in least-recently-seen order and bounded
+    in number, as :class:`FailureLimiter`'s addresses are.
+    """
+
+    def __init__(self, clock: Clock, *, interval: float = 1.0, max_keys: int = 10_000) -> None:
+        self._clock = clock
+        self._interval = interval
+        self._max = max_keys
+        #: key -> (when it was last logged, repeats held back since)
+        self._keys: OrderedDict[tuple[str, ...], tuple[float, int]] = OrderedDict()
+
+    def __len__(self) -> int:
+        """Keys remembered (up to ``max_keys``)."""
+        return len(self._keys)
+
+    def held_back(self, *key: str) -> int | None:
+        now = self._clock()
+        logged = self._keys.get(key)
+        if logged is not None and now - logged[0] < self._interval:
+            self._keys[key] = (logged[0], logged[1] + 1)
+            self._keys.move_to_end(key)
+            return None
+        self._keys[key] = (now, 0)
+        self._keys.move_to_end(key)
+        while len(self._keys) > self._max:
+            self._keys.popitem(last=False)
+        return logged[1] if logged is not None else 0

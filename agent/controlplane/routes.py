@@ -27,7 +27,7 @@ from agent._version import __version__
 from agent._yaml import load as load_yaml
 from agent.controlplane.core import ApiFailure, ControlPlane, ts
 from agent.controlplane.metrics import ControlPlaneMetrics
-from agent.controlplane.ratelimit import FailureLimiter
+from agent.controlplane.ratelimit import FailureLimiter, OncePerSecond
 from agent.controlplane.store import RowDamaged, StoreUnavailable
 from agent.controlplane.tokens import UNRESTRICTED, Caller, ScopeInvalid, TokenScope
 from agent.protocol.auth import Claims, IssuedToken, TokenVerifier
@@ -490,6 +490,7 @@ class Handlers:
         self._issued_scopes = {kid: TokenScope(*scope) for kid, scope in cp.store.issued_token_scopes().items()}
         s = cp.settings
         self._failures = FailureLimiter(s.auth_failure_limit, s.auth_failure_window_seconds, cp.now)
+        self._refusals_logged = OncePerSecond(cp.now)
 
     # --- auth --------------------------------------------------------------------------------
 
@@ -521,6 +522,21 @@ class Handlers:
                 # with none (a probe, a misconfigured client) guesses nothing, so it is only counted.
                 self._failures.failed(address)
             raise
+
+    def delegate_refused(self, request: web.Request, code: str) -> None:
+        """A valid token acting for another's delegate, or beyond its scope: a failure like a wrong credential.
+
+        Counted against the address as failed authentications are (so a flood of them gets 429s), and
+        logged once a second per address and code, with the count of those held back.
+        """
+        address = request.remote or "unknown"
+        self.cp.metrics.auth_refused("delegate", code)
+        self._failures.failed(address)
+        held_back = self._refusals_logged.held_back(address, code)
+        if held_back is not None:
+            log.warning(
+                "controlplane.delegate_refused", address=address, code=code, path=request.path, held_back=held_back
+            )
 
     def scope_of(self, name: str, kid: str) -> TokenScope:
         """A created token's scope by its id; a configured one's by its name (shared when rotating)."""
@@ -889,8 +905,7 @@ def bind(route: Route, handlers: Handlers) -> Callable[[web.Request], Awaitable[
             return await fn(request, body)
         except ApiFailure as exc:
             if exc.code in _REFUSALS:
-                handlers.cp.metrics.auth_refused("delegate", exc.code)
-                log.warning("controlplane.delegate_refused", address=request.remote, code=exc.code, path=request.path)
+                handlers.delegate_refused(request, exc.code)
             raise
 
     return endpoint
