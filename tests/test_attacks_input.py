@@ -24,9 +24,16 @@ import aiohttp
 import pytest
 import structlog
 
+from agent.aws.clients import AwsClients
+from agent.aws.connector import ConnectorInvalid, parse_connector
+from agent.aws.environment import AwsEnvironment
+from agent.aws.handler import AwsValidationHandler
+from agent.aws.secrets import SecretStore
+from agent.aws.validator import AwsValidator
 from agent.cli import EXIT_USAGE, main
 from agent.protocol.auth import DEFAULT_AUDIENCE, token_id
 from agent.runtime.settings import ConfigError, load_settings
+from agent.taskapi import TaskContext
 from tests.conftest import API_KEY, TOKEN, ControlPlaneFactory, manual_connector
 
 pytestmark = pytest.mark.attacks
@@ -183,7 +190,7 @@ async def test_long_values_are_quoted_back_cut_to_a_hundred_characters(
 
 
 async def test_a_megabyte_of_unknown_keys_gets_fifty_problems_and_a_count(
-    control_plane_factory: ControlPlaneFactory, http: aiohttp.ClientSession
+    control_plane_factory: ControlPlaneFactory, http: aiohttp.ClientSession, tmp_path: Path
 ) -> None:
     """40,000 unknown keys (a megabyte) got megabytes back after seconds of "did you mean": now 50 and a count."""
     cp = await control_plane_factory()
@@ -200,6 +207,18 @@ async def test_a_megabyte_of_unknown_keys_gets_fifty_problems_and_a_count(
     problems = json.loads(raw)["error"]["problems"]
     assert len(problems) == 51 and len(raw) < 10_000
     assert problems[-1] == {"field": "document", "message": "and 39,950 more problems"}
+    # The count is the real one wherever it is said, not the 51 entries listed (review, minor).
+    with pytest.raises(ConnectorInvalid) as invalid:
+        parse_connector(doc)
+    assert (len(invalid.value.problems), invalid.value.total) == (51, 40_000)
+    env, _ = AwsEnvironment.from_environ({"AWS_EC2_METADATA_DISABLED": "true"})
+    handler = AwsValidationHandler(AwsValidator(env, AwsClients(env), SecretStore(tmp_path)))
+    try:
+        outcome = await handler(TaskContext("t", "aws.validate-connector", {"connector": doc}, "d", "n", 30))
+    finally:
+        await handler.aclose()
+    assert outcome.failure is not None and outcome.failure.category == "invalid_config"
+    assert (outcome.error_summary or "").endswith(" (and 39,999 more)")
 
 
 # --- a trailing newline ---------------------------------------------------------------------------

@@ -237,6 +237,14 @@ class _Checker:
             return self._problems
         return [*self._problems, Problem(field="document", message=f"and {self._more:,} more problems")]
 
+    @property
+    def total(self) -> int:
+        """Every problem found, those listed and those only counted."""
+        return len(self._problems) + self._more
+
+    def invalid(self) -> ConnectorInvalid:
+        return ConnectorInvalid(self.problems, total=self.total)
+
     def add(self, path: str, message: str) -> None:
         if self.full:
             self._more += 1
@@ -417,17 +425,17 @@ def parse_connector(document: Any) -> AwsConnector:
     c = _Checker()
     root = c.mapping(document, "document")
     if root is None:
-        raise ConnectorInvalid(c.problems)
+        raise c.invalid()
     root, notices = _unwrap_export(root)
     if "connector" not in root:
         if isinstance(root.get("content"), list):  # the API's list answer: data.content[].connector
             c.add("data.content", "is Harness's list of connectors: apply each entry of data.content on its own")
         else:
             c.add("connector", "is required: the document's top level must be 'connector:' (Harness format)")
-        raise ConnectorInvalid(c.problems)
+        raise c.invalid()
     conn = c.mapping(root.get("connector"), "connector")
     if conn is None:
-        raise ConnectorInvalid(c.problems)
+        raise c.invalid()
     c.unknown(root, {"connector", *_EXPORT_KEYS}, "document")
     c.unknown(conn, _CONNECTOR_KEYS, "connector")
 
@@ -459,7 +467,7 @@ def parse_connector(document: Any) -> AwsConnector:
 
     spec = c.mapping(conn.get("spec"), "connector.spec")
     if spec is None:
-        raise ConnectorInvalid(c.problems)
+        raise c.invalid()
     c.unknown(spec, _SPEC_KEYS, "connector.spec")
 
     selectors = _selectors(c, spec.get("delegateSelectors"), "connector.spec.delegateSelectors")
@@ -547,7 +555,7 @@ def parse_connector(document: Any) -> AwsConnector:
     permissions, resources = _permission_check(c, spec.get("permissionCheck"))
 
     if c.problems:
-        raise ConnectorInvalid(c.problems)
+        raise c.invalid()
     assert name is not None and identifier is not None and ctype_cred is not None
     return AwsConnector(
         identifier=identifier,
@@ -809,5 +817,5 @@ def parse_actions(c: _Checker | None, raw: Any, path: str, *, required: bool = F
     if len(out) > 100:
         checker.add(path, "at most 100 actions can be checked at once")
     if c is None and checker.problems:
-        raise ConnectorInvalid(checker.problems)
+        raise checker.invalid()
     return tuple(dict.fromkeys(out))

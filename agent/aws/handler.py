@@ -36,10 +36,9 @@ class AwsValidationHandler:
         try:
             connector = parse_connector(document)
         except ConnectorInvalid as exc:
-            count = len(exc.problems)
             first = exc.problems[0]
             summary = f"the connector is invalid: {first.field}: {first.message}" + (
-                f" (and {count - 1} more)" if count > 1 else ""
+                f" (and {exc.total - 1:,} more)" if exc.total > 1 else ""
             )
             return failure_result(
                 "invalid_config",

@@ -13,8 +13,13 @@ from agent.protocol.models import Problem
 
 
 class ProblemsError(Exception):
-    """Input with problems; all of them are in ``problems``, in the order they were found."""
+    """Input with problems; all of them are in ``problems``, in the order they were found.
 
-    def __init__(self, problems: Iterable[Problem]) -> None:
+    ``total`` is how many there are: ``len(problems)``, unless the list was cut short and its last
+    entry counts the rest (as a connector document's is, past ``MAX_PROBLEMS``).
+    """
+
+    def __init__(self, problems: Iterable[Problem], *, total: int | None = None) -> None:
         self.problems = list(problems)
+        self.total = len(self.problems) if total is None else total
         super().__init__("; ".join(f"{p.field}: {p.message}" for p in self.problems))
