@@ -207,6 +207,7 @@ async def test_a_megabyte_of_unknown_keys_gets_fifty_problems_and_a_count(
     problems = json.loads(raw)["error"]["problems"]
     assert len(problems) == 51 and len(raw) < 10_000
     assert problems[-1] == {"field": "document", "message": "and 39,950 more problems"}
+    assert json.loads(raw)["error"]["message"] == "the connector has 40,000 problem(s)"
     # The count is the real one wherever it is said, not the 51 entries listed (review, minor).
     with pytest.raises(ConnectorInvalid) as invalid:
         parse_connector(doc)

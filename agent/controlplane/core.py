@@ -1034,7 +1034,7 @@ class ControlPlane:
             connector = parse_connector(document)
         except ConnectorInvalid as exc:
             raise ApiFailure(
-                400, Code.INVALID_CONNECTOR, f"the connector has {len(exc.problems)} problem(s)", problems=exc.problems
+                400, Code.INVALID_CONNECTOR, f"the connector has {exc.total:,} problem(s)", problems=exc.problems
             ) from None
         now = self._clock()
         if dry_run:
