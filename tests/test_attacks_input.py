@@ -130,6 +130,30 @@ async def test_a_yaml_alias_bomb_is_refused_in_one_small_line(
     _no_internal_errors(logs)
 
 
+@pytest.mark.parametrize("broken", [False, True])
+async def test_a_large_yaml_body_is_parsed_off_the_event_loop_with_the_same_answers(
+    control_plane_factory: ControlPlaneFactory, http: aiohttp.ClientSession, broken: bool
+) -> None:
+    """Bodies over 64 KiB are parsed in a worker thread (a big one held every long poll for a second):
+    the answers are the same, a 201 for a good document and one 400 line for a broken one."""
+    import yaml
+
+    cp = await control_plane_factory()
+    doc = manual_connector("large")
+    doc["connector"]["tags"] = {f"k{i}": "v" * 20 for i in range(6000)}
+    text = yaml.safe_dump(doc) + ("  : [unclosed\n" if broken else "")
+    assert len(text) > 64 * 1024
+    with structlog.testing.capture_logs() as logs:
+        async with http.post(
+            cp.url + "/api/v1/connectors", data=text, headers={**API, "Content-Type": "application/yaml"}
+        ) as resp:
+            body = await resp.json()
+            assert resp.status == (400 if broken else 201), body
+    if broken:
+        assert body["error"]["message"].startswith("the body is not valid YAML: ")
+    _no_internal_errors(logs)
+
+
 async def test_an_anchor_is_refused_even_without_an_alias(
     control_plane_factory: ControlPlaneFactory, http: aiohttp.ClientSession
 ) -> None:

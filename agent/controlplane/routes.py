@@ -66,6 +66,8 @@ log = structlog.get_logger("controlplane.http")
 
 Auth = Literal["delegate", "api", "none"]
 MAX_BODY_BYTES = 1024 * 1024
+#: Connector bodies larger than this are parsed in a worker thread.
+PARSE_IN_THREAD_BYTES = 64 * 1024
 #: Retry-After while the database refuses writes: the sweeper probes it about as often.
 STORE_RETRY_SECONDS = 5.0
 
@@ -813,8 +815,7 @@ Handler = Callable[[web.Request, Any], Awaitable[web.StreamResponse]]
 MAX_CONNECTOR_DEPTH = 32
 
 
-def _decode_connector_body(request: web.Request, raw: bytes) -> Any:
-    ctype = request.content_type
+def _decode_connector_body(ctype: str, raw: bytes) -> Any:
     text = raw.decode("utf-8", errors="replace")
     try:
         if ctype in ("application/json", "text/json"):
@@ -879,7 +880,12 @@ def bind(route: Route, handlers: Handlers) -> Callable[[web.Request], Awaitable[
             raw = await request.read()
             if not raw.strip():
                 raise ApiFailure(400, Code.INVALID_CONNECTOR, "the body is empty: send a Harness connector document")
-            body = _decode_connector_body(request, raw)
+            if len(raw) > PARSE_IN_THREAD_BYTES:
+                # A large document takes a tenth of a second or more to parse: not on the event loop,
+                # where every long poll and heartbeat would wait for it.
+                body = await asyncio.to_thread(_decode_connector_body, request.content_type, raw)
+            else:
+                body = _decode_connector_body(request.content_type, raw)
         elif model is not None:
             raw = await request.read()
             if raw.strip():
