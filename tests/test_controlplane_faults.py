@@ -458,7 +458,10 @@ async def test_a_full_disk_costs_queued_tasks_nothing_and_the_log_stays_short(
     with structlog.testing.capture_logs() as logs:
         filler = fill(small_disk)
         await wait_for(lambda: cp.core.store.fault is not None, "the control plane to hit the full disk")
-        await asyncio.sleep(6)  # the fault itself: longer than the pickup allowance and the silence limit
+        # The fault lasts until, on the control plane's own clock, the waiting tasks' pickup allowance
+        # and the delegate's silence limit have both run out.
+        past = max(t.pickup_deadline for t in waiting) + FAST.disconnect_after
+        await wait_for(lambda: cp.core.now() > past, "the pickup allowance and the silence limit to pass", 30)
         filler.unlink()
         delegate.gate.open_all()
         for t in [busy, *waiting]:
