@@ -147,6 +147,30 @@ def _parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - explicit opt-in via the flag
 
 
+def _database_problems(database: str | None, listen_url: str | None, data_dir: str | None) -> list[str]:
+    """Every problem with the store options, said at once."""
+    from agent.controlplane.store import is_postgres_url
+
+    problems = []
+    if database is None and data_dir is None:
+        problems.append("control-plane: give --data-dir (SQLite, one process) or --database (Postgres)")
+    for flag, url in (("--database", database), ("--database-listen-url", listen_url)):
+        if url is not None and not is_postgres_url(url):
+            problems.append(f"control-plane: {flag} must be a postgresql:// URL (SQLite lives in --data-dir)")
+    if listen_url is not None and database is None:
+        problems.append("control-plane: --database-listen-url needs --database")
+    return problems
+
+
+def _url_password(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    try:
+        return urlsplit(url).password or ""
+    except ValueError:
+        return ""
+
+
 def cmd_control_plane(args: argparse.Namespace) -> int:
     import asyncio
     import signal
@@ -160,6 +184,16 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
     host, port = _parse_listen(args.listen)
     redactor = Redactor()
     configure_logging(fmt=args.log_format, level=args.log_level, redactor=redactor, static={"service": "control-plane"})
+    database = args.database or os.environ.get("CONTROL_PLANE_DATABASE_URL") or None
+    listen_url = args.database_listen_url or os.environ.get("CONTROL_PLANE_DATABASE_LISTEN_URL") or None
+    problems = _database_problems(database, listen_url, args.data_dir)
+    if problems:
+        for problem in problems:
+            _err(problem)
+        return EXIT_USAGE
+    for url in (database, listen_url):
+        if url:
+            redactor.pin(_url_password(url))
     settings = ControlPlaneSettings(
         heartbeat_seconds=args.heartbeat_seconds,
         poll_wait_seconds=args.poll_wait_seconds,
@@ -173,7 +207,10 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
         os.environ,
         host=host,
         port=port,
-        data_dir=Path(args.data_dir),
+        data_dir=Path(args.data_dir) if args.data_dir else None,
+        database_url=database,
+        database_listen_url=listen_url,
+        database_poll_seconds=args.database_poll_seconds,
         delegate_token_file=Path(args.delegate_token_file) if args.delegate_token_file else None,
         api_key_file=Path(args.api_key_file) if args.api_key_file else None,
         secrets_dir=Path(args.secrets_dir) if args.secrets_dir else None,
@@ -202,7 +239,8 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
         try:
             await service.setup()  # first: bad credentials or data dir are one line, before "started"
             await service.start()
-            print(f"control plane listening on {service.url} (data in {config.data_dir})", file=sys.stderr, flush=True)
+            where = "Postgres" if database else config.data_dir
+            print(f"control plane listening on {service.url} (data in {where})", file=sys.stderr, flush=True)
             await stop.wait()
         finally:
             await service.shutdown()
@@ -1059,9 +1097,30 @@ def _add_control_plane(sub: Any, _: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--data-dir",
-        required=True,
         metavar="DIR",
-        help="where the SQLite state and generated credentials live; created if absent (required)",
+        help="where the SQLite state and generated credentials live; created if absent (default: none; one of "
+        "--data-dir and --database is required)",
+    )
+    p.add_argument(
+        "--database",
+        metavar="URL",
+        help="keep the state in Postgres instead (postgresql://USER:PASSWORD@HOST:5432/DB), shared by several "
+        "replicas; add ?pgbouncer=transaction behind PgBouncer in transaction mode; credentials must then be given, "
+        "not generated (default: CONTROL_PLANE_DATABASE_URL; else SQLite in --data-dir)",
+    )
+    p.add_argument(
+        "--database-listen-url",
+        metavar="URL",
+        help="a direct Postgres URL (session mode) for wakeups between replicas when --database goes through "
+        "PgBouncer (default: CONTROL_PLANE_DATABASE_LISTEN_URL; else --database)",
+    )
+    p.add_argument(
+        "--database-poll-seconds",
+        type=_positive,
+        default=1.0,
+        metavar="S",
+        help="with --database, how often a waiting long poll looks at the queue even if no wakeup arrived, "
+        "the backstop for a missed LISTEN/NOTIFY (default: %(default)g)",
     )
     p.add_argument(
         "--delegate-token-file",

@@ -28,6 +28,8 @@ from agent.runtime.settings import AgentSettings, ControlPlaneEndpoint
 from tests.handlers import GateHandler, all_handlers
 from tests.helpers import wait_for
 
+pytest_plugins = ["tests.pgfixtures"]
+
 AWS_VARS = (
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",

@@ -60,3 +60,23 @@ async def wait_until(
         if loop.time() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what if isinstance(what, str) else what()}")
         await asyncio.sleep(every)
+
+
+async def wait_task(core: Any, task_id: str, check: Callable[[Any], Any], what: str, timeout: float = 10.0) -> Any:
+    """Wait until the control plane's task passes ``check``; returns the task as it then was."""
+
+    async def look() -> Any:
+        t = await core.get_task(task_id)
+        return t if check(t) else None
+
+    return await wait_until(look, what, timeout)
+
+
+async def wait_views(core: Any, check: Callable[[list[Any]], Any], what: str, timeout: float = 10.0) -> Any:
+    """Wait until the control plane's delegate views pass ``check``."""
+
+    async def look() -> Any:
+        views = await core.delegate_views()
+        return views if check(views) else None
+
+    return await wait_until(look, what, timeout)

@@ -20,7 +20,7 @@ import structlog
 
 from agent.controlplane.core import ControlPlaneSettings
 from tests.conftest import FAST, TOKEN, AgentFactory, ControlPlaneFactory, done, free_port
-from tests.helpers import sample, wait_for
+from tests.helpers import sample, wait_for, wait_views
 
 if TYPE_CHECKING:
     from tests.awsfakes import FaultProxy
@@ -43,7 +43,7 @@ async def test_registration_carries_name_tags_capacity_and_types(
     cp = await control_plane_factory(settings=FAST)
     a = await agent_factory(cp, name="eks-1", tags=("eks", "prod"), capacity=3)
     delegate_id = await a.registered()
-    [view] = cp.core.delegate_views()
+    [view] = await cp.core.delegate_views()
     assert (view.delegate_id, view.name, view.capacity) == (delegate_id, "eks-1", 3)
     assert view.tags == ["eks", "prod", "eks-1"]
     assert {"test.echo", "test.gate"} <= set(view.task_types)
@@ -58,8 +58,8 @@ async def test_tasks_are_routed_by_tags(
     gov = await agent_factory(cp, name="gov-1", tags=("gov",))
     await prod.registered()
     await gov.registered()
-    to_gov = cp.core.create_task(type="test.echo", payload={"message": "g"}, selectors=["gov"])
-    to_prod = cp.core.create_task(type="test.echo", payload={"message": "p"}, selectors=["eks", "prod"])
+    to_gov = await cp.core.create_task(type="test.echo", payload={"message": "g"}, selectors=["gov"])
+    to_prod = await cp.core.create_task(type="test.echo", payload={"message": "p"}, selectors=["eks", "prod"])
     assert (await done(cp, to_gov.id)).delegate_name == "gov-1"
     assert (await done(cp, to_prod.id)).delegate_name == "prod-1"
     assert (await done(cp, to_prod.id)).result.connector_identifier == "p"
@@ -72,9 +72,9 @@ async def test_capacity_is_never_exceeded(
     cp = await control_plane_factory(settings=FAST)
     a = await agent_factory(cp, capacity=2)
     await a.registered()
-    ids = [cp.core.create_task(type="test.gate", payload={}).id for _ in range(6)]
+    ids = [(await cp.core.create_task(type="test.gate", payload={})).id for _ in range(6)]
     await wait_for(lambda: len(a.gate.started) == 2, "two tasks to start")
-    assert sum(1 for i in ids if cp.core.get_task(i).state == "running") == 2
+    assert sum([1 for i in ids if (await cp.core.get_task(i)).state == "running"]) == 2
     assert a.agent.state.capacity == 2
     for round_ in (1, 2, 3):
         await wait_for(lambda n=round_: len(a.gate.started) == 2 * n and a.gate.running == 2, f"round {round_}")
@@ -93,10 +93,10 @@ async def test_pickup_happens_within_the_long_poll(
     )
     a = await agent_factory(cp)
     delegate_id = await a.registered()
-    await wait_for(lambda: any(w.delegate_id == delegate_id for w in cp.core._waiters), "the long poll to wait")
+    await wait_for(lambda: any(w.delegate.id == delegate_id for w in cp.core.queue._waiters), "the long poll to wait")
     loop = asyncio.get_running_loop()
     queued = loop.time()
-    task = cp.core.create_task(type="test.gate", payload={})
+    task = await cp.core.create_task(type="test.gate", payload={})
     await wait_for(lambda: task.id in a.gate.started, "the task to start")
     assert a.gate.started_at[task.id] - queued == 0  # the waiting poll answers: no polling interval involved
     a.gate.open(task.id)
@@ -106,18 +106,19 @@ async def test_pickup_happens_within_the_long_poll(
 async def test_the_delegate_registers_again_when_the_control_plane_forgets_it(
     control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory
 ) -> None:
-    """Removing the delegate on the server leads to a new registration by the next heartbeat, and work continues."""
+    """Removing the delegate on the server leads to a new registration (its long poll is answered 404 at
+    once, or the next heartbeat is), and work continues."""
     cp = await control_plane_factory(settings=FAST)
     a = await agent_factory(cp)
     first = await a.registered()
     forgotten = asyncio.get_running_loop().time()
-    cp.core.forget_delegate(first, force=True)
+    await cp.core.forget_delegate(first, force=True)
     state = a.agent.state
     await wait_for(lambda: state.registered and state.delegate_id != first, "the delegate to register again")
     assert state.last_heartbeat is not None  # set by the registration
-    assert 0 < state.last_heartbeat - forgotten <= FAST.heartbeat_seconds
-    assert [v.delegate_id for v in cp.core.delegate_views()] == [state.delegate_id]
-    task = cp.core.create_task(type="test.echo", payload={"message": "again"})
+    assert 0 <= state.last_heartbeat - forgotten <= FAST.heartbeat_seconds
+    assert [v.delegate_id for v in await cp.core.delegate_views()] == [state.delegate_id]
+    task = await cp.core.create_task(type="test.echo", payload={"message": "again"})
     assert (await done(cp, task.id)).status == "SUCCESS"
     assert sample(a.agent.metrics, "delegate_registrations_total") == 2
 
@@ -129,11 +130,11 @@ async def test_unknown_type_invalid_payload_and_crash_fail_alone(
     cp = await control_plane_factory(settings=FAST)
     a = await agent_factory(cp)
     await a.registered()
-    survivor = cp.core.create_task(type="test.gate", payload={})
+    survivor = await cp.core.create_task(type="test.gate", payload={})
     await wait_for(lambda: survivor.id in a.gate.started, "the long task to start")
-    unknown = cp.core.create_task(type="test.echo", payload={"message": "x"})
-    invalid = cp.core.create_task(type="test.echo", payload={})
-    crash = cp.core.create_task(type="test.crash", payload={"secret": "boom-secret-123456"})
+    unknown = await cp.core.create_task(type="test.echo", payload={"message": "x"})
+    invalid = await cp.core.create_task(type="test.echo", payload={})
+    crash = await cp.core.create_task(type="test.crash", payload={"secret": "boom-secret-123456"})
     # Nobody supports this type, so route it explicitly to our delegate with a type it does not have.
     r_invalid, r_crash = await done(cp, invalid.id), await done(cp, crash.id)
     assert r_invalid.status == "FAILURE"
@@ -154,8 +155,8 @@ async def test_a_task_of_an_unknown_type_fails_naming_the_type(
     a = await agent_factory(cp)
     delegate_id = await a.registered()
     # Simulate a control plane that routes a type the delegate did not register for.
-    cp.store.update_delegate(delegate_id, task_types=["test.echo", "test.newer"])
-    task = cp.core.create_task(type="test.newer", payload={})
+    await cp.store.update_delegate(delegate_id, task_types=["test.echo", "test.newer"])
+    task = await cp.core.create_task(type="test.newer", payload={})
     result = await done(cp, task.id)
     assert result.status == "FAILURE"
     assert "cannot run tasks of type 'test.newer'" in result.result.error_summary
@@ -173,7 +174,7 @@ async def test_leases_are_renewed_while_a_task_runs(
     )
     a = await agent_factory(cp)
     await a.registered()
-    task = cp.core.create_task(type="test.sleep", payload={"seconds": 10})
+    task = await cp.core.create_task(type="test.sleep", payload={"seconds": 10})
     result = await done(cp, task.id)
     assert (result.status, result.attempts) == ("SUCCESS", 1)
     assert sample(a.agent.metrics, "delegate_task_duration_seconds_sum", type="test.sleep") == 10
@@ -188,7 +189,7 @@ async def test_a_task_is_stopped_at_its_timeout(
     cp = await control_plane_factory(settings=FAST)
     a = await agent_factory(cp)
     await a.registered()
-    task = cp.core.create_task(type="test.sleep", payload={"seconds": 60}, timeout=0.5)
+    task = await cp.core.create_task(type="test.sleep", payload={"seconds": 60}, timeout=0.5)
     result = await done(cp, task.id)
     assert result.status == "FAILURE"
     assert result.result.failure.category == "timeout"
@@ -203,10 +204,10 @@ async def test_cancellation_from_the_control_plane(
     cp = await control_plane_factory(settings=FAST)
     a = await agent_factory(cp)
     await a.registered()
-    task = cp.core.create_task(type="test.gate", payload={})
+    task = await cp.core.create_task(type="test.gate", payload={})
     await wait_for(lambda: task.id in a.gate.started, "the task to start")
     asked = asyncio.get_running_loop().time()
-    cp.core.cancel_task(task.id)
+    await cp.core.cancel_task(task.id)
     result = await done(cp, task.id)
     assert 0 <= a.gate.cancelled_at[task.id] - asked <= FAST.heartbeat_seconds
     assert result.status == "FAILURE"
@@ -223,7 +224,7 @@ async def test_no_result_is_lost_or_counted_twice_across_an_outage(
     cp = await control_plane_factory(settings=FAST, port=port, data_dir=data)
     a = await agent_factory(cp, data_dir=tmp_path / "agent")
     await a.registered()
-    task = cp.core.create_task(type="test.gate", payload={})
+    task = await cp.core.create_task(type="test.gate", payload={})
     await wait_for(lambda: task.id in a.gate.started, "the task to start")
     await cp.stop()
     a.gate.open(task.id)
@@ -249,7 +250,7 @@ async def test_results_left_in_the_outbox_are_delivered_after_a_restart(
     cp = await control_plane_factory(settings=FAST, port=port, data_dir=data)
     a = await agent_factory(cp, data_dir=agent_dir, drain_timeout=0.2)
     await a.registered()
-    task = cp.core.create_task(type="test.gate", payload={})
+    task = await cp.core.create_task(type="test.gate", payload={})
     await wait_for(lambda: task.id in a.gate.started, "the task to start")
     await cp.stop()
     a.gate.open(task.id)
@@ -273,7 +274,7 @@ async def test_drain_finishes_running_work_then_deregisters(
     cp = await control_plane_factory(settings=FAST)
     a = await agent_factory(cp, drain_timeout=20)
     await a.registered()
-    running = cp.core.create_task(type="test.gate", payload={})
+    running = await cp.core.create_task(type="test.gate", payload={})
     await wait_for(lambda: running.id in a.gate.started, "the task to start")
     async with http.get(a.agent.http_url + "/readyz") as resp:
         assert resp.status == 200
@@ -282,16 +283,16 @@ async def test_drain_finishes_running_work_then_deregisters(
     async with http.get(a.agent.http_url + "/readyz") as resp:
         assert resp.status == 503
         assert "draining" in (await resp.json())["problems"][0]
-    await wait_for(lambda: cp.core.delegate_views()[0].state == "draining", "the server to hear draining")
-    late = cp.core.create_task(type="test.echo", payload={"message": "late"})
+    await wait_views(cp.core, lambda v: v[0].state == "draining", "the server to hear draining")
+    late = await cp.core.create_task(type="test.echo", payload={"message": "late"})
     loop = asyncio.get_running_loop()
     opened = loop.time()
     a.gate.open(running.id)
     assert await asyncio.wait_for(a.task, 20) == 0
     assert loop.time() == opened  # the drain ends with the last task, not at its 20 s deadline
-    assert cp.core.get_task(running.id).status == "SUCCESS"
-    assert cp.core.get_task(late.id).state == "queued"  # never taken by the draining delegate
-    assert cp.core.delegate_views()[0].state == "deregistered"
+    assert (await cp.core.get_task(running.id)).status == "SUCCESS"
+    assert (await cp.core.get_task(late.id)).state == "queued"  # never taken by the draining delegate
+    assert (await cp.core.delegate_views())[0].state == "deregistered"
 
 
 async def test_drain_timeout_gives_back_what_remains(
@@ -302,14 +303,14 @@ async def test_drain_timeout_gives_back_what_remains(
     cp = await control_plane_factory(settings=FAST)
     a = await agent_factory(cp, drain_timeout=2.5)
     await a.registered()
-    task = cp.core.create_task(type="test.gate", payload={})
+    task = await cp.core.create_task(type="test.gate", payload={})
     await wait_for(lambda: task.id in a.gate.started, "the task to start")
     loop = asyncio.get_running_loop()
     asked = loop.time()
     assert await a.stop() == 0
     assert a.gate.cancelled_at[task.id] - asked == 2.5
     assert loop.time() - asked == 2.5
-    back = cp.core.get_task(task.id)
+    back = await cp.core.get_task(task.id)
     assert (back.state, back.status, back.attempts) == ("queued", None, 0)
 
 
@@ -320,7 +321,7 @@ async def test_a_second_request_cancels_at_once(
     cp = await control_plane_factory(settings=FAST)
     a = await agent_factory(cp, drain_timeout=600)
     await a.registered()
-    task = cp.core.create_task(type="test.gate", payload={})
+    task = await cp.core.create_task(type="test.gate", payload={})
     await wait_for(lambda: task.id in a.gate.started, "the task to start")
     a.agent.request_shutdown()
     await wait_for(lambda: a.agent.state.draining, "draining")
@@ -330,7 +331,7 @@ async def test_a_second_request_cancels_at_once(
     assert await asyncio.wait_for(a.task, 20) == 0
     assert a.gate.cancelled_at[task.id] == forced
     assert loop.time() == forced  # not a moment of the 600 s drain is waited
-    assert cp.core.get_task(task.id).state == "queued"  # given back to the queue
+    assert (await cp.core.get_task(task.id)).state == "queued"  # given back to the queue
 
 
 async def test_refused_token_keeps_retrying_and_recovers_after_rotation(
@@ -376,7 +377,7 @@ async def test_status_health_and_one_summary_line_per_task(
     a = await agent_factory(cp, name="status-1", tags=("eks",))
     await a.registered()
     with structlog.testing.capture_logs() as logs:
-        task = cp.core.create_task(type="test.echo", payload={"message": "hi"})
+        task = await cp.core.create_task(type="test.echo", payload={"message": "hi"})
         await done(cp, task.id)
         await wait_for(lambda: any(e["event"] == "task.finished" for e in logs), "the summary line")
     summaries = [e for e in logs if e["event"] == "task.finished"]
@@ -459,12 +460,12 @@ async def test_a_result_stuck_behind_errors_keeps_its_lease(
     async with proxy.running() as url:
         a = await agent_factory(url)
         await a.registered()
-        tasks = [cp.core.create_task(type="test.sleep", payload={"seconds": 0.05}) for _ in range(3)]
+        tasks = [await cp.core.create_task(type="test.sleep", payload={"seconds": 0.05}) for _ in range(3)]
         metrics = a.agent.metrics
         await wait_for(lambda: proxy.seen["503"] >= 6, "results to be refused a few times")
         # Ten rounds of renewals for each of the three results: well over three leases' time.
         await wait_for(lambda: sample(metrics, REQUESTS, operation="renew_lease", status="200") >= 30, "renewals")
-        assert [cp.core.get_task(t.id).attempts for t in tasks] == [1, 1, 1]
+        assert [(await cp.core.get_task(t.id)).attempts for t in tasks] == [1, 1, 1]
         proxy.set("pass")
         results = [await done(cp, t.id) for t in tasks]
         await wait_for(lambda: sample(metrics, "delegate_outbox_depth") == 0, "the outbox to empty")

@@ -17,7 +17,7 @@ import pytest
 from agent.controlplane.app import ControlPlaneService
 from agent.controlplane.core import ControlPlaneSettings
 from tests.conftest import TOKEN, ControlPlaneFactory, free_port
-from tests.helpers import wait_for, wait_until
+from tests.helpers import wait_task, wait_until, wait_views
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ControlPlaneSettings(
@@ -105,13 +105,13 @@ async def test_sigterm_drains_running_work_and_exits_0(
     cp = await control_plane_factory(settings=FAST)
     p = await spawn(cp, "drainer")
     await ready(http, p)
-    task = cp.core.create_task(type="test.sleep", payload={"seconds": 2})
-    await wait_for(lambda: cp.core.get_task(task.id).state == "running", "the task to start")
+    task = await cp.core.create_task(type="test.sleep", payload={"seconds": 2})
+    await wait_task(cp.core, task.id, lambda t: t.state == "running", "the task to start")
     p.signal(signal.SIGTERM)
-    await wait_for(lambda: cp.core.delegate_views()[0].state == "draining", "draining")
+    await wait_views(cp.core, lambda v: v[0].state == "draining", "draining")
     assert await readyz(http, p) == 503
     assert await p.exit_code() == 0, p.output()
-    result = cp.core.get_task(task.id)
+    result = await cp.core.get_task(task.id)
     assert result.status == "SUCCESS"
     assert result.result is not None and result.result.status == "SUCCESS"
     assert '"event":"agent.drained"' in p.output()
@@ -124,13 +124,13 @@ async def test_a_second_signal_cancels_at_once(
     cp = await control_plane_factory(settings=FAST)
     p = await spawn(cp, "impatient")
     await ready(http, p)
-    task = cp.core.create_task(type="test.sleep", payload={"seconds": 120})
-    await wait_for(lambda: cp.core.get_task(task.id).state == "running", "the task to start")
+    task = await cp.core.create_task(type="test.sleep", payload={"seconds": 120})
+    await wait_task(cp.core, task.id, lambda t: t.state == "running", "the task to start")
     p.signal(signal.SIGTERM)
-    await wait_for(lambda: cp.core.delegate_views()[0].state == "draining", "draining")
+    await wait_views(cp.core, lambda v: v[0].state == "draining", "draining")
     p.signal(signal.SIGINT)
     assert await p.exit_code(timeout=15) == 0
-    assert cp.core.get_task(task.id).state == "queued"
+    assert (await cp.core.get_task(task.id)).state == "queued"
 
 
 async def test_kill_9_mid_task_requeues_it_to_another_delegate(
@@ -140,15 +140,13 @@ async def test_kill_9_mid_task_requeues_it_to_another_delegate(
     cp = await control_plane_factory(settings=FAST)
     first = await spawn(cp, "doomed")
     await ready(http, first)
-    task = cp.core.create_task(type="test.sleep", payload={"seconds": 2})
-    await wait_for(lambda: cp.core.get_task(task.id).delegate_name == "doomed", "the task to start on 'doomed'")
+    task = await cp.core.create_task(type="test.sleep", payload={"seconds": 2})
+    await wait_task(cp.core, task.id, lambda t: t.delegate_name == "doomed", "the task to start on 'doomed'")
     second = await spawn(cp, "survivor")
     await ready(http, second)
     first.process.kill()
     await first.exit_code()
-    result = await wait_for(
-        lambda: (t := cp.core.get_task(task.id)).state == "done" and t, "the task to finish", timeout=30
-    )
+    result = await wait_task(cp.core, task.id, lambda t: t.state == "done", "the task to finish", timeout=30)
     assert (result.status, result.delegate_name, result.attempts) == ("SUCCESS", "survivor", 2)
 
 
@@ -159,8 +157,8 @@ async def test_the_watchdog_ends_a_shutdown_that_hangs(
     cp = await control_plane_factory(settings=FAST)
     p = await spawn(cp, "stuck", AGENT_DRAIN_TIMEOUT_SECONDS="0", AGENT_SHUTDOWN_GRACE_SECONDS="1")
     await ready(http, p)
-    task = cp.core.create_task(type="test.sleep", payload={"seconds": 0.1})
-    await wait_for(lambda: cp.core.get_task(task.id).state == "running", "the task to start")
+    task = await cp.core.create_task(type="test.sleep", payload={"seconds": 0.1})
+    await wait_task(cp.core, task.id, lambda t: t.state == "running", "the task to start")
     await cp.stop()
     p.signal(signal.SIGTERM)
     assert await p.exit_code(timeout=15) == 70

@@ -23,7 +23,7 @@ from agent.cli import EXIT_OK, main
 from agent.controlplane.app import ControlPlaneConfig, ControlPlaneService, CredentialsError, load_credentials
 from agent.controlplane.core import ControlPlane, ControlPlaneSettings
 from agent.controlplane.ratelimit import FailureLimiter, OncePerSecond
-from agent.controlplane.store import Store
+from agent.controlplane.store import SqliteStore
 from agent.controlplane.tokens import TokenScope
 from agent.protocol.client import ControlPlaneClient
 from agent.protocol.errors import AuthError, Code, RateLimited, UnknownDelegate
@@ -90,18 +90,18 @@ async def refused(call: Awaitable[object], code: str, message: str) -> AuthError
 
 async def a_keeps_working(s: Stack) -> None:
     """A task for team A still runs on A's delegate, registered as it was."""
-    task = s.core.create_task(type="test.echo", payload={"message": "still here"}, selectors=["team-a"])
+    task = await s.core.create_task(type="test.echo", payload={"message": "still here"}, selectors=["team-a"])
     finished = await done(s.cp, task.id)
     assert (finished.status, finished.delegate_id) == ("SUCCESS", s.a_id)
-    view = next(v for v in s.core.delegate_views() if v.delegate_id == s.a_id)
+    view = next(v for v in await s.core.delegate_views() if v.delegate_id == s.a_id)
     assert (view.state, view.token_name, view.name) == ("running", "team-a", "team-a")
 
 
 async def gated_task_on_a(s: Stack, **kwargs: object) -> tuple[str, str]:
     """A task A's delegate is running and holds (the gate is shut): its id and lease id."""
-    task = s.core.create_task(type="test.gate", payload={}, selectors=["team-a"], **kwargs)
+    task = await s.core.create_task(type="test.gate", payload={}, selectors=["team-a"], **kwargs)
     await wait_for(lambda: task.id in s.a.gate.started, "A to start the task")
-    row = s.core.store.get_task(task.id)
+    row = await s.core.store.get_task(task.id)
     assert row.delegate_id == s.a_id and row.lease_id
     return task.id, row.lease_id
 
@@ -125,7 +125,7 @@ async def test_b_cannot_acquire_as_a(stack: Stack) -> None:
     """Acquiring under A's id would hand B A's tasks (access key ids, role ARNs, External IDs)."""
     s = stack
     task_id, _ = await gated_task_on_a(s)  # A is busy with one; another waits for it
-    queued = s.core.create_task(type="test.echo", payload={"message": "secret"}, selectors=["team-a"])
+    queued = await s.core.create_task(type="test.echo", payload={"message": "secret"}, selectors=["team-a"])
     await refused(
         s.b.acquire(s.a_id, AcquireRequest(max_tasks=4, wait_seconds=0)), Code.DELEGATE_TOKEN_MISMATCH, MISMATCH
     )
@@ -165,11 +165,11 @@ async def test_b_cannot_register_a_again_under_its_instance_id(stack: Stack) -> 
 async def test_b_cannot_register_beyond_its_scope(stack: Stack, name: str, tags: list[str], named: str) -> None:
     """Registering with A's name or tags would route A's connector tests to B; the refusal names them."""
     s = stack
-    before = {v.delegate_id for v in s.core.delegate_views()}
+    before = {v.delegate_id for v in await s.core.delegate_views()}
     err = await refused(s.b.register(register_request(name, tags)), Code.TOKEN_SCOPE, named)
     assert "delegate token 'team-b' may not register the " in err.message
     assert "it allows names [team-b*] and tags [team-b*, eks, lab]" in err.message
-    assert {v.delegate_id for v in s.core.delegate_views()} == before
+    assert {v.delegate_id for v in await s.core.delegate_views()} == before
     await a_keeps_working(s)
 
 
@@ -179,7 +179,7 @@ async def test_b_cannot_renew_or_release_as_lease(stack: Stack) -> None:
     task_id, lease_id = await gated_task_on_a(s)
     await refused(s.b.renew_lease(lease_id), Code.DELEGATE_TOKEN_MISMATCH, LEASE_MISMATCH)
     await refused(s.b.release_lease(lease_id), Code.DELEGATE_TOKEN_MISMATCH, LEASE_MISMATCH)
-    row = s.core.store.get_task(task_id)
+    row = await s.core.store.get_task(task_id)
     assert (row.state, row.lease_id, row.delegate_id) == ("running", lease_id, s.a_id)
     s.a.gate.open(task_id)
     finished = await done(s.cp, task_id)
@@ -190,12 +190,12 @@ async def test_b_cannot_renew_or_release_as_lease(stack: Stack) -> None:
 async def test_b_cannot_report_a_forged_success_for_as_task(stack: Stack) -> None:
     """A forged SUCCESS would be stored as the connector's last test: it is refused and nothing changes."""
     s = stack
-    s.core.apply_connector(manual_connector("Team A prod", delegateSelectors=["team-a"]))
-    first = s.core.create_task(
+    await s.core.apply_connector(manual_connector("Team A prod", delegateSelectors=["team-a"]))
+    first = await s.core.create_task(
         type="test.echo", payload={"message": "x", "fail": True}, selectors=["team-a"], connector_id="Team_A_prod"
     )
     assert (await done(s.cp, first.id)).status == "FAILURE"
-    last = s.core.connector_record(s.core.get_connector("Team_A_prod")).last_test
+    last = (await s.core.connector_record(await s.core.get_connector("Team_A_prod"))).last_test
     assert last is not None and (last.task_id, last.status) == (first.id, "FAILURE")
 
     task_id, lease_id = await gated_task_on_a(s, connector_id="Team_A_prod")
@@ -208,8 +208,8 @@ async def test_b_cannot_report_a_forged_success_for_as_task(stack: Stack) -> Non
         finished_at=now,
     )
     await refused(s.b.submit_result(task_id, forged), Code.DELEGATE_TOKEN_MISMATCH, LEASE_MISMATCH)
-    assert s.core.connector_record(s.core.get_connector("Team_A_prod")).last_test == last
-    assert s.core.store.get_task(task_id).state == "running"
+    assert (await s.core.connector_record(await s.core.get_connector("Team_A_prod"))).last_test == last
+    assert (await s.core.store.get_task(task_id)).state == "running"
     s.a.gate.open(task_id)
     assert (await done(s.cp, task_id)).delegate_id == s.a_id
     await a_keeps_working(s)
@@ -236,8 +236,8 @@ async def test_a_revoked_tokens_instance_starts_afresh_without_its_leases(
     )
     new_id = (await s.b.register(request)).delegate_id
     assert new_id != s.a_id
-    assert s.core.store.get_delegate(s.a_id) is None
-    row = s.core.store.get_task(task_id)
+    assert await s.core.store.get_delegate(s.a_id) is None
+    row = await s.core.store.get_task(task_id)
     assert (row.state, row.delegate_id, row.attempts) == ("queued", None, 0)  # nobody's, and no attempt used
     s.a.gate.open(task_id)
 
@@ -314,11 +314,11 @@ async def test_an_older_database_gets_the_scope_columns(tmp_path: Path) -> None:
             "signing_key BLOB NOT NULL, created_at REAL NOT NULL)"
         )
         db.execute("INSERT INTO issued_tokens VALUES('kid1', 'old', x'00', 1.0)")
-    store = Store(path)
+    store = SqliteStore(path)
     try:
-        assert store.issued_token_scopes() == {"kid1": (None, None)}
+        assert await store.issued_token_scopes() == {"kid1": (None, None)}
     finally:
-        store.close()
+        await store.close()
 
 
 async def cli(url: str, *argv: str) -> int:

@@ -35,7 +35,7 @@ from agent.runtime.settings import AgentSettings, ControlPlaneEndpoint
 from agent.runtime.signing import TaskGuard, task_check_from_key
 from tests.conftest import API_KEY, FAST, TOKEN, ControlPlaneFactory, ManualClock, done
 from tests.handlers import all_handlers
-from tests.helpers import wait_for
+from tests.helpers import wait_for, wait_task
 
 _ACQUIRE = re.compile(r"/v1/delegates/([^/]+)/acquire")
 _RESULT = re.compile(r"/v1/tasks/([^/]+)/result")
@@ -191,7 +191,7 @@ async def test_a_task_replayed_to_the_same_delegate_is_refused_as_already_run(
     proxy = ReplayProxy(cp.url)
     with structlog.testing.capture_logs() as logs:
         async with proxy.running() as url, delegates(url, key(cp), "a") as (a,):
-            task = cp.core.create_task(type="test.gate", payload={})
+            task = await cp.core.create_task(type="test.gate", payload={})
             await wait_for(lambda: a.handlers["test.gate"].started == [task.id], "the genuine run to start")
             stolen = await captured(proxy, task.id)
             if when == "after it finished":
@@ -226,7 +226,7 @@ async def test_a_task_replayed_to_another_delegate_is_refused_as_signed_for_anot
             delegates(url, key(cp), "a", "b", tags=("a-only",)) as ab,
         ):
             a, b = ab
-            task = cp.core.create_task(type="test.gate", payload={}, selectors=["a-only"])
+            task = await cp.core.create_task(type="test.gate", payload={}, selectors=["a-only"])
             await wait_for(lambda: a.handlers["test.gate"].started == [task.id], "a to start the task")
             proxy.replay(b.id, await captured(proxy, task.id))
             (refusal,) = await wait_for(lambda: refusals(logs, task.id), "b to refuse the replay")
@@ -251,7 +251,7 @@ async def test_a_task_replayed_after_its_signature_expired_is_refused_as_expired
     proxy = ReplayProxy(cp.url)
     clock = ManualClock(time.time())
     async with proxy.running() as url, delegates(url, key(cp), "a", clock=clock) as (a,):
-        task = cp.core.create_task(type="test.echo", payload={"message": "once"})
+        task = await cp.core.create_task(type="test.echo", payload={"message": "once"})
         genuine = await done(cp, task.id)
         stolen = await captured(proxy, task.id)
         clock.advance(FAST.lease_seconds + CLOCK_LEEWAY_SECONDS + 1)
@@ -266,7 +266,7 @@ async def test_a_task_replayed_after_its_signature_expired_is_refused_as_expired
     # No effect: the lease was already answered, so the control plane keeps the genuine result.
     assert (reported.status, reported.answer) == (200, {"outcome": "duplicate"})
     assert a.handlers["test.echo"].seen == [task.id]
-    assert cp.core.get_task(task.id).status == genuine.status == "SUCCESS"
+    assert (await cp.core.get_task(task.id)).status == genuine.status == "SUCCESS"
 
 
 @pytest.mark.attacks
@@ -279,7 +279,7 @@ async def test_a_replay_with_an_altered_lease_is_refused_as_a_signature_mismatch
     proxy = ReplayProxy(cp.url)
     with structlog.testing.capture_logs() as logs:
         async with proxy.running() as url, delegates(url, key(cp), "a") as (a,):
-            task = cp.core.create_task(type="test.echo", payload={"message": "once"})
+            task = await cp.core.create_task(type="test.echo", payload={"message": "once"})
             await done(cp, task.id)
             stolen = await captured(proxy, task.id)
             stolen[altered] = value
@@ -297,7 +297,7 @@ async def test_a_replay_with_an_altered_lease_is_refused_as_a_signature_mismatch
     else:
         assert (reported.status, reported.answer) == (200, {"outcome": "duplicate"})
     assert a.handlers["test.echo"].seen == [task.id]
-    assert cp.core.get_task(task.id).status == "SUCCESS"
+    assert (await cp.core.get_task(task.id)).status == "SUCCESS"
 
 
 @pytest.mark.attacks
@@ -308,7 +308,7 @@ async def test_a_control_plane_clock_behind_the_delegate_s(
     """Within the leeway a skewed clock is tolerated; beyond it the user sees why the task was refused."""
     cp = await start(control_plane_factory, clock=ManualClock(time.time() - behind))
     async with delegates(cp.url, key(cp), "a") as (a,):
-        task = cp.core.create_task(type="test.echo", payload={"message": "late"})
+        task = await cp.core.create_task(type="test.echo", payload={"message": "late"})
         await done(cp, task.id)
         async with http.get(f"{cp.url}/api/v1/tasks/{task.id}", headers={"X-API-Key": API_KEY}) as resp:
             assert resp.status == 200
@@ -333,13 +333,13 @@ async def test_a_tampered_copy_of_a_task_never_replaces_the_genuine_result(
     with structlog.testing.capture_logs() as logs:
         async with proxy.running() as url, delegates(url, key(cp), "a") as (a,):
             if genuine == "running":
-                task = cp.core.create_task(type="test.gate", payload={})
+                task = await cp.core.create_task(type="test.gate", payload={})
                 await wait_for(lambda: a.handlers["test.gate"].started == [task.id], "the genuine run to start")
                 stolen = await captured(proxy, task.id)
                 stolen["signature"] = None
             else:
                 proxy.hold_results = True  # the genuine SUCCESS waits in the delegate's outbox
-                task = cp.core.create_task(type="test.echo", payload={"message": "once"})
+                task = await cp.core.create_task(type="test.echo", payload={"message": "once"})
                 await wait_for(lambda: proxy.held, "the genuine result to be sent (and held)")
                 stolen = await captured(proxy, task.id)
                 stolen["attempt"] += 1
@@ -368,7 +368,7 @@ async def test_a_task_replayed_to_the_same_delegate_after_a_restart_is_refused(
     with structlog.testing.capture_logs() as logs:
         async with proxy.running() as url:
             async with delegates(url, key(cp), "a") as (before,):
-                task = cp.core.create_task(type="test.echo", payload={"message": "once"})
+                task = await cp.core.create_task(type="test.echo", payload={"message": "once"})
                 await done(cp, task.id)
                 stolen = await captured(proxy, task.id)
             async with delegates(url, key(cp), "a") as (after,):
@@ -390,11 +390,11 @@ async def test_a_task_runs_on_past_its_signature_expiry_while_its_lease_is_renew
     proxy = ReplayProxy(cp.url)
     clock = ManualClock(time.time())
     async with proxy.running() as url, delegates(url, key(cp), "a", clock=clock) as (a,):
-        task = cp.core.create_task(type="test.gate", payload={})
+        task = await cp.core.create_task(type="test.gate", payload={})
         await wait_for(lambda: a.handlers["test.gate"].started == [task.id], "the task to start")
         expires = datetime.fromisoformat((await captured(proxy, task.id))["signatureExpiresAt"]).timestamp()
-        await wait_for(
-            lambda: (cp.core.get_task(task.id).lease_expires_at or 0) > expires + 1, "the lease to be renewed past it"
+        await wait_task(
+            cp.core, task.id, lambda t: (t.lease_expires_at or 0) > expires + 1, "the lease to be renewed past it"
         )
         clock.advance(3600)
         a.handlers["test.gate"].open(task.id)

@@ -512,7 +512,7 @@ async def test_the_data_dir_and_everything_secret_in_it_are_the_owners_alone(tmp
     """Another local user can read neither the database nor the generated credentials."""
     data_dir = tmp_path / "new" / "cp"
     async with ControlPlaneService(ControlPlaneConfig(port=0, data_dir=data_dir)) as cp:
-        cp.store.revoked_tokens()  # the database is open and written
+        await cp.store.revoked_tokens()  # the database is open and written
     assert _mode(data_dir) == 0o700
     for name in ("controlplane.sqlite3", "delegate-token", "api-key", "task-signing-key"):
         assert _mode(data_dir / name) == 0o600, name

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import FAST, AgentFactory, ControlPlaneFactory, Running
-from tests.helpers import wait_for, wait_until
+from tests.helpers import wait_for, wait_task, wait_until
 from tests.promserver import running_prometheus
 from tests.test_chart import VARIANTS, one, render
 
@@ -88,7 +88,7 @@ scrape_configs:
         assert await prom.query(saturated) == []
 
         # Loaded: a task held running in every slot of the fleet.
-        tasks = [cp.core.create_task(type="test.gate", payload={}) for _ in range(2 * CAPACITY)]
+        tasks = [await cp.core.create_task(type="test.gate", payload={}) for _ in range(2 * CAPACITY)]
         for d in fleet:
             await wait_for(lambda d=d: sample(d, "delegate_tasks_running") == CAPACITY, "every slot running a task")
             assert (sample(d, "delegate_task_slots_busy"), sample(d, "delegate_task_slots_free")) == (CAPACITY, 0)
@@ -104,4 +104,4 @@ scrape_configs:
         for d in fleet:
             d.gate.open_all()
         for t in tasks:
-            await wait_for(lambda t=t: cp.core.get_task(t.id).state == "done", "the held tasks to finish")
+            await wait_task(cp.core, t.id, lambda r: r.state == "done", "the held tasks to finish")

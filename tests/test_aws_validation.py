@@ -661,7 +661,7 @@ async def test_platform_mode_runs_the_same_validator_in_the_control_plane(
     cp = await control_plane_factory(platform_validator=validation)
     doc = manual(key).to_document()
     doc["connector"]["spec"]["executeOnDelegate"] = False
-    cp.core.apply_connector(doc)
+    await cp.core.apply_connector(doc)
     async with http.post(cp.url + "/api/v1/connectors/test/test", headers={"X-API-Key": API_KEY}) as resp:
         view = await resp.json()
     assert (view["status"], view["delegateName"]) == ("SUCCESS", "platform")

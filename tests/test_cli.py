@@ -71,7 +71,7 @@ async def test_connector_test_exits_1_on_failure(
     cp = await control_plane_factory(
         settings=ControlPlaneSettings(pickup_timeout_seconds=0.3, sweep_interval_seconds=0.05)
     )
-    cp.core.apply_connector(manual_connector("Gov", delegateSelectors=["gov", "prod"]))
+    await cp.core.apply_connector(manual_connector("Gov", delegateSelectors=["gov", "prod"]))
     code = await run_cli("connector", "test", "Gov", "--timeout", "20", "--control-plane", cp.url, "--api-key", API_KEY)
     out = capsys.readouterr().out
     assert code == EXIT_FAILED

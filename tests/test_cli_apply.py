@@ -53,7 +53,7 @@ async def test_one_invalid_document_means_none_is_applied_and_each_problem_is_pl
     assert any(line.startswith("  connector.spec.delegateSelectors") for line in err)
     assert err[-1] == "delegate-agent: nothing applied: 2 problem(s) in 4 document(s)"
     assert "Traceback" not in captured.err
-    assert cp.core.store.connectors() == []
+    assert await cp.core.store.connectors() == []
 
 
 async def test_a_directory_applies_its_connector_files_in_name_order(
@@ -78,7 +78,7 @@ async def test_a_directory_applies_its_connector_files_in_name_order(
     assert await run_cli("connector", "apply", "-f", str(d), *common) == EXIT_USAGE
     err = capsys.readouterr().err
     assert f"{d / '40-d.yaml'} document 1 (name 'Ay'): the identifier Ay is also {d / '10-a.yaml'} document 1" in err
-    assert cp.core.get_connector("Ay").body["connector"]["spec"]["delegateSelectors"] == []
+    assert (await cp.core.get_connector("Ay")).body["connector"]["spec"]["delegateSelectors"] == []
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -106,7 +106,7 @@ async def test_an_unreadable_file_among_several_is_reported_with_the_others(
     assert "  connector.when: unknown field" in err.splitlines()
     assert "nothing applied: 2 problem(s) in 3 document(s)" in err
     assert "Traceback" not in err
-    assert cp.core.store.connectors() == []
+    assert await cp.core.store.connectors() == []
 
 
 async def test_dry_run_validates_and_stores_nothing(
@@ -119,7 +119,7 @@ async def test_dry_run_validates_and_stores_nothing(
         assert resp.status == 200
         body = await resp.json()
     assert (body["identifier"], body["outcome"], body["dryRun"]) == ("Dry", "created", True)
-    assert cp.core.store.get_connector("Dry") is None
+    assert await cp.core.store.get_connector("Dry") is None
 
     async with http.post(url, json=manual_connector("Dry"), headers=H) as resp:
         assert resp.status == 201
@@ -132,7 +132,7 @@ async def test_dry_run_validates_and_stores_nothing(
         "updated",
         ["eks"],
     )
-    assert cp.core.get_connector("Dry").body["connector"]["spec"]["delegateSelectors"] == []
+    assert (await cp.core.get_connector("Dry")).body["connector"]["spec"]["delegateSelectors"] == []
 
     async with http.post(url, params={"dryRun": "true"}, json=bad_region("Bad"), headers=H) as resp:
         assert resp.status == 400

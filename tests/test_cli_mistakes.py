@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from agent.cli import EXIT_OK, EXIT_USAGE, build_parser, main
+from agent.protocol.signing import TaskSigningKey
 from tests.conftest import API_KEY, TOKEN, ControlPlaneFactory, free_port, manual_connector
 
 UTF16 = "connector:\n  name: x\n".encode("utf-16")  # with its byte-order mark, as Notepad writes it
@@ -240,7 +241,32 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> ControlPlaneRuns:
         "tls-missing": control_plane(root / "a", "--tls-cert", str(root / "missing.pem")),
         "tls-not-pem": control_plane(root / "b", "--tls-cert", str(root / "cert.pem")),
         **{f"data-dir-{i}": control_plane(d) for i, (d, _) in enumerate(data_dirs)},
+        "no-store": ["control-plane", "--listen", "127.0.0.1:0"],
+        "not-postgres": [
+            "control-plane",
+            "--database",
+            f"sqlite:///{root}/x.db",
+            "--database-listen-url",
+            "mysql://h/db",
+        ],
+        "shared-credentials": ["control-plane", "--database", DATABASE, "--listen", "127.0.0.1:0"],
+        "unreachable": [
+            "control-plane",
+            "--database",
+            DATABASE,
+            "--listen",
+            "127.0.0.1:0",
+            "--delegate-token-file",
+            str(root / "tokens"),
+            "--api-key-file",
+            str(root / "keys"),
+            "--task-signing-key-file",
+            str(root / "signing-key"),
+        ],
     }
+    (root / "tokens").write_text(f"default:{TOKEN}\n")
+    (root / "keys").write_text("an-api-key-of-enough-length\n")
+    (root / "signing-key").write_text(TaskSigningKey.generate().seed_b64 + "\n")
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -265,6 +291,39 @@ def test_an_unusable_control_plane_data_dir_is_one_line(runs: ControlPlaneRuns) 
         assert code == EXIT_USAGE, line
         assert line.startswith(f"delegate-agent: cannot use the data dir {data_dir} (--data-dir): "), line
         assert reason in line
+
+
+#: A Postgres URL nothing listens on, with a password that must never be shown.
+DB_PASSWORD = "canary-db-password-3141"
+DATABASE = f"postgresql://cp:{DB_PASSWORD}@127.0.0.1:9/controlplane"
+
+
+def test_the_store_options_are_checked_before_anything_starts(runs: ControlPlaneRuns) -> None:
+    """No store at all, or URLs that are not Postgres: every problem at once, exit 2, nothing started."""
+    code, err = runs.results["no-store"]
+    assert (code, one_line(err)) == (
+        EXIT_USAGE,
+        "delegate-agent: control-plane: give --data-dir (SQLite, one process) or --database (Postgres)",
+    )
+    code, err = runs.results["not-postgres"]
+    assert code == EXIT_USAGE
+    assert "--database must be a postgresql:// URL (SQLite lives in --data-dir)" in err
+    assert "--database-listen-url must be a postgresql:// URL" in err
+
+
+def test_replicas_must_be_given_their_credentials_and_the_password_is_never_shown(runs: ControlPlaneRuns) -> None:
+    """With --database nothing is generated (each replica would make its own): all three missing ones
+    are named in one line; a database nobody answers on is one line too. The password appears nowhere."""
+    code, err = runs.results["shared-credentials"]
+    line = one_line(err)
+    assert code == EXIT_USAGE, line
+    for missing in ("delegate tokens", "API keys", "the task signing key (--task-signing-key-file)"):
+        assert missing in line
+    code, err = runs.results["unreachable"]
+    assert code == EXIT_USAGE, err
+    assert err.splitlines()[-1].startswith("delegate-agent: cannot use the database (--database): "), err
+    for _, output in runs.results.values():
+        assert DB_PASSWORD not in output and DB_PASSWORD[:8] not in output
 
 
 def test_tls_files_and_a_busy_port_are_one_line_each(runs: ControlPlaneRuns) -> None:

@@ -51,7 +51,7 @@ async def test_delegates_list_of_a_delegate_without_tags_has_no_none(
 ) -> None:
     """A real listing: every cell holds a value or '-'."""
     cp = await control_plane_factory()
-    cp.core.register(register_request("d1", []))
+    await cp.core.register(register_request("d1", []))
     assert await run_cli("delegates", "list", "--control-plane", cp.url, "--api-key", API_KEY) == EXIT_OK
     out = capsys.readouterr().out
     assert "None" not in out and "d1" in out
@@ -268,17 +268,17 @@ async def test_last_test_time_is_when_the_test_ran_not_when_the_result_arrived(
 ) -> None:
     """A result delivered late (an outbox replay) keeps the time its test ran."""
     cp = await control_plane_factory()
-    cp.core.apply_connector(manual_connector("Late"))
-    reg = cp.core.register(register_request("d1"))
+    await cp.core.apply_connector(manual_connector("Late"))
+    reg = await cp.core.register(register_request("d1"))
     testing = asyncio.create_task(cp.core.test_connector("Late", TestRequest(wait_seconds=0)))
     [task] = (await cp.core.acquire(reg.delegate_id, AcquireRequest(max_tasks=1, wait_seconds=5))).tasks
     ran = datetime.now(UTC) - timedelta(minutes=5)
     output = ValidationResult(status="SUCCESS", tested_at=ran)
-    cp.core.submit_result(
+    await cp.core.submit_result(
         task.task_id,
         TaskResult(lease_id=task.lease_id, status="SUCCESS", output=output, started_at=ran, finished_at=ran),
     )
     await testing
-    record = cp.core.connector_record(cp.core.get_connector("Late"))
+    record = await cp.core.connector_record(await cp.core.get_connector("Late"))
     assert record.last_test is not None
     assert record.last_test.tested_at == ran

@@ -41,7 +41,7 @@ async def test_a_test_outlasting_its_timeout_exits_4_and_the_tasks_commands_foll
 ) -> None:
     """Timeout: its own exit code and how to fetch the result; then tasks get, list and cancel."""
     cp = await control_plane_factory()
-    cp.core.apply_connector(manual_connector("Lonely", delegateSelectors=["nobody"]))
+    await cp.core.apply_connector(manual_connector("Lonely", delegateSelectors=["nobody"]))
 
     assert await run_cli("connector", "test", "Lonely", "--timeout", "0.2", *common(cp)) == EXIT_PENDING
     captured = capsys.readouterr()
@@ -76,7 +76,7 @@ async def test_waiting_when_piped_prints_no_progress_and_tasks_get_waits_for_a_r
     cp = await control_plane_factory(settings=FAST)
     gated = GatedValidation()
     await (await agent_factory(cp, name="runner", extra_handlers=(gated,))).registered()
-    cp.core.apply_connector(manual_connector("Gated"))
+    await cp.core.apply_connector(manual_connector("Gated"))
 
     testing = asyncio.create_task(run_cli("connector", "test", "Gated", "--timeout", "30", *common(cp)))
     await wait_for(lambda: gated.started, "the delegate to start the test")
@@ -171,7 +171,7 @@ async def test_on_a_terminal_progress_shows_queued_then_running_on_the_delegate_
     cp = await control_plane_factory(settings=FAST)
     gated = GatedValidation()
     await (await agent_factory(cp, name="tty-delegate", extra_handlers=(gated,))).registered()
-    cp.core.apply_connector(manual_connector("Tty", delegateSelectors=[]))
+    await cp.core.apply_connector(manual_connector("Tty", delegateSelectors=[]))
 
     tty = await terminal("connector", "test", "Tty", "--timeout", "60", *common(cp))
     await tty.shows("running on tty-delegate")
@@ -193,7 +193,7 @@ async def test_ctrl_c_on_a_terminal_leaves_the_task_running_and_names_it(
 ) -> None:
     """Ctrl-C stops the wait, not the task: exit 130 with the task id and how to fetch or cancel it."""
     cp = await control_plane_factory()
-    cp.core.apply_connector(manual_connector("Waiting", delegateSelectors=["nobody", "prod"]))
+    await cp.core.apply_connector(manual_connector("Waiting", delegateSelectors=["nobody", "prod"]))
 
     tty = await terminal("connector", "test", "Waiting", *common(cp))
     await tty.shows("queued: waiting for a delegate with tags nobody, prod")
@@ -207,4 +207,4 @@ async def test_ctrl_c_on_a_terminal_leaves_the_task_running_and_names_it(
     assert f"interrupted: task {task_id} keeps running" in tty.text
     assert f"delegate-agent tasks cancel {task_id}" in tty.text
     assert "Traceback" not in tty.text
-    assert cp.core.get_task(task_id).state == "queued"
+    assert (await cp.core.get_task(task_id)).state == "queued"

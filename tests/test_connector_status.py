@@ -127,12 +127,12 @@ async def test_the_no_eligible_delegate_failure_lists_the_tag_sets_there_are(
     cp = await control_plane_factory(clock=clock)
     client = delegate_client(http, cp.url)
     eks = (await client.register(register_request("eks-1", ["eu", "prod"]))).delegate_id
-    cp.core.apply_connector(manual_connector("Gov", delegateSelectors=["gov"]))
+    await cp.core.apply_connector(manual_connector("Gov", delegateSelectors=["gov"]))
     task = await cp.core.test_connector("Gov", TestRequest(wait_seconds=0))
     clock.advance(31)  # past the 30 s pickup timeout
     await client.heartbeat(eks, HeartbeatRequest(state="running"))  # still connected
-    cp.core.sweep()
-    failed = cp.core.get_task(task.id)
+    await cp.core.sweep()
+    failed = await cp.core.get_task(task.id)
     assert (failed.status, failed.failure_reason) == ("FAILURE", "no_eligible_delegate")
     assert failed.result is not None and failed.result.error_summary is not None
     assert "no connected delegate has all of the tags [gov]" in failed.result.error_summary
@@ -170,10 +170,10 @@ async def test_an_api_export_is_applied_with_one_notice(
         "what Harness keeps around it: createdAt, lastModifiedAt, status, activityDetails, harnessManaged, "
         "gitDetails, entityValidityDetails, isFavorite"
     ]
-    stored = cp.core.get_connector("api_exported").body
+    stored = (await cp.core.get_connector("api_exported")).body
     assert list(stored) == ["connector"]
     assert stored["connector"]["accountIdentifier"] == "kmpySmUISimoRrJL6NL73w"
-    preview = cp.core.apply_connector(yaml.safe_load(export.read_text()), dry_run=True)
+    preview = await cp.core.apply_connector(yaml.safe_load(export.read_text()), dry_run=True)
     assert (preview.outcome, preview.warnings[0]) == ("unchanged", notices[0].split(": ", 3)[3])
 
 

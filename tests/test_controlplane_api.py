@@ -187,7 +187,7 @@ async def test_a_slow_test_answers_202_and_can_be_polled(
         view = msgspec.convert(await resp.json(), TaskView)
     assert view.state == "queued"
     clock.advance(6)
-    cp.core.sweep()
+    await cp.core.sweep()
     async with http.get(cp.url + f"/api/v1/tasks/{view.task_id}", params={"wait": "1"}, headers=H) as resp:
         done = msgspec.convert(await resp.json(), TaskView)
     assert (done.state, done.status, done.failure_reason) == ("done", "FAILURE", "no_eligible_delegate")
@@ -248,18 +248,18 @@ async def test_a_restart_keeps_connectors_tasks_and_leases(
     await apply(http, cp.url, manual_connector("Keep"))
     client = delegate_client(http, cp.url)
     d = await client.register(register_request("a"))
-    running = cp.core.create_task(type="test.echo", payload={"n": 1})
+    running = await cp.core.create_task(type="test.echo", payload={"n": 1})
     [lease] = (await client.acquire(d.delegate_id, AcquireRequest(max_tasks=1, wait_seconds=0))).tasks
-    queued = cp.core.create_task(type="test.echo", payload={"n": 2})
+    queued = await cp.core.create_task(type="test.echo", payload={"n": 2})
     data_dir = cp.config.data_dir
     await cp.stop()
     clock.advance(25)  # downtime close to the lease length: leases get a fresh allowance on restart
     cp2 = await control_plane_factory(data_dir=data_dir, clock=clock)
-    cp2.core.sweep()
+    await cp2.core.sweep()
     async with http.get(cp2.url + "/api/v1/connectors/Keep", headers=H) as resp:
         assert resp.status == 200
-    assert cp2.core.get_task(queued.id).state == "queued"
-    assert cp2.core.get_task(running.id).state == "running"
+    assert (await cp2.core.get_task(queued.id)).state == "queued"
+    assert (await cp2.core.get_task(running.id)).state == "running"
     client2 = delegate_client(http, cp2.url)
 
     now = datetime.now(UTC)
@@ -417,7 +417,7 @@ async def test_the_control_plane_wakes_waiters_on_delegate_registration(
 ) -> None:
     """Tasks queued before any delegate existed are picked up as soon as one registers and polls."""
     cp = await control_plane_factory()
-    task = cp.core.create_task(type="test.echo", payload={}, selectors=["late"])
+    task = await cp.core.create_task(type="test.echo", payload={}, selectors=["late"])
     client = delegate_client(http, cp.url)
     d = await client.register(register_request("latecomer", ["late"]))
     got = await client.acquire(d.delegate_id, AcquireRequest(max_tasks=1, wait_seconds=1))

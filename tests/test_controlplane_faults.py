@@ -27,7 +27,7 @@ import structlog
 from agent._files import DataDirInUse
 from agent.controlplane.app import DATABASE_FILE, ControlPlaneConfig, ControlPlaneService
 from agent.controlplane.core import ControlPlane, ControlPlaneSettings
-from agent.controlplane.store import Store
+from agent.controlplane.store import SqliteStore
 from agent.protocol.models import TaskResult
 from agent.protocol.results import ValidationResult
 from tests.conftest import API_KEY, FAST, TOKEN, AgentFactory, ControlPlaneFactory, ManualClock, done, free_port
@@ -78,7 +78,7 @@ async def test_a_second_control_plane_on_the_same_data_dir_is_refused(
     assert out.returncode == 2, out.stderr
     assert f"the data dir {tmp_path / 'shared'} (--data-dir) is in use by PID {os.getpid()}" in out.stderr
     assert "Traceback" not in out.stderr
-    assert first.core.create_task(type="test.echo", payload={"message": "still mine"}).state == "queued"
+    assert (await first.core.create_task(type="test.echo", payload={"message": "still mine"})).state == "queued"
 
 
 def _finished(lease_id: str) -> TaskResult:
@@ -95,33 +95,36 @@ def _finished(lease_id: str) -> TaskResult:
 
 
 @pytest.mark.parametrize("stale_view", ["queued", "running"])
-def test_a_stale_sweeper_cannot_overwrite_a_finished_task(tmp_path: Path, stale_view: str) -> None:
-    """Every transition is conditional on the state it expects: a view of the task that is out of date
-    (here a second core on the same file, as two control planes were before the lock) changes nothing."""
+async def test_a_transition_decided_on_a_stale_view_changes_nothing(tmp_path: Path, stale_view: str) -> None:
+    """Every transition is conditional on the state, lease and lease number it was decided on: a view
+    of the task that is out of date (a second core on the same file, as two control planes were
+    before the lock, or another replica) changes nothing, and says so."""
     from agent.controlplane.store import DelegateRow
 
     clock = ManualClock()
     settings = ControlPlaneSettings(pickup_timeout_seconds=30, lease_seconds=30)
-    live = ControlPlane(Store(tmp_path / DATABASE_FILE), settings, clock=clock)
-    stale = ControlPlane(Store(tmp_path / DATABASE_FILE), settings, clock=clock)
-    task = live.create_task(type="test.echo", payload={"message": "x"})
-    live.store.save_delegate(
+    live = ControlPlane(SqliteStore(tmp_path / DATABASE_FILE), settings, clock=clock)
+    stale = ControlPlane(SqliteStore(tmp_path / DATABASE_FILE), settings, clock=clock)
+    task = await live.create_task(type="test.echo", payload={"message": "x"})
+    await live.store.save_delegate(
         DelegateRow("dlg_1", "d1", "i1", None, ("d1",), "1", ("test.echo",), 1, "running", 0, None, 0.0, clock())
     )
-    if stale_view == "queued":
-        stale.recover()  # it saw the task queued
-    [leased] = live._take(live.store.get_delegate("dlg_1"), 1)  # type: ignore[arg-type]
-    if stale_view == "running":
-        stale.recover()  # it saw the task leased
-    assert live.submit_result(task.id, _finished(leased.lease_id)) == "accepted"
-    clock.advance(120)  # past the stale view's pickup deadline and lease expiry
+    seen_queued = await stale.store.get_task(task.id)
+    [leased] = await live.queue.take(await live.store.get_delegate("dlg_1"), 1)  # type: ignore[arg-type]
+    seen_running = await stale.store.get_task(task.id)
+    assert seen_queued is not None and seen_running is not None
+    assert await live.submit_result(task.id, _finished(leased.lease_id)) == "accepted"
     with structlog.testing.capture_logs() as logs:
-        stale.sweep()
-    row = live.store.get_task(task.id)
+        if stale_view == "queued":  # it would fail the task as never picked up
+            await stale.queue.fail_unpicked(seen_queued, [])
+        else:  # it would re-queue the task as if its lease had expired
+            await stale.queue.requeue(seen_running, reason="lease expired")
+    row = await live.store.get_task(task.id)
     assert row is not None and (row.state, row.status, row.failure_reason) == ("done", "SUCCESS", None)
-    assert task.id not in stale._queued and task.id not in stale._running  # it re-read the truth
-    if stale_view == "running":  # its index disagreed with the database: it said so and re-read it
-        assert {"controlplane.reindexed", "controlplane.stale_transition"} & {e["event"] for e in logs}
+    assert "controlplane.stale_transition" in {e["event"] for e in logs}
+    assert (await live.stats()).tasks_requeued == 0 and (await live.stats()).tasks_failed_unpicked == 0
+    await live.store.close()
+    await stale.store.close()
 
 
 # --- a full disk --------------------------------------------------------------------------------
@@ -135,7 +138,7 @@ async def test_a_full_disk_refuses_changes_cleanly_and_recovers_without_a_restar
     cp = await control_plane_factory(data_dir=small_disk / "cp", settings=FAST)
     delegate = await agent_factory(cp, capacity=2)
     await delegate.registered()
-    before = [cp.core.create_task(type="test.echo", payload={"message": f"{n}"}) for n in range(3)]
+    before = [await cp.core.create_task(type="test.echo", payload={"message": f"{n}"}) for n in range(3)]
     for t in before:
         await done(cp, t.id)
     headers = {"X-API-Key": API_KEY}
@@ -153,7 +156,6 @@ async def test_a_full_disk_refuses_changes_cleanly_and_recovers_without_a_restar
             async with http.get(cp.url + "/readyz") as r:
                 ready = await r.json()
                 assert r.status == 503 and "disk full" in ready["problems"][0], ready
-            assert len(cp.core._queued) == 0 and len(cp.core._running) == cp.core.store.count_leased()
 
             filler.unlink()
 
@@ -170,7 +172,7 @@ async def test_a_full_disk_refuses_changes_cleanly_and_recovers_without_a_restar
         assert (await done(cp, later)).status == "SUCCESS"
     announced = [e["task_id"] for e in logs if e["event"] == "controlplane.task_done"]
     assert announced == [later]  # nothing was announced that the disk refused
-    assert cp.core.store.count_tasks() == {"done": 4}
+    assert await cp.core.store.count_tasks() == {"done": 4}
 
 
 async def test_a_result_refused_by_a_full_disk_is_retried_and_counted_once(
@@ -181,7 +183,7 @@ async def test_a_result_refused_by_a_full_disk_is_retried_and_counted_once(
     cp = await control_plane_factory(data_dir=small_disk / "cp", settings=FAST)
     delegate = await agent_factory(cp, capacity=4)
     await delegate.registered()
-    gated = [cp.core.create_task(type="test.gate", payload={}) for _ in range(3)]
+    gated = [await cp.core.create_task(type="test.gate", payload={}) for _ in range(3)]
     await wait_for(lambda: len(delegate.agent.state.running) == 3, "three tasks running")
     filler = fill(small_disk)
     delegate.gate.open_all()  # results arrive while the disk is full: 503, kept in the delegate's outbox
@@ -191,14 +193,14 @@ async def test_a_result_refused_by_a_full_disk_is_retried_and_counted_once(
     for t in gated:
         finished = await done(cp, t.id, timeout=30)
         assert (finished.status, finished.attempts) == ("SUCCESS", 1)
-    assert cp.core.store.counters().get("accepted") == 3
+    assert (await cp.core.store.counters()).get("accepted") == 3
 
 
 async def test_starting_on_a_full_disk_is_one_line_and_exit_2(small_disk: Path) -> None:  # noqa: F811
     data = small_disk / "cp"
     first = ControlPlaneService(ControlPlaneConfig(data_dir=data, api_key=API_KEY, delegate_tokens=f"default:{TOKEN}"))
     await first.setup()
-    first.core.create_task(type="test.echo", payload={"message": "queued"})  # recover() rewrites its deadline
+    await first.core.create_task(type="test.echo", payload={"message": "queued"})  # recover() rewrites its deadline
     await first.shutdown()
     fill(small_disk)
     out = await asyncio.to_thread(_run, _control_plane(data, free_port()))
@@ -391,7 +393,7 @@ def test_a_damaged_wal_under_the_database_is_refused(tmp_path: Path) -> None:
     data[32 + (24 + page) + 24 + 7] ^= 0x10
     wal.write_bytes(bytes(data))
     with pytest.raises(DataFileDamaged, match=r"control plane's database .* is damaged"):
-        Store(crashed / DATABASE_FILE)
+        SqliteStore(crashed / DATABASE_FILE)
 
 
 # --- review findings --------------------------------------------------------------------------------
@@ -406,7 +408,7 @@ async def test_damaged_rows_are_named_and_left_out_never_a_crash(
     cp = await control_plane_factory(data_dir=data)
     for name in ("good", "bad"):
         await _apply(http, cp.url, name)
-    tasks = [cp.core.create_task(type="test.echo", payload={"message": f"{n}"}) for n in range(4)]
+    tasks = [await cp.core.create_task(type="test.echo", payload={"message": f"{n}"}) for n in range(4)]
     await cp.shutdown()
     with sqlite3.connect(data / DATABASE_FILE) as db:
         db.execute("UPDATE connectors SET body='{\"connector\": [' WHERE identifier='bad'")
@@ -452,9 +454,11 @@ async def test_a_full_disk_costs_queued_tasks_nothing_and_the_log_stays_short(
     cp = await control_plane_factory(data_dir=small_disk / "cp", settings=FAST)  # 3 s of silence = lost
     delegate = await agent_factory(cp, capacity=1)
     await delegate.registered()
-    busy = cp.core.create_task(type="test.gate", payload={})
+    busy = await cp.core.create_task(type="test.gate", payload={})
     await wait_for(lambda: delegate.agent.state.running, "the gate task to start")
-    waiting = [cp.core.create_task(type="test.echo", payload={"message": f"{n}"}, pickup_timeout=4) for n in range(3)]
+    waiting = [
+        await cp.core.create_task(type="test.echo", payload={"message": f"{n}"}, pickup_timeout=4) for n in range(3)
+    ]
     with structlog.testing.capture_logs() as logs:
         filler = fill(small_disk)
         await wait_for(lambda: cp.core.store.fault is not None, "the control plane to hit the full disk")
@@ -480,12 +484,12 @@ async def test_the_write_ahead_log_cannot_fill_a_small_volume_by_itself(tmp_path
     from tests.test_disk_faults import tmpfs
 
     with tmpfs(tmp_path / "vol", "2m") as vol:
-        core = ControlPlane(Store(vol / DATABASE_FILE), ControlPlaneSettings(keep_done_tasks_seconds=0))
+        core = ControlPlane(SqliteStore(vol / DATABASE_FILE), ControlPlaneSettings(keep_done_tasks_seconds=0))
         for n in range(1500):  # tasks come and go: the data stays small, the log is what grows
-            t = core.create_task(type="test.echo", payload={"message": "x" * 200})
-            core.cancel_task(t.id)
+            t = await core.create_task(type="test.echo", payload={"message": "x" * 200})
+            await core.cancel_task(t.id)
             if n % 100 == 0:
-                core.sweep()
+                await core.sweep()
         wal = vol / (DATABASE_FILE + "-wal")
         assert wal.stat().st_size <= 1024 * 1024 + 64 * 1024
-        core.store.close()
+        await core.store.close()

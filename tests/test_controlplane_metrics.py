@@ -22,12 +22,12 @@ async def test_the_control_plane_serves_metrics_that_pass_promtool(
     cp = await control_plane_factory(settings=FAST)
     a = await agent_factory(cp, name="m1", tags=("eks",))
     await a.registered()
-    ok = cp.core.create_task(type="test.echo", payload={"message": "x"}, selectors=["eks"])
+    ok = await cp.core.create_task(type="test.echo", payload={"message": "x"}, selectors=["eks"])
     await done(cp, ok.id)
     # Nobody has both tags: these wait in one queue (the selector set "eks,gpu").
     for _ in range(2):
-        cp.core.create_task(type="test.echo", payload={"message": "x"}, selectors=["GPU", "eks"])
-    cancelled = cp.core.create_task(type="test.echo", payload={}, selectors=["arm"])
+        await cp.core.create_task(type="test.echo", payload={"message": "x"}, selectors=["GPU", "eks"])
+    cancelled = await cp.core.create_task(type="test.echo", payload={}, selectors=["arm"])
     async with http.post(f"{cp.url}/api/v1/tasks/{cancelled.id}/cancel", headers=H) as resp:
         assert resp.status == 200
     async with http.get(cp.url + "/healthz") as resp:
@@ -60,21 +60,23 @@ async def test_the_control_plane_serves_metrics_that_pass_promtool(
 
     a.agent.request_shutdown()
     await a.task
+    await cp.core.refresh_gauges()  # what the next scrape does first
     assert get("controlplane_delegates_connected") == 0
 
 
 async def test_an_expired_lease_is_counted(control_plane_factory: ControlPlaneFactory, clock: ManualClock) -> None:
     """A delegate that heartbeats but stops renewing: the sweeper re-queues the task and counts one lease expiry."""
     cp = await control_plane_factory(clock=clock)
-    d = cp.core.register(register_request("silent"))
-    task = cp.core.create_task(type="test.echo", payload={})
+    d = await cp.core.register(register_request("silent"))
+    task = await cp.core.create_task(type="test.echo", payload={})
     answer = await cp.core.acquire(d.delegate_id, AcquireRequest(max_tasks=1, wait_seconds=0))
     assert [t.task_id for t in answer.tasks] == [task.id]
     get = cp.core.metrics.registry.get_sample_value
     assert get("controlplane_lease_expiries_total") == 0
+    await cp.core.refresh_gauges()  # what a scrape does first
     assert get("controlplane_tasks", {"state": "running"}) == 1
     clock.advance(cp.core.settings.lease_seconds + 1)
-    cp.core.heartbeat(d.delegate_id, HeartbeatRequest(state="running"))  # alive, but the lease was not renewed
-    cp.core.sweep()
+    await cp.core.heartbeat(d.delegate_id, HeartbeatRequest(state="running"))  # alive, but the lease was not renewed
+    await cp.core.sweep()
     assert get("controlplane_lease_expiries_total") == 1
-    assert cp.core.get_task(task.id).state == "queued"
+    assert (await cp.core.get_task(task.id)).state == "queued"

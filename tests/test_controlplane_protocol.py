@@ -43,7 +43,7 @@ async def test_register_returns_an_id_and_the_servers_intervals(
         3,
         21,
     )
-    [view] = cp.core.delegate_views()
+    [view] = await cp.core.delegate_views()
     assert view.tags == ["eks", "prod", "alpha"]  # lower-cased, and the name is a tag too (as in Harness)
     assert view.token_name == "default"
 
@@ -58,7 +58,7 @@ async def test_registering_again_with_the_same_instance_keeps_the_id(
     first = await client.register(req)
     second = await client.register(req)
     assert first.delegate_id == second.delegate_id
-    assert len(cp.core.delegate_views()) == 1
+    assert len(await cp.core.delegate_views()) == 1
 
 
 @pytest.mark.parametrize(
@@ -82,7 +82,7 @@ async def test_tasks_go_only_to_delegates_with_all_selectors(
     cp = await control_plane_factory()
     client = delegate_client(http, cp.url)
     d = await client.register(register_request("alpha", tags))
-    task = cp.core.create_task(type="test.echo", payload={}, selectors=selectors)
+    task = await cp.core.create_task(type="test.echo", payload={}, selectors=selectors)
     got = await client.acquire(d.delegate_id, AcquireRequest(max_tasks=5, wait_seconds=0))
     assert [t.task_id for t in got.tasks] == ([task.id] if eligible else [])
 
@@ -94,7 +94,7 @@ async def test_a_task_of_an_unsupported_type_is_not_handed_out(
     cp = await control_plane_factory()
     client = delegate_client(http, cp.url)
     d = await client.register(register_request("alpha", task_types=["test.echo"]))
-    cp.core.create_task(type="aws.validate-connector", payload={})
+    await cp.core.create_task(type="aws.validate-connector", payload={})
     got = await client.acquire(d.delegate_id, AcquireRequest(max_tasks=5, wait_seconds=0))
     assert got.tasks == []
 
@@ -105,13 +105,13 @@ async def test_no_matching_delegate_fails_the_task_with_the_missing_tags(
     """A task nobody can take fails after its pickup timeout, naming the tags nobody has."""
     cp = await control_plane_factory(clock=clock)
     await delegate_client(http, cp.url).register(register_request("alpha", ["eks"]))
-    task = cp.core.create_task(type="test.echo", payload={}, selectors=["gov", "prod"], pickup_timeout=10)
+    task = await cp.core.create_task(type="test.echo", payload={}, selectors=["gov", "prod"], pickup_timeout=10)
     clock.advance(5)
-    cp.core.sweep()
-    assert cp.core.get_task(task.id).state == "queued"
+    await cp.core.sweep()
+    assert (await cp.core.get_task(task.id)).state == "queued"
     clock.advance(6)
-    cp.core.sweep()
-    done = cp.core.get_task(task.id)
+    await cp.core.sweep()
+    done = await cp.core.get_task(task.id)
     assert done.state == "done"
     assert done.status == "FAILURE"
     assert done.result is not None
@@ -126,9 +126,9 @@ async def test_a_long_poll_returns_as_soon_as_a_task_arrives(
     client = delegate_client(http, cp.url)
     d = await client.register(register_request("alpha"))
     poll = asyncio.create_task(client.acquire(d.delegate_id, AcquireRequest(max_tasks=1, wait_seconds=30)))
-    await wait_for(lambda: cp.core._waiters, "the delegate's long poll to be waiting")
+    await wait_for(lambda: cp.core.queue._waiters, "the delegate's long poll to be waiting")
     assert not poll.done()
-    task = cp.core.create_task(type="test.echo", payload={"n": 1})
+    task = await cp.core.create_task(type="test.echo", payload={"n": 1})
     got = await asyncio.wait_for(poll, 5)
     assert [t.task_id for t in got.tasks] == [task.id]
     assert got.tasks[0].payload == {"n": 1}
@@ -141,7 +141,7 @@ async def test_acquire_never_hands_out_more_than_asked(
     cp = await control_plane_factory()
     client = delegate_client(http, cp.url)
     d = await client.register(register_request("alpha"))
-    ids = [cp.core.create_task(type="test.echo", payload={"i": i}).id for i in range(5)]
+    ids = [(await cp.core.create_task(type="test.echo", payload={"i": i})).id for i in range(5)]
     first = await client.acquire(d.delegate_id, AcquireRequest(max_tasks=2, wait_seconds=0))
     second = await client.acquire(d.delegate_id, AcquireRequest(max_tasks=10, wait_seconds=0))
     assert [t.task_id for t in first.tasks] == ids[:2]
@@ -156,11 +156,11 @@ async def test_an_expired_lease_requeues_and_fences_the_late_result(
     client = delegate_client(http, cp.url)
     a = await client.register(register_request("a"))
     b = await client.register(register_request("b"))
-    task = cp.core.create_task(type="test.echo", payload={})
+    task = await cp.core.create_task(type="test.echo", payload={})
     [first] = (await client.acquire(a.delegate_id, AcquireRequest(max_tasks=1, wait_seconds=0))).tasks
     clock.advance(31)  # lease is 30 s and was never renewed
-    cp.core.sweep()
-    assert cp.core.get_task(task.id).state == "queued"
+    await cp.core.sweep()
+    assert (await cp.core.get_task(task.id)).state == "queued"
     [second] = (await client.acquire(b.delegate_id, AcquireRequest(max_tasks=1, wait_seconds=0))).tasks
     assert second.task_id == task.id
     assert second.lease_id != first.lease_id
@@ -169,7 +169,7 @@ async def test_an_expired_lease_requeues_and_fences_the_late_result(
         await client.submit_result(task.id, result(first.lease_id))
     accepted = await client.submit_result(task.id, result(second.lease_id, connector="b"))
     assert accepted.outcome == "accepted"
-    stored = cp.core.get_task(task.id).result
+    stored = (await cp.core.get_task(task.id)).result
     assert stored is not None and (stored.status, stored.connector_identifier) == ("SUCCESS", "b")
 
 
@@ -180,12 +180,12 @@ async def test_the_same_result_twice_is_accepted_once(
     cp = await control_plane_factory()
     client = delegate_client(http, cp.url)
     d = await client.register(register_request("a"))
-    cp.core.create_task(type="test.echo", payload={})
+    await cp.core.create_task(type="test.echo", payload={})
     [t] = (await client.acquire(d.delegate_id, AcquireRequest(max_tasks=1, wait_seconds=0))).tasks
     first = await client.submit_result(t.task_id, result(t.lease_id, connector="n1"))
     again = await client.submit_result(t.task_id, result(t.lease_id, connector="n1"))
     assert (first.outcome, again.outcome) == ("accepted", "duplicate")
-    stored = cp.core.get_task(t.task_id).result
+    stored = (await cp.core.get_task(t.task_id)).result
     assert stored is not None and (stored.status, stored.connector_identifier) == ("SUCCESS", "n1")
 
 
@@ -196,12 +196,12 @@ async def test_a_late_result_is_fenced_even_before_the_sweeper_runs(
     cp = await control_plane_factory(clock=clock)
     client = delegate_client(http, cp.url)
     d = await client.register(register_request("a"))
-    cp.core.create_task(type="test.echo", payload={})
+    await cp.core.create_task(type="test.echo", payload={})
     [t] = (await client.acquire(d.delegate_id, AcquireRequest(max_tasks=1, wait_seconds=0))).tasks
     clock.advance(45)
     with pytest.raises(LeaseFenced):
         await client.submit_result(t.task_id, result(t.lease_id))
-    assert cp.core.get_task(t.task_id).state == "queued"
+    assert (await cp.core.get_task(t.task_id)).state == "queued"
 
 
 async def test_renewal_keeps_a_lease_alive_and_release_requeues_at_once(
@@ -211,16 +211,16 @@ async def test_renewal_keeps_a_lease_alive_and_release_requeues_at_once(
     cp = await control_plane_factory(clock=clock)
     client = delegate_client(http, cp.url)
     d = await client.register(register_request("a"))
-    task = cp.core.create_task(type="test.echo", payload={})
+    task = await cp.core.create_task(type="test.echo", payload={})
     [t] = (await client.acquire(d.delegate_id, AcquireRequest(max_tasks=1, wait_seconds=0))).tasks
     for _ in range(4):
         clock.advance(20)
         renewed = await client.renew_lease(t.lease_id)
         assert renewed.lease_seconds == 30
-        cp.core.sweep()
-    assert cp.core.get_task(task.id).state == "running"
+        await cp.core.sweep()
+    assert (await cp.core.get_task(task.id)).state == "running"
     await client.release_lease(t.lease_id)
-    again = cp.core.get_task(task.id)
+    again = await cp.core.get_task(task.id)
     assert (again.state, again.attempts) == ("queued", 0)
     with pytest.raises(LeaseFenced):
         await client.renew_lease(t.lease_id)
@@ -233,14 +233,14 @@ async def test_a_task_fails_after_its_attempts_run_out(
     cp = await control_plane_factory(clock=clock)
     client = delegate_client(http, cp.url)
     d = await client.register(register_request("a"))
-    task = cp.core.create_task(type="test.echo", payload={}, max_attempts=2)
+    task = await cp.core.create_task(type="test.echo", payload={}, max_attempts=2)
     for _ in range(2):
         got = await client.acquire(d.delegate_id, AcquireRequest(max_tasks=1, wait_seconds=0))
         assert len(got.tasks) == 1
         clock.advance(31)
         await client.heartbeat(d.delegate_id, HeartbeatRequest(state="running"))
-        cp.core.sweep()
-    done = cp.core.get_task(task.id)
+        await cp.core.sweep()
+    done = await cp.core.get_task(task.id)
     assert (done.state, done.status, done.failure_reason) == ("done", "FAILURE", "delegate_lost")
 
 
@@ -251,15 +251,15 @@ async def test_a_silent_delegate_is_disconnected_and_its_tasks_requeue(
     cp = await control_plane_factory(clock=clock)
     client = delegate_client(http, cp.url)
     d = await client.register(register_request("a"))
-    task = cp.core.create_task(type="test.echo", payload={})
+    task = await cp.core.create_task(type="test.echo", payload={})
     await client.acquire(d.delegate_id, AcquireRequest(max_tasks=1, wait_seconds=0))
     clock.advance(16)  # heartbeat 5 s -> disconnected after 15 s of silence
-    cp.core.sweep()
-    [view] = cp.core.delegate_views()
+    await cp.core.sweep()
+    [view] = await cp.core.delegate_views()
     assert view.state == "lost"
-    assert cp.core.get_task(task.id).state == "queued"
+    assert (await cp.core.get_task(task.id)).state == "queued"
     await client.heartbeat(d.delegate_id, HeartbeatRequest(state="running"))
-    assert cp.core.delegate_views()[0].state == "running"
+    assert (await cp.core.delegate_views())[0].state == "running"
 
 
 async def test_heartbeat_carries_cancellations(
@@ -269,10 +269,10 @@ async def test_heartbeat_carries_cancellations(
     cp = await control_plane_factory()
     client = delegate_client(http, cp.url)
     d = await client.register(register_request("a"))
-    task = cp.core.create_task(type="test.echo", payload={})
+    task = await cp.core.create_task(type="test.echo", payload={})
     [t] = (await client.acquire(d.delegate_id, AcquireRequest(max_tasks=1, wait_seconds=0))).tasks
     assert (await client.heartbeat(d.delegate_id, HeartbeatRequest(state="running"))).cancel == []
-    cp.core.cancel_task(task.id)
+    await cp.core.cancel_task(task.id)
     assert (await client.heartbeat(d.delegate_id, HeartbeatRequest(state="running"))).cancel == [task.id]
     assert (await client.renew_lease(t.lease_id)).cancel_requested is True
 
@@ -284,7 +284,7 @@ async def test_an_unknown_delegate_is_told_to_register_again(
     cp = await control_plane_factory()
     client = delegate_client(http, cp.url)
     d = await client.register(register_request("a"))
-    cp.core.forget_delegate(d.delegate_id, force=True)
+    await cp.core.forget_delegate(d.delegate_id, force=True)
     with pytest.raises(UnknownDelegate):
         await client.heartbeat(d.delegate_id, HeartbeatRequest(state="running"))
     with pytest.raises(UnknownDelegate):
@@ -299,7 +299,7 @@ async def test_a_draining_delegate_gets_no_new_work(
     client = delegate_client(http, cp.url)
     d = await client.register(register_request("a"))
     await client.heartbeat(d.delegate_id, HeartbeatRequest(state="draining"))
-    cp.core.create_task(type="test.echo", payload={})
+    await cp.core.create_task(type="test.echo", payload={})
     got = await client.acquire(d.delegate_id, AcquireRequest(max_tasks=1, wait_seconds=0))
     assert got.tasks == []
 
@@ -312,12 +312,12 @@ async def test_deregistering_hands_running_tasks_back(
     client = delegate_client(http, cp.url)
     a = await client.register(register_request("a"))
     b = await client.register(register_request("b"))
-    task = cp.core.create_task(type="test.echo", payload={})
+    task = await cp.core.create_task(type="test.echo", payload={})
     await client.acquire(a.delegate_id, AcquireRequest(max_tasks=1, wait_seconds=0))
     await client.deregister(a.delegate_id)
     got = await client.acquire(b.delegate_id, AcquireRequest(max_tasks=1, wait_seconds=0))
     assert [t.task_id for t in got.tasks] == [task.id]
-    assert {v.name: v.state for v in cp.core.delegate_views()} == {"a": "deregistered", "b": "running"}
+    assert {v.name: v.state for v in await cp.core.delegate_views()} == {"a": "deregistered", "b": "running"}
 
 
 async def test_a_gone_or_draining_waiter_does_not_swallow_the_wakeup(
@@ -330,16 +330,16 @@ async def test_a_gone_or_draining_waiter_does_not_swallow_the_wakeup(
     draining = await client.register(register_request("draining"))
     live = await client.register(register_request("live"))
     hung_up = asyncio.create_task(client.acquire(dead.delegate_id, AcquireRequest(max_tasks=1, wait_seconds=30)))
-    await wait_for(lambda: len(cp.core._waiters) == 1, "the first long poll")
+    await wait_for(lambda: len(cp.core.queue._waiters) == 1, "the first long poll")
     hung_up.cancel()  # the delegate's connection closes mid poll
     await asyncio.gather(hung_up, return_exceptions=True)
-    await wait_for(lambda: not cp.core._waiters, "the server to drop the dead long poll")
+    await wait_for(lambda: not cp.core.queue._waiters, "the server to drop the dead long poll")
     poll_d = asyncio.create_task(client.acquire(draining.delegate_id, AcquireRequest(max_tasks=1, wait_seconds=30)))
-    await wait_for(lambda: len(cp.core._waiters) == 1, "the draining delegate's long poll")
+    await wait_for(lambda: len(cp.core.queue._waiters) == 1, "the draining delegate's long poll")
     poll_live = asyncio.create_task(client.acquire(live.delegate_id, AcquireRequest(max_tasks=1, wait_seconds=30)))
-    await wait_for(lambda: len(cp.core._waiters) == 2, "both long polls")
-    cp.store.update_delegate(draining.delegate_id, state="draining")  # as its heartbeat would say
-    task = cp.core.create_task(type="test.echo", payload={})
+    await wait_for(lambda: len(cp.core.queue._waiters) == 2, "both long polls")
+    await cp.store.update_delegate(draining.delegate_id, state="draining")  # as its heartbeat would say
+    task = await cp.core.create_task(type="test.echo", payload={})
     got = await asyncio.wait_for(poll_live, 5)  # long before the 30 s wait runs out
     assert [t.task_id for t in got.tasks] == [task.id]
     assert (await asyncio.wait_for(poll_d, 5)).tasks == []
@@ -356,15 +356,15 @@ async def test_stats_count_results_and_failures_by_reason(
     client = delegate_client(http, cp.url)
     d = await client.register(register_request("a"))
     for _ in range(3):
-        cp.core.create_task(type="test.echo", payload={})
+        await cp.core.create_task(type="test.echo", payload={})
     leased = (await client.acquire(d.delegate_id, AcquireRequest(max_tasks=3, wait_seconds=0))).tasks
     ok, throttled, denied = leased
     await client.submit_result(ok.task_id, result(ok.lease_id))
     await client.submit_result(ok.task_id, result(ok.lease_id))  # a retry: counted as a duplicate
     for t, category in ((throttled, "throttled"), (denied, "permission_denied")):
         await client.submit_result(t.task_id, result(t.lease_id, "FAILURE", category=category))
-    cancelled = cp.core.create_task(type="test.echo", payload={}, selectors=["nobody"])
-    cp.core.cancel_task(cancelled.id)
+    cancelled = await cp.core.create_task(type="test.echo", payload={}, selectors=["nobody"])
+    await cp.core.cancel_task(cancelled.id)
     async with http.get(f"{cp.url}/api/v1/stats", headers={"Authorization": f"Bearer {API_KEY}"}) as resp:
         assert resp.status == 200
         stats = await resp.json()

@@ -26,15 +26,15 @@ async def test_delegates_list_tells_deregistered_from_lost_and_folds_restarts(
     """Three instances of 'web' (stopped cleanly, went silent, running) fold into one row; --all shows them."""
     cp = await control_plane_factory(clock=clock)
     core = cp.core
-    first = core.register(register_request("web"), caller=Caller("default")).delegate_id
-    core.deregister(first)
+    first = (await core.register(register_request("web"), caller=Caller("default"))).delegate_id
+    await core.deregister(first)
     clock.advance(1)
-    core.register(register_request("web"), caller=Caller("default"))
+    await core.register(register_request("web"), caller=Caller("default"))
     clock.advance(16)  # heartbeat 5 s: silent for three intervals is lost
-    core.sweep()
-    newest = core.register(register_request("web"), caller=Caller("default")).delegate_id
-    core.register(register_request("db"), caller=Caller("default"))
-    states = sorted((v.name, v.state) for v in core.delegate_views())
+    await core.sweep()
+    newest = (await core.register(register_request("web"), caller=Caller("default"))).delegate_id
+    await core.register(register_request("db"), caller=Caller("default"))
+    states = sorted((v.name, v.state) for v in await core.delegate_views())
     assert states == [("db", "running"), ("web", "deregistered"), ("web", "lost"), ("web", "running")]
 
     assert await cli(cp.url, "delegates", "list") == EXIT_OK
@@ -55,18 +55,18 @@ async def test_forget_removes_a_gone_delegate_and_a_connected_one_only_with_forc
 ) -> None:
     """`delegates forget` refuses a connected delegate (409) unless --force, in one line."""
     cp = await control_plane_factory()
-    gone = cp.core.register(register_request("old"), caller=Caller("default")).delegate_id
-    cp.core.deregister(gone)
-    live = cp.core.register(register_request("live"), caller=Caller("default")).delegate_id
+    gone = (await cp.core.register(register_request("old"), caller=Caller("default"))).delegate_id
+    await cp.core.deregister(gone)
+    live = (await cp.core.register(register_request("live"), caller=Caller("default"))).delegate_id
 
     assert await cli(cp.url, "delegates", "forget", gone) == EXIT_OK
     assert capsys.readouterr().out.strip() == f"delegate {gone} forgotten"
     assert await cli(cp.url, "delegates", "forget", live) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "is connected (running)" in err and "--force" in err and "Traceback" not in err
-    assert [v.delegate_id for v in cp.core.delegate_views()] == [live]
+    assert [v.delegate_id for v in await cp.core.delegate_views()] == [live]
     assert await cli(cp.url, "delegates", "forget", live, "--force") == EXIT_OK
-    assert cp.core.delegate_views() == []
+    assert await cp.core.delegate_views() == []
     assert await cli(cp.url, "delegates", "forget", live) == EXIT_USAGE
     assert "unknown delegate" in capsys.readouterr().err
 
@@ -85,7 +85,7 @@ async def test_tokens_create_prints_the_token_once_and_it_works_after_a_restart(
     token = out.strip()
     assert len(token) >= 32 and "only time" in err
     await delegate_client(http, cp.url, token=token).register(register_request("ci"))
-    assert cp.core.delegate_views()[0].token_name == "ci-runners"
+    assert (await cp.core.delegate_views())[0].token_name == "ci-runners"
 
     assert await cli(cp.url, "tokens", "create", "ci-runners") == EXIT_USAGE
     assert "already exists (active)" in capsys.readouterr().err

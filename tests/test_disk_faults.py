@@ -120,7 +120,7 @@ async def test_a_delegate_on_a_full_disk_delivers_takes_no_new_work_and_recovers
     ready_url = f"{delegate.agent.http_url}/readyz"
     filler = fill(small_disk)
 
-    first = cp.core.create_task(type="test.echo", payload={"message": "one"})
+    first = await cp.core.create_task(type="test.echo", payload={"message": "one"})
     finished = await done(cp, first.id)
     assert finished.status == "SUCCESS"  # kept in memory and delivered all the same
 
@@ -137,12 +137,12 @@ async def test_a_delegate_on_a_full_disk_delivers_takes_no_new_work_and_recovers
 
         # A task queued now stays queued: the delegate asks for nothing (or gives back what a
         # long poll already in flight brought) until the disk takes writes again.
-        second = cp.core.create_task(type="test.echo", payload={"message": "two"})
+        second = await cp.core.create_task(type="test.echo", payload={"message": "two"})
         seen = delegate.agent.state.last_heartbeat
         await wait_for(lambda: delegate.agent.state.last_heartbeat != seen, "a heartbeat")
         seen = delegate.agent.state.last_heartbeat
         await wait_for(lambda: delegate.agent.state.last_heartbeat != seen, "another heartbeat")
-        assert cp.core.get_task(second.id).state == "queued"
+        assert (await cp.core.get_task(second.id)).state == "queued"
 
         filler.unlink()
 
@@ -151,7 +151,7 @@ async def test_a_delegate_on_a_full_disk_delivers_takes_no_new_work_and_recovers
 
         await wait_until(ready, "readiness once the disk has space again")
         assert (await done(cp, second.id)).status == "SUCCESS"
-    assert cp.core.get_task(first.id).attempts == 1  # exactly one result, on the first attempt
+    assert (await cp.core.get_task(first.id)).attempts == 1  # exactly one result, on the first attempt
 
 
 def test_an_undecodable_row_is_quarantined_not_a_crash_loop(tmp_path: Path) -> None:

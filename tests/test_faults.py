@@ -146,7 +146,9 @@ async def test_aws_throttling_and_5xx_are_retried_or_reported(
                 },
             }
         }
-        tasks = [cp.core.create_task(type="aws.validate-connector", payload={"connector": doc}) for _ in range(40)]
+        tasks = [
+            await cp.core.create_task(type="aws.validate-connector", payload={"connector": doc}) for _ in range(40)
+        ]
         results = [await done(cp, t.id, timeout=60) for t in tasks]
     categories = [r.result.failure.category if r.result and r.result.failure else None for r in results]
     assert sum(r.status == "SUCCESS" for r in results) >= 20  # retries absorb most faults

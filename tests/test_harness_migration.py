@@ -34,7 +34,7 @@ async def test_a_running_delegate_answers_harness_paths_like_its_own(
     cp = await control_plane_factory(settings=FAST)
     a = await agent_factory(cp, name="harness-paths")
     await a.registered()
-    await done(cp, cp.core.create_task(type="test.echo", payload={"message": "x"}).id)
+    await done(cp, (await cp.core.create_task(type="test.echo", payload={"message": "x"})).id)
     await wait_for(lambda: a.agent.state.last_heartbeat, "a heartbeat")
     base = a.agent.http_url
 
@@ -95,14 +95,18 @@ async def test_replicas_sharing_the_release_name_keep_a_selector_on_it_working_a
     old = [await agent_factory(cp, name=group, tags=("eks",)) for _ in range(2)]
     old_ids = {await a.registered() for a in old}
     assert len(old_ids) == 2  # each pod is still its own instance
-    first = await done(cp, cp.core.create_task(type="test.echo", payload={"message": "x"}, selectors=[group]).id)
+    first = await done(
+        cp, (await cp.core.create_task(type="test.echo", payload={"message": "x"}, selectors=[group])).id
+    )
     assert first.status == "SUCCESS" and first.delegate_id in old_ids
 
     new = await agent_factory(cp, name=group, tags=("eks",))  # the rollout's new pod ...
     new_id = await new.registered()
     for a in old:  # ... and the old pods stopped
         assert await a.stop() == 0
-    second = await done(cp, cp.core.create_task(type="test.echo", payload={"message": "y"}, selectors=[group]).id)
+    second = await done(
+        cp, (await cp.core.create_task(type="test.echo", payload={"message": "y"}, selectors=[group])).id
+    )
     assert (second.status, second.delegate_id) == ("SUCCESS", new_id)
 
 
@@ -114,7 +118,7 @@ async def test_delegates_list_tells_the_pods_of_a_group_apart_by_host(
     pods = ["rel-delegate-agent-7d9f8-abcde", "rel-delegate-agent-7d9f8-fghij"]
     for pod in pods:
         request = msgspec.structs.replace(register_request("rel-delegate-agent"), hostname=pod)
-        cp.core.register(request)
+        await cp.core.register(request)
     argv = ["delegates", "list", "--control-plane", cp.url, "--api-key", API_KEY]
     assert await asyncio.to_thread(main, argv) == 0
     header, *rows = capsys.readouterr().out.splitlines()

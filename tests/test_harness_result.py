@@ -62,7 +62,7 @@ async def test_served_connector_tests_carry_the_harness_result(
     cp = await control_plane_factory()
     client = delegate_client(http, cp.url)
     delegate_id = (await client.register(register_request("d1"))).delegate_id
-    cp.core.apply_connector(manual_connector("Prod"))
+    await cp.core.apply_connector(manual_connector("Prod"))
     task = await cp.core.test_connector("Prod", TestRequest(wait_seconds=0))
     assert (await get_task(http, cp.url, task.id))["harness"] is None  # queued: nothing to say yet
 
@@ -91,7 +91,7 @@ async def test_served_connector_tests_carry_the_harness_result(
     assert view["result"]["errors"][0]["code"] == "InvalidClientTokenId"  # the richer result is unchanged
 
     cancelled = await cp.core.test_connector("Prod", TestRequest(wait_seconds=0))
-    cp.core.cancel_task(cancelled.id)
+    await cp.core.cancel_task(cancelled.id)
     harness = msgspec.convert((await get_task(http, cp.url, cancelled.id))["harness"], HarnessValidationResult)
     assert (harness.status, harness.delegate_id, harness.task_id) == ("FAILURE", None, cancelled.id)
     assert [e.code for e in harness.errors] == [450] and harness.error_summary is not None

@@ -223,7 +223,7 @@ async def test_a_harness_configured_delegate_sends_aws_and_control_plane_calls_t
     through an authenticating proxy (which refuses anyone else), the test succeeds, the password goes
     only to the proxy as Proxy-Authorization, and neither logs nor the result hold it."""
     cp = await control_plane_factory()
-    cp.core.apply_connector(manual_connector("proxied", delegateSelectors=["eks"]))
+    await cp.core.apply_connector(manual_connector("proxied", delegateSelectors=["eks"]))
     proxy = ConnectProxy(credentials=(PROXY_USER, PROXY_PASSWORD))
     logs = io.StringIO()
     async with proxy.running() as address:
@@ -264,7 +264,7 @@ async def test_https_aws_endpoints_are_reached_through_connect_tunnels_trusting_
     certs.mkdir()
     (certs / "corp-root.pem").write_bytes(pki.ca.read_bytes())
     cp = await control_plane_factory()
-    cp.core.apply_connector(manual_connector("proxied", delegateSelectors=["eks"]))
+    await cp.core.apply_connector(manual_connector("proxied", delegateSelectors=["eks"]))
     proxy = ConnectProxy(credentials=(PROXY_USER, PROXY_PASSWORD))
     logs = io.StringIO()
     async with (

@@ -136,7 +136,7 @@ async def test_the_platform_secrets_hint_names_the_control_planes_secrets_dir(
     cp = await control_plane_factory(platform_validator=validation)
     doc = manual().to_document()
     doc["connector"]["spec"]["executeOnDelegate"] = False
-    cp.core.apply_connector(doc)
+    await cp.core.apply_connector(doc)
     async with (
         aiohttp.ClientSession() as http,
         http.post(cp.url + "/api/v1/connectors/test/test", headers={"X-API-Key": API_KEY}) as resp,

@@ -63,7 +63,7 @@ def control_plane_in_a_thread() -> Iterator[str]:
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     assert ready.wait(10)
-    service.core.apply_connector(manual_connector("Existing"))
+    asyncio.run_coroutine_threadsafe(service.core.apply_connector(manual_connector("Existing")), loop).result(10)
     yield service.url
     asyncio.run_coroutine_threadsafe(service.stop(), loop).result(10)
     loop.call_soon_threadsafe(loop.stop)
@@ -271,7 +271,7 @@ async def test_nonsense_tasks_each_fail_and_the_delegate_carries_on(
         {"connector": manual_connector("p"), "permissions": ["not an action"]},
         {"connector": manual_connector("unreachable")},
     ]
-    tasks = [cp.core.create_task(type="aws.validate-connector", payload=p) for p in payloads]
+    tasks = [await cp.core.create_task(type="aws.validate-connector", payload=p) for p in payloads]
     summaries = []
     for t in tasks:
         result = await done(cp, t.id)
@@ -282,6 +282,6 @@ async def test_nonsense_tasks_each_fail_and_the_delegate_carries_on(
     assert "payload.connector: is required" in summaries[0]
     assert "payload.permissions[0]" in summaries[6]
     assert tasks and "secret" in summaries[7]  # a well-formed connector got as far as its secret reference
-    echo = cp.core.create_task(type="test.echo", payload={"message": "still here"})
+    echo = await cp.core.create_task(type="test.echo", payload={"message": "still here"})
     assert (await done(cp, echo.id)).status == "SUCCESS"
     assert a.agent.state.registered

@@ -19,7 +19,7 @@ from agent.runtime.settings import AgentSettings, ControlPlaneEndpoint
 from agent.taskapi import TaskContext
 from tests.conftest import API_KEY, TOKEN, ControlPlaneFactory
 from tests.handlers import EchoHandler, outcome
-from tests.helpers import wait_for
+from tests.helpers import wait_for, wait_task
 
 
 class ClosingHandler:
@@ -75,7 +75,7 @@ async def test_an_agent_runs_in_async_with_and_stops_in_order_even_when_a_close_
         await run_and_stop(agent, cp, bad, good)
     assert bad.closed and good.closed
     assert await refused(agent.http_url)  # the HTTP server stopped after the failed close
-    assert cp.core.delegate_views()[0].state == "deregistered"  # deregistered before the closes
+    assert (await cp.core.delegate_views())[0].state == "deregistered"  # deregistered before the closes
     assert "agent.handler_close_failed" in [e["event"] for e in logs]
 
 
@@ -83,8 +83,8 @@ async def run_and_stop(agent: Agent, cp: ControlPlaneService, bad: ClosingHandle
     async with agent:
         assert bad.warmed and good.warmed  # warmed before the first poll
         await wait_for(lambda: agent.state.registered, "registration")
-        task = cp.core.create_task(type="test.echo", payload={"message": "hi"})
-        await wait_for(lambda: cp.core.get_task(task.id).state == "done", "the task")
+        task = await cp.core.create_task(type="test.echo", payload={"message": "hi"})
+        await wait_task(cp.core, task.id, lambda t: t.state == "done", "the task")
 
 
 async def test_shutdown_is_idempotent_and_an_agent_runs_once(
@@ -137,7 +137,7 @@ async def test_the_control_plane_service_starts_once_and_closes_everything_in_re
     assert platform.closed
     assert await refused(url)
     with pytest.raises(Exception, match="closed"):
-        service.store.count_tasks()  # closed after the platform validator's failed close
+        await service.store.count_tasks()  # closed after the platform validator's failed close
     await service.shutdown()  # idempotent
     events = [e["event"] for e in logs]
     assert events[-2:] == ["controlplane.close_failed", "controlplane.stopped"]
@@ -164,4 +164,4 @@ async def test_a_failed_start_closes_what_was_opened(tmp_path: Path) -> None:
             async with second:
                 pass
         with pytest.raises(Exception, match="closed"):
-            second.store.count_tasks()
+            await second.store.count_tasks()

@@ -21,7 +21,7 @@ async def test_prometheus_scrapes_the_delegate(
     cp = await control_plane_factory(settings=FAST)
     a = await agent_factory(cp, name="scraped", capacity=5)
     await a.registered()
-    task = cp.core.create_task(type="test.echo", payload={"message": "m"})
+    task = await cp.core.create_task(type="test.echo", payload={"message": "m"})
     await done(cp, task.id)
     target = a.agent.http_url.removeprefix("http://")
     config = f"""

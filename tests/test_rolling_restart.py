@@ -28,7 +28,7 @@ async def test_a_task_cut_short_by_a_drain_is_finished_by_another_delegate(
     cp = await control_plane_factory(settings=FAST)
     first = await agent_factory(cp, name="old", tags=("prod",), drain_timeout=0.2)
     await first.registered()
-    task = cp.core.create_task(type="test.gate", payload={}, selectors=["prod"])
+    task = await cp.core.create_task(type="test.gate", payload={}, selectors=["prod"])
     await wait_for(lambda: task.id in first.gate.started, "the task to start on 'old'")
     second = await agent_factory(cp, name="new", tags=("prod",))
     await second.registered()
@@ -57,10 +57,10 @@ async def test_a_release_that_fails_loses_nothing(
     monkeypatch.setattr(executor, "RELEASE_SECONDS", 0.3)  # give up soon
     first = await agent_factory(cp, name="old", drain_timeout=0.1)
     await first.registered()
-    task = cp.core.create_task(type="test.gate", payload={})
+    task = await cp.core.create_task(type="test.gate", payload={})
     await wait_for(lambda: task.id in first.gate.started, "the task to start on 'old'")
     assert await first.stop() == 0
-    assert cp.core.get_task(task.id).state == "queued"  # handed back when 'old' deregistered
+    assert (await cp.core.get_task(task.id)).state == "queued"  # handed back when 'old' deregistered
 
     second = await agent_factory(cp, name="new")
     await wait_for(lambda: task.id in second.gate.started, "the task to start on 'new'")
@@ -78,12 +78,12 @@ async def test_a_task_given_back_after_its_deadline_fails(
     cp = await control_plane_factory(settings=settings, clock=clock)
     a = await agent_factory(cp, drain_timeout=0.1)
     await a.registered()
-    task = cp.core.create_task(type="test.gate", payload={}, pickup_timeout=1, timeout=5)
+    task = await cp.core.create_task(type="test.gate", payload={}, pickup_timeout=1, timeout=5)
     await wait_for(lambda: task.id in a.gate.started, "the task to start")
     clock.advance(task_deadline(task) - clock.now + 1)  # past the deadline, not past the lease (30 s)
 
     assert await a.stop() == 0
-    result = cp.core.get_task(task.id)
+    result = await cp.core.get_task(task.id)
     assert (result.state, result.status, result.failure_reason) == ("done", "FAILURE", "cancelled")
     assert result.result is not None and result.result.error_summary is not None
     assert "shut down while running the task" in result.result.error_summary
@@ -97,11 +97,11 @@ async def test_a_task_cancelled_by_a_user_is_not_requeued_when_given_back(
     cp = await control_plane_factory()
     client = delegate_client(http, cp.url)
     d = (await client.register(register_request("d1"))).delegate_id
-    task = cp.core.create_task(type="test.echo", payload={})
+    task = await cp.core.create_task(type="test.echo", payload={})
     [leased] = (await client.acquire(d, AcquireRequest(max_tasks=1, wait_seconds=0))).tasks
-    cp.core.cancel_task(task.id)
+    await cp.core.cancel_task(task.id)
     await client.release_lease(leased.lease_id)
-    ended = cp.core.get_task(task.id)
+    ended = await cp.core.get_task(task.id)
     assert (ended.state, ended.status, ended.failure_reason) == ("done", "FAILURE", "cancelled")
 
 
@@ -112,12 +112,12 @@ async def test_a_task_the_control_plane_cancels_during_a_drain_reports_cancelled
     cp = await control_plane_factory(settings=FAST)
     a = await agent_factory(cp, drain_timeout=30)
     await a.registered()
-    task = cp.core.create_task(type="test.gate", payload={})
+    task = await cp.core.create_task(type="test.gate", payload={})
     await wait_for(lambda: task.id in a.gate.started, "the task to start")
     a.agent.request_shutdown()
     await wait_for(lambda: a.agent.state.draining, "draining")
-    cp.core.cancel_task(task.id)
+    await cp.core.cancel_task(task.id)
     assert await a.task == 0
-    ended = cp.core.get_task(task.id)
+    ended = await cp.core.get_task(task.id)
     assert (ended.state, ended.status) == ("done", "FAILURE")
     assert ended.result is not None and ended.result.error_summary == "cancelled: cancelled by the control plane"

@@ -114,7 +114,7 @@ async def test_signed_tasks_and_what_is_refused(control_plane_factory: ControlPl
 
     cp = await control_plane_factory(settings=FAST, task_signer=sign, task_public_key=signing.public_key_b64)
     key = TaskSigningKey.generate().public_key_b64 if tamper == "other-key" else signing.public_key_b64
-    task = cp.core.create_task(type="test.echo", payload={"message": "run me"})
+    task = await cp.core.create_task(type="test.echo", payload={"message": "run me"})
     handlers = all_handlers()
     agent, run = await start_agent(cp.url, public_key=key, handlers=list(handlers.values()))
     try:
@@ -143,7 +143,7 @@ async def test_the_public_key_is_published(
     assert (cp.config.data_dir / "task-signing-key.pub").read_text().strip() == info["taskPublicKey"]
     client = delegate_client(http, cp.url)
     delegate_id = (await client.register(register_request())).delegate_id
-    cp.core.create_task(type="test.echo", payload={"message": "signed for one delegate"})
+    await cp.core.create_task(type="test.echo", payload={"message": "signed for one delegate"})
     (task,) = (await client.acquire(delegate_id, AcquireRequest(max_tasks=1, wait_seconds=0))).tasks
     assert TaskSignatureVerifier(info["taskPublicKey"])(task) is None
     # The signature covers the hand-out: this delegate, this lease, and a start-by time (the first lease's end).
@@ -166,7 +166,7 @@ async def test_https_with_a_custom_ca_and_mutual_tls(
     agent, run = await start_agent(cp.url, ca=pki.ca, cert=pki.client_cert, key=pki.client_key)
     try:
         await wait_for(lambda: agent.state.registered, "registration over mutual TLS")
-        task = cp.core.create_task(type="test.echo", payload={"message": "tls"})
+        task = await cp.core.create_task(type="test.echo", payload={"message": "tls"})
         assert (await done(cp, task.id)).status == "SUCCESS"
     finally:
         await stop(agent, run)
@@ -364,9 +364,9 @@ async def test_a_canary_secret_never_appears_anywhere(
         }
         results = []
         for doc in (manual, inherit, irsa, missing):
-            applied = cp.core.apply_connector(doc)
+            applied = await cp.core.apply_connector(doc)
             results.append(await cp.core.test_connector(applied.identifier, TestRequest(wait_seconds=30)))
-        crash = cp.core.create_task(type="test.crash", payload={"secret": "no-secret-here"})
+        crash = await cp.core.create_task(type="test.crash", payload={"secret": "no-secret-here"})
         await done(cp, crash.id)
         async with http.get(agent.http_url + "/metrics") as resp:
             metrics_text = await resp.text()

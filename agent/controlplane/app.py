@@ -1,8 +1,8 @@
 """The reference control plane as a service: wiring, credentials, HTTP server, lifecycle.
 
-``ControlPlaneService`` is what the CLI, the demo and the tests start. It owns the SQLite store,
-the :class:`ControlPlane` core, the token verifier and the aiohttp runner, and stops them in
-reverse order.
+``ControlPlaneService`` is what the CLI, the demo and the tests start. It owns the store (SQLite in
+the data dir, or Postgres from a URL), the :class:`ControlPlane` core, the token verifier and the
+aiohttp runner, and stops them in reverse order.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from agent._files import (
 from agent.controlplane.core import ControlPlane, ControlPlaneSettings, PlatformValidator, TaskSigner
 from agent.controlplane.openapi import build_openapi
 from agent.controlplane.routes import MAX_BODY_BYTES, ROUTES, Handlers, bind, error_middleware, metrics_middleware
-from agent.controlplane.store import Store, StoreUnavailable
+from agent.controlplane.store import SchemaTooNew, Store, StoreUnavailable, open_store
 from agent.controlplane.tokens import ScopeInvalid, TokenScope, parse_scope_options
 from agent.observability.http import ConnectionLimits, LimitedSite
 from agent.protocol.auth import Clock, IssuedToken, TokenKey, TokenVerifier, generate_token, token_id
@@ -53,6 +53,12 @@ class ControlPlaneConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     data_dir: Path | None = None
+    #: A Postgres URL (``postgresql://...``): the store several replicas share instead of SQLite in the data dir.
+    database_url: str | None = field(default=None, repr=False)
+    #: A direct (session-mode) Postgres URL for LISTEN, when ``database_url`` goes through PgBouncer.
+    database_listen_url: str | None = field(default=None, repr=False)
+    #: With Postgres, a waiting long poll looks at the queue at least this often, whatever wakeups it heard.
+    database_poll_seconds: float = 1.0
     delegate_token_file: Path | None = None
     #: ``CONTROL_PLANE_DELEGATE_TOKENS``: comma-separated tokens, each ``name:token`` or ``token``.
     delegate_tokens: str | None = field(default=None, repr=False)
@@ -221,6 +227,22 @@ def load_signing_key(config: ControlPlaneConfig, generated: list[Path]) -> TaskS
     return key
 
 
+def _require_shared_credentials(config: ControlPlaneConfig) -> None:
+    """With a shared database every replica must hold the same credentials: given, never generated."""
+    missing = []
+    if config.delegate_token_file is None and not config.delegate_tokens:
+        missing.append("delegate tokens (--delegate-token-file or CONTROL_PLANE_DELEGATE_TOKENS)")
+    if config.api_key_file is None and not config.api_key:
+        missing.append("API keys (--api-key-file or CONTROL_PLANE_API_KEY)")
+    if config.task_signing_key_file is None:
+        missing.append("the task signing key (--task-signing-key-file)")
+    if missing:
+        raise CredentialsError(
+            "with --database every replica must use the same credentials, so they are not generated: give "
+            + "; ".join(missing)
+        )
+
+
 def _generated_tokens(config: ControlPlaneConfig, generated: list[Path]) -> list[TokenKey]:
     secret = _generated_secret(config, "delegate-token", generated)
     return [TokenKey(name="default", secret=secret)]
@@ -320,30 +342,33 @@ class ControlPlaneService:
         config = self.config
         if self._platform_validator is not None:
             self._stack.push_async_callback(self._platform_validator.aclose)
+        shared = config.database_url is not None
+        if shared:
+            _require_shared_credentials(config)
         loosened = None
         db_path = None
         if config.data_dir is not None:
             existed = config.data_dir.exists()
             make_data_dir(config.data_dir, "--data-dir")
             loosened = _make_private_dir(config.data_dir, existed)
-            # One owner per data dir: a second control plane here would rewrite the first one's tasks.
-            lock = DataDirLock.acquire(config.data_dir, "--data-dir")
-            self._stack.callback(lock.release)
-            db_path = config.data_dir / DATABASE_FILE
-            if lost_state_file(db_path):
-                log.warning(
-                    "controlplane.database_missing",
-                    path=str(db_path),
-                    hint="this data dir was used before, but its database is missing or empty: starting with "
-                    "none (connectors, tasks and created tokens are gone); restore a backup if that is wrong",
-                )
+            if not shared:
+                # One owner per data dir: a second control plane here would rewrite the first one's tasks.
+                lock = DataDirLock.acquire(config.data_dir, "--data-dir")
+                self._stack.callback(lock.release)
+                db_path = config.data_dir / DATABASE_FILE
+                if lost_state_file(db_path):
+                    log.warning(
+                        "controlplane.database_missing",
+                        path=str(db_path),
+                        hint="this data dir was used before, but its database is missing or empty: starting with "
+                        "none (connectors, tasks and created tokens are gone); restore a backup if that is wrong",
+                    )
         try:
             # Credentials may be generated into the data dir, the store and signing key live there:
             # any of them failing to write is the data dir's fault, said in one line.
             creds = load_credentials(config)
             self._remember(*(k.secret for k in creds.tokens), *creds.api_keys)
-            store = Store(db_path)
-            self._stack.callback(store.close)
+            store = await self._open_store(db_path)
             if db_path is not None:
                 mark_state_file(db_path)
             task_signer = self._task_signer
@@ -360,19 +385,28 @@ class ControlPlaneService:
         kwargs: dict[str, Any] = {"platform_validator": self._platform_validator, "task_signer": task_signer}
         if self._clock is not None:
             kwargs["clock"] = self._clock
+        core = ControlPlane(store, config.settings, **kwargs)
         try:
-            core = ControlPlane(store, config.settings, **kwargs)  # recover() writes: a full disk stops it here
+            await core.recover()  # writes: a full disk or an unreachable database stops it here
+            verifier = TokenVerifier(
+                creds.tokens,
+                audience=config.settings.audience,
+                leeway=config.settings.clock_leeway_seconds,
+                revoked=await store.revoked_tokens(),
+                issued=[IssuedToken(name, kid, key) for name, kid, key, _ in await store.issued_tokens()],
+            )
+            issued_scopes = await store.issued_token_scopes()
         except StoreUnavailable as exc:
-            raise DataDirUnusable(f"cannot start on the data dir {config.data_dir} (--data-dir): {exc}") from None
-        verifier = TokenVerifier(
-            creds.tokens,
-            audience=config.settings.audience,
-            leeway=config.settings.clock_leeway_seconds,
-            revoked=store.revoked_tokens(),
-            issued=[IssuedToken(name, kid, key) for name, kid, key, _ in store.issued_tokens()],
-        )
+            where = "the database" if shared else f"the data dir {config.data_dir} (--data-dir)"
+            raise DataDirUnusable(f"cannot start on {where}: {exc}") from None
         handlers = Handlers(
-            core, verifier, creds.api_keys, build_openapi(), task_public_key=self.task_public_key, scopes=creds.scopes
+            core,
+            verifier,
+            creds.api_keys,
+            build_openapi(),
+            task_public_key=self.task_public_key,
+            scopes=creds.scopes,
+            issued_scopes=issued_scopes,
         )
         self._token_stamp = self._stamp()
         self._parts = _Parts(
@@ -417,6 +451,9 @@ class ControlPlaneService:
         if self.config.delegate_token_file is not None:
             watch = asyncio.create_task(self._watch_tokens(), name="controlplane-token-watch")
             self._stack.push_async_callback(_cancel, watch)
+        if self.store.shared:
+            follow = asyncio.create_task(self._follow_tokens(), name="controlplane-token-follow")
+            self._stack.push_async_callback(_cancel, follow)
         log.info(
             "controlplane.started",
             task_public_key=self.task_public_key,
@@ -486,6 +523,26 @@ class ControlPlaneService:
             return None
         return st.st_mtime_ns, st.st_size
 
+    async def _open_store(self, db_path: Path | None) -> Store:
+        """The store: Postgres when a URL was given, else SQLite in the data dir (or in memory)."""
+        url = self.config.database_url
+        try:
+            store = await open_store(
+                url if url is not None else db_path,
+                listen_url=self.config.database_listen_url,
+                poll_backstop=self.config.database_poll_seconds,
+            )
+        except SchemaTooNew as exc:
+            raise DataDirUnusable(str(exc)) from None
+        except StoreUnavailable as exc:
+            if url is None:
+                raise
+            raise DataDirUnusable(f"cannot use the database (--database): {exc}") from None
+        except ValueError as exc:  # a URL asyncpg cannot read (its message is masked by the store)
+            raise DataDirUnusable(f"cannot use the database (--database): {exc}") from None
+        self._stack.push_async_callback(store.close)
+        return store
+
     def reload_tokens(self) -> bool:
         """Re-read the delegate token file (rotation without a restart). True when it changed."""
         if self.config.delegate_token_file is None:
@@ -522,6 +579,25 @@ class ControlPlaneService:
         while True:
             await asyncio.sleep(2.0)
             self.reload_tokens()
+
+    async def sync_tokens(self) -> None:
+        """Adopt the tokens other replicas created or revoked (they are in the shared store)."""
+        verifier = self.verifier
+        known = {k.kid for k in verifier.issued}
+        scopes = await self.store.issued_token_scopes()
+        for name, kid, key, _ in await self.store.issued_tokens():
+            if kid not in known:
+                verifier.add_issued(IssuedToken(name, kid, key))
+                self.handlers.adopt_issued(kid, TokenScope(*scopes.get(kid, (None, None))))
+        for kid in await self.store.revoked_tokens():
+            verifier.revoke(kid)
+
+    async def _follow_tokens(self) -> None:
+        """With several replicas, a token created or revoked on one counts on all within seconds."""
+        while True:
+            await asyncio.sleep(TOKEN_FOLLOW_SECONDS)
+            with contextlib.suppress(StoreUnavailable):  # the store's fault is reported by readiness
+                await self.sync_tokens()
 
 
 @dataclass(frozen=True)
@@ -560,6 +636,9 @@ _GENERATED: dict[str, tuple[str, str, str]] = {
     ),
 }
 
+
+#: How often a replica adopts the tokens others created or revoked.
+TOKEN_FOLLOW_SECONDS = 2.0
 
 #: The database's file name in the data dir.
 DATABASE_FILE = "controlplane.sqlite3"

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import structlog
 
@@ -82,3 +83,8 @@ class SteadyClock:
             self()  # a stall is noticed (and logged) here at the latest
             self._last_tick = self._monotonic()
             await asyncio.sleep(TICK_SECONDS)
+
+
+def ts(value: float) -> datetime:
+    """Seconds since the epoch as an aware UTC datetime (what the wire models carry)."""
+    return datetime.fromtimestamp(value, UTC)

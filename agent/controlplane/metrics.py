@@ -3,14 +3,15 @@
 What an operator watches: the queue (per task type and selector set), tasks by state, how tasks
 end, leases that expire (a delegate that stopped renewing), delegates connected, and the latency
 of every route (the delegates' long polls included, labelled ``acquire``, so they can be left out).
-State is read from the core at scrape time; events are counted where they happen. Label values are
-lowercase (selector sets are tags, which are lowercase already) and bounded: routes are the route
-table's names, and selector sets beyond :data:`MAX_SELECTOR_SETS` are summed as ``(other)``.
+State is read from the store just before each scrape (:meth:`ControlPlane.refresh_gauges`); events
+are counted where they happen. Label values are lowercase (selector sets are tags, which are
+lowercase already) and bounded: routes are the route table's names, and selector sets beyond
+:data:`MAX_SELECTOR_SETS` are summed as ``(other)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from prometheus_client import Counter, Histogram, Info, PlatformCollector, ProcessCollector
 from prometheus_client.gc_collector import GCCollector
@@ -27,7 +28,7 @@ TASK_STATES = ("queued", "running", "done")
 _REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 #: (task type, selector set) -> tasks queued.
-QueueDepth = Callable[[], Mapping[tuple[str, frozenset[str]], int]]
+QueueDepth = Mapping[tuple[str, tuple[str, ...]], int]
 
 
 def selector_label(selectors: Iterable[str]) -> str:
@@ -36,12 +37,12 @@ def selector_label(selectors: Iterable[str]) -> str:
 
 
 class _State(Collector):
-    """Gauges read from the core at scrape time."""
+    """Gauges of the state, as last read from the store."""
 
     def __init__(self) -> None:
-        self.queue: QueueDepth = dict
-        self.tasks: Callable[[], Mapping[str, int]] = dict
-        self.connected: Callable[[], int] = lambda: 0
+        self.queue: QueueDepth = {}
+        self.tasks: Mapping[str, int] = {}
+        self.connected = 0
 
     def collect(self) -> Iterable[Metric]:
         depth = GaugeMetricFamily(
@@ -51,7 +52,7 @@ class _State(Collector):
             labels=["type", "selectors"],
         )
         counts: dict[tuple[str, str], int] = {}
-        for (task_type, selectors), n in sorted(self.queue().items(), key=lambda kv: (-kv[1], kv[0][0])):
+        for (task_type, selectors), n in sorted(self.queue.items(), key=lambda kv: (-kv[1], kv[0][0])):
             label = selector_label(selectors) if len(counts) < MAX_SELECTOR_SETS else "(other)"
             counts[(task_type, label)] = counts.get((task_type, label), 0) + n
         for (task_type, label), n in sorted(counts.items()):
@@ -60,14 +61,14 @@ class _State(Collector):
         tasks = GaugeMetricFamily(
             "controlplane_tasks", "Tasks by state (done ones until they are purged).", labels=["state"]
         )
-        known = self.tasks()
+        known = self.tasks
         for state in TASK_STATES:
             tasks.add_metric([state], known.get(state, 0))
         yield tasks
         yield GaugeMetricFamily(
             "controlplane_delegates_connected",
             "Delegates connected (registered, heartbeating, running or draining).",
-            value=self.connected(),
+            value=self.connected,
         )
 
 
@@ -116,9 +117,7 @@ class ControlPlaneMetrics:
             registry=r,
         )
 
-    def sample(
-        self, *, queue: QueueDepth, tasks: Callable[[], Mapping[str, int]], connected: Callable[[], int]
-    ) -> None:
+    def set_state(self, *, queue: QueueDepth, tasks: Mapping[str, int], connected: int) -> None:
         self._state.queue, self._state.tasks, self._state.connected = queue, tasks, connected
 
     def task_completed(self, status: str, reason: str | None) -> None:

@@ -8,6 +8,7 @@ documented status against what the handlers actually return.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import time
@@ -28,7 +29,7 @@ from agent._yaml import load as load_yaml
 from agent.controlplane.core import ApiFailure, ControlPlane, ts
 from agent.controlplane.metrics import ControlPlaneMetrics
 from agent.controlplane.ratelimit import FailureLimiter, OncePerSecond
-from agent.controlplane.store import RowDamaged, StoreUnavailable
+from agent.controlplane.store import RowDamaged, StoredScope, StoreUnavailable
 from agent.controlplane.tokens import UNRESTRICTED, Caller, ScopeInvalid, TokenScope
 from agent.protocol.auth import Claims, IssuedToken, TokenVerifier
 from agent.protocol.errors import AuthError, Code, error_body
@@ -481,6 +482,7 @@ class Handlers:
         *,
         task_public_key: str | None = None,
         scopes: Mapping[str, TokenScope] | None = None,
+        issued_scopes: Mapping[str, StoredScope] | None = None,
     ) -> None:
         self.cp = cp
         self.verifier = verifier
@@ -489,7 +491,7 @@ class Handlers:
         self._task_public_key = task_public_key
         #: The scope of each configured token name (replaced when the token file is re-read).
         self.scopes: Mapping[str, TokenScope] = dict(scopes or {})
-        self._issued_scopes = {kid: TokenScope(*scope) for kid, scope in cp.store.issued_token_scopes().items()}
+        self._issued_scopes = {kid: TokenScope(*scope) for kid, scope in (issued_scopes or {}).items()}
         s = cp.settings
         self._failures = FailureLimiter(s.auth_failure_limit, s.auth_failure_window_seconds, cp.now)
         self._refusals_logged = OncePerSecond(cp.now)
@@ -540,6 +542,10 @@ class Handlers:
                 "controlplane.delegate_refused", address=address, code=code, path=request.path, held_back=held_back
             )
 
+    def adopt_issued(self, kid: str, scope: TokenScope) -> None:
+        """A token another replica created: its scope, for this replica's checks."""
+        self._issued_scopes[kid] = scope
+
     def scope_of(self, name: str, kid: str) -> TokenScope:
         """A created token's scope by its id; a configured one's by its name (shared when rotating)."""
         issued = self._issued_scopes.get(kid)
@@ -568,10 +574,10 @@ class Handlers:
     # --- delegate protocol -------------------------------------------------------------------
 
     async def register(self, request: web.Request, body: RegisterRequest) -> web.Response:
-        return json_response(self.cp.register(body, caller=request[_CALLER]))
+        return json_response(await self.cp.register(body, caller=request[_CALLER]))
 
     async def heartbeat(self, request: web.Request, body: HeartbeatRequest) -> web.Response:
-        return json_response(self.cp.heartbeat(request.match_info["delegateId"], body, caller=request[_CALLER]))
+        return json_response(await self.cp.heartbeat(request.match_info["delegateId"], body, caller=request[_CALLER]))
 
     async def acquire(self, request: web.Request, body: AcquireRequest) -> web.Response:
         def gone() -> bool:
@@ -581,18 +587,18 @@ class Handlers:
         return json_response(await self.cp.acquire(delegate_id, body, gone=gone, caller=request[_CALLER]))
 
     async def deregister(self, request: web.Request, body: None) -> web.Response:
-        self.cp.deregister(request.match_info["delegateId"], caller=request[_CALLER])
+        await self.cp.deregister(request.match_info["delegateId"], caller=request[_CALLER])
         return web.Response(status=204)
 
     async def renew(self, request: web.Request, body: None) -> web.Response:
-        return json_response(self.cp.renew(request.match_info["leaseId"], caller=request[_CALLER]))
+        return json_response(await self.cp.renew(request.match_info["leaseId"], caller=request[_CALLER]))
 
     async def release(self, request: web.Request, body: None) -> web.Response:
-        self.cp.release(request.match_info["leaseId"], caller=request[_CALLER])
+        await self.cp.release(request.match_info["leaseId"], caller=request[_CALLER])
         return web.Response(status=204)
 
     async def submit_result(self, request: web.Request, body: TaskResult) -> web.Response:
-        outcome = self.cp.submit_result(request.match_info["taskId"], body, caller=request[_CALLER])
+        outcome = await self.cp.submit_result(request.match_info["taskId"], body, caller=request[_CALLER])
         return json_response(SubmitResultResponse(outcome=outcome))  # type: ignore[arg-type]
 
     # --- public ------------------------------------------------------------------------------
@@ -613,7 +619,8 @@ class Handlers:
 
     async def readyz(self, request: web.Request, body: None) -> web.Response:
         fault = self.cp.write_fault
-        problems = [] if fault is None else [f"disk full or failing: {fault}"]
+        what = "disk full or failing" if self.cp.store.kind == "sqlite" else "database unavailable"
+        problems = [] if fault is None else [f"{what}: {fault}"]
         return json_response(Readiness(ready=not problems, problems=problems), 503 if problems else 200)
 
     async def openapi(self, request: web.Request, body: None) -> web.Response:
@@ -622,21 +629,24 @@ class Handlers:
     async def metrics(self, request: web.Request, body: None) -> web.Response:
         # Content negotiation as prometheus_client does it: OpenMetrics if the scraper asks, else text 0.0.4.
         encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        with contextlib.suppress(StoreUnavailable):  # the state gauges keep their last reading
+            await self.cp.refresh_gauges()
         return web.Response(body=encoder(self.cp.metrics.registry), headers={"Content-Type": content_type})
 
     # --- connectors --------------------------------------------------------------------------
 
     async def list_connectors(self, request: web.Request, body: None) -> web.Response:
-        rows = self.cp.store.connectors()
-        return json_response(ConnectorList(connectors=[self.cp.connector_record(r) for r in rows]))
+        rows = await self.cp.store.connectors()
+        return json_response(ConnectorList(connectors=[await self.cp.connector_record(r) for r in rows]))
 
     async def apply_connector(self, request: web.Request, body: Any) -> web.Response:
         dry_run = _flag(request, "dryRun")
-        result = self.cp.apply_connector(body, dry_run=dry_run)
+        result = await self.cp.apply_connector(body, dry_run=dry_run)
         return json_response(result, 201 if result.outcome == "created" and not dry_run else 200)
 
     async def get_connector(self, request: web.Request, body: None) -> web.Response:
-        return json_response(self.cp.connector_record(self.cp.get_connector(request.match_info["identifier"])))
+        row = await self.cp.get_connector(request.match_info["identifier"])
+        return json_response(await self.cp.connector_record(row))
 
     async def put_connector(self, request: web.Request, body: Any) -> web.Response:
         identifier = request.match_info["identifier"]
@@ -656,7 +666,7 @@ class Handlers:
         return await self.apply_connector(request, body)
 
     async def delete_connector(self, request: web.Request, body: None) -> web.Response:
-        self.cp.delete_connector(request.match_info["identifier"])
+        await self.cp.delete_connector(request.match_info["identifier"])
         return web.Response(status=204)
 
     async def test_connector(self, request: web.Request, body: TestRequest | None) -> web.Response:
@@ -675,11 +685,13 @@ class Handlers:
                 problems=[Problem(field="state", message=f"{state!r} is not a task state")],
             )
         limit = _number(request, "limit", 100, 1, 1000, integer=True)
-        rows = self.cp.store.list_tasks(state=state, connector_id=request.query.get("connectorId"), limit=int(limit))
+        rows = await self.cp.store.list_tasks(
+            state=state, connector_id=request.query.get("connectorId"), limit=int(limit)
+        )
         return json_response(TaskList(tasks=[self.cp.task_view(t) for t in rows]))
 
     async def create_task(self, request: web.Request, body: CreateTaskRequest) -> web.Response:
-        row = self.cp.create_task(
+        row = await self.cp.create_task(
             type=body.type,
             payload=body.payload,
             selectors=body.selectors,
@@ -695,22 +707,22 @@ class Handlers:
         return json_response(self.cp.task_view(task))
 
     async def cancel_task(self, request: web.Request, body: None) -> web.Response:
-        return json_response(self.cp.task_view(self.cp.cancel_task(request.match_info["taskId"])))
+        return json_response(self.cp.task_view(await self.cp.cancel_task(request.match_info["taskId"])))
 
     async def stats(self, request: web.Request, body: None) -> web.Response:
-        return json_response(self.cp.stats())
+        return json_response(await self.cp.stats())
 
     # --- delegates and tokens ----------------------------------------------------------------
 
     async def list_delegates(self, request: web.Request, body: None) -> web.Response:
-        return json_response(DelegateList(delegates=self.cp.delegate_views()))
+        return json_response(DelegateList(delegates=await self.cp.delegate_views()))
 
     async def forget_delegate(self, request: web.Request, body: None) -> web.Response:
-        self.cp.forget_delegate(request.match_info["delegateId"], force=_flag(request, "force"))
+        await self.cp.forget_delegate(request.match_info["delegateId"], force=_flag(request, "force"))
         return web.Response(status=204)
 
     async def list_tokens(self, request: web.Request, body: None) -> web.Response:
-        revoked = self.cp.store.revoked_tokens()
+        revoked = await self.cp.store.revoked_tokens()
         keys = [(k, "configured") for k in self.verifier.keys] + [(k, "created") for k in self.verifier.issued]
         views = [
             TokenView(
@@ -741,7 +753,7 @@ class Handlers:
             raise ApiFailure(400, Code.INVALID_REQUEST, str(exc)) from None
         key, value = IssuedToken.create(body.name)
         now = self.cp.now()
-        self.cp.store.add_issued_token(key.name, key.kid, key.key, now, scope=(scope.names, scope.tags))
+        await self.cp.store.add_issued_token(key.name, key.kid, key.key, now, scope=(scope.names, scope.tags))
         self._issued_scopes[key.kid] = scope
         self.verifier.add_issued(key)
         log.warning("controlplane.token_created", token=key.name, token_id=key.kid, scope=scope.describe())
@@ -763,7 +775,7 @@ class Handlers:
                 "Create another first (delegate-agent tokens create NAME), or pass force (--force)",
             )
         now = self.cp.now()
-        self.cp.store.revoke_token(key.kid, key.name, now)
+        await self.cp.store.revoke_token(key.kid, key.name, now)
         self.verifier.revoke(key.kid)
         log.warning("controlplane.token_revoked", token=key.name, token_id=key.kid)
         return json_response(TokenView(name=key.name, token_id=key.kid, revoked=True, revoked_at=_ts(now)))

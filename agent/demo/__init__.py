@@ -273,7 +273,7 @@ class Demo:
             for d in self.delegates:
                 if d.process.poll() is not None:
                     raise DemoFailed(f"delegate {d.name} exited with {d.process.returncode}:\n{_tail(d.log)}")
-            registered = {v.name for v in cp.core.delegate_views() if v.state == "running"}
+            registered = {v.name for v in await cp.core.delegate_views() if v.state == "running"}
             if names <= registered:
                 self.step(f"both delegates registered: {', '.join(sorted(names))}")
                 return

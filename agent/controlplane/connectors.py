@@ -1,0 +1,217 @@
+"""Connectors: stored AWS connector documents, their tests, and what their last test said.
+
+A test is a task like any other (``executeOnDelegate: true``, the default) or runs here, in the
+control plane, for ``executeOnDelegate: false``. Applying a connector says at once when no
+connected delegate could test it, rather than after a pickup timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Protocol
+
+from agent.aws.connector import AwsConnector, ConnectorInvalid, parse_actions, parse_connector
+from agent.controlplane.clock import ts
+from agent.controlplane.failures import ApiFailure, failure_document
+from agent.controlplane.queue import TaskQueue
+from agent.controlplane.routing import CONNECTED, describe_tags, normalise_tags
+from agent.controlplane.settings import ControlPlaneSettings
+from agent.controlplane.store import ConnectorRow, Store, TaskRow, connector_change, with_updates
+from agent.protocol.auth import Clock
+from agent.protocol.errors import Code
+from agent.protocol.models import (
+    TASK_TYPE_AWS_VALIDATE,
+    ApplyResult,
+    ConnectorRecord,
+    TestRequest,
+    ValidationSummary,
+)
+from agent.protocol.results import ValidationResult
+
+
+class PlatformValidator(Protocol):
+    """Runs a connector test inside the control plane (``executeOnDelegate: false``)."""
+
+    async def __call__(
+        self, connector: AwsConnector, task_id: str, permissions: tuple[str, ...]
+    ) -> ValidationResult: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Connectors:
+    """Apply, read, delete and test connectors."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: ControlPlaneSettings,
+        clock: Clock,
+        queue: TaskQueue,
+        platform_validator: PlatformValidator | None,
+    ) -> None:
+        self.store, self.settings, self._clock, self._queue = store, settings, clock, queue
+        self._platform_validator = platform_validator
+
+    async def apply(self, document: Any, *, dry_run: bool = False) -> ApplyResult:
+        """Create or replace a connector; with ``dry_run``, check it and say what would happen, storing nothing."""
+        try:
+            connector = parse_connector(document)
+        except ConnectorInvalid as exc:
+            raise ApiFailure(
+                400, Code.INVALID_CONNECTOR, f"the connector has {exc.total:,} problem(s)", problems=exc.problems
+            ) from None
+        now = self._clock()
+        warnings = [*connector.notices, *await self._routing_warnings(connector)]
+        if dry_run:
+            return await self._preview(connector, now, warnings)
+        outcome = await self.store.put_connector(connector.identifier, connector.name, connector.to_document(), now)
+        row = await self.get(connector.identifier)
+        return ApplyResult(
+            identifier=connector.identifier, outcome=outcome, connector=await self.record(row), warnings=warnings
+        )
+
+    async def _preview(self, connector: AwsConnector, now: float, warnings: list[str]) -> ApplyResult:
+        """The answer an apply would give, from the stored row as it is (the row is not written)."""
+        body = connector.to_document()
+        existing = await self.store.get_connector(connector.identifier)
+        outcome = connector_change(existing, connector.name, body)
+        if existing is None:
+            row = ConnectorRow(connector.identifier, connector.name, body, now, now)
+        elif outcome == "updated":
+            row = with_updates(existing, name=connector.name, body=body, updated_at=now)
+        else:
+            row = existing
+        return ApplyResult(
+            identifier=connector.identifier,
+            outcome=outcome,
+            connector=await self.record(row),
+            dry_run=True,
+            warnings=warnings,
+        )
+
+    async def _routing_warnings(self, connector: AwsConnector) -> list[str]:
+        """Say now, not after a pickup timeout, when no connected delegate could test this connector."""
+        if not connector.execute_on_delegate:
+            return []
+        selectors = normalise_tags(connector.delegate_selectors)
+        wanted = f"[{', '.join(selectors)}]"
+        waits = f"a test waits {self.settings.pickup_timeout_seconds:.0f}s for one, then fails"
+        connected = [d for d in await self.store.delegates() if d.state in CONNECTED]
+        if not connected:
+            wanted_one = f" with all of the tags {wanted}" if selectors else ""
+            return [f"no delegate is connected: {waits}. Start a delegate{wanted_one}."]
+        connected = [d for d in connected if TASK_TYPE_AWS_VALIDATE in d.task_types]
+        if not connected:
+            return [f"no connected delegate runs connector tests ({TASK_TYPE_AWS_VALIDATE}): {waits}."]
+        if any(set(selectors) <= set(d.tags) for d in connected):
+            return []
+        return [
+            f"no connected delegate has all of the tags {wanted} ({waits}). {describe_tags(connected)} "
+            "Add the missing tags to a delegate (DELEGATE_TAGS) or change the connector's delegateSelectors."
+        ]
+
+    async def get(self, identifier: str) -> ConnectorRow:
+        row = await self.store.get_connector(identifier)
+        if row is None:
+            raise ApiFailure(404, Code.NOT_FOUND, f"no connector with identifier {identifier!r}")
+        return row
+
+    async def record(self, row: ConnectorRow) -> ConnectorRecord:
+        last = None
+        if row.last_task_id and row.last_status and row.last_tested_at:
+            last = ValidationSummary(
+                task_id=row.last_task_id,
+                status=row.last_status,  # type: ignore[arg-type]
+                tested_at=ts(row.last_tested_at),
+                delegate_name=row.last_delegate_name,
+                error_summary=row.last_error_summary,
+                stale=await self._tested_an_older_spec(row),
+            )
+        return ConnectorRecord(
+            identifier=row.identifier,
+            name=row.name,
+            connector=row.body,
+            created_at=ts(row.created_at),
+            updated_at=ts(row.updated_at),
+            last_test=last,
+        )
+
+    async def _tested_an_older_spec(self, row: ConnectorRow) -> bool:
+        """Whether the last test ran against a spec the connector no longer has.
+
+        Exact while the test's task is kept (its payload holds the connector as tested, so an apply
+        racing a running test is caught too); after the task is purged, whether the connector
+        changed after the test finished.
+        """
+        task = await self.store.get_task(row.last_task_id) if row.last_task_id else None
+        if task is not None:
+            return bool(_spec(task.payload.get("connector")) != _spec(row.body))
+        return row.last_tested_at is not None and row.updated_at > row.last_tested_at
+
+    async def delete(self, identifier: str) -> None:
+        if not await self.store.delete_connector(identifier):
+            raise ApiFailure(404, Code.NOT_FOUND, f"no connector with identifier {identifier!r}")
+
+    async def test(self, identifier: str, req: TestRequest) -> TaskRow:
+        """Queue a validation (or run it here for ``executeOnDelegate: false``) and wait for it."""
+        row = await self.get(identifier)
+        try:
+            connector = parse_connector(row.body)
+            permissions = parse_actions(None, req.permissions, "permissions") if req.permissions else ()
+        except ConnectorInvalid as exc:
+            raise ApiFailure(400, Code.INVALID_REQUEST, str(exc), problems=exc.problems) from None
+        payload: dict[str, Any] = {"connector": row.body}
+        if permissions:
+            payload["permissions"] = list(permissions)
+        if not connector.execute_on_delegate:
+            return await self._test_on_platform(connector, payload, permissions, req)
+        task = await self._queue.create_task(
+            type=TASK_TYPE_AWS_VALIDATE,
+            payload=payload,
+            selectors=connector.delegate_selectors,
+            connector_id=identifier,
+            pickup_timeout=req.pickup_timeout_seconds,
+            timeout=req.timeout_seconds,
+        )
+        return await self._queue.wait_task(task.id, req.wait_seconds)
+
+    async def _test_on_platform(
+        self, connector: AwsConnector, payload: dict[str, Any], permissions: tuple[str, ...], req: TestRequest
+    ) -> TaskRow:
+        # It never enters the delegate queue: it is created running, here.
+        task = await self._queue.create_task(
+            type=TASK_TYPE_AWS_VALIDATE,
+            payload=payload,
+            connector_id=connector.identifier,
+            timeout=req.timeout_seconds,
+            on_platform=True,
+        )
+        if self._platform_validator is None:
+            return await self._queue.complete(
+                task,
+                status="FAILURE",
+                result=failure_document(
+                    "This control plane has no platform validator configured.", reason="unsupported"
+                ),
+                failure_reason="unsupported",
+            )
+        try:
+            async with asyncio.timeout(task.timeout_seconds):
+                result = await self._platform_validator(connector, task.id, permissions)
+        except TimeoutError:
+            return await self._queue.complete(
+                task,
+                status="FAILURE",
+                result=failure_document(
+                    f"The platform validation did not finish within {task.timeout_seconds:.0f}s.", reason="timeout"
+                ),
+                failure_reason="timeout",
+            )
+        return await self._queue.complete(task, status=result.status, result=result, lease_id="platform")
+
+
+def _spec(document: Any) -> Any:
+    """The part of a connector document a test depends on (not its name, description or tags)."""
+    connector = document.get("connector") if isinstance(document, dict) else None
+    return connector.get("spec") if isinstance(connector, dict) else None
