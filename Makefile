@@ -42,7 +42,8 @@ typecheck: $(STAMP) ## mypy --strict on the package
 test: $(STAMP) ## run the test suite (installs what it needs first)
 	@bash tools/install-test-tools.sh
 	@# pytest exits 5 when it collected no tests: that must fail loudly, never pass.
-	$(BIN)/python -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS) || { rc=$$?; if [ $$rc -eq 5 ]; then \
+	@# Postgres is installed above: a test that cannot find it fails rather than skips.
+	DELEGATE_AGENT_REQUIRE_POSTGRES=1 $(BIN)/python -m pytest $(PYTEST_WORKERS) $(PYTEST_ARGS) || { rc=$$?; if [ $$rc -eq 5 ]; then \
 	  echo "make test: pytest collected no tests" >&2; fi; exit $$rc; }
 
 check: lint typecheck test ## everything CI runs
