@@ -62,7 +62,7 @@ image: $(STAMP) ## build the container image with buildah and smoke-run it as ui
 
 chart: $(STAMP) ## helm lint, render variants, kubernetes-validate, hadolint
 	@bash tools/install-test-tools.sh
-	$(BIN)/python -m pytest -q tests/test_chart.py
+	$(BIN)/python -m pytest -q tests/test_chart.py tests/test_chart_controlplane.py
 
 load: $(STAMP) ## 10,000 validations through the control plane and 3 delegates, then again with faults
 	$(BIN)/python -m bench.load --tasks $${LOAD_TASKS:-10000}
