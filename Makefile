@@ -14,7 +14,7 @@ LINT_PATHS := $(wildcard agent tests bench)
 PYTEST_WORKERS ?= -n auto --maxprocesses=4
 PIPQUIET := grep -v -E "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: help venv test lint typecheck check demo bench profile load lock models clean image chart
+.PHONY: help venv test lint typecheck check demo bench bench-cp profile load lock models clean image chart
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -53,6 +53,10 @@ demo: $(STAMP) ## the whole story on this machine: AWS stand-in, control plane, 
 
 bench: $(STAMP) ## performance benchmark against the baselines (see docs/performance.md)
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+bench-cp: $(STAMP) ## the control plane alone: SQLite vs Postgres with 1 and 3 replicas (installs Postgres)
+	@bash tools/install-test-tools.sh
+	$(BIN)/python -m bench.controlplane $(BENCH_CP_ARGS)
 
 profile: $(STAMP) ## where the delegate's CPU goes per validation (py-spy samples, bucketed)
 	$(BIN)/python -m bench.profile $(PROFILE_ARGS)
