@@ -149,26 +149,22 @@ def _parse_listen(value: str) -> tuple[str, int]:
 
 def _database_problems(database: str | None, listen_url: str | None, data_dir: str | None) -> list[str]:
     """Every problem with the store options, said at once."""
-    from agent.controlplane.store import is_postgres_url
+    from agent.controlplane.store.base import url_problems
 
     problems = []
     if database is None and data_dir is None:
-        problems.append("control-plane: give --data-dir (SQLite, one process) or --database (Postgres)")
+        problems.append("give --data-dir (SQLite, one process) or --database (Postgres)")
+    if database is not None and data_dir is not None:
+        problems.append(
+            "give --data-dir (SQLite, one process) or --database (Postgres), not both: with --database "
+            "nothing is kept in a data dir"
+        )
     for flag, url in (("--database", database), ("--database-listen-url", listen_url)):
-        if url is not None and not is_postgres_url(url):
-            problems.append(f"control-plane: {flag} must be a postgresql:// URL (SQLite lives in --data-dir)")
+        if url is not None:
+            problems += url_problems(url, flag)
     if listen_url is not None and database is None:
-        problems.append("control-plane: --database-listen-url needs --database")
-    return problems
-
-
-def _url_password(url: str) -> str:
-    from urllib.parse import urlsplit
-
-    try:
-        return urlsplit(url).password or ""
-    except ValueError:
-        return ""
+        problems.append("--database-listen-url needs --database")
+    return [f"control-plane: {p}" for p in problems]
 
 
 def cmd_control_plane(args: argparse.Namespace) -> int:
@@ -184,6 +180,10 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
     host, port = _parse_listen(args.listen)
     redactor = Redactor()
     configure_logging(fmt=args.log_format, level=args.log_level, redactor=redactor, static={"service": "control-plane"})
+    from urllib.parse import unquote
+
+    from agent.controlplane.store.base import url_password
+
     database = args.database or os.environ.get("CONTROL_PLANE_DATABASE_URL") or None
     listen_url = args.database_listen_url or os.environ.get("CONTROL_PLANE_DATABASE_LISTEN_URL") or None
     problems = _database_problems(database, listen_url, args.data_dir)
@@ -193,7 +193,7 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     for url in (database, listen_url):
         if url:
-            redactor.pin(_url_password(url))
+            redactor.pin(url_password(url), unquote(url_password(url)))
     settings = ControlPlaneSettings(
         heartbeat_seconds=args.heartbeat_seconds,
         poll_wait_seconds=args.poll_wait_seconds,

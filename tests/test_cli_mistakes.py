@@ -250,6 +250,21 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> ControlPlaneRuns:
             "mysql://h/db",
         ],
         "shared-credentials": ["control-plane", "--database", DATABASE, "--listen", "127.0.0.1:0"],
+        "both-stores": ["control-plane", "--database", DATABASE, "--data-dir", str(root / "d")],
+        "not-encoded": ["control-plane", "--database", NOT_ENCODED, "--listen", "127.0.0.1:0"],
+        "port-out-of-range": [
+            "control-plane",
+            "--database",
+            DATABASE.replace(":9/", ":99999/"),
+            "--listen",
+            "127.0.0.1:0",
+            "--delegate-token-file",
+            str(root / "tokens"),
+            "--api-key-file",
+            str(root / "keys"),
+            "--task-signing-key-file",
+            str(root / "signing-key"),
+        ],
         "unreachable": [
             "control-plane",
             "--database",
@@ -296,6 +311,9 @@ def test_an_unusable_control_plane_data_dir_is_one_line(runs: ControlPlaneRuns) 
 #: A Postgres URL nothing listens on, with a password that must never be shown.
 DB_PASSWORD = "canary-db-password-3141"
 DATABASE = f"postgresql://cp:{DB_PASSWORD}@127.0.0.1:9/controlplane"
+#: A password with @ and / as typed, not percent-encoded: URL parsers stop at the first of them.
+NOT_ENCODED_PASSWORD = "Zq8-canary@pass/w0rd"
+NOT_ENCODED = f"postgresql://cp:{NOT_ENCODED_PASSWORD}@127.0.0.1:9/controlplane"
 
 
 def test_the_store_options_are_checked_before_anything_starts(runs: ControlPlaneRuns) -> None:
@@ -309,6 +327,20 @@ def test_the_store_options_are_checked_before_anything_starts(runs: ControlPlane
     assert code == EXIT_USAGE
     assert "--database must be a postgresql:// URL (SQLite lives in --data-dir)" in err
     assert "--database-listen-url must be a postgresql:// URL" in err
+    code, err = runs.results["both-stores"]
+    assert code == EXIT_USAGE
+    assert "give --data-dir (SQLite, one process) or --database (Postgres), not both" in err
+    assert not (runs.root / "d").exists()  # refused before anything was made
+
+
+def test_a_password_that_is_not_percent_encoded_is_refused_and_never_shown(runs: ControlPlaneRuns) -> None:
+    """A password typed with @ and / as they are: said to need encoding, and no fragment of it shown
+    (a URL parser reads up to the first @, so masking what it calls the password left the rest)."""
+    code, err = runs.results["not-encoded"]
+    assert code == EXIT_USAGE, err
+    assert "must be percent-encoded (@ as %40, / as %2F, % as %25" in one_line(err)
+    for start in range(len(NOT_ENCODED_PASSWORD) - 5):
+        assert NOT_ENCODED_PASSWORD[start : start + 6] not in err
 
 
 def test_replicas_must_be_given_their_credentials_and_the_password_is_never_shown(runs: ControlPlaneRuns) -> None:
@@ -319,9 +351,10 @@ def test_replicas_must_be_given_their_credentials_and_the_password_is_never_show
     assert code == EXIT_USAGE, line
     for missing in ("delegate tokens", "API keys", "the task signing key (--task-signing-key-file)"):
         assert missing in line
-    code, err = runs.results["unreachable"]
-    assert code == EXIT_USAGE, err
-    assert err.splitlines()[-1].startswith("delegate-agent: cannot use the database (--database): "), err
+    for case in ("unreachable", "port-out-of-range"):  # nothing listens; a port asyncpg cannot use
+        code, err = runs.results[case]
+        assert code == EXIT_USAGE, err
+        assert err.splitlines()[-1].startswith("delegate-agent: cannot use the database (--database): "), err
     for _, output in runs.results.values():
         assert DB_PASSWORD not in output and DB_PASSWORD[:8] not in output
 

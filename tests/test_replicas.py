@@ -220,8 +220,10 @@ async def test_replicas_reconnect_by_themselves_when_postgres_restarts(
                 await wait_until(lambda r=r: _not_ready(http, r), f"replica {r.name} to report the outage", 30)
         finally:
             await asyncio.to_thread(postgres_server.start)
+        assert await _store_available(http, a) == 0  # what an alert can watch, besides readiness
         for r in (a, b):
             await wait_until(lambda r=r: r.ready(http), f"replica {r.name} to be ready again", 60)
+        assert await _store_available(http, a) == 1
         after = await create_tasks(http, [b.url], 200)
         for task_id in before + after:
             async with http.get(f"{a.url}/api/v1/tasks/{task_id}", params={"wait": "30"}) as r:
@@ -234,11 +236,32 @@ async def test_replicas_reconnect_by_themselves_when_postgres_restarts(
             r.assert_no_traceback()
 
 
+async def _store_available(http: aiohttp.ClientSession, r: Replica) -> float:
+    async with http.get(r.url + "/metrics") as resp:
+        text = await resp.text()
+    [line] = [x for x in text.splitlines() if x.startswith("controlplane_store_available ")]
+    return float(line.split()[1])
+
+
+def test_a_database_that_cannot_be_used_is_one_line_and_exit_2(tmp_path: Path, postgres_server: PostgresServer) -> None:
+    """An unknown database (or user, or a wrong password: the same path) is one line, exit 2, no
+    traceback: the pool connects on first use, so this was a traceback from the migration step."""
+    creds = credentials(tmp_path)
+    missing = postgres_server.url("no_such_database")
+    argv = Replica("x", missing, creds, tmp_path).argv()
+    done = subprocess.run(argv, env=_env(), capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("delegate-agent: cannot use the database (--database): cannot connect to "), last
+    assert 'database "no_such_database" does not exist' in last
+    assert "Traceback" not in done.stderr
+
+
 async def _not_ready(http: aiohttp.ClientSession, r: Replica) -> bool:
     async with http.get(r.url + "/readyz") as resp:
         if resp.status != 503:
             return False
         body = await resp.json()
-        assert "database unavailable" in body["problems"][0], body
-        assert "postgres:" not in body["problems"][0].replace("postgres:5", "")  # no credentials in it
+        # Unauthenticated: it says the database is unavailable, not where it is or who logs in.
+        assert body["problems"] == ["database unavailable: the control plane's log says why"], body
         return True

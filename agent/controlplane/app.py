@@ -459,7 +459,8 @@ class ControlPlaneService:
             task_public_key=self.task_public_key,
             mutual_tls=self.config.tls_client_ca_file is not None,
             url=self.url,
-            data_dir=str(self.config.data_dir or "(memory)"),
+            store=self.store.kind,
+            data_dir=None if self.store.shared else str(self.config.data_dir or "(memory)"),
             token_names=[k.name for k in self.verifier.keys],
         )
         return self.url
@@ -638,7 +639,7 @@ _GENERATED: dict[str, tuple[str, str, str]] = {
 
 
 #: How often a replica adopts the tokens others created or revoked.
-TOKEN_FOLLOW_SECONDS = 2.0
+TOKEN_FOLLOW_SECONDS = 1.0
 
 #: The database's file name in the data dir.
 DATABASE_FILE = "controlplane.sqlite3"

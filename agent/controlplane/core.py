@@ -210,6 +210,7 @@ class ControlPlane:
 
     async def refresh_gauges(self) -> None:
         """Read the state gauges (queue depth, tasks, connected delegates) from the store, for a scrape."""
+        self.metrics.store_available.set(0 if self.store.fault is not None else 1)
         connected = sum(1 for d in await self.store.delegates() if d.state in CONNECTED)
         self.metrics.set_state(
             queue=await self.store.queue_depth(), tasks=await self.store.count_tasks(), connected=connected

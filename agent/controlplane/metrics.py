@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from prometheus_client import Counter, Histogram, Info, PlatformCollector, ProcessCollector
+from prometheus_client import Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -90,6 +90,13 @@ class ControlPlaneMetrics:
             ["status", "reason"],
             registry=r,
         )
+        self.store_available = Gauge(
+            "controlplane_store_available",
+            "1 while the store (the SQLite file, or Postgres) takes writes; 0 while it refuses them (a full "
+            "disk, Postgres down or unreachable): this replica is then not ready and answers 503.",
+            registry=r,
+        )
+        self.store_available.set(1)
         self.lease_expiries = Counter(
             "controlplane_lease_expiries",
             "Leases that expired before the delegate renewed them or reported (the task is re-queued or fails).",

@@ -619,8 +619,12 @@ class Handlers:
 
     async def readyz(self, request: web.Request, body: None) -> web.Response:
         fault = self.cp.write_fault
-        what = "disk full or failing" if self.cp.store.kind == "sqlite" else "database unavailable"
-        problems = [] if fault is None else [f"{what}: {fault}"]
+        if fault is None:
+            problems = []
+        elif self.cp.store.kind == "sqlite":
+            problems = [f"disk full or failing: {fault}"]
+        else:  # unauthenticated: the database's address and user stay in the log
+            problems = ["database unavailable: the control plane's log says why"]
         return json_response(Readiness(ready=not problems, problems=problems), 503 if problems else 200)
 
     async def openapi(self, request: web.Request, body: None) -> web.Response:

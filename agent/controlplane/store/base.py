@@ -12,6 +12,7 @@ epoch (float), so :func:`decode_row` reads either driver's rows.
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Callable, Mapping
 from contextlib import AbstractAsyncContextManager
@@ -134,6 +135,33 @@ class RowDamaged(Exception):
     def __init__(self, table: str, key: str, reason: str) -> None:
         super().__init__(f"the stored {table} {key!r} is damaged ({reason[:200]})")
         self.table, self.key = table, key
+
+
+def url_password(url: str) -> str:
+    """The password in ``url``'s authority as written, read up to the *last* ``@`` before the query.
+
+    A password with ``@`` or ``/`` that was not percent-encoded fools ``urlsplit`` (it stops at the
+    first one), which would leave the rest of the password in every message that quotes the URL.
+    """
+    _, sep, rest = url.partition("://")
+    authority = rest.partition("?")[0]
+    if not sep or "@" not in authority:
+        return ""
+    return authority.rpartition("@")[0].partition(":")[2]
+
+
+def url_problems(url: str, flag: str) -> list[str]:
+    """What is wrong with a Postgres URL as given, before anything connects (every problem at once)."""
+    if not url.startswith(("postgresql://", "postgres://")):
+        return [f"{flag} must be a postgresql:// URL (SQLite lives in --data-dir)"]
+    authority = url.partition("://")[2].partition("?")[0]
+    userinfo = authority.rpartition("@")[0] if "@" in authority else ""
+    if "@" in userinfo or "/" in userinfo or re.search(r"%(?![0-9A-Fa-f]{2})", userinfo):
+        return [
+            f"{flag}: the user name and password must be percent-encoded (@ as %40, / as %2F, % as %25, "
+            ": in the user name as %3A)"
+        ]
+    return []
 
 
 def new_lease_id() -> str:

@@ -58,6 +58,7 @@ from agent.controlplane.store.base import (
     new_lease_id,
     readable,
     row_columns,
+    url_password,
 )
 
 log = structlog.get_logger("controlplane.store")
@@ -205,10 +206,13 @@ _COLUMNS = {
 
 def redacted_url(url: str) -> str:
     """``url`` with its password (in the authority or a ``password=`` parameter) replaced by ``***``."""
+    password = url_password(url)
+    if password:
+        scheme, sep, rest = url.partition("://")
+        authority, q, tail = rest.partition("?")
+        userinfo, _, host = authority.rpartition("@")
+        url = f"{scheme}{sep}{userinfo.partition(':')[0]}:***@{host}{q}{tail}"
     parts = urlsplit(url)
-    if parts.password is not None:
-        host = parts.netloc.rpartition("@")[2]
-        parts = parts._replace(netloc=f"{parts.username or ''}:***@{host}")
     query = parse_qsl(parts.query, keep_blank_values=True)
     if any(k == "password" for k, _ in query):
         masked = [(k, "***" if k == "password" else v) for k, v in query]
@@ -303,6 +307,13 @@ class PostgresStore:
         store = cls(pool, url=url, listen_url=listen_url, poll_backstop=poll_backstop, bouncer=bouncer)
         try:
             await store._migrate()
+        except (asyncpg.PostgresError, OverflowError, ValueError) as exc:
+            # The pool connects on first use, so this is where a wrong password, an unknown database
+            # or a port out of range shows: one line, the password masked, never a traceback.
+            await pool.close()
+            raise StoreUnavailable(
+                _masked(f"cannot connect to {redacted_url(url)}: {_describe(exc)}", secrets)
+            ) from None
         except BaseException:
             await pool.close()
             raise
@@ -515,8 +526,28 @@ class PostgresStore:
     async def sweep_turn(self) -> AsyncIterator[bool]:
         """One replica sweeps per round: the others skip it. Sweeps in this process take turns instead
         (as on SQLite), so a sweep asked for while the background one runs is not silently skipped."""
-        async with self._sweeping, self.transaction():
-            yield bool(await self._fetchval("SELECT pg_try_advisory_xact_lock($1)", SWEEP_LOCK))
+        # The lock lives in a transaction of its own, on a connection of its own, for the sweep's
+        # length; the sweep's writes are not part of it. Each transition commits alone, locking one task
+        # and then a counter, in the order results and claims lock them: one big sweep transaction,
+        # locking many tasks and counters in turn, deadlocked with them under load.
+        async with self._sweeping:
+            try:
+                conn = await self._pool.acquire(timeout=ACQUIRE_TIMEOUT)
+            except CONNECTION_ERRORS as exc:
+                raise self._unavailable(exc) from None
+            try:
+                try:
+                    await conn.execute("BEGIN")
+                    mine = bool(await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", SWEEP_LOCK))
+                except CONNECTION_ERRORS as exc:
+                    raise self._unavailable(exc) from None
+                try:
+                    yield mine
+                finally:
+                    await self._rollback(conn)  # ends the lock's transaction (nothing was written in it)
+            finally:
+                with contextlib.suppress(*CONNECTION_ERRORS):
+                    await self._pool.release(conn)
 
     async def probe(self) -> bool:
         try:
@@ -896,8 +927,11 @@ def _secrets_of(url: str) -> set[str]:
     """The password ``url`` carries, as written and decoded, to mask wherever it might be quoted."""
     parts = urlsplit(url)
     found = {v for k, v in parse_qsl(parts.query) if k == "password"}
-    if parts.password:
-        found |= {parts.password, unquote(parts.password)}
+    raw = url_password(url)
+    found |= {raw, unquote(raw)}
+    with contextlib.suppress(ValueError):  # urlsplit's reading too, whatever it made of the URL
+        if parts.password:
+            found |= {parts.password, unquote(parts.password)}
     return found - {""}
 
 
