@@ -21,6 +21,7 @@ import structlog
 
 from agent.controlplane.store.base import (
     DelegateRow,
+    HistoryRow,
     RowDamaged,
     SchemaTooNew,
     StoreEvent,
@@ -219,6 +220,38 @@ async def test_connectors_round_trip(backend: Backend) -> None:
     assert await s.delete_connector("c1")
     assert not await s.delete_connector("c1")
     assert await s.get_connector("c1") is None
+
+
+async def test_connector_schedule_history_and_health_summary(backend: Backend) -> None:
+    """What connector health keeps: due tests (most overdue first), a conditional reschedule (one
+    replica wins), a test in progress, the last N results, and the aggregates the alerts watch."""
+    s = backend.store
+    body = {"type": "Aws", "spec": {"credential": {"type": "InheritFromDelegate"}}}
+    for name, due in (("late", NOW - 100), ("later", NOW - 10), ("future", NOW + 100)):
+        await s.put_connector(name, name, body, NOW - 1000)
+        await s.update_connector(name, next_test_at=due)
+    assert [c.identifier for c in await s.due_connectors(NOW, 10)] == ["late", "later"]
+    assert await s.reschedule_connector("late", was=NOW - 100, to=NOW + 1800, trigger=None)
+    assert not await s.reschedule_connector("late", was=NOW - 100, to=NOW + 5)  # someone was first
+    assert [c.identifier for c in await s.due_connectors(NOW, 10)] == ["later"]
+    assert not await s.connector_testing("late")
+    await s.insert_task(task(1, connector_id="late", trigger="scheduled"))
+    assert await s.connector_testing("late")
+    assert (await s.get_task("tsk_00001")).trigger == "scheduled"
+    for n in range(5):
+        failure = {"step": "assume_role", "category": "denied", "awsErrorCode": None, "hint": "fix it"}
+        await s.add_history(
+            HistoryRow(f"tsk_h{n}", "late", NOW + n, "FAILURE", "scheduled", "d1", "no", failure, 12), keep=3
+        )
+    history = await s.connector_history("late", 10)
+    assert [h.task_id for h in history] == ["tsk_h4", "tsk_h3", "tsk_h2"]  # newest first, the last 3 kept
+    assert history[0].failure == failure and history[0].duration_ms == 12
+    await s.update_connector("late", health_status="FAILURE", failing_since=NOW - 600, last_tested_at=NOW - 60)
+    await s.update_connector("later", health_status="SUCCESS", last_tested_at=NOW - 900, test_interval=300.0)
+    summary = await s.health_summary(NOW, 1800.0)
+    assert summary.by_status == {"FAILURE": 1, "SUCCESS": 1, "UNKNOWN": 1}
+    assert summary.failing_seconds_max == 600
+    assert summary.untested_intervals_max == 3.0  # "later": 900 s since its test, interval 300 s
 
 
 async def test_tokens_round_trip(backend: Backend) -> None:

@@ -122,6 +122,9 @@ class AwsConnector:
     #: Harness's ``spec.ignoreTestConnection`` (skip the test when saving), kept as written: ``connector
     #: apply`` never tests, and ``connector test`` always does.
     ignore_test_connection: bool = False
+    #: Our extension (``connector.testInterval``): seconds between the control plane's scheduled tests of
+    #: this connector, ``0`` for none; None means the control plane's default (30 minutes).
+    test_interval: float | None = None
     #: What the parser accepted but did not use (an API export's metadata), said once to the user.
     #: Not part of the connector: equality and ``to_document`` ignore it.
     notices: tuple[str, ...] = field(default=(), compare=False)
@@ -186,6 +189,8 @@ class AwsConnector:
         if self.account_identifier is not None:
             body["accountIdentifier"] = self.account_identifier
         body["tags"] = dict(self.tags)
+        if self.test_interval is not None:
+            body["testInterval"] = _format_interval(self.test_interval)
         body["type"] = "Aws"
         body["spec"] = spec
         return {"connector": body}
@@ -373,6 +378,60 @@ def _kind(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
+#: ``30m``, ``2h``, ``90s``, ``1h30m``, or ``0`` (no scheduled tests).
+_INTERVAL_RE = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+#: Scheduled tests at most this often: each is a task on a delegate and two AWS calls.
+MIN_TEST_INTERVAL = 60.0
+MAX_TEST_INTERVAL = 7 * 86400.0
+
+
+def parse_interval(text: str) -> float:
+    """``30m``, ``2h``, ``1h30m``, ``90s``, plain seconds, or ``0``: seconds (ValueError naming the text)."""
+    text = text.strip()
+    if text.isdigit():
+        return float(text)
+    match = _INTERVAL_RE.match(text)
+    if match is None or not any(match.groups()):
+        raise ValueError(f"{quoted(text)} is not a duration such as 30m, 2h or 1h30m (or 0 for none)")
+    hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    return float(hours * 3600 + minutes * 60 + seconds)
+
+
+def _test_interval(c: _Checker, value: Any) -> float | None:
+    """``connector.testInterval``: how often the control plane re-tests this connector."""
+    if value is None:
+        return None
+    path = "connector.testInterval"
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        c.add(path, "must be a duration such as 30m, 2h or 1h30m, or 0 for no scheduled tests")
+        return None
+    text = str(value).strip()
+    if isinstance(value, int) or text.isdigit():  # plain seconds
+        total = float(text)
+    else:
+        match = _INTERVAL_RE.match(text)
+        if match is None or not any(match.groups()):
+            c.add(path, f"{quoted(text)} is not a duration such as 30m, 2h or 1h30m (or 0 for no scheduled tests)")
+            return None
+        hours, minutes, seconds = (int(g or 0) for g in match.groups())
+        total = float(hours * 3600 + minutes * 60 + seconds)
+    if total == 0:
+        return 0.0
+    if not MIN_TEST_INTERVAL <= total <= MAX_TEST_INTERVAL:
+        c.add(path, f"{quoted(text)} must be between 1m and 168h (or 0 for no scheduled tests)")
+        return None
+    return total
+
+
+def _format_interval(seconds: float) -> str:
+    if seconds <= 0:
+        return "0"
+    whole = int(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return "".join(f"{n}{unit}" for n, unit in ((hours, "h"), (minutes, "m"), (secs, "s")) if n) or "0"
+
+
 def _closest(key: str, options: set[str]) -> str | None:
     m = difflib.get_close_matches(key, sorted(options), n=1, cutoff=0.7)
     return m[0] if m else None
@@ -388,6 +447,7 @@ _CONNECTOR_KEYS = {
     "tags",
     "type",
     "spec",
+    "testInterval",
 }
 _SPEC_KEYS = {
     "credential",
@@ -457,6 +517,7 @@ def parse_connector(document: Any) -> AwsConnector:
     org = c.string(conn.get("orgIdentifier"), "connector.orgIdentifier", max_len=128)
     project = c.string(conn.get("projectIdentifier"), "connector.projectIdentifier", max_len=128)
     tags = _tags(c, conn.get("tags"))
+    test_interval = _test_interval(c, conn.get("testInterval"))
 
     ctype = conn.get("type")
     if ctype is None:
@@ -561,6 +622,7 @@ def parse_connector(document: Any) -> AwsConnector:
         identifier=identifier,
         name=name,
         description=description,
+        test_interval=test_interval,
         org_identifier=org,
         project_identifier=project,
         tags=tags,

@@ -30,10 +30,12 @@ from agent._files import (
     read_text,
 )
 from agent.controlplane.core import ControlPlane, ControlPlaneSettings, PlatformValidator, TaskSigner
+from agent.controlplane.health import StatusChange
 from agent.controlplane.openapi import build_openapi
 from agent.controlplane.routes import MAX_BODY_BYTES, ROUTES, Handlers, bind, error_middleware, metrics_middleware
 from agent.controlplane.store import SchemaTooNew, Store, StoreUnavailable, open_store
 from agent.controlplane.tokens import ScopeInvalid, TokenScope, parse_scope_options
+from agent.controlplane.webhook import StatusWebhook, status_change_event
 from agent.observability.http import ConnectionLimits, LimitedSite
 from agent.protocol.auth import Clock, IssuedToken, TokenKey, TokenVerifier, generate_token, token_id
 from agent.protocol.patterns import TOKEN_NAME_RE
@@ -59,6 +61,8 @@ class ControlPlaneConfig:
     database_listen_url: str | None = field(default=None, repr=False)
     #: With Postgres, a waiting long poll looks at the queue at least this often, whatever wakeups it heard.
     database_poll_seconds: float = 1.0
+    #: Where to POST each connector status change (it may carry a token: never logged).
+    status_webhook_url: str | None = field(default=None, repr=False)
     delegate_token_file: Path | None = None
     #: ``CONTROL_PLANE_DELEGATE_TOKENS``: comma-separated tokens, each ``name:token`` or ``token``.
     delegate_tokens: str | None = field(default=None, repr=False)
@@ -446,6 +450,12 @@ class ControlPlaneService:
         host, port = runner.addresses[0][0], runner.addresses[0][1]
         scheme = "https" if ssl_context else "http"
         self.url = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}"
+        if self.config.status_webhook_url:
+            # Started before the core and closed after it: a status change found while stopping is sent.
+            webhook = StatusWebhook(self.config.status_webhook_url)
+            await webhook.start()
+            self._stack.push_async_callback(webhook.aclose)
+            self.core.health.on_change = lambda change: webhook.notify(_event(change, self.url))
         await self.core.start()
         self._stack.push_async_callback(self.core.stop)
         if self.config.delegate_token_file is not None:
@@ -650,6 +660,21 @@ def _log_generated(path: Path) -> None:
         path.name, ("controlplane.credentials_generated", "warning", "it was missing; one was generated here")
     )
     (log.warning if level == "warning" else log.info)(event, path=str(path), hint=hint)
+
+
+def _event(change: StatusChange, url: str) -> dict[str, Any]:
+    return status_change_event(
+        identifier=change.identifier,
+        name=change.name,
+        from_status=change.old,
+        to_status=change.new,
+        tested_at=change.tested_at,
+        error_summary=change.error_summary,
+        failure=change.failure,
+        delegate_name=change.delegate_name,
+        failures_in_row=change.failures_in_row,
+        control_plane=url or None,
+    )
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:

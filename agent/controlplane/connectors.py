@@ -8,6 +8,7 @@ connected delegate could test it, rather than after a pickup timeout.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from agent.aws.connector import AwsConnector, ConnectorInvalid, parse_actions, parse_connector
@@ -22,6 +23,7 @@ from agent.protocol.errors import Code
 from agent.protocol.models import (
     TASK_TYPE_AWS_VALIDATE,
     ApplyResult,
+    ConnectorHealth,
     ConnectorRecord,
     TestRequest,
     ValidationSummary,
@@ -52,6 +54,13 @@ class Connectors:
     ) -> None:
         self.store, self.settings, self._clock, self._queue = store, settings, clock, queue
         self._platform_validator = platform_validator
+        #: Told each connector created or changed: (identifier, its testInterval, whether to test it now).
+        self.on_changed: Callable[[str, float | None, bool], Awaitable[None]] | None = None
+        #: Told each test created: its trigger (metrics).
+        self.on_test_created: Callable[[str], None] = lambda trigger: None
+        self._platform_runs: set[asyncio.Task[TaskRow]] = set()
+        #: The connector's connectivity, for its record (the owner wires connector health).
+        self.health_of: Callable[[ConnectorRow], Awaitable[ConnectorHealth]] | None = None
 
     async def apply(self, document: Any, *, dry_run: bool = False) -> ApplyResult:
         """Create or replace a connector; with ``dry_run``, check it and say what would happen, storing nothing."""
@@ -66,6 +75,9 @@ class Connectors:
         if dry_run:
             return await self._preview(connector, now, warnings)
         outcome = await self.store.put_connector(connector.identifier, connector.name, connector.to_document(), now)
+        if outcome != "unchanged" and self.on_changed is not None:
+            # Tested at once (Harness tests on save), unless the connector says not to.
+            await self.on_changed(connector.identifier, connector.test_interval, not connector.ignore_test_connection)
         row = await self.get(connector.identifier)
         return ApplyResult(
             identifier=connector.identifier, outcome=outcome, connector=await self.record(row), warnings=warnings
@@ -135,6 +147,7 @@ class Connectors:
             created_at=ts(row.created_at),
             updated_at=ts(row.updated_at),
             last_test=last,
+            health=await self.health_of(row) if self.health_of is not None else ConnectorHealth(),
         )
 
     async def _tested_an_older_spec(self, row: ConnectorRow) -> bool:
@@ -164,8 +177,9 @@ class Connectors:
         payload: dict[str, Any] = {"connector": row.body}
         if permissions:
             payload["permissions"] = list(permissions)
+        self.on_test_created("manual")
         if not connector.execute_on_delegate:
-            return await self._test_on_platform(connector, payload, permissions, req)
+            return await self._test_on_platform(connector, payload, permissions, req.timeout_seconds, "manual")
         task = await self._queue.create_task(
             type=TASK_TYPE_AWS_VALIDATE,
             payload=payload,
@@ -173,20 +187,61 @@ class Connectors:
             connector_id=identifier,
             pickup_timeout=req.pickup_timeout_seconds,
             timeout=req.timeout_seconds,
+            trigger="manual",
         )
         return await self._queue.wait_task(task.id, req.wait_seconds)
 
+    async def start_test(self, row: ConnectorRow, *, trigger: str, timeout: float) -> TaskRow:
+        """Create a test of ``row`` without waiting for it (the schedule's); a platform test runs in the
+        background."""
+        connector = parse_connector(row.body)
+        payload: dict[str, Any] = {"connector": row.body}
+        if not connector.execute_on_delegate:
+            task = await self._platform_task(connector, payload, timeout, trigger)
+            run = asyncio.create_task(self._run_on_platform(connector, task, ()), name=f"platform-test-{task.id}")
+            self._platform_runs.add(run)
+            run.add_done_callback(self._platform_runs.discard)
+            return task
+        return await self._queue.create_task(
+            type=TASK_TYPE_AWS_VALIDATE,
+            payload=payload,
+            selectors=connector.delegate_selectors,
+            connector_id=row.identifier,
+            timeout=timeout,
+            trigger=trigger,
+        )
+
+    async def aclose(self) -> None:
+        """Cancel the platform tests still running in the background (the control plane stops)."""
+        for run in list(self._platform_runs):
+            run.cancel()
+        await asyncio.gather(*self._platform_runs, return_exceptions=True)
+
     async def _test_on_platform(
-        self, connector: AwsConnector, payload: dict[str, Any], permissions: tuple[str, ...], req: TestRequest
+        self,
+        connector: AwsConnector,
+        payload: dict[str, Any],
+        permissions: tuple[str, ...],
+        timeout: float | None,
+        trigger: str,
+    ) -> TaskRow:
+        task = await self._platform_task(connector, payload, timeout, trigger)
+        return await self._run_on_platform(connector, task, permissions)
+
+    async def _platform_task(
+        self, connector: AwsConnector, payload: dict[str, Any], timeout: float | None, trigger: str
     ) -> TaskRow:
         # It never enters the delegate queue: it is created running, here.
-        task = await self._queue.create_task(
+        return await self._queue.create_task(
             type=TASK_TYPE_AWS_VALIDATE,
             payload=payload,
             connector_id=connector.identifier,
-            timeout=req.timeout_seconds,
+            timeout=timeout,
             on_platform=True,
+            trigger=trigger,
         )
+
+    async def _run_on_platform(self, connector: AwsConnector, task: TaskRow, permissions: tuple[str, ...]) -> TaskRow:
         if self._platform_validator is None:
             return await self._queue.complete(
                 task,

@@ -25,6 +25,7 @@ from agent.controlplane.clock import SteadyClock, ts
 from agent.controlplane.connectors import Connectors, PlatformValidator
 from agent.controlplane.delegates import Registry
 from agent.controlplane.failures import ApiFailure, failure_document
+from agent.controlplane.health import HealthMonitor
 from agent.controlplane.leases import Leases
 from agent.controlplane.metrics import ControlPlaneMetrics
 from agent.controlplane.queue import TaskQueue, TaskSigner, explain_unpicked, task_deadline
@@ -37,6 +38,7 @@ from agent.protocol.models import (
     AcquireRequest,
     AcquireResponse,
     ApplyResult,
+    ConnectorHistory,
     ConnectorRecord,
     DelegateView,
     HeartbeatRequest,
@@ -97,6 +99,12 @@ class ControlPlane:
         self.registry = Registry(store, self.settings, self._clock, self.queue)
         self.leases = Leases(store, self.settings, self.metrics, self._clock, queue=self.queue, registry=self.registry)
         self.connectors = Connectors(store, self.settings, self._clock, self.queue, platform_validator)
+        self.health = HealthMonitor(store, self.settings, self.metrics, self._clock, self.connectors)
+        # Connector health hears every connector test's end, every change, and answers for its record.
+        self.queue.on_connector_result = self.health.record
+        self.connectors.on_changed = self.health.connector_changed
+        self.connectors.health_of = self.health.view
+        self.connectors.on_test_created = lambda trigger: self.metrics.connector_tests_created.labels(trigger).inc()
         self._sweeper: asyncio.Task[None] | None = None
         self._sweep_failing = False
         self._fault_seen = False
@@ -109,7 +117,7 @@ class ControlPlane:
     def settings(self, value: ControlPlaneSettings) -> None:
         """Retune a running control plane (tests do): every part reads the new settings from now on."""
         self._settings = value
-        for part in (self.queue, self.registry, self.leases, self.connectors):
+        for part in (self.queue, self.registry, self.leases, self.connectors, self.health):
             part.settings = value
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -133,6 +141,7 @@ class ControlPlane:
         async with self.store.transaction():
             await self.store.grant_allowance(now, self.settings.lease_seconds)
             await self.store.set_mark(SWEPT_AT, now)
+        await self.health.spread_overdue(now)
 
     def _to_wall(self, when: float) -> float:
         """A time on this process's clock, said on the wall clock (the same unless a stall was removed)."""
@@ -171,6 +180,7 @@ class ControlPlane:
                 await self._sweeper
             self._sweeper = None
         self.queue.wake_all()
+        await self.connectors.aclose()
         if self._steady is not None:
             await self._steady.stop()
 
@@ -206,6 +216,7 @@ class ControlPlane:
                 for t in unpicked:
                     await self.queue.fail_unpicked(t, delegates)
             await self.store.purge_done_tasks(now - self.settings.keep_done_tasks_seconds)
+            await self.health.tick(now)
             await self.store.set_mark(SWEPT_AT, now)
 
     async def refresh_gauges(self) -> None:
@@ -215,6 +226,7 @@ class ControlPlane:
         self.metrics.set_state(
             queue=await self.store.queue_depth(), tasks=await self.store.count_tasks(), connected=connected
         )
+        await self.health.refresh_gauges(self._clock())
 
     async def stats(self) -> Stats:
         rows = await self.store.latencies()
@@ -339,3 +351,6 @@ class ControlPlane:
 
     async def test_connector(self, identifier: str, req: TestRequest) -> TaskRow:
         return await self.connectors.test(identifier, req)
+
+    async def connector_history(self, identifier: str, limit: int) -> ConnectorHistory:
+        return await self.health.history(identifier, limit)

@@ -23,6 +23,8 @@ from agent.observability.metrics import MetricsRegistry
 
 #: Distinct selector sets reported one by one in the queue depth; the rest are summed.
 MAX_SELECTOR_SETS = 50
+#: Connector statuses, all reported (0 when none).
+CONNECTOR_STATUSES = ("SUCCESS", "FAILURE", "UNKNOWN")
 #: Task states, all reported (0 when none), so a query never finds a state missing.
 TASK_STATES = ("queued", "running", "done")
 _REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -43,6 +45,9 @@ class _State(Collector):
         self.queue: QueueDepth = {}
         self.tasks: Mapping[str, int] = {}
         self.connected = 0
+        self.connectors: Mapping[str, int] = {}
+        self.failing_seconds_max = 0.0
+        self.untested_intervals_max = 0.0
 
     def collect(self) -> Iterable[Metric]:
         depth = GaugeMetricFamily(
@@ -65,6 +70,24 @@ class _State(Collector):
         for state in TASK_STATES:
             tasks.add_metric([state], known.get(state, 0))
         yield tasks
+        connectors = GaugeMetricFamily(
+            "controlplane_connectors", "Connectors by connectivity status (unknown: never tested).", labels=["status"]
+        )
+        for status in CONNECTOR_STATUSES:
+            connectors.add_metric([status.lower()], self.connectors.get(status, 0))
+        yield connectors
+        yield GaugeMetricFamily(
+            "controlplane_connector_failing_seconds_max",
+            "How long the connector failing longest has been failing (0 when none fails). Aggregated on "
+            "purpose: a label per connector would be one series per connector; `connector list` names them.",
+            value=self.failing_seconds_max,
+        )
+        yield GaugeMetricFamily(
+            "controlplane_connector_untested_intervals_max",
+            "Over connectors with scheduled tests: the longest time since a test (or since creation), in "
+            "test intervals. Above 3: tests are not running (no eligible delegate, scheduler or database down).",
+            value=self.untested_intervals_max,
+        )
         yield GaugeMetricFamily(
             "controlplane_delegates_connected",
             "Delegates connected (registered, heartbeating, running or draining).",
@@ -97,6 +120,19 @@ class ControlPlaneMetrics:
             registry=r,
         )
         self.store_available.set(1)
+        self.connector_tests_created = Counter(
+            "controlplane_connector_tests",
+            "Connector tests created, by trigger: scheduled (the connector's interval), manual (someone asked), "
+            "changed (the connector was applied).",
+            ["trigger"],
+            registry=r,
+        )
+        self.connector_status_changes = Counter(
+            "controlplane_connector_status_changes",
+            "Connectors whose connectivity changed, by the status they changed to (success, failure).",
+            ["to"],
+            registry=r,
+        )
         self.lease_expiries = Counter(
             "controlplane_lease_expiries",
             "Leases that expired before the delegate renewed them or reported (the task is re-queued or fails).",
@@ -126,6 +162,13 @@ class ControlPlaneMetrics:
 
     def set_state(self, *, queue: QueueDepth, tasks: Mapping[str, int], connected: int) -> None:
         self._state.queue, self._state.tasks, self._state.connected = queue, tasks, connected
+
+    def set_connector_state(
+        self, *, by_status: Mapping[str, int], failing_seconds_max: float, untested_intervals_max: float
+    ) -> None:
+        self._state.connectors = by_status
+        self._state.failing_seconds_max = failing_seconds_max
+        self._state.untested_intervals_max = untested_intervals_max
 
     def task_completed(self, status: str, reason: str | None) -> None:
         self.tasks_completed.labels(status.lower(), reason or "reported").inc()

@@ -41,6 +41,8 @@ from agent.protocol.results import ValidationResult, harness_result
 
 #: Signs a lease hand-out for its delegate (detached signature over the task's canonical bytes).
 TaskSigner = Callable[[Task], str]
+#: What a finished connector test says about its connector: (task, status, result, lease id).
+ConnectorResult = Callable[[TaskRow, str, ValidationResult, str | None], Awaitable[None]]
 #: Reads a delegate again by id (None once it is gone).
 Refresh = Callable[[str], Awaitable[DelegateRow | None]]
 
@@ -85,7 +87,20 @@ class TaskQueue:
         self._task_signer = task_signer
         self._waiters: list[_Waiter] = []
         self._done_events: dict[str, asyncio.Event] = {}
+        #: Told each finished connector test inside its transaction (the owner wires connector health).
+        self.on_connector_result: ConnectorResult = self._last_test
         store.subscribe(self._heard)
+
+    async def _last_test(self, t: TaskRow, status: str, result: ValidationResult, lease_id: str | None) -> None:
+        assert t.connector_id is not None
+        await self.store.update_connector(
+            t.connector_id,
+            last_task_id=t.id,
+            last_status=status,
+            last_tested_at=result.tested_at.timestamp(),  # when the test ran, not when its result arrived
+            last_delegate_name=t.delegate_name if lease_id else None,
+            last_error_summary=result.error_summary if status != "SUCCESS" else None,
+        )
 
     # --- wakeups -----------------------------------------------------------------------------
 
@@ -203,6 +218,7 @@ class TaskQueue:
         timeout: float | None = None,
         max_attempts: int | None = None,
         on_platform: bool = False,
+        trigger: str | None = None,
     ) -> TaskRow:
         """Queue a task; ``on_platform`` creates it running here instead, never seen by a delegate."""
         now = self._clock()
@@ -222,6 +238,7 @@ class TaskQueue:
             max_attempts=max_attempts or self.settings.max_attempts,
             delegate_name="platform" if on_platform else None,
             started_at=now if on_platform else None,
+            trigger=trigger,
         )
         async with self.store.transaction():
             await self.store.insert_task(row)
@@ -335,15 +352,8 @@ class TaskQueue:
             if t.state == "done" or not await self.store.update_task(t.id, expect=t.expect, **values):
                 self.stale(t, "completion")
                 return t
-            if t.connector_id:
-                await self.store.update_connector(
-                    t.connector_id,
-                    last_task_id=t.id,
-                    last_status=status,
-                    last_tested_at=result.tested_at.timestamp(),  # when the test ran, not when its result arrived
-                    last_delegate_name=t.delegate_name if lease_id else None,
-                    last_error_summary=result.error_summary if status != "SUCCESS" else None,
-                )
+            if t.connector_id:  # what the test says about its connector lands with the result
+                await self.on_connector_result(t, status, result, lease_id)
 
             def announce() -> None:  # only once the result is stored
                 self.metrics.task_completed(status, failure_reason)

@@ -34,6 +34,17 @@ class ControlPlaneSettings:
     auth_failure_window_seconds: float = 60.0
     #: Tolerated difference between a delegate's clock and this server's when checking request tokens.
     clock_leeway_seconds: float = CLOCK_LEEWAY_SECONDS
+    #: Seconds between scheduled tests of a connector without its own ``testInterval``; 0: none. The
+    #: CLI's default is 30 minutes (Harness's connector heartbeat); in-process users opt in.
+    connector_test_interval_seconds: float = 0.0
+    #: A connector failing the same way again waits twice as long, up to this (or its interval if longer).
+    connector_backoff_max_seconds: float = 6 * 3600.0
+    #: Finished tests kept per connector.
+    connector_history: int = 50
+    #: Budget of a scheduled test (Harness: 2 minutes).
+    connector_test_timeout_seconds: float = 120.0
+    #: After downtime, overdue scheduled tests are spread over this long (or their interval if shorter).
+    connector_restart_spread_seconds: float = 600.0
 
     @property
     def disconnect_after(self) -> float:

@@ -158,7 +158,12 @@ class Demo:
                 delegate_token_file=token_file,
                 api_key_file=key_file,
                 settings=ControlPlaneSettings(
-                    heartbeat_seconds=2, poll_wait_seconds=10, lease_seconds=15, pickup_timeout_seconds=20
+                    heartbeat_seconds=2,
+                    poll_wait_seconds=10,
+                    lease_seconds=15,
+                    pickup_timeout_seconds=20,
+                    # With --keep-running, a credential broken in the AWS stand-in shows within minutes.
+                    connector_test_interval_seconds=120,
                 ),
             )
         )

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from agent.protocol.patterns import Tag, TokenName
-from agent.protocol.results import HarnessValidationResult, ValidationResult
+from agent.protocol.results import Failure, HarnessValidationResult, ValidationResult
 from agent.protocol.wire import TaskStatus, Timestamp, Wire
 
 PROTOCOL_VERSION = "v1"
@@ -155,6 +155,57 @@ class ValidationSummary(Wire, kw_only=True):
     stale: bool = False
 
 
+#: A connector's connectivity: UNKNOWN until its first test ends.
+ConnectorStatus = Literal["SUCCESS", "FAILURE", "UNKNOWN"]
+#: Why a connector test was created: by the schedule, by someone, or because the connector changed.
+TestTrigger = Literal["scheduled", "manual", "changed"]
+
+
+class ConnectorHealth(Wire, kw_only=True):
+    """A connector's connectivity as the control plane keeps it (Harness's connectivity status)."""
+
+    status: ConnectorStatus = "UNKNOWN"
+    #: When the last test ran (not when its result arrived).
+    tested_at: Timestamp | None = None
+    #: The last test that succeeded; kept while tests fail.
+    last_connected_at: Timestamp | None = None
+    error_summary: str | None = None
+    #: The failing step, its category and the one fitting hint, while the connector fails.
+    failure: Failure | None = None
+    delegate_name: str | None = None
+    #: Tests in a row that failed (0 after a success).
+    failures_in_row: int = 0
+    #: When the current run of failures began.
+    failing_since: Timestamp | None = None
+    #: Seconds between scheduled tests: the connector's own ``testInterval`` or the control plane's
+    #: default; 0 when scheduled tests are off for it.
+    test_interval_seconds: float = 0.0
+    #: Longer than the interval while the same failure repeats (doubling, at most 6 hours).
+    backoff_seconds: float = 0.0
+    next_test_at: Timestamp | None = None
+    #: A test of this connector is queued or running.
+    testing: bool = False
+
+
+class HistoryEntry(Wire, kw_only=True):
+    """One finished test of a connector."""
+
+    task_id: str
+    status: TaskStatus
+    tested_at: Timestamp
+    trigger: TestTrigger
+    delegate_name: str | None = None
+    error_summary: str | None = None
+    failure: Failure | None = None
+    duration_ms: int | None = None
+
+
+class ConnectorHistory(Wire, kw_only=True):
+    identifier: str
+    #: Newest first; the control plane keeps the last N (``--connector-history``, default 50).
+    entries: list[HistoryEntry]
+
+
 class ConnectorRecord(Wire, kw_only=True):
     identifier: str
     name: str
@@ -163,6 +214,7 @@ class ConnectorRecord(Wire, kw_only=True):
     created_at: Timestamp
     updated_at: Timestamp
     last_test: ValidationSummary | None = None
+    health: ConnectorHealth = msgspec.field(default_factory=ConnectorHealth)
 
 
 class ConnectorList(Wire, kw_only=True):

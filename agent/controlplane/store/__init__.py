@@ -7,6 +7,8 @@ from pathlib import Path
 from agent.controlplane.store.base import (
     ConnectorRow,
     DelegateRow,
+    HealthSummary,
+    HistoryRow,
     QueueKey,
     RowDamaged,
     SchemaTooNew,
@@ -26,6 +28,8 @@ from agent.controlplane.store.sqlite import SqliteStore
 __all__ = [
     "ConnectorRow",
     "DelegateRow",
+    "HealthSummary",
+    "HistoryRow",
     "QueueKey",
     "RowDamaged",
     "SchemaTooNew",

@@ -76,6 +76,8 @@ class TaskRow:
     failure_reason: str | None = None
     completed_at: float | None = None
     signature: str | None = None
+    #: Why a connector test was created: scheduled, manual or changed (None for other tasks).
+    trigger: str | None = None
     #: Leases handed out for this task so far: the fencing number every later write of a lease names.
     #: Unlike ``attempts`` (a give-back does not count one) it only ever grows.
     lease_seq: int = 0
@@ -98,6 +100,46 @@ class ConnectorRow:
     last_tested_at: float | None = None
     last_delegate_name: str | None = None
     last_error_summary: str | None = None
+    #: Connectivity (SUCCESS, FAILURE, UNKNOWN) and what the schedule needs; see controlplane/health.py.
+    health_status: str = "UNKNOWN"
+    last_connected_at: float | None = None
+    #: The last failure's {step, category, awsErrorCode, hint} while the connector fails.
+    last_failure: dict[str, Any] | None = None
+    failures_in_row: int = 0
+    failing_since: float | None = None
+    #: Doublings of the interval while the same failure repeats.
+    backoff: int = 0
+    #: The connector's own interval (seconds; 0: no scheduled tests); None: the control plane's default.
+    test_interval: float | None = None
+    next_test_at: float | None = None
+    #: Why the next test is due when it is not the schedule ("changed": the connector was applied).
+    next_trigger: str | None = None
+
+
+@dataclass(frozen=True)
+class HistoryRow:
+    """One finished test of a connector, kept (the last N per connector) after its task is purged."""
+
+    task_id: str
+    connector_id: str
+    tested_at: float
+    status: str
+    trigger: str
+    delegate_name: str | None = None
+    error_summary: str | None = None
+    failure: dict[str, Any] | None = None
+    duration_ms: int | None = None
+
+
+@dataclass(frozen=True)
+class HealthSummary:
+    """What the connector metrics show: counts by status and the two aggregates the alerts watch."""
+
+    by_status: dict[str, int]
+    #: How long the connector failing longest has been failing (0 when none fails).
+    failing_seconds_max: float
+    #: Over connectors with scheduled tests: the largest time since the last test (or creation), in intervals.
+    untested_intervals_max: float
 
 
 @dataclass(frozen=True)
@@ -316,6 +358,30 @@ class Store(Protocol):
 
     async def delete_connector(self, identifier: str) -> bool: ...
     async def update_connector(self, identifier: str, **values: Any) -> None: ...
+    async def due_connectors(self, now: float, limit: int) -> list[ConnectorRow]:
+        """Connectors whose next test is due (``next_test_at`` not after ``now``), the most overdue first."""
+        ...
+
+    async def connector_testing(self, identifier: str) -> bool:
+        """Whether a test of this connector is queued or running."""
+        ...
+
+    async def reschedule_connector(
+        self, identifier: str, *, was: float | None, to: float | None, trigger: str | None = None
+    ) -> bool:
+        """Move the next test from ``was`` to ``to`` (with ``trigger``), only if it is still ``was``:
+        of several replicas scheduling at once, one wins."""
+        ...
+
+    async def add_history(self, row: HistoryRow, keep: int) -> None:
+        """Record a finished test, keeping the newest ``keep`` of its connector."""
+        ...
+
+    async def connector_history(self, identifier: str, limit: int) -> list[HistoryRow]:
+        """Newest first."""
+        ...
+
+    async def health_summary(self, now: float, default_interval: float) -> HealthSummary: ...
 
     # --- tokens ------------------------------------------------------------------------------
 
@@ -337,7 +403,7 @@ _json = msgspec.json.Encoder()
 _unjson = msgspec.json.Decoder()
 _unjson_result = msgspec.json.Decoder(ValidationResult)
 
-JSON_COLUMNS = frozenset({"tags", "task_types", "payload", "selectors", "result", "body"})
+JSON_COLUMNS = frozenset({"tags", "task_types", "payload", "selectors", "result", "body", "last_failure", "failure"})
 _TUPLE_COLUMNS = {"tags", "task_types", "selectors"}
 
 
@@ -369,7 +435,7 @@ _KINDS: dict[str, tuple[type, ...]] = {
     "str | None": (str, type(None)),
 }
 
-Row = TypeVar("Row", DelegateRow, TaskRow, ConnectorRow)
+Row = TypeVar("Row", DelegateRow, TaskRow, ConnectorRow, HistoryRow)
 
 
 def decode_row(cls: type[Row], row: Mapping[str, Any]) -> Row:
@@ -393,7 +459,8 @@ def decode_row(cls: type[Row], row: Mapping[str, Any]) -> Row:
             raise ValueError(f"state {kwargs.get('state')!r:.40} is not a state")
         return cls(**kwargs)
     except (msgspec.MsgspecError, ValueError, TypeError, KeyError) as exc:
-        key = str(row["id"] if "id" in row.keys() else row["identifier"])  # noqa: SIM118 - sqlite3.Row's "in" reads values
+        names = list(row.keys())
+        key = str(next((row[k] for k in ("id", "identifier", "task_id") if k in names), "?"))
         raise RowDamaged(cls.__name__.removesuffix("Row").lower(), key, str(exc)) from None
 
 
@@ -440,7 +507,7 @@ def encode_scope(scope: StoredScope) -> tuple[str | None, str | None]:
     return names, tags
 
 
-def row_columns(row: DelegateRow | TaskRow | ConnectorRow) -> tuple[list[str], list[Any]]:
+def row_columns(row: DelegateRow | TaskRow | ConnectorRow | HistoryRow) -> tuple[list[str], list[Any]]:
     """A row's column names and stored values, in field order."""
     names = [f.name for f in fields(row)]
     return names, [encode_value(n, getattr(row, n)) for n in names]

@@ -39,6 +39,8 @@ from agent.controlplane.store.base import (
     ConnectorRow,
     DelegateRow,
     Expect,
+    HealthSummary,
+    HistoryRow,
     QueueKey,
     RowDamaged,
     SchemaTooNew,
@@ -168,6 +170,34 @@ EXCEPTION WHEN others THEN
     RETURN NULL;
 END
 $$;
+""",
+    ),
+    (
+        2,
+        """
+ALTER TABLE connectors ADD COLUMN health_status TEXT NOT NULL DEFAULT 'UNKNOWN';
+ALTER TABLE connectors ADD COLUMN last_connected_at DOUBLE PRECISION;
+ALTER TABLE connectors ADD COLUMN last_failure TEXT;
+ALTER TABLE connectors ADD COLUMN failures_in_row INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE connectors ADD COLUMN failing_since DOUBLE PRECISION;
+ALTER TABLE connectors ADD COLUMN backoff INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE connectors ADD COLUMN test_interval DOUBLE PRECISION;
+ALTER TABLE connectors ADD COLUMN next_test_at DOUBLE PRECISION;
+ALTER TABLE connectors ADD COLUMN next_trigger TEXT;
+ALTER TABLE tasks ADD COLUMN trigger TEXT;
+CREATE INDEX IF NOT EXISTS connectors_due ON connectors(next_test_at);
+CREATE TABLE IF NOT EXISTS connector_history(
+    task_id TEXT PRIMARY KEY,
+    connector_id TEXT NOT NULL,
+    tested_at DOUBLE PRECISION NOT NULL,
+    status TEXT NOT NULL,
+    trigger TEXT NOT NULL,
+    delegate_name TEXT,
+    error_summary TEXT,
+    failure TEXT,
+    duration_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS connector_history_by ON connector_history(connector_id, tested_at);
 """,
     ),
 ]
@@ -781,6 +811,70 @@ class PostgresStore:
 
     async def update_connector(self, identifier: str, **values: Any) -> None:
         await self._update("connectors", "identifier", identifier, values)
+
+    async def due_connectors(self, now: float, limit: int) -> list[ConnectorRow]:
+        rows = await self._fetch(
+            "SELECT * FROM connectors WHERE next_test_at IS NOT NULL AND next_test_at <= $1 "
+            "ORDER BY next_test_at, identifier LIMIT $2",
+            now,
+            limit,
+        )
+        return readable(ConnectorRow, rows)
+
+    async def connector_testing(self, identifier: str) -> bool:
+        found = await self._fetchval(
+            "SELECT 1 FROM tasks WHERE connector_id = $1 AND state IN ('queued', 'running') LIMIT 1", identifier
+        )
+        return found is not None
+
+    async def reschedule_connector(
+        self, identifier: str, *, was: float | None, to: float | None, trigger: str | None = None
+    ) -> bool:
+        values = {"next_test_at": to, "next_trigger": trigger}
+        return await self._update(
+            "connectors", "identifier", identifier, values, where=("next_test_at IS NOT DISTINCT FROM {}", (was,))
+        )
+
+    async def add_history(self, row: HistoryRow, keep: int) -> None:
+        names, values = row_columns(row)
+        params = ", ".join(f"${i}" for i in range(1, len(names) + 1))
+        updates = ", ".join(f"{n} = EXCLUDED.{n}" for n in names if n != "task_id")
+        async with self.transaction():
+            await self._execute(
+                f"INSERT INTO connector_history({', '.join(names)}) VALUES({params}) "
+                f"ON CONFLICT(task_id) DO UPDATE SET {updates}",
+                *values,
+            )
+            await self._execute(
+                "DELETE FROM connector_history WHERE connector_id = $1 AND task_id NOT IN (SELECT task_id FROM "
+                "connector_history WHERE connector_id = $1 ORDER BY tested_at DESC, task_id DESC LIMIT $2)",
+                row.connector_id,
+                keep,
+            )
+
+    async def connector_history(self, identifier: str, limit: int) -> list[HistoryRow]:
+        rows = await self._fetch(
+            "SELECT * FROM connector_history WHERE connector_id = $1 ORDER BY tested_at DESC, task_id DESC LIMIT $2",
+            identifier,
+            limit,
+        )
+        return readable(HistoryRow, rows)
+
+    async def health_summary(self, now: float, default_interval: float) -> HealthSummary:
+        rows = await self._fetch("SELECT health_status, COUNT(*) FROM connectors GROUP BY health_status")
+        by_status = {str(r[0]): int(r[1]) for r in rows}
+        failing = await self._fetchval(
+            "SELECT MAX($1 - failing_since) FROM connectors WHERE health_status = 'FAILURE' "
+            "AND failing_since IS NOT NULL",
+            now,
+        )
+        untested = await self._fetchval(
+            "SELECT MAX(($1 - COALESCE(last_tested_at, created_at)) / COALESCE(test_interval, $2)) FROM connectors "
+            "WHERE COALESCE(test_interval, $2) > 0",
+            now,
+            default_interval,
+        )
+        return HealthSummary(by_status, max(0.0, float(failing or 0)), max(0.0, float(untested or 0)))
 
     # --- tokens ------------------------------------------------------------------------------
 

@@ -25,6 +25,8 @@ from agent.controlplane.store.base import (
     ConnectorRow,
     DelegateRow,
     Expect,
+    HealthSummary,
+    HistoryRow,
     QueueKey,
     SchemaTooNew,
     StoredScope,
@@ -123,7 +125,34 @@ CREATE INDEX IF NOT EXISTS tasks_running ON tasks(delegate_id) WHERE state = 'ru
 CREATE TABLE IF NOT EXISTS marks(name TEXT PRIMARY KEY, at REAL NOT NULL);
 """
 
-SCHEMA_VERSION = 2
+#: Version 3: connector health (status, schedule, back-off), test triggers, and each connector's history.
+_V3 = """
+ALTER TABLE connectors ADD COLUMN health_status TEXT NOT NULL DEFAULT 'UNKNOWN';
+ALTER TABLE connectors ADD COLUMN last_connected_at REAL;
+ALTER TABLE connectors ADD COLUMN last_failure TEXT;
+ALTER TABLE connectors ADD COLUMN failures_in_row INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE connectors ADD COLUMN failing_since REAL;
+ALTER TABLE connectors ADD COLUMN backoff INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE connectors ADD COLUMN test_interval REAL;
+ALTER TABLE connectors ADD COLUMN next_test_at REAL;
+ALTER TABLE connectors ADD COLUMN next_trigger TEXT;
+ALTER TABLE tasks ADD COLUMN trigger TEXT;
+CREATE INDEX IF NOT EXISTS connectors_due ON connectors(next_test_at);
+CREATE TABLE IF NOT EXISTS connector_history(
+    task_id TEXT PRIMARY KEY,
+    connector_id TEXT NOT NULL,
+    tested_at REAL NOT NULL,
+    status TEXT NOT NULL,
+    trigger TEXT NOT NULL,
+    delegate_name TEXT,
+    error_summary TEXT,
+    failure TEXT,
+    duration_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS connector_history_by ON connector_history(connector_id, tested_at);
+"""
+
+SCHEMA_VERSION = 3
 
 #: The database holds task payloads (role ARNs, External IDs) and token hashes: its owner's alone.
 DB_MODE = 0o600
@@ -216,6 +245,8 @@ class SqliteStore:
             self._db.execute("PRAGMA user_version=1")
         if version < 2:
             self._db.executescript(f"BEGIN; {_V2} PRAGMA user_version=2; COMMIT;")
+        if version < 3:
+            self._db.executescript(f"BEGIN; {_V3} PRAGMA user_version=3; COMMIT;")
 
     async def close(self) -> None:
         self._db.close()
@@ -531,6 +562,62 @@ class SqliteStore:
 
     async def update_connector(self, identifier: str, **values: Any) -> None:
         self._update("connectors", "identifier", identifier, values)
+
+    async def due_connectors(self, now: float, limit: int) -> list[ConnectorRow]:
+        rows = self._db.execute(
+            "SELECT * FROM connectors WHERE next_test_at IS NOT NULL AND next_test_at <= ? "
+            "ORDER BY next_test_at LIMIT ?",
+            (now, limit),
+        ).fetchall()
+        return readable(ConnectorRow, rows)
+
+    async def connector_testing(self, identifier: str) -> bool:
+        row = self._db.execute(
+            "SELECT 1 FROM tasks WHERE connector_id=? AND state IN ('queued', 'running') LIMIT 1", (identifier,)
+        ).fetchone()
+        return row is not None
+
+    async def reschedule_connector(
+        self, identifier: str, *, was: float | None, to: float | None, trigger: str | None = None
+    ) -> bool:
+        values = {"next_test_at": to, "next_trigger": trigger}
+        return self._update("connectors", "identifier", identifier, values, where=("next_test_at IS ?", (was,)))
+
+    async def add_history(self, row: HistoryRow, keep: int) -> None:
+        names, values = row_columns(row)
+        async with self.transaction():
+            self._write(
+                f"INSERT OR REPLACE INTO connector_history({', '.join(names)}) VALUES({', '.join('?' * len(names))})",
+                values,
+            )
+            self._write(
+                "DELETE FROM connector_history WHERE connector_id=? AND task_id NOT IN (SELECT task_id FROM "
+                "connector_history WHERE connector_id=? ORDER BY tested_at DESC, task_id DESC LIMIT ?)",
+                (row.connector_id, row.connector_id, keep),
+            )
+
+    async def connector_history(self, identifier: str, limit: int) -> list[HistoryRow]:
+        rows = self._db.execute(
+            "SELECT * FROM connector_history WHERE connector_id=? ORDER BY tested_at DESC, task_id DESC LIMIT ?",
+            (identifier, limit),
+        ).fetchall()
+        return readable(HistoryRow, rows)
+
+    async def health_summary(self, now: float, default_interval: float) -> HealthSummary:
+        by_status = {
+            str(r[0]): int(r[1])
+            for r in self._db.execute("SELECT health_status, COUNT(*) FROM connectors GROUP BY health_status")
+        }
+        failing = self._db.execute(
+            "SELECT MAX(? - failing_since) FROM connectors WHERE health_status='FAILURE' AND failing_since IS NOT NULL",
+            (now,),
+        ).fetchone()[0]
+        untested = self._db.execute(
+            "SELECT MAX((? - COALESCE(last_tested_at, created_at)) / COALESCE(test_interval, ?)) FROM connectors "
+            "WHERE COALESCE(test_interval, ?) > 0",
+            (now, default_interval, default_interval),
+        ).fetchone()[0]
+        return HealthSummary(by_status, max(0.0, float(failing or 0)), max(0.0, float(untested or 0)))
 
     # --- tokens ------------------------------------------------------------------------------
 
