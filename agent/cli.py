@@ -24,11 +24,13 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 from agent._version import __version__
 
 if TYPE_CHECKING:
+    from datetime import datetime
+
     from agent.aws.environment import AwsEnvironment
     from agent.observability.logging import Redactor
     from agent.observability.metrics import AgentMetrics
     from agent.protocol.api_client import ApiClient
-    from agent.protocol.models import ApplyResult, DelegateView, Problem, TaskView, TokenView
+    from agent.protocol.models import ApplyResult, ConnectorHealth, DelegateView, Problem, TaskView, TokenView
     from agent.protocol.results import ValidationResult
     from agent.runtime.agent import Agent
     from agent.runtime.settings import AgentSettings
@@ -147,6 +149,15 @@ def _parse_listen(value: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - explicit opt-in via the flag
 
 
+def _interval(value: str) -> float:
+    from agent.aws.connector import parse_interval
+
+    try:
+        return parse_interval(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _database_problems(database: str | None, listen_url: str | None, data_dir: str | None) -> list[str]:
     """Every problem with the store options, said at once."""
     from agent.controlplane.store.base import url_problems
@@ -191,6 +202,19 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
         for problem in problems:
             _err(problem)
         return EXIT_USAGE
+    webhook = args.status_webhook or os.environ.get("CONTROL_PLANE_STATUS_WEBHOOK") or None
+    if webhook is not None:
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(webhook)
+            usable = parts.scheme in ("http", "https") and bool(parts.hostname)
+        except ValueError:
+            usable = False
+        if not usable:
+            _err("control-plane: --status-webhook must be an http(s) URL with a host")
+            return EXIT_USAGE
+        redactor.pin(webhook, *(part for part in webhook.split("/")[3:] if len(part) >= 8))
     for url in (database, listen_url):
         if url:
             redactor.pin(url_password(url), unquote(url_password(url)))
@@ -201,6 +225,8 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
         pickup_timeout_seconds=args.pickup_timeout_seconds,
         task_timeout_seconds=args.task_timeout_seconds,
         clock_leeway_seconds=args.clock_leeway_seconds,
+        connector_test_interval_seconds=args.connector_test_interval,
+        connector_history=max(1, args.connector_history),
         **({"audience": args.audience} if args.audience else {}),
     )
     config = config_from_env(
@@ -211,6 +237,7 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
         database_url=database,
         database_listen_url=listen_url,
         database_poll_seconds=args.database_poll_seconds,
+        status_webhook_url=webhook,
         delegate_token_file=Path(args.delegate_token_file) if args.delegate_token_file else None,
         api_key_file=Path(args.api_key_file) if args.api_key_file else None,
         secrets_dir=Path(args.secrets_dir) if args.secrets_dir else None,
@@ -426,6 +453,8 @@ def _print_apply_problems(problems: Sequence[tuple[str, str, Sequence[Any]]], su
 
 
 def cmd_connector_get(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
     import yaml
 
     record = _client(args).get_connector(args.identifier)
@@ -433,24 +462,27 @@ def cmd_connector_get(args: argparse.Namespace) -> int:
         _print_json(record)
     else:
         print(yaml.safe_dump(record.connector, sort_keys=False).rstrip())
+        extra = []
         if record.last_test:
             t = record.last_test
-            print(
-                f"# last test: {t.status} at {t.tested_at:%Y-%m-%d %H:%M:%S}Z by {t.delegate_name or '-'}"
-                + (f": {t.error_summary}" if t.error_summary else "")
-            )
+            text = f"{t.status} at {t.tested_at:%Y-%m-%d %H:%M:%S}Z: `delegate-agent tasks get {t.task_id}` shows it"
             if t.stale:
-                print("# (that test ran an earlier version of the spec: test it again)")
+                text += "; that test ran an earlier version of the spec: test it again"
+            extra.append(("last test", text))
+        print_health(record.health, datetime.now(UTC), extra=extra)
     return EXIT_OK
 
 
 def cmd_connector_list(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
     import msgspec
 
     records = _client(args).list_connectors().connectors
     if args.output == "json":
         _print_json([msgspec.to_builtins(r) for r in records])
         return EXIT_OK
+    now = datetime.now(UTC)
     rows = []
     for r in records:
         spec = r.connector.get("connector", {}).get("spec", {})
@@ -464,10 +496,155 @@ def cmd_connector_list(args: argparse.Namespace) -> int:
                 ",".join(spec.get("delegateSelectors", [])) or "(any)",
                 "platform" if spec.get("executeOnDelegate") is False else "delegate",
                 f"{last.status} {last.tested_at:%H:%M:%S}" + (" (stale)" if last.stale else "") if last else "-",
+                health_summary(r.health, now),
             ]
         )
-    _print_table(rows, ["identifier", "credential", "region", "selectors", "runs on", "last test"])
+    _print_table(rows, ["identifier", "credential", "region", "selectors", "runs on", "last test", "status"])
     return EXIT_OK
+
+
+def cmd_connector_history(args: argparse.Namespace) -> int:
+    history = _client(args).connector_history(args.identifier, args.limit)
+    if args.output == "json":
+        _print_json(history)
+        return EXIT_OK
+    rows = [
+        [
+            f"{_utc(e.tested_at):%Y-%m-%d %H:%M:%S}Z",
+            e.status,
+            e.trigger,
+            e.delegate_name,
+            _milliseconds(e.duration_ms),
+            _one_line(e.error_summary or "", HISTORY_ERROR_WIDTH),
+        ]
+        for e in history.entries
+    ]
+    _print_table(rows, ["tested at", "status", "trigger", "delegate", "duration", "error"])
+    if not rows:
+        print(f"(connector {history.identifier} has no finished tests yet)", file=sys.stderr)
+    return EXIT_OK
+
+
+# --- connector health, as people read it -------------------------------------------------------
+
+#: Characters of a test's error summary in a `connector history` row (the JSON output has all of it).
+HISTORY_ERROR_WIDTH = 80
+
+
+def health_summary(health: ConnectorHealth, now: datetime) -> str:
+    """The STATUS cell of ``connector list``: the status word first (it is coloured), then the gist.
+
+    ``SUCCESS 4m ago``; ``FAILURE 3x since 10:42: assume_role_denied`` (tests failed in a row, since
+    when in local time, the failure's category); ``UNKNOWN never tested``; `` (testing)`` at the end
+    while a test of the connector is queued or running.
+    """
+    if health.status == "FAILURE":
+        text = f"FAILURE {max(health.failures_in_row, 1)}x"
+        if health.failing_since is not None:
+            text += f" since {_local_clock(health.failing_since, now)}"
+        reason = health.failure.category if health.failure else _one_line(health.error_summary or "", 40)
+        text += f": {reason}" if reason else ""
+    elif health.tested_at is not None:
+        text = f"{health.status} {_ago(health.tested_at, now)}"
+    else:
+        text = "UNKNOWN" if health.testing else "UNKNOWN never tested"
+    return text + (" (testing)" if health.testing else "")
+
+
+def print_health(
+    health: ConnectorHealth, now: datetime, out: TextIO | None = None, *, extra: Sequence[tuple[str, str]] = ()
+) -> None:
+    """The health block of ``connector get``, as YAML comments so the output still applies as it is.
+
+    ``extra`` lines (label, text) follow, aligned with the rest.
+    """
+    out = out or sys.stdout
+    lines: list[tuple[str, str]] = [
+        ("status", health.status + (" (a test is queued or running)" if health.testing else "")),
+        ("tested at", _moment(health.tested_at, now) or "never"),
+        ("last connected", _moment(health.last_connected_at, now) or "never"),
+    ]
+    if health.error_summary:
+        lines.append(("error", _one_line(health.error_summary, 1000)))
+    failure = health.failure
+    if failure is not None:
+        code = f", AWS {failure.aws_error_code}" if failure.aws_error_code else ""
+        lines.append(("failed at", f"{failure.step} ({failure.category}{code})"))
+        if failure.hint:
+            lines.append(("hint", _one_line(failure.hint, 1000)))
+    lines.append(("delegate", health.delegate_name or "-"))
+    if health.failures_in_row:
+        since = _moment(health.failing_since, now)
+        lines.append(("failures in a row", f"{health.failures_in_row}" + (f", since {since}" if since else "")))
+    lines.append(("test interval", _schedule_text(health)))
+    lines.append(("next test", _moment(health.next_test_at, now) or "not scheduled"))
+    lines.extend(extra)
+    print("# health:", file=out)
+    width = max(len(label) for label, _ in lines) + 1
+    for label, value in lines:
+        print(f"#   {label + ':':<{width}} {_paint(value, out) if label == 'status' else value}", file=out)
+
+
+def _schedule_text(health: ConnectorHealth) -> str:
+    if health.test_interval_seconds <= 0:
+        return "off (no scheduled tests)"
+    text = f"every {_span(health.test_interval_seconds)}"
+    if health.backoff_seconds > health.test_interval_seconds:
+        text += f"; backing off to {_span(health.backoff_seconds)} while the same failure repeats"
+    return text
+
+
+def _utc(when: datetime) -> datetime:
+    from datetime import UTC
+
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def _span(seconds: float) -> str:
+    """A duration as people say it: ``45s``, ``4m``, ``1h30m``, ``2d``."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        h, m = divmod(s // 60, 60)
+        return f"{h}h{m}m" if m else f"{h}h"
+    d, h = divmod(s // 3600, 24)
+    return f"{d}d{h}h" if h else f"{d}d"
+
+
+def _ago(when: datetime, now: datetime) -> str:
+    """``4m ago`` (``just now`` under a second, ``in 2m`` for the future)."""
+    seconds = (now - _utc(when)).total_seconds()
+    if abs(seconds) < 1:
+        return "just now"
+    return f"{_span(seconds)} ago" if seconds > 0 else f"in {_span(-seconds)}"
+
+
+def _moment(when: datetime | None, now: datetime) -> str | None:
+    """``2026-05-01 10:42:03Z (4m ago)``, or None for no time."""
+    if when is None:
+        return None
+    return f"{_utc(when):%Y-%m-%d %H:%M:%S}Z ({_ago(when, now)})"
+
+
+def _local_clock(when: datetime, now: datetime) -> str:
+    """Local ``HH:MM`` when ``when`` is today here, else its local date."""
+    local = _utc(when).astimezone()
+    return f"{local:%H:%M}" if local.date() == _utc(now).astimezone().date() else f"{local:%Y-%m-%d}"
+
+
+def _milliseconds(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    return f"{ms} ms" if ms < 1000 else f"{ms / 1000:.1f} s"
+
+
+def _one_line(text: str, width: int) -> str:
+    """``text`` on one line, cut to ``width`` characters with an ellipsis."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "\u2026"
 
 
 def cmd_connector_delete(args: argparse.Namespace) -> int:
@@ -1037,6 +1214,12 @@ def _limit(value: str) -> int:
     return int(value)
 
 
+def _history_limit(value: str) -> int:
+    if not value.isdigit() or not 1 <= int(value) <= 500:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number from 1 to 500")
+    return int(value)
+
+
 def _connections(value: str) -> int:
     if not value.isdigit() or not 1 <= int(value) <= 100_000:
         raise argparse.ArgumentTypeError(f"{value!r} is not a whole number from 1 to 100000")
@@ -1113,6 +1296,27 @@ def _add_control_plane(sub: Any, _: argparse.ArgumentParser) -> None:
         metavar="URL",
         help="a direct Postgres URL (session mode) for wakeups between replicas when --database goes through "
         "PgBouncer (default: CONTROL_PLANE_DATABASE_LISTEN_URL; else --database)",
+    )
+    p.add_argument(
+        "--connector-test-interval",
+        type=_interval,
+        default="30m",
+        metavar="DURATION",
+        help="re-test every connector this often (30m, 2h, 0 for never); a connector's own testInterval wins; "
+        "a connector failing the same way backs off to 6h (default: %(default)s, Harness's connector heartbeat)",
+    )
+    p.add_argument(
+        "--connector-history",
+        type=int,
+        default=50,
+        metavar="N",
+        help="finished tests kept per connector, for `connector history` (default: %(default)s)",
+    )
+    p.add_argument(
+        "--status-webhook",
+        metavar="URL",
+        help="POST a JSON event here when a connector's status changes, retried with back-off "
+        "(default: CONTROL_PLANE_STATUS_WEBHOOK; else none)",
     )
     p.add_argument(
         "--database-poll-seconds",
@@ -1215,11 +1419,31 @@ def _add_connector(sub: Any, client_opts: argparse.ArgumentParser) -> None:
         "(its *.yaml, *.yml and *.json files, in name order); repeat for more",
     )
     a.set_defaults(func=cmd_connector_apply)
-    g = csub.add_parser("get", parents=[client_opts], help="show a connector")
+    g = csub.add_parser("get", parents=[client_opts], help="show a connector, its health and its latest test")
     g.add_argument("identifier")
     g.set_defaults(func=cmd_connector_get)
-    lst = csub.add_parser("list", parents=[client_opts], help="list connectors")
+    lst = csub.add_parser(
+        "list",
+        parents=[client_opts],
+        help="list connectors with their connectivity status",
+        description="STATUS is the connector's connectivity as the control plane keeps it: SUCCESS and "
+        "how long ago it was tested; FAILURE, how many tests in a row failed, since when and why "
+        "(the failure's category); UNKNOWN before the first test; (testing) while a test is queued or running.",
+    )
     lst.set_defaults(func=cmd_connector_list)
+    h = csub.add_parser(
+        "history",
+        parents=[client_opts],
+        help="a connector's last test results, newest first",
+        description="Each finished test of the connector: when, the result, what started it (scheduled, "
+        "manual, or changed: the connector was applied with a new spec), the delegate, how long it took "
+        "and the error. The control plane keeps the last results of each connector (50 by default).",
+    )
+    h.add_argument("identifier")
+    h.add_argument(
+        "--limit", type=_history_limit, default=50, metavar="N", help="at most N results (1-500; default 50)"
+    )
+    h.set_defaults(func=cmd_connector_history)
     d = csub.add_parser("delete", parents=[client_opts], help="delete a connector")
     d.add_argument("identifier")
     d.set_defaults(func=cmd_connector_delete)

@@ -184,7 +184,7 @@ def bash_script() -> str:
     ("words", "expected"),
     [
         (["delegate-agent", "conn"], ["connector"]),
-        (["delegate-agent", "connector", ""], ["apply", "get", "list", "delete", "test"]),
+        (["delegate-agent", "connector", ""], ["apply", "get", "list", "history", "delete", "test"]),
         (["delegate-agent", "connector", "apply", "--con"], ["--control-plane"]),
         (["delegate-agent", "connector", "list", "-o", ""], ["table", "json"]),
         (["delegate-agent", "--version", "tokens", "-o", "json", "r"], ["revoke"]),

@@ -38,6 +38,7 @@ from agent.protocol.models import (
     AcquireRequest,
     AcquireResponse,
     ApplyResult,
+    ConnectorHistory,
     ConnectorList,
     ConnectorRecord,
     CreatedToken,
@@ -71,6 +72,9 @@ MAX_BODY_BYTES = 1024 * 1024
 PARSE_IN_THREAD_BYTES = 64 * 1024
 #: Retry-After while the database refuses writes: the sweeper probes it about as often.
 STORE_RETRY_SECONDS = 5.0
+#: ``GET /api/v1/connectors/{identifier}/history``: entries answered when no limit is given, and at most.
+DEFAULT_HISTORY_LIMIT = 50
+MAX_HISTORY_LIMIT = 500
 
 
 @dataclass(frozen=True)
@@ -312,6 +316,29 @@ ROUTES: tuple[Route, ...] = (
         request=TestRequest,
         request_optional=True,
         params=(_IDENTIFIER,),
+    ),
+    Route(
+        "GET",
+        "/api/v1/connectors/{identifier}/history",
+        "connector_history",
+        "The connector's last test results, newest first (scheduled, manual and after a change)",
+        "connectors",
+        "api",
+        {
+            200: ("The connector's history", ConnectorHistory),
+            400: ("Invalid limit", ErrorBody),
+            404: ("No such connector", ErrorBody),
+        },
+        params=(
+            _IDENTIFIER,
+            Param(
+                "limit",
+                "query",
+                f"At most this many entries (1-{MAX_HISTORY_LIMIT}; default {DEFAULT_HISTORY_LIMIT})",
+                {"type": "integer", "minimum": 1, "maximum": MAX_HISTORY_LIMIT, "default": DEFAULT_HISTORY_LIMIT},
+                False,
+            ),
+        ),
     ),
     Route(
         "GET",
@@ -676,6 +703,10 @@ class Handlers:
     async def test_connector(self, request: web.Request, body: TestRequest | None) -> web.Response:
         task = await self.cp.test_connector(request.match_info["identifier"], body or TestRequest())
         return json_response(self.cp.task_view(task), 200 if task.state == "done" else 202)
+
+    async def connector_history(self, request: web.Request, body: None) -> web.Response:
+        limit = int(_number(request, "limit", DEFAULT_HISTORY_LIMIT, 1, MAX_HISTORY_LIMIT, integer=True))
+        return json_response(await self.cp.connector_history(request.match_info["identifier"], limit))
 
     # --- tasks -------------------------------------------------------------------------------
 

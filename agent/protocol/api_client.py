@@ -18,6 +18,7 @@ import msgspec
 from agent.protocol.errors import ProtocolError, error_from_response
 from agent.protocol.models import (
     ApplyResult,
+    ConnectorHistory,
     ConnectorList,
     ConnectorRecord,
     CreatedToken,
@@ -95,6 +96,10 @@ class ApiClient:
 
     def list_connectors(self) -> ConnectorList:
         return self._get("/api/v1/connectors", ConnectorList)
+
+    def connector_history(self, identifier: str, limit: int | None = None) -> ConnectorHistory:
+        """The connector's last test results, newest first (the server's default count without ``limit``)."""
+        return self._get(f"/api/v1/connectors/{_q(identifier)}/history", ConnectorHistory, limit=limit)
 
     def delete_connector(self, identifier: str) -> None:
         self._call("DELETE", f"/api/v1/connectors/{_q(identifier)}")
