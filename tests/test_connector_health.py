@@ -20,7 +20,7 @@ import structlog
 
 from agent.controlplane.core import ControlPlane, ControlPlaneSettings
 from agent.controlplane.store import SqliteStore
-from agent.protocol.models import AcquireRequest, TaskResult
+from agent.protocol.models import AcquireRequest, TaskResult, TestRequest
 from agent.protocol.results import ValidationResult, failure_result
 from tests.conftest import ManualClock, manual_connector, register_request
 
@@ -194,3 +194,16 @@ async def test_no_eligible_delegate_is_a_status_without_a_pile_of_tasks(clock: M
     history = await fleet.core.connector_history("Orphan", 50)
     assert 3 <= len(history.entries) <= 8  # backed off: not 16 tests in 8 hours
     assert {e.trigger for e in history.entries} <= {"changed", "scheduled"}
+
+
+async def test_a_manual_test_right_after_a_change_answers_it(clock: ManualClock) -> None:
+    """Applied, then tested by hand at once (as the demo and a careful user do): one test, not two,
+    and the schedule carries on from it."""
+    fleet = await Fleet.start(clock)
+    await fleet.core.apply_connector(manual_connector("Fresh", delegateSelectors=["eks"]))
+    await fleet.core.test_connector("Fresh", TestRequest(wait_seconds=0))
+    for _ in range(20):
+        await fleet.step(1)
+    assert [trigger for _, _, trigger in fleet.created] == ["manual"]
+    record = await fleet.core.connector_record(await fleet.core.get_connector("Fresh"))
+    assert record.health.status == "SUCCESS" and record.health.next_test_at is not None

@@ -147,10 +147,12 @@ def test_the_delegates_die_with_the_demo_even_when_it_is_killed(tmp_path: Path) 
             pidfds = {pid: os.pidfd_open(pid) for pid in _delegate_pids(lines)}  # opened while they run
             assert len(pidfds) == 2, lines
             tried = [
-                t.strip() for t in lines if re.search(r"(delegates list|connector (list|test|apply)|validate -f)", t)
+                t.strip()
+                for t in lines
+                if re.search(r"(delegates list|connector (list|test|apply|history)|validate -f)", t)
             ]
             program = re.compile(r"(^|\s)delegate-agent (delegates|connector|validate) ")
-            assert len(tried) == 5 and all(program.search(t) for t in tried), tried
+            assert len(tried) == 6 and all(program.search(t) for t in tried), tried
             proc.kill()
             proc.wait(timeout=30)
             assert _exits_within(pidfds, 30) == [], "delegates outlived the killed demo"

@@ -383,6 +383,12 @@ class Demo:
             f"  AWS_ENDPOINT_URL={aws_url} {me} validate -f {connectors / 'aws_access_key.yaml'} "
             f"--secrets-dir {self.dir / 'eks-prod-0' / 'secrets'}"
         )
+        secret = self.dir / "eks-prod-0" / "secrets" / "deployer_secret_key"
+        self.say("")
+        self.say("Connector health: every connector is re-tested every 2 minutes. Break a secret, watch, restore:")
+        self.say(f"  cp {secret} {secret}.bak && echo wrong-secret > {secret}")
+        self.say(f"  {me} connector history aws_access_key   # FAILURE at its next test (a scheduled one)")
+        self.say(f"  mv {secret}.bak {secret}   # and back to SUCCESS at the test after")
         self.say("")
         self.say("Ctrl-C stops everything cleanly.")
         await self._stop.wait()  # the handler has been in place since the demo started
