@@ -140,20 +140,23 @@ class TaskQueue:
         while True:
             if d.state == "draining":
                 return AcquireResponse(tasks=[])
-            tasks = await self.take(d, limit)
-            if tasks:
-                return AcquireResponse(tasks=tasks)
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return AcquireResponse(tasks=[])
+            # Listen first, then look: a task announced while the claim is on its way to the store (an
+            # await, with Postgres) wakes this waiter instead of being lost until the backstop poll.
             waiter = _Waiter(d)
             self._waiters.append(waiter)
             try:
-                async with asyncio.timeout(remaining if backstop is None else min(remaining, backstop)):
-                    await waiter.event.wait()
-            except TimeoutError:
-                if loop.time() >= deadline:
+                tasks = await self.take(d, limit)
+                if tasks:
+                    return AcquireResponse(tasks=tasks)
+                remaining = deadline - loop.time()
+                if remaining <= 0:
                     return AcquireResponse(tasks=[])
+                try:
+                    async with asyncio.timeout(remaining if backstop is None else min(remaining, backstop)):
+                        await waiter.event.wait()
+                except TimeoutError:
+                    if loop.time() >= deadline:
+                        return AcquireResponse(tasks=[])
             finally:
                 self._waiters.remove(waiter)
             if gone():
@@ -254,22 +257,26 @@ class TaskQueue:
 
     async def wait_task(self, task_id: str, timeout: float) -> TaskRow:
         """The task once it is done, or as it is when ``timeout`` runs out."""
-        t = await self.get_task(task_id)
-        if t.state == "done" or timeout <= 0:
-            return t
+        if timeout <= 0:
+            return await self.get_task(task_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         backstop = self.store.poll_backstop
-        while t.state != "done" and (remaining := deadline - loop.time()) > 0:
-            event = self._done_events.setdefault(task_id, asyncio.Event())
-            try:
-                async with asyncio.timeout(remaining if backstop is None else min(remaining, backstop)):
-                    await event.wait()
-            except TimeoutError:
-                pass
-            t = await self.get_task(task_id)
-        self._done_events.pop(task_id, None)
-        return t
+        try:
+            while True:
+                # Listen first, then read: the task ending during the read still wakes this wait.
+                event = self._done_events.setdefault(task_id, asyncio.Event())
+                t = await self.get_task(task_id)
+                remaining = deadline - loop.time()
+                if t.state == "done" or remaining <= 0:
+                    return t
+                try:
+                    async with asyncio.timeout(remaining if backstop is None else min(remaining, backstop)):
+                        await event.wait()
+                except TimeoutError:
+                    pass
+        finally:
+            self._done_events.pop(task_id, None)
 
     async def cancel_task(self, task_id: str) -> TaskRow:
         t = await self.get_task(task_id)
