@@ -150,12 +150,21 @@ def _parse_listen(value: str) -> tuple[str, int]:
 
 
 def _interval(value: str) -> float:
-    from agent.aws.connector import parse_interval
+    from agent.aws.connector import MAX_TEST_INTERVAL, MIN_TEST_INTERVAL, parse_interval
 
     try:
-        return parse_interval(value)
+        seconds = parse_interval(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    if seconds and not MIN_TEST_INTERVAL <= seconds <= MAX_TEST_INTERVAL:
+        raise argparse.ArgumentTypeError(f"{value!r} must be between 1m and 168h (or 0 for no scheduled tests)")
+    return seconds
+
+
+def _history_count(value: str) -> int:
+    if not value.isascii() or not value.isdigit() or not 1 <= int(value) <= 10_000:
+        raise argparse.ArgumentTypeError(f"{value!r} must be a whole number from 1 to 10000")
+    return int(value)
 
 
 def _database_problems(database: str | None, listen_url: str | None, data_dir: str | None) -> list[str]:
@@ -226,7 +235,7 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
         task_timeout_seconds=args.task_timeout_seconds,
         clock_leeway_seconds=args.clock_leeway_seconds,
         connector_test_interval_seconds=args.connector_test_interval,
-        connector_history=max(1, args.connector_history),
+        connector_history=args.connector_history,
         **({"audience": args.audience} if args.audience else {}),
     )
     config = config_from_env(
@@ -1307,7 +1316,7 @@ def _add_control_plane(sub: Any, _: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--connector-history",
-        type=int,
+        type=_history_count,
         default=50,
         metavar="N",
         help="finished tests kept per connector, for `connector history` (default: %(default)s)",

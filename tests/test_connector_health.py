@@ -207,3 +207,79 @@ async def test_a_manual_test_right_after_a_change_answers_it(clock: ManualClock)
     assert [trigger for _, _, trigger in fleet.created] == ["manual"]
     record = await fleet.core.connector_record(await fleet.core.get_connector("Fresh"))
     assert record.health.status == "SUCCESS" and record.health.next_test_at is not None
+
+
+async def test_a_result_dated_in_the_future_cannot_freeze_the_status(clock: ManualClock) -> None:
+    """A delegate whose clock is years ahead (or a forged date): its test counts as now, so the
+    next real tests still decide the status (review finding)."""
+    fleet = await Fleet.start(clock)
+    [name] = await fleet.apply(1)
+    real_now = datetime.fromtimestamp
+
+    async def answer(status: str, years_ahead: float = 0) -> None:
+        got = await fleet.core.acquire(fleet.delegate_id, AcquireRequest(max_tasks=1, wait_seconds=0))
+        [t] = got.tasks
+        when = real_now(clock() + years_ahead * 365 * 86400, UTC)
+        result = (
+            ValidationResult(status="SUCCESS", tested_at=when)
+            if status == "SUCCESS"
+            else msgspec.structs.replace(failure_result("denied", "no", step="assume_role"), tested_at=when)
+        )
+        report = TaskResult(lease_id=t.lease_id, status=status, output=result, started_at=when, finished_at=when)
+        assert await fleet.core.submit_result(t.task_id, report) == "accepted"
+
+    clock.advance(1)
+    await fleet.core.sweep()  # the change's test
+    await answer("FAILURE", years_ahead=10)
+    for _ in range(3):
+        await fleet.core.test_connector(name, TestRequest(wait_seconds=0))
+        clock.advance(60)
+        await answer("SUCCESS")
+    record = await fleet.core.connector_record(await fleet.core.get_connector(name))
+    assert record.health.status == "SUCCESS"
+
+
+async def test_the_result_of_a_connector_as_it_was_does_not_set_its_status(clock: ManualClock) -> None:
+    """Changed while its test runs: the old version's result goes to history only (no status
+    change, no webhook), and the new version is tested after it (review finding)."""
+    fleet = await Fleet.start(clock)
+    await fleet.core.apply_connector(manual_connector("Moving", delegateSelectors=["eks"]))
+    clock.advance(1)
+    await fleet.core.sweep()
+    got = await fleet.core.acquire(fleet.delegate_id, AcquireRequest(max_tasks=1, wait_seconds=0))
+    [old] = got.tasks
+    moved = {
+        "type": "ManualConfig",
+        "spec": {"accessKey": "AKIAIOSFODNN7EXAMPLE", "secretKeyRef": "account.aws_secret_key"},
+        "region": "eu-west-1",
+    }
+    clock.advance(1)
+    await fleet.core.apply_connector(manual_connector("Moving", delegateSelectors=["eks"], credential=moved))
+    when = datetime.fromtimestamp(clock(), UTC)
+    failed = msgspec.structs.replace(failure_result("denied", "no", step="assume_role"), tested_at=when)
+    with structlog.testing.capture_logs() as logs:
+        report = TaskResult(lease_id=old.lease_id, status="FAILURE", output=failed, started_at=when, finished_at=when)
+        assert await fleet.core.submit_result(old.task_id, report) == "accepted"
+    assert not [e for e in logs if e["event"] == "controlplane.connector_status_changed"]
+    record = await fleet.core.connector_record(await fleet.core.get_connector("Moving"))
+    assert record.health.status == "UNKNOWN"
+    assert [e.status for e in (await fleet.core.connector_history("Moving", 5)).entries] == ["FAILURE"]
+    for _ in range(12):  # the change's own test follows (it waited for the old one)
+        await fleet.step(1)
+    assert fleet.created[-1][1:] == ("Moving", "changed")
+    record = await fleet.core.connector_record(await fleet.core.get_connector("Moving"))
+    assert record.health.status == "SUCCESS"
+
+
+def test_intervals_are_ascii_durations_with_units_in_range() -> None:
+    """Superscript or Arabic-Indic digits and 1h60m are refused, naming the value (review finding)."""
+    from agent.aws.connector import parse_interval
+
+    assert [parse_interval(v) for v in ("30m", "1h30m", "90m", "7200", "0")] == [1800, 5400, 5400, 7200, 0]
+    for bad in ("\u00b2", "1\u00b2", "\u0663\u0660m", "1h60m", "1m60s", "abc", ""):
+        try:
+            parse_interval(bad)
+        except ValueError as exc:
+            assert repr(bad.strip()) in str(exc) or "is not a duration" in str(exc)
+        else:
+            raise AssertionError(f"{bad!r} was accepted")

@@ -106,3 +106,21 @@ async def test_a_broken_credential_turns_the_connector_to_failure_and_the_webhoo
 
 async def _is(bodies: list[dict[str, Any]], n: int) -> bool:
     return len(bodies) >= n
+
+
+def test_the_webhook_text_is_one_inert_line() -> None:
+    """A connector named to break the line or ping a chat channel cannot (review finding)."""
+    from agent.controlplane.webhook import status_change_event
+
+    event = status_change_event(
+        identifier="evil",
+        name="Evil <!channel> *bold*\n@here \u202e",
+        from_status="SUCCESS",
+        to_status="FAILURE",
+        tested_at=0.0,
+        error_summary="line one\nline two <@U123>",
+    )
+    text = event["text"]
+    assert "\n" not in text and "\u202e" not in text
+    assert "<!channel>" not in text and "<@U123>" not in text and "&lt;!channel&gt;" in text
+    assert event["connector"]["name"] == "Evil <!channel> *bold*\n@here \u202e"  # the data itself is kept

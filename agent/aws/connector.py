@@ -379,7 +379,7 @@ def _kind(value: Any) -> str:
 
 
 #: ``30m``, ``2h``, ``90s``, ``1h30m``, or ``0`` (no scheduled tests).
-_INTERVAL_RE = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+_INTERVAL_RE = re.compile(r"^(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?$")
 #: Scheduled tests at most this often: each is a task on a delegate and two AWS calls.
 MIN_TEST_INTERVAL = 60.0
 MAX_TEST_INTERVAL = 7 * 86400.0
@@ -388,13 +388,15 @@ MAX_TEST_INTERVAL = 7 * 86400.0
 def parse_interval(text: str) -> float:
     """``30m``, ``2h``, ``1h30m``, ``90s``, plain seconds, or ``0``: seconds (ValueError naming the text)."""
     text = text.strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return float(text)
-    match = _INTERVAL_RE.match(text)
+    match = _INTERVAL_RE.match(text) if text.isascii() else None
     if match is None or not any(match.groups()):
         raise ValueError(f"{quoted(text)} is not a duration such as 30m, 2h or 1h30m (or 0 for none)")
-    hours, minutes, seconds = (int(g or 0) for g in match.groups())
-    return float(hours * 3600 + minutes * 60 + seconds)
+    h, m, s = match.groups()
+    if (h is not None and m is not None and int(m) >= 60) or ((h or m) is not None and s is not None and int(s) >= 60):
+        raise ValueError(f"{quoted(text)} is not a duration: minutes and seconds after a larger unit stay below 60")
+    return float(int(h or 0) * 3600 + int(m or 0) * 60 + int(s or 0))
 
 
 def _test_interval(c: _Checker, value: Any) -> float | None:
@@ -405,16 +407,12 @@ def _test_interval(c: _Checker, value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
         c.add(path, "must be a duration such as 30m, 2h or 1h30m, or 0 for no scheduled tests")
         return None
-    text = str(value).strip()
-    if isinstance(value, int) or text.isdigit():  # plain seconds
-        total = float(text)
-    else:
-        match = _INTERVAL_RE.match(text)
-        if match is None or not any(match.groups()):
-            c.add(path, f"{quoted(text)} is not a duration such as 30m, 2h or 1h30m (or 0 for no scheduled tests)")
-            return None
-        hours, minutes, seconds = (int(g or 0) for g in match.groups())
-        total = float(hours * 3600 + minutes * 60 + seconds)
+    text = str(value).strip()[:40]
+    try:
+        total = parse_interval(text)
+    except ValueError as exc:
+        c.add(path, str(exc))
+        return None
     if total == 0:
         return 0.0
     if not MIN_TEST_INTERVAL <= total <= MAX_TEST_INTERVAL:

@@ -179,7 +179,9 @@ class HealthMonitor:
         if row is None:  # deleted meanwhile
             return
         now = self._clock()
-        tested_at = result.tested_at.timestamp()
+        # The delegate's word for when it tested, but never later than now: a clock far ahead (or a
+        # forged date) must not outrank every later test and freeze the status.
+        tested_at = min(result.tested_at.timestamp(), now + self.settings.clock_leeway_seconds)
         failure = result.failure if status != "SUCCESS" else None
         history = HistoryRow(
             task_id=t.id,
@@ -195,6 +197,8 @@ class HealthMonitor:
         await self.store.add_history(history, self.settings.connector_history)
         if row.last_tested_at is not None and tested_at < row.last_tested_at:
             return  # an older test that finished late: history, not status
+        if t.created_at < row.updated_at:
+            return  # a test of the connector as it was before it changed: history; its own test follows
         values: dict[str, Any] = {
             "last_task_id": t.id,
             "last_status": status,

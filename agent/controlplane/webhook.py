@@ -17,6 +17,7 @@ import contextlib
 import email.utils
 import random
 import time
+import unicodedata
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -83,6 +84,14 @@ class StatusChangeEvent(Wire, kw_only=True):
     text: str
 
 
+def _plain(value: str) -> str:
+    """``value`` as one line of inert text: control characters and line breaks become spaces, and
+    ``<``, ``>``, ``&`` are escaped, so a connector's name cannot break the line or ping a chat
+    channel (``<!channel>``, ``<@U123>``); ``@here`` typed as text is not a mention in Slack's text."""
+    flat = " ".join("".join(" " if unicodedata.category(c)[0] == "C" else c for c in value).split())
+    return flat.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def status_change_event(
     *,
     identifier: str,
@@ -106,11 +115,11 @@ def status_change_event(
             raise ValueError(f"a connector status is one of {', '.join(_STATUSES)}, not {status!r}")
     if isinstance(tested_at, int | float):
         tested_at = datetime.fromtimestamp(tested_at, UTC)
-    text = f"Connector {name} ({identifier}): {from_status} -> {to_status}"
+    text = f"Connector {_plain(name)} ({_plain(identifier)}): {from_status} -> {to_status}"
     if to_status == "FAILURE":
         detail = failure.hint if failure and failure.hint else error_summary
         if detail:
-            text += f": {detail}"
+            text += f": {_plain(detail)}"
     event = StatusChangeEvent(
         connector=ConnectorRef(identifier=identifier, name=name),
         from_=cast(ConnectorStatus, from_status),  # checked against _STATUSES above
