@@ -159,7 +159,7 @@ class Connectors:
         """
         task = await self.store.get_task(row.last_task_id) if row.last_task_id else None
         if task is not None:
-            return bool(_spec(task.payload.get("connector")) != _spec(row.body))
+            return bool(connector_spec(task.payload.get("connector")) != connector_spec(row.body))
         return row.last_tested_at is not None and row.updated_at > row.last_tested_at
 
     async def delete(self, identifier: str) -> None:
@@ -272,7 +272,7 @@ class Connectors:
         return await self._queue.complete(task, status=result.status, result=result, lease_id="platform")
 
 
-def _spec(document: Any) -> Any:
+def connector_spec(document: Any) -> Any:
     """The part of a connector document a test depends on (not its name, description or tags)."""
     connector = document.get("connector") if isinstance(document, dict) else None
     return connector.get("spec") if isinstance(connector, dict) else None

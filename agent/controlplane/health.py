@@ -34,7 +34,7 @@ import structlog
 
 from agent.aws.connector import ConnectorInvalid
 from agent.controlplane.clock import ts
-from agent.controlplane.connectors import Connectors
+from agent.controlplane.connectors import Connectors, connector_spec
 from agent.controlplane.failures import ApiFailure
 from agent.controlplane.metrics import ControlPlaneMetrics
 from agent.controlplane.settings import ControlPlaneSettings
@@ -197,8 +197,6 @@ class HealthMonitor:
         await self.store.add_history(history, self.settings.connector_history)
         if row.last_tested_at is not None and tested_at < row.last_tested_at:
             return  # an older test that finished late: history, not status
-        if t.created_at < row.updated_at:
-            return  # a test of the connector as it was before it changed: history; its own test follows
         values: dict[str, Any] = {
             "last_task_id": t.id,
             "last_status": status,
@@ -206,6 +204,11 @@ class HealthMonitor:
             "last_delegate_name": history.delegate_name,
             "last_error_summary": history.error_summary,
         }
+        if connector_spec(t.payload.get("connector")) != connector_spec(row.body):
+            # A test of the spec as it was before a change: it is the last test (shown as stale), but
+            # it says nothing of the connector as it is, so the status waits for the change's own test.
+            await self.store.update_connector(t.connector_id, **values)
+            return
         if status == "SUCCESS":
             values.update(
                 health_status="SUCCESS",
