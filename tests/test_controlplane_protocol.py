@@ -372,3 +372,16 @@ async def test_stats_count_results_and_failures_by_reason(
     assert stats["doneByStatus"] == {"SUCCESS": 1, "FAILURE": 3}
     assert stats["failuresByReason"] == {"throttled": 1, "permission_denied": 1, "cancelled": 1}
     assert (stats["resultsAccepted"], stats["resultsDuplicate"]) == (3, 1)
+
+
+async def test_a_wait_that_gives_up_does_not_deafen_another_wait_for_the_same_task(
+    control_plane_factory: ControlPlaneFactory,
+) -> None:
+    """Two callers wait for one task's result; the first gives up. The second still hears the end at
+    once, not when its own timeout runs out (the first used to remove the shared event)."""
+    cp = await control_plane_factory()
+    task = await cp.core.create_task(type="test.echo", payload={"message": "x"})
+    patient = asyncio.create_task(cp.core.wait_task(task.id, 60))
+    assert (await cp.core.wait_task(task.id, 0.05)).state == "queued"  # the impatient one gives up
+    await cp.core.cancel_task(task.id)  # the task ends
+    assert (await asyncio.wait_for(patient, 5)).state == "done"

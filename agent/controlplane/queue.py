@@ -262,21 +262,20 @@ class TaskQueue:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         backstop = self.store.poll_backstop
-        try:
-            while True:
-                # Listen first, then read: the task ending during the read still wakes this wait.
-                event = self._done_events.setdefault(task_id, asyncio.Event())
-                t = await self.get_task(task_id)
-                remaining = deadline - loop.time()
-                if t.state == "done" or remaining <= 0:
-                    return t
-                try:
-                    async with asyncio.timeout(remaining if backstop is None else min(remaining, backstop)):
-                        await event.wait()
-                except TimeoutError:
-                    pass
-        finally:
-            self._done_events.pop(task_id, None)
+        # The event is shared by everyone waiting for this task and removed when the task ends (_heard):
+        # a wait that gives up leaves it in place, or another waiter would never hear the end.
+        while True:
+            # Listen first, then read: the task ending during the read still wakes this wait.
+            event = self._done_events.setdefault(task_id, asyncio.Event())
+            t = await self.get_task(task_id)
+            remaining = deadline - loop.time()
+            if t.state == "done" or remaining <= 0:
+                return t
+            try:
+                async with asyncio.timeout(remaining if backstop is None else min(remaining, backstop)):
+                    await event.wait()
+            except TimeoutError:
+                pass
 
     async def cancel_task(self, task_id: str) -> TaskRow:
         t = await self.get_task(task_id)
