@@ -207,6 +207,21 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
     database = args.database or os.environ.get("CONTROL_PLANE_DATABASE_URL") or None
     listen_url = args.database_listen_url or os.environ.get("CONTROL_PLANE_DATABASE_LISTEN_URL") or None
     problems = _database_problems(database, listen_url, args.data_dir)
+    oidc_issuer = args.oidc_issuer or os.environ.get("CONTROL_PLANE_OIDC_ISSUER") or None
+    if oidc_issuer is not None:
+        from agent.controlplane.oidc import OidcConfigError, check_issuer
+
+        try:
+            oidc_issuer = check_issuer(oidc_issuer)
+        except OidcConfigError as exc:
+            problems.append(f"control-plane: {exc}")
+        if database is not None and args.oidc_key_file is None:
+            problems.append(
+                "control-plane: with --database and --oidc-issuer, give --oidc-key-file (the same keys on every "
+                "replica, from a Secret: `delegate-agent oidc rotate-key --key-file FILE` creates one)"
+            )
+    elif args.oidc_key_file is not None:
+        problems.append("control-plane: --oidc-key-file needs --oidc-issuer")
     if problems:
         for problem in problems:
             _err(problem)
@@ -247,6 +262,9 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
         database_listen_url=listen_url,
         database_poll_seconds=args.database_poll_seconds,
         status_webhook_url=webhook,
+        oidc_issuer=oidc_issuer,
+        oidc_key_file=Path(args.oidc_key_file) if args.oidc_key_file else None,
+        oidc_key_days=args.oidc_key_days,
         delegate_token_file=Path(args.delegate_token_file) if args.delegate_token_file else None,
         api_key_file=Path(args.api_key_file) if args.api_key_file else None,
         secrets_dir=Path(args.secrets_dir) if args.secrets_dir else None,
@@ -1328,6 +1346,26 @@ def _add_control_plane(sub: Any, _: argparse.ArgumentParser) -> None:
         "(default: CONTROL_PLANE_STATUS_WEBHOOK; else none)",
     )
     p.add_argument(
+        "--oidc-issuer",
+        metavar="URL",
+        help="be an OIDC identity provider at this public https URL (no port; AWS fetches the keys from "
+        "URL/.well-known/): OidcAuthentication connectors then get a 5-minute token per test (docs/oidc.md) "
+        "(default: CONTROL_PLANE_OIDC_ISSUER; else none)",
+    )
+    p.add_argument(
+        "--oidc-key-file",
+        metavar="FILE",
+        help="the OIDC signing keys (JSON; `delegate-agent oidc rotate-key` makes and rotates it); required with "
+        "--database (default: oidc-keys.json in the data dir, generated and rotated there)",
+    )
+    p.add_argument(
+        "--oidc-key-days",
+        type=_positive,
+        default=30.0,
+        metavar="DAYS",
+        help="in the data dir, rotate the OIDC signing key when it is this old (default: %(default)g)",
+    )
+    p.add_argument(
         "--database-poll-seconds",
         type=_positive,
         default=1.0,
@@ -1520,6 +1558,47 @@ def _add_delegates(sub: Any, client_opts: argparse.ArgumentParser) -> None:
     f.set_defaults(func=cmd_delegates_forget)
 
 
+def _add_oidc(sub: Any, _: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("oidc", help="the control plane's OIDC signing keys (--oidc-issuer)")
+    osub = p.add_subparsers(dest="oidc_command", required=True, metavar="COMMAND")
+    r = osub.add_parser(
+        "rotate-key",
+        help="add a new signing key to a key file (creating it)",
+        description="Add a new RSA signing key. It is published at once and signs from 10 minutes later (once "
+        "verifiers have refreshed their copy of the keys); the key it replaces stays published 10 minutes more, "
+        "for its last tokens. Keys superseded longer ago are dropped. A running control plane re-reads the file "
+        "within a second; with several replicas, put the new file into their Secret.",
+    )
+    r.add_argument(
+        "--key-file", required=True, metavar="FILE", help="the key file (--oidc-key-file of the control plane)"
+    )
+    r.add_argument(
+        "--immediately",
+        action="store_true",
+        help="sign with the new key at once (a key that leaked): tokens may fail until AWS refetches the keys",
+    )
+    r.set_defaults(func=cmd_oidc_rotate_key)
+
+
+def cmd_oidc_rotate_key(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from agent.controlplane.oidc import OidcConfigError, rotate_key_file
+
+    path = Path(args.key_file)
+    try:
+        key = rotate_key_file(path, immediately=args.immediately)
+    except OidcConfigError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except OSError as exc:
+        _err(f"cannot write {path}: {_os_reason(exc)}")
+        return EXIT_USAGE
+    when = datetime.fromtimestamp(key.active_from, UTC).isoformat(timespec="seconds")
+    print(f"{path}: new key {key.kid}, signing from {when}")
+    return EXIT_OK
+
+
 def _add_tokens(sub: Any, client_opts: argparse.ArgumentParser) -> None:
     p = sub.add_parser("tokens", help="delegate tokens the control plane accepts")
     tsub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -1616,6 +1695,7 @@ _COMMANDS: list[Callable[[Any, argparse.ArgumentParser], None]] = [
     _add_tasks,
     _add_delegates,
     _add_tokens,
+    _add_oidc,
     _add_validate,
     _add_demo,
     _add_completion,

@@ -10,7 +10,7 @@ delegate carries on.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from agent.protocol.results import ValidationResult
@@ -26,6 +26,8 @@ class TaskContext:
     #: Seconds the handler may take in total (the executor enforces it too).
     timeout: float
     attempt: int = 1
+    #: The control plane's OIDC token for this task (OidcAuthentication connectors), a bearer secret.
+    oidc_token: str | None = field(default=None, repr=False)
 
 
 class InvalidTask(Exception):

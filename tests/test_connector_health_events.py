@@ -29,7 +29,9 @@ class StandInValidator:
         self.broken: tuple[str, str] | None = None
         self.calls = 0
 
-    async def __call__(self, connector: AwsConnector, task_id: str, permissions: tuple[str, ...]) -> ValidationResult:
+    async def __call__(
+        self, connector: AwsConnector, task_id: str, permissions: tuple[str, ...], *, oidc_token: str | None = None
+    ) -> ValidationResult:
         self.calls += 1
         if self.broken is None:
             return ValidationResult(status="SUCCESS", tested_at=datetime.now(UTC))

@@ -129,7 +129,7 @@ def test_every_problem_is_reported_at_once() -> None:
             "connector.spec.executeOnDelegate",
             "does not support validation through harness",
         ),
-        ({"credential": {"type": "OidcAuthentication"}}, "connector.spec.credential.type", "not supported"),
+        ({"credential": {"type": "OidcAuthentication"}}, "connector.spec.credential.spec", "iamRoleArn"),
         (
             {
                 "credential": {

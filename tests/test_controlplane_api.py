@@ -203,7 +203,12 @@ async def test_platform_mode_runs_the_validator_in_the_control_plane(
 
     class Validator:
         async def __call__(
-            self, connector: AwsConnector, task_id: str, permissions: tuple[str, ...]
+            self,
+            connector: AwsConnector,
+            task_id: str,
+            permissions: tuple[str, ...],
+            *,
+            oidc_token: str | None = None,
         ) -> ValidationResult:
             seen.append((connector.identifier, task_id))
             return ValidationResult(status="SUCCESS", tested_at=datetime.now(UTC), delegate_name="platform")

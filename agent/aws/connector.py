@@ -11,8 +11,9 @@ else was ignored)::
       type: Aws
       spec:
         credential:
-          type: ManualConfig            # or InheritFromDelegate, Irsa
+          type: ManualConfig            # or InheritFromDelegate, Irsa, OidcAuthentication
           spec: {accessKey: AKIA..., secretKeyRef: account.aws_secret}   # sessionTokenRef for temporary keys
+          # OidcAuthentication: spec: {iamRoleArn: arn:aws:iam::...:role/x, audience: sts.amazonaws.com}
           crossAccountAccess: {crossAccountRoleArn: arn:aws:iam::...:role/x, externalId: ...}
           region: us-east-1
         delegateSelectors: [eks, prod]
@@ -48,11 +49,14 @@ from agent.protocol.patterns import (
 )
 from agent.protocol.problems import ProblemsError
 
-CredentialType = Literal["InheritFromDelegate", "ManualConfig", "Irsa"]
-CREDENTIAL_TYPES: tuple[CredentialType, ...] = ("InheritFromDelegate", "ManualConfig", "Irsa")
+CredentialType = Literal["InheritFromDelegate", "ManualConfig", "Irsa", "OidcAuthentication"]
+CREDENTIAL_TYPES: tuple[CredentialType, ...] = ("InheritFromDelegate", "ManualConfig", "Irsa", "OidcAuthentication")
 BackoffKind = Literal["FixedDelayBackoffStrategy", "EqualJitterBackoffStrategy", "FullJitterBackoffStrategy"]
 
 DEFAULT_REGION = "us-east-1"
+#: The audience AWS's IAM identity providers expect by default (Harness's too).
+DEFAULT_OIDC_AUDIENCE = "sts.amazonaws.com"
+_AUDIENCE_RE = re.compile(r"[\x21-\x7e]{1,255}")
 DEFAULT_ASSUME_ROLE_SECONDS = 3600
 
 # Harness reserves these words as identifiers (entity identifier reference).
@@ -110,6 +114,9 @@ class AwsConnector:
     secret_key_ref: SecretRef | None = None
     #: The session token of temporary keys (``ASIA...``), resolved like the secret key.
     session_token_ref: SecretRef | None = None
+    #: OidcAuthentication: the role the control plane's token is exchanged for, and the token's audience.
+    oidc_role_arn: str | None = None
+    oidc_audience: str = DEFAULT_OIDC_AUDIENCE
     cross_account: CrossAccountAccess | None = None
     delegate_selectors: tuple[str, ...] = ()
     execute_on_delegate: bool = True
@@ -147,6 +154,10 @@ class AwsConnector:
                 cred_spec["secretKeyRef"] = self.secret_key_ref.raw
             if self.session_token_ref is not None:
                 cred_spec["sessionTokenRef"] = self.session_token_ref.raw
+        elif self.credential_type == "OidcAuthentication":
+            cred_spec = {"iamRoleArn": self.oidc_role_arn}
+            if self.oidc_audience != DEFAULT_OIDC_AUDIENCE:
+                cred_spec["audience"] = self.oidc_audience
         credential: dict[str, Any] = {"type": self.credential_type, "spec": cred_spec}
         if self.cross_account is not None:
             xa: dict[str, Any] = {"crossAccountRoleArn": self.cross_account.role_arn}
@@ -537,6 +548,7 @@ def parse_connector(document: Any) -> AwsConnector:
     cred = c.mapping(spec.get("credential"), "connector.spec.credential")
     ctype_cred: CredentialType | None = None
     access_key = access_key_ref = secret_key_ref = session_token_ref = None
+    oidc_role_arn, oidc_audience = None, DEFAULT_OIDC_AUDIENCE
     cross: CrossAccountAccess | None = None
     region, region_explicit = DEFAULT_REGION, False
     if cred is not None:
@@ -544,12 +556,6 @@ def parse_connector(document: Any) -> AwsConnector:
         raw_type = cred.get("type")
         if raw_type in CREDENTIAL_TYPES:
             ctype_cred = raw_type
-        elif raw_type == "OidcAuthentication":
-            c.add(
-                "connector.spec.credential.type",
-                "OidcAuthentication is not supported yet: this delegate cannot get a Harness OIDC token to "
-                "exchange; use Irsa, InheritFromDelegate or ManualConfig meanwhile",
-            )
         elif raw_type is None:
             c.add("connector.spec.credential.type", "is required: one of " + ", ".join(CREDENTIAL_TYPES))
         else:
@@ -592,6 +598,17 @@ def parse_connector(document: Any) -> AwsConnector:
                     "(eks.amazonaws.com/role-arn)",
                 )
 
+        elif ctype_cred == "OidcAuthentication" and cred_spec_raw is None:
+            c.add(
+                "connector.spec.credential.spec",
+                "is required for OidcAuthentication: {iamRoleArn: arn:aws:iam::ACCOUNT:role/NAME}, the role the "
+                "control plane's OIDC token is exchanged for",
+            )
+        elif ctype_cred == "OidcAuthentication":
+            ospec = c.mapping(cred_spec_raw, "connector.spec.credential.spec")
+            if ospec is not None:
+                oidc_role_arn, oidc_audience = _oidc(c, ospec, region)
+
         xa_raw = cred.get("crossAccountAccess")
         if xa_raw is not None:
             cross = _cross_account(c, xa_raw, region)
@@ -632,6 +649,8 @@ def parse_connector(document: Any) -> AwsConnector:
         access_key_ref=access_key_ref,
         secret_key_ref=secret_key_ref,
         session_token_ref=session_token_ref,
+        oidc_role_arn=oidc_role_arn,
+        oidc_audience=oidc_audience,
         cross_account=cross,
         delegate_selectors=selectors,
         execute_on_delegate=execute_on_delegate,
@@ -753,6 +772,45 @@ def _ref(c: _Checker, raw: str | None, path: str) -> SecretRef | None:
     return ref
 
 
+def _oidc(c: _Checker, spec: Mapping[str, Any], region: str) -> tuple[str | None, str]:
+    """``OidcAuthentication``'s spec: the role to exchange the token for, and (ours) the token's audience."""
+    base = "connector.spec.credential.spec"
+    c.unknown(spec, {"iamRoleArn", "audience"}, base)
+    arn = c.string(spec.get("iamRoleArn"), f"{base}.iamRoleArn", required=True, max_len=2048)
+    if arn is not None and not _role_in_partition(c, f"{base}.iamRoleArn", arn, region):
+        arn = None
+    audience = spec.get("audience")
+    if audience is None:
+        return arn, DEFAULT_OIDC_AUDIENCE
+    if not isinstance(audience, str) or not _AUDIENCE_RE.fullmatch(audience):
+        c.add(
+            f"{base}.audience",
+            "must be 1 to 255 printable characters without spaces: a client ID of the role's identity provider "
+            f"(default {DEFAULT_OIDC_AUDIENCE})",
+        )
+        return arn, DEFAULT_OIDC_AUDIENCE
+    return arn, audience
+
+
+def _role_in_partition(c: _Checker, path: str, arn: str, region: str) -> bool:
+    """Whether ``arn`` is an IAM role ARN in the test region's partition; a problem at ``path`` if not."""
+    parsed = parse_role_arn(arn)
+    if parsed is None:
+        c.add(path, f"{quoted(arn)} is not an IAM role ARN (arn:PARTITION:iam::ACCOUNT:role/NAME)")
+        return False
+    region_part = partition_table().for_region(region)
+    if region_part is not None and parsed[0] != region_part.name:
+        role_part = partition_table().get(parsed[0])
+        c.add(
+            path,
+            f"the role is in partition {parsed[0]} ({role_part.label if role_part else 'unknown'}) but "
+            f"the test region {region} is in {region_part.name} ({region_part.label}); credentials "
+            "never cross partitions: pick a test region in the role's partition",
+        )
+        return False
+    return True
+
+
 def _cross_account(c: _Checker, raw: Any, region: str) -> CrossAccountAccess | None:
     base = "connector.spec.credential.crossAccountAccess"
     xa = c.mapping(raw, base)
@@ -760,28 +818,7 @@ def _cross_account(c: _Checker, raw: Any, region: str) -> CrossAccountAccess | N
         return None
     c.unknown(xa, _XA_KEYS, base)
     arn = c.string(xa.get("crossAccountRoleArn"), f"{base}.crossAccountRoleArn", required=True, max_len=2048)
-    ok = True
-    if arn is not None:
-        parsed = parse_role_arn(arn)
-        if parsed is None:
-            c.add(
-                f"{base}.crossAccountRoleArn",
-                f"{quoted(arn)} is not an IAM role ARN (arn:PARTITION:iam::ACCOUNT:role/NAME)",
-            )
-            ok = False
-        else:
-            region_part = partition_table().for_region(region)
-            if region_part is not None and parsed[0] != region_part.name:
-                role_part = partition_table().get(parsed[0])
-                c.add(
-                    f"{base}.crossAccountRoleArn",
-                    f"the role is in partition {parsed[0]} ({role_part.label if role_part else 'unknown'}) but "
-                    f"the test region {region} is in {region_part.name} ({region_part.label}); credentials "
-                    "never cross partitions: pick a test region in the role's partition",
-                )
-                ok = False
-    else:
-        ok = False
+    ok = arn is not None and _role_in_partition(c, f"{base}.crossAccountRoleArn", arn, region)
     external_id = xa.get("externalId")
     if external_id == "":
         external_id = None

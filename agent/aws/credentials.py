@@ -6,6 +6,9 @@
   file is re-read on every refresh.
 - ``InheritFromDelegate``: the delegate's own identity through the default chain: environment,
   web identity, container credentials (ECS, EKS Pod Identity), instance profile over IMDSv2.
+- ``OidcAuthentication``: the control plane's short-lived OIDC token for this task, exchanged with
+  ``sts:AssumeRoleWithWebIdentity`` for ``iamRoleArn`` at the test region's STS (unsigned, as AWS
+  allows); no key is stored anywhere.
 - ``crossAccountAccess`` on any of them: STS AssumeRole with the External ID.
 
 The delegate's own identity (IRSA, default chain) is resolved once per region and reused:
@@ -15,6 +18,9 @@ refreshable credentials renew themselves. A connector's credentials are never ca
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import json
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -40,6 +46,8 @@ from agent.aws.environment import AwsEnvironment
 from agent.aws.secrets import SecretStore
 
 _SESSION_NAME_BAD = re.compile(r"[^\w+=,.@-]")
+#: The OIDC role session: long enough for one connection test and its permission check.
+OIDC_SESSION_SECONDS = 900
 
 
 class CredentialProblem(Exception):
@@ -75,10 +83,20 @@ class CredentialResolver:
         self._ambient: dict[tuple[str, str], Resolved] = {}
         self._ambient_lock = asyncio.Lock()
 
-    async def base(self, connector: AwsConnector, *, region: str, delegate_name: str) -> Resolved:
+    async def base(
+        self,
+        connector: AwsConnector,
+        *,
+        region: str,
+        delegate_name: str,
+        task_id: str = "task",
+        oidc_token: str | None = None,
+    ) -> Resolved:
         """The connector's own credentials (before any cross-account role)."""
         if connector.credential_type == "ManualConfig":
             return self._static(connector)
+        if connector.credential_type == "OidcAuthentication":
+            return self._oidc(connector, oidc_token, region, session_name(delegate_name, task_id))
         if connector.credential_type == "Irsa":
             return await self._ambient_cached("irsa", region, lambda: self._irsa(region, delegate_name))
         return await self._ambient_cached("chain", region, lambda: self._default_chain(region, delegate_name))
@@ -101,6 +119,30 @@ class CredentialResolver:
         return Resolved(
             AioCredentials(access_key, secret_key, token, method="explicit"), method="static", source=source
         )
+
+    def _oidc(self, connector: AwsConnector, token: str | None, region: str, name: str) -> Resolved:
+        """The task's OIDC token, exchanged for ``iamRoleArn``; never cached (it is this task's alone)."""
+        if not token:
+            raise CredentialProblem(
+                "oidc_token_missing",
+                "the control plane sent no OIDC token with this task: it issues them only when started with "
+                "--oidc-issuer",
+            )
+        self._secrets.remember(token)
+        role_arn = connector.oidc_role_arn
+        assert role_arn is not None
+        fetcher = AioAssumeRoleWithWebIdentityCredentialFetcher(
+            client_creator=self._clients.sts_creator(region),
+            web_identity_token_loader=lambda: token,
+            role_arn=role_arn,
+            extra_args={"RoleSessionName": name, "DurationSeconds": OIDC_SESSION_SECONDS},
+        )
+        creds = AioDeferredRefreshableCredentials(
+            refresh_using=self._remembered(fetcher.fetch_credentials), method="assume-role-with-web-identity"
+        )
+        issuer = oidc_claims(token).get("iss")
+        source = f"OIDC token from {issuer} for {role_arn}" if isinstance(issuer, str) else f"OIDC for {role_arn}"
+        return Resolved(creds, method="oidc", source=source, role_arn=role_arn)
 
     async def _ambient_cached(self, kind: str, region: str, make: Any) -> Resolved:
         key = (kind, region)
@@ -266,6 +308,19 @@ class CredentialResolver:
             source=f"{base.source}, then role {xa.role_arn}",
             role_arn=xa.role_arn,
         )
+
+
+def oidc_claims(token: str | None) -> dict[str, Any]:
+    """The claims of a JWT, *unverified*: only to name its issuer, subject and audience in a hint.
+
+    The token is the control plane's and AWS verifies it; reading it here trusts nothing in it.
+    """
+    try:
+        payload = (token or "").split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError, binascii.Error, UnicodeDecodeError):
+        return {}
+    return claims if isinstance(claims, dict) else {}
 
 
 def _short(exc: BaseException) -> str:

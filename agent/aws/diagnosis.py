@@ -75,6 +75,25 @@ DENIED = {"AccessDenied", "AccessDeniedException", "UnauthorizedOperation", "For
 
 
 @dataclass(frozen=True)
+class OidcContext:
+    """An OidcAuthentication test: the role, and the token's issuer, subject and audience (not the token)."""
+
+    role_arn: str
+    issuer: str
+    subject: str
+    audience: str
+
+    @property
+    def provider(self) -> str:
+        """The issuer as IAM names the identity provider and its condition keys: no scheme."""
+        return self.issuer.removeprefix("https://").removeprefix("http://").rstrip("/")
+
+    def provider_arn(self, partition: str) -> str:
+        account = self.role_arn.split(":")[4] if self.role_arn.count(":") >= 5 else "ACCOUNT"
+        return f"arn:{partition}:iam::{account}:oidc-provider/{self.provider or 'ISSUER'}"
+
+
+@dataclass(frozen=True)
 class Context:
     """What the validator knows when something fails: enough to make the hint concrete."""
 
@@ -89,6 +108,8 @@ class Context:
     session_token_ref: str | None = None
     #: The endpoint overrides in force, as (variable, URL): AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_<SERVICE>.
     endpoints: tuple[tuple[str, str], ...] = ()
+    #: Set for an OidcAuthentication connector.
+    oidc: OidcContext | None = None
 
 
 @dataclass(frozen=True)
@@ -104,6 +125,7 @@ def _who(ctx: Context) -> str:
         "ManualConfig": "the IAM user of the access key",
         "Irsa": "the IRSA role",
         "InheritFromDelegate": "the delegate's own role",
+        "OidcAuthentication": "the connector's OIDC role",
     }.get(ctx.credential_type, "the caller")
 
 
@@ -212,6 +234,11 @@ def _credential_problem(exc: CredentialProblem) -> Diagnosis:
             "modify-instance-metadata-options --http-put-response-hop-limit 2 --http-tokens required); "
             "on EKS, prefer IRSA or EKS Pod Identity for the delegate",
         ),
+        "oidc_token_missing": (
+            "invalid_config",
+            "start the control plane with --oidc-issuer https://<its public URL> (the URL AWS fetches the "
+            "keys from; see docs/oidc.md), or use another credential type for this connector",
+        ),
         "no_credentials": (
             "credentials_invalid",
             "give the delegate an identity: IRSA (serviceAccount.roleArn), EKS "
@@ -244,6 +271,8 @@ def _client_error(exc: ClientError, step: str, ctx: Context) -> Diagnosis:
             "a server-side error at AWS; it is usually transient, so test again",
             code,
         )
+    if step == "resolve_credentials" and ctx.oidc is not None:
+        return _oidc_error(code, message, summary, ctx.oidc, ctx.partition)
     if step == "resolve_credentials":
         return _web_identity_error(code, summary, ctx)
     if step == "assume_role":
@@ -344,6 +373,75 @@ def _client_error(exc: ClientError, step: str, ctx: Context) -> Diagnosis:
         f"{step} failed ({summary})",
         "see the AWS error message above",
         code,
+    )
+
+
+def _oidc_error(code: str, message: str, summary: str, oidc: OidcContext, partition: str) -> Diagnosis:
+    """AssumeRoleWithWebIdentity refused the control plane's token: which of AWS's checks failed, and the fix."""
+    provider_arn = oidc.provider_arn(partition)
+    text = message.lower()
+    if code == "InvalidIdentityToken" and "no openidconnect provider" in text:
+        return Diagnosis(
+            "invalid_config",
+            f"the role's account has no IAM identity provider for {oidc.issuer} ({summary})",
+            f"create it in the account of {oidc.role_arn}: aws iam create-open-id-connect-provider --url "
+            f"{oidc.issuer} --client-id-list {oidc.audience} (docs/oidc.md has the Terraform)",
+            code,
+        )
+    if code == "InvalidIdentityToken" and "audience" in text:
+        return Diagnosis(
+            "invalid_config",
+            f"the identity provider {oidc.provider} does not list the token's audience {oidc.audience} ({summary})",
+            f"add it: aws iam add-client-id-to-open-id-connect-provider --open-id-connect-provider-arn "
+            f"{provider_arn} --client-id {oidc.audience}; or set the connector's audience to a client ID the "
+            "provider lists",
+            code,
+        )
+    if code == "IDPCommunicationError" or (code == "InvalidIdentityToken" and "verification key" in text):
+        return Diagnosis(
+            "network",
+            f"AWS could not fetch the signing keys of {oidc.issuer} ({summary})",
+            f"AWS must reach {oidc.issuer}/.well-known/openid-configuration and its jwks_uri from the internet "
+            "over https, with a certificate from a public CA, on port 443: check the ingress in front of the "
+            "control plane and that --oidc-issuer is its public URL",
+            code,
+        )
+    if code in ("ExpiredTokenException", "ExpiredToken"):
+        return Diagnosis(
+            "credentials_invalid",
+            f"the control plane's OIDC token had expired when AWS checked it ({summary})",
+            "tokens live 5 minutes from the task's hand-out: check the control plane's clock (NTP), and that "
+            "the delegate started the task promptly; test again",
+            code,
+        )
+    if code == "InvalidIdentityToken":
+        return Diagnosis(
+            "credentials_invalid",
+            f"AWS refused the control plane's OIDC token ({summary})",
+            f"the provider's URL must equal the token's issuer exactly ({oidc.issuer}), and its keys must be "
+            "the ones the control plane publishes now: after restoring or replacing the OIDC key file, "
+            "give AWS a few minutes to fetch the new keys, then test again",
+            code,
+        )
+    if code in DENIED:
+        return Diagnosis(
+            "assume_role_denied",
+            f"AssumeRoleWithWebIdentity into {oidc.role_arn} was denied ({summary})",
+            f"either the role does not exist (check the connector's iamRoleArn), or its trust policy does not "
+            f"allow this token: it must allow Principal {{Federated: {provider_arn}}}, Action "
+            f'sts:AssumeRoleWithWebIdentity, with StringEquals "{oidc.provider}:sub": "{oidc.subject}" and '
+            f'"{oidc.provider}:aud": "{oidc.audience}"',
+            code,
+        )
+    if code == "ValidationError":
+        return Diagnosis(
+            "invalid_config",
+            f"AssumeRoleWithWebIdentity refused the request ({summary})",
+            "check the connector's iamRoleArn, and that the role's maximum session duration is at least 15 minutes",
+            code,
+        )
+    return Diagnosis(
+        "credentials_invalid", f"exchanging the OIDC token failed ({summary})", "see the AWS error message", code
     )
 
 

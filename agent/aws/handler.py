@@ -60,4 +60,5 @@ class AwsValidationHandler:
             delegate_name=ctx.delegate_name,
             permissions=permissions,
             timeout=max(1.0, ctx.timeout - RESULT_MARGIN_SECONDS),
+            oidc_token=ctx.oidc_token,
         )

@@ -20,8 +20,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from agent.aws.clients import AwsClients, RetryPolicy
 from agent.aws.connector import AwsConnector
-from agent.aws.credentials import CredentialResolver, Resolved, session_name
-from agent.aws.diagnosis import Context, Diagnosis, diagnose
+from agent.aws.credentials import CredentialResolver, Resolved, oidc_claims, session_name
+from agent.aws.diagnosis import Context, Diagnosis, OidcContext, diagnose
 from agent.aws.environment import AwsEnvironment
 from agent.aws.partitions import principal_for_simulation
 from agent.aws.secrets import SecretStore
@@ -145,6 +145,7 @@ class AwsValidator:
         delegate_name: str,
         permissions: tuple[str, ...] = (),
         timeout: float = DEFAULT_TIMEOUT,
+        oidc_token: str | None = None,
     ) -> ValidationResult:
         """Test the connector; always returns a result, never raises for a failed test."""
         region = connector.region
@@ -165,6 +166,7 @@ class AwsValidator:
             secret_ref=connector.secret_key_ref.raw if connector.secret_key_ref else None,
             session_token_ref=connector.session_token_ref.raw if connector.session_token_ref else None,
             endpoints=self.env.endpoint_overrides(),
+            oidc=_oidc_context(connector, oidc_token),
         )
         run = _TestRun(connector, ctx, observer=self._observer)
         policy = RetryPolicy.for_connector(self.env, connector.backoff)
@@ -182,7 +184,15 @@ class AwsValidator:
         started = time.perf_counter()
         try:
             async with asyncio.timeout(timeout):
-                await self._steps(run, result, policy, task_id=task_id, delegate_name=delegate_name, actions=actions)
+                await self._steps(
+                    run,
+                    result,
+                    policy,
+                    task_id=task_id,
+                    delegate_name=delegate_name,
+                    actions=actions,
+                    oidc_token=oidc_token,
+                )
         except _StepFailed as failed:
             self._fail(result, failed.step, failed.diagnosis)
         except TimeoutError:
@@ -212,11 +222,14 @@ class AwsValidator:
         task_id: str,
         delegate_name: str,
         actions: tuple[str, ...],
+        oidc_token: str | None,
     ) -> None:
         connector, region = run.connector, run.connector.region
         resolved: Resolved
         with run.step("resolve_credentials"):
-            resolved = await self.resolver.base(connector, region=region, delegate_name=delegate_name)
+            resolved = await self.resolver.base(
+                connector, region=region, delegate_name=delegate_name, task_id=task_id, oidc_token=oidc_token
+            )
             try:
                 # Deferred credentials (web identity) fetch now, so errors land on this step.
                 await self.resolver.remember(resolved.credentials)
@@ -353,6 +366,20 @@ class AwsValidator:
 
     async def close(self) -> None:
         await self.clients.close()
+
+
+def _oidc_context(connector: AwsConnector, token: str | None) -> OidcContext | None:
+    """What an OIDC hint names: the issuer, the exact ``sub`` and ``aud`` the trust policy must allow."""
+    if connector.credential_type != "OidcAuthentication":
+        return None
+    claims = oidc_claims(token)
+    aud = claims.get("aud")
+    return OidcContext(
+        role_arn=connector.oidc_role_arn or "",
+        issuer=str(claims.get("iss") or ""),
+        subject=str(claims.get("sub") or ""),
+        audience=aud if isinstance(aud, str) else connector.oidc_audience,
+    )
 
 
 def _iam_principal(caller_arn: str | None, known_role_arn: str | None) -> str | None:

@@ -31,8 +31,23 @@ from agent._files import (
 )
 from agent.controlplane.core import ControlPlane, ControlPlaneSettings, PlatformValidator, TaskSigner
 from agent.controlplane.health import StatusChange
+from agent.controlplane.oidc import (
+    DEFAULT_KEY_DAYS,
+    JWKS_MAX_AGE_SECONDS,
+    OidcConfigError,
+    OidcIssuer,
+    TaskTokens,
+)
 from agent.controlplane.openapi import build_openapi
-from agent.controlplane.routes import MAX_BODY_BYTES, ROUTES, Handlers, bind, error_middleware, metrics_middleware
+from agent.controlplane.routes import (
+    MAX_BODY_BYTES,
+    ROUTES,
+    Handlers,
+    bind,
+    error_middleware,
+    json_response,
+    metrics_middleware,
+)
 from agent.controlplane.store import SchemaTooNew, Store, StoreUnavailable, open_store
 from agent.controlplane.tokens import ScopeInvalid, TokenScope, parse_scope_options
 from agent.controlplane.webhook import StatusWebhook, status_change_event
@@ -63,6 +78,12 @@ class ControlPlaneConfig:
     database_poll_seconds: float = 1.0
     #: Where to POST each connector status change (it may carry a token: never logged).
     status_webhook_url: str | None = field(default=None, repr=False)
+    #: Be an OIDC identity provider at this (checked) URL: OidcAuthentication connectors get tokens.
+    oidc_issuer: str | None = None
+    #: The OIDC signing keys; default ``oidc-keys.json`` in the data dir (required with a database).
+    oidc_key_file: Path | None = None
+    #: In the data dir, rotate the signing key when it is this many days old.
+    oidc_key_days: float = DEFAULT_KEY_DAYS
     delegate_token_file: Path | None = None
     #: ``CONTROL_PLANE_DELEGATE_TOKENS``: comma-separated tokens, each ``name:token`` or ``token``.
     delegate_tokens: str | None = field(default=None, repr=False)
@@ -240,6 +261,8 @@ def _require_shared_credentials(config: ControlPlaneConfig) -> None:
         missing.append("API keys (--api-key-file or CONTROL_PLANE_API_KEY)")
     if config.task_signing_key_file is None:
         missing.append("the task signing key (--task-signing-key-file)")
+    if config.oidc_issuer is not None and config.oidc_key_file is None:
+        missing.append("the OIDC keys (--oidc-key-file)")
     if missing:
         raise CredentialsError(
             "with --database every replica must use the same credentials, so they are not generated: give "
@@ -298,6 +321,8 @@ class ControlPlaneService:
         self._started = False
         self._closed = False
         self.signing_key: TaskSigningKey | None = None
+        #: The OIDC issuer, once set up, when ``oidc_issuer`` is configured.
+        self.oidc: OidcIssuer | None = None
         self.url = ""
 
     # The parts exist once set up; reading one before that is a bug, said plainly.
@@ -372,6 +397,7 @@ class ControlPlaneService:
             # any of them failing to write is the data dir's fault, said in one line.
             creds = load_credentials(config)
             self._remember(*(k.secret for k in creds.tokens), *creds.api_keys)
+            self.oidc = self._load_oidc(creds.generated)
             store = await self._open_store(db_path)
             if db_path is not None:
                 mark_state_file(db_path)
@@ -386,7 +412,11 @@ class ControlPlaneService:
             raise DataDirUnusable(f"cannot use the data dir {config.data_dir} (--data-dir): {reason}") from None
         if config.data_dir is not None and loosened is not None:
             _log_tightened(config.data_dir, loosened)
-        kwargs: dict[str, Any] = {"platform_validator": self._platform_validator, "task_signer": task_signer}
+        kwargs: dict[str, Any] = {
+            "platform_validator": self._platform_validator,
+            "task_signer": task_signer,
+            "task_tokens": TaskTokens(self.oidc),
+        }
         if self._clock is not None:
             kwargs["clock"] = self._clock
         core = ControlPlane(store, config.settings, **kwargs)
@@ -412,6 +442,7 @@ class ControlPlaneService:
             scopes=creds.scopes,
             issued_scopes=issued_scopes,
         )
+        handlers.oidc = self.oidc
         self._token_stamp = self._stamp()
         self._parts = _Parts(
             credentials=creds, store=store, core=core, verifier=verifier, handlers=handlers, app=make_app(handlers)
@@ -523,6 +554,21 @@ class ControlPlaneService:
                     f"cannot use the client CA {c.tls_client_ca_file}: {exc.strerror or exc}"
                 ) from None
         return ctx
+
+    def _load_oidc(self, generated: list[Path]) -> OidcIssuer | None:
+        """The OIDC issuer when configured, its keys loaded (generated into the data dir on first start)."""
+        c = self.config
+        if c.oidc_issuer is None:
+            return None
+        key_file = c.oidc_key_file
+        if key_file is None and c.data_dir is not None:
+            key_file = c.data_dir / OIDC_KEY_FILE
+        try:
+            issuer = OidcIssuer(c.oidc_issuer, key_file, writable=c.database_url is None, key_days=c.oidc_key_days)
+            generated += issuer.load()
+        except OidcConfigError as exc:
+            raise CredentialsError(str(exc)) from None
+        return issuer
 
     def _stamp(self) -> tuple[int, int] | None:
         path = self.config.delegate_token_file
@@ -638,6 +684,12 @@ _GENERATED: dict[str, tuple[str, str, str]] = {
         "no API key was configured (--api-key-file or CONTROL_PLANE_API_KEY); one was generated here (mode "
         "0600): the CLI reads it as CONTROL_PLANE_API_KEY",
     ),
+    "oidc-keys.json": (
+        "controlplane.oidc_keys_generated",
+        "info",
+        "--oidc-issuer is set and there was no OIDC key file; one was generated here (mode 0600): back it up with "
+        "the database; AWS trusts tokens signed by it once an IAM identity provider names the issuer (docs/oidc.md)",
+    ),
     "task-signing-key": (
         "controlplane.task_signing_key_generated",
         "info",
@@ -650,6 +702,9 @@ _GENERATED: dict[str, tuple[str, str, str]] = {
 
 #: How often a replica adopts the tokens others created or revoked.
 TOKEN_FOLLOW_SECONDS = 1.0
+
+#: The OIDC key file's name in the data dir.
+OIDC_KEY_FILE = "oidc-keys.json"
 
 #: The database's file name in the data dir.
 DATABASE_FILE = "controlplane.sqlite3"
@@ -687,7 +742,27 @@ def make_app(handlers: Handlers) -> web.Application:
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
     for route in ROUTES:
         app.router.add_route(route.method, route.path, bind(route, handlers), name=route.handler)
+    if handlers.oidc is not None:
+        _add_oidc_routes(app, handlers.oidc)
     return app
+
+
+def _add_oidc_routes(app: web.Application, issuer: OidcIssuer) -> None:
+    """The two public documents AWS reads to verify our tokens, under the issuer URL's path."""
+    cache = f"public, max-age={JWKS_MAX_AGE_SECONDS}"
+
+    async def discovery(_: web.Request) -> web.Response:
+        response = json_response(issuer.discovery())
+        response.headers["Cache-Control"] = cache
+        return response
+
+    async def jwks(_: web.Request) -> web.Response:
+        response = json_response(issuer.jwks())
+        response.headers["Cache-Control"] = cache
+        return response
+
+    app.router.add_get(f"{issuer.path}/.well-known/openid-configuration", discovery, name="oidc_discovery")
+    app.router.add_get(f"{issuer.path}/.well-known/jwks.json", jwks, name="oidc_jwks")
 
 
 def config_from_env(environ: Mapping[str, str], **overrides: Any) -> ControlPlaneConfig:

@@ -35,7 +35,7 @@ class PlatformValidator(Protocol):
     """Runs a connector test inside the control plane (``executeOnDelegate: false``)."""
 
     async def __call__(
-        self, connector: AwsConnector, task_id: str, permissions: tuple[str, ...]
+        self, connector: AwsConnector, task_id: str, permissions: tuple[str, ...], *, oidc_token: str | None = None
     ) -> ValidationResult: ...
 
     async def aclose(self) -> None: ...
@@ -259,7 +259,9 @@ class Connectors:
             )
         try:
             async with asyncio.timeout(task.timeout_seconds):
-                result = await self._platform_validator(connector, task.id, permissions)
+                # The platform runs the task as a delegate would: with the token its hand-out would carry.
+                token = self._queue.task_tokens(task, "platform")
+                result = await self._platform_validator(connector, task.id, permissions, oidc_token=token)
         except TimeoutError:
             return await self._queue.complete(
                 task,

@@ -28,7 +28,7 @@ from agent.controlplane.failures import ApiFailure, failure_document
 from agent.controlplane.health import HealthMonitor
 from agent.controlplane.leases import Leases
 from agent.controlplane.metrics import ControlPlaneMetrics
-from agent.controlplane.queue import TaskQueue, TaskSigner, explain_unpicked, task_deadline
+from agent.controlplane.queue import TaskQueue, TaskSigner, TaskTokens, explain_unpicked, task_deadline
 from agent.controlplane.routing import CONNECTED, describe_tags, normalise_tags
 from agent.controlplane.settings import ControlPlaneSettings
 from agent.controlplane.store import ConnectorRow, Store, StoreUnavailable, TaskRow
@@ -84,6 +84,7 @@ class ControlPlane:
         clock: Clock | None = None,
         platform_validator: PlatformValidator | None = None,
         task_signer: TaskSigner | None = None,
+        task_tokens: TaskTokens | None = None,
         metrics: ControlPlaneMetrics | None = None,
     ) -> None:
         self.store = store
@@ -94,7 +95,13 @@ class ControlPlane:
         self._steady = SteadyClock() if clock is None else None
         self._clock: Clock = clock or self._steady or time.time
         self.queue = TaskQueue(
-            store, self.settings, self.metrics, self._clock, to_wall=self._to_wall, task_signer=task_signer
+            store,
+            self.settings,
+            self.metrics,
+            self._clock,
+            to_wall=self._to_wall,
+            task_signer=task_signer,
+            task_tokens=task_tokens,
         )
         self.registry = Registry(store, self.settings, self._clock, self.queue)
         self.leases = Leases(store, self.settings, self.metrics, self._clock, queue=self.queue, registry=self.registry)

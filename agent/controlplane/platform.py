@@ -29,9 +29,16 @@ class PlatformValidation:
     def __init__(self, validator: AwsValidator) -> None:
         self.validator = validator
 
-    async def __call__(self, connector: AwsConnector, task_id: str, permissions: tuple[str, ...]) -> ValidationResult:
+    async def __call__(
+        self, connector: AwsConnector, task_id: str, permissions: tuple[str, ...], *, oidc_token: str | None = None
+    ) -> ValidationResult:
         return await self.validator.validate(
-            connector, task_id=task_id, delegate_id=None, delegate_name="platform", permissions=permissions
+            connector,
+            task_id=task_id,
+            delegate_id=None,
+            delegate_name="platform",
+            permissions=permissions,
+            oidc_token=oidc_token,
         )
 
     async def aclose(self) -> None:

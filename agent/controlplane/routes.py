@@ -28,6 +28,7 @@ from agent._version import __version__
 from agent._yaml import load as load_yaml
 from agent.controlplane.core import ApiFailure, ControlPlane, ts
 from agent.controlplane.metrics import ControlPlaneMetrics
+from agent.controlplane.oidc import OidcIssuer
 from agent.controlplane.ratelimit import FailureLimiter, OncePerSecond
 from agent.controlplane.store import RowDamaged, StoredScope, StoreUnavailable
 from agent.controlplane.tokens import UNRESTRICTED, Caller, ScopeInvalid, TokenScope
@@ -513,6 +514,8 @@ class Handlers:
     ) -> None:
         self.cp = cp
         self.verifier = verifier
+        #: The OIDC issuer whose documents are served, when the control plane is one (set by the owner).
+        self.oidc: OidcIssuer | None = None
         self._api_keys = [k.encode() for k in api_keys]
         self._openapi = _json_encoder.encode(openapi)
         self._task_public_key = task_public_key

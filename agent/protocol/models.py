@@ -92,6 +92,10 @@ class Task(Wire, kw_only=True):
     #: Detached Ed25519 signature over the lease hand-out (see agent/protocol/signing.py), when the
     #: server signs tasks.
     signature: str | None = None
+    #: For an ``OidcAuthentication`` connector: the control plane's OIDC token for this hand-out, which the
+    #: delegate exchanges with ``sts:AssumeRoleWithWebIdentity``. A bearer secret for its few minutes of
+    #: life: never logged, stored or reported.
+    oidc_token: str | None = None
 
 
 class AcquireResponse(Wire, kw_only=True):

@@ -5,7 +5,8 @@ match: a compromised path between the control plane's signing key and the delega
 tampered database) cannot make it run validations it did not intend.
 
 The signature (v2) covers the *hand-out*, not only the task: task id, lease id, the delegate it
-was leased to, the attempt, type, payload, creation time, timeout, and an expiry. So a captured
+was leased to, the attempt, type, payload, creation time, timeout, an expiry, and the SHA-256 of the
+OIDC token handed out with it (when there is one; the token itself is a bearer secret). So a captured
 task cannot be replayed to another delegate (the delegate id), nor later (the expiry), and the
 delegate remembers the (task id, lease id) pairs it ran until their expiry, so it cannot be
 replayed to the same delegate either (agent/runtime/signing.py). The expiry bounds when a task may
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -65,6 +67,9 @@ def canonical_task_bytes(task: Task) -> bytes:
         "timeoutSeconds": task.timeout_seconds,
         "type": task.type,
     }
+    if task.oidc_token is not None:
+        # Only when present, so the bytes of every other task stay what delegates already verify.
+        content["oidcTokenSha256"] = hashlib.sha256(task.oidc_token.encode()).hexdigest()
     return _DOMAIN + json.dumps(content, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 

@@ -282,6 +282,7 @@ class Executor:
             delegate_name=self._state.name,
             timeout=task.timeout_seconds,
             attempt=task.attempt,
+            oidc_token=task.oidc_token,
         )
         run.work = asyncio.create_task(handler(ctx), name=f"work-{task.task_id}")
         if run.cancel_reason is not None:  # cancelled before it even started
