@@ -7,6 +7,7 @@ from typing import Any
 import msgspec
 
 from agent._version import __version__
+from agent.aws.connector import CREDENTIAL_TYPES
 from agent.controlplane.routes import ROUTES, Route
 from agent.protocol.models import ErrorBody
 from agent.protocol.patterns import AccessKeyId, ConnectorIdentifier, ExternalId, IamAction, SecretRefText, Tag
@@ -49,7 +50,7 @@ CONNECTOR_SCHEMA: dict[str, Any] = {
                             "type": "object",
                             "required": ["type"],
                             "properties": {
-                                "type": {"enum": ["InheritFromDelegate", "ManualConfig", "Irsa"]},
+                                "type": {"enum": list(CREDENTIAL_TYPES)},
                                 "spec": {
                                     "type": ["object", "null"],
                                     "properties": {
@@ -57,6 +58,17 @@ CONNECTOR_SCHEMA: dict[str, Any] = {
                                         "accessKeyRef": _SECRET_REF,
                                         "secretKeyRef": _SECRET_REF,
                                         "delegateSelectors": _TAGS,
+                                        "iamRoleArn": {
+                                            "type": "string",
+                                            "description": "OidcAuthentication: the role the control plane's "
+                                            "OIDC token is exchanged for.",
+                                        },
+                                        "audience": {
+                                            "type": "string",
+                                            "maxLength": 255,
+                                            "description": "OidcAuthentication: the token's aud "
+                                            "(default sts.amazonaws.com).",
+                                        },
                                     },
                                 },
                                 "crossAccountAccess": {
