@@ -27,7 +27,7 @@ from joserfc.jwk import ECKey, RSAKey
 
 from agent._loopback import serve_on_loopback
 from agent.demo.oidc_sts import OidcSts, provider_url, trust_allows
-from tests.awsfakes import ACCOUNT, ADMIN_KEY
+from tests.awsfakes import ACCOUNT, ADMIN_KEY, moto_api
 from tests.tls import make_pki
 
 AUDIENCE = "sts.amazonaws.com"
@@ -426,3 +426,35 @@ def test_an_unknown_operator_makes_a_deny_apply() -> None:
     deny = _statement("Deny", Condition={"DateGreaterThan": {"aws:CurrentTime": "2020-01-01T00:00:00Z"}})
     assert trust_allows({"Statement": [_statement("Allow")]}, "F", {})
     assert not trust_allows({"Statement": [_statement("Allow"), deny]}, "F", {})
+
+
+async def test_the_demos_aws_checks_a_registered_issuer_and_lets_the_fake_irsa_token_through(
+    moto: str, tmp_path: Path
+) -> None:
+    """The demo's seeded broker may read what OidcSts checks; its IRSA token passes by issuer name only.
+
+    The demo's moto server shares moto's state with the tests' (one process): ``moto`` empties it
+    before, and it is emptied again after.
+    """
+    from agent.demo.standin import IRSA_ISSUER, AwsStandIn, write_irsa_token
+
+    aws = AwsStandIn()
+    aws.start()
+    try:
+        seeded = await aws.seed()  # IAM enforced from here on
+        issuer = Issuer()
+        async with issuer.running() as iss:
+            role = await aws.trust_oidc_issuer(iss, "oidc-connectors", "connector:-/-/*")
+            key = issuer.new_key("k1")
+            sts = OidcSts(aws.url, seeded.broker_key, seeded.broker_secret, unverified_issuers=[IRSA_ISSUER])
+            async with sts.running() as url:
+                got = await assume(url, role, mint(key, iss, sub="connector:-/-/prod_account"))
+                assert await caller_arn(url, got["Credentials"]) == got["AssumedRoleUser"]["Arn"]
+                code, _, _ = await refused(url, role, mint(key, iss, sub="connector:platform/-/prod"))
+                assert code == "AccessDenied"
+                irsa = write_irsa_token(tmp_path).read_text()
+                got = await assume(url, seeded.irsa_role, irsa)
+                assert got["AssumedRoleUser"]["Arn"].endswith(":assumed-role/eks-delegate-irsa/validate-conn")
+    finally:
+        aws.stop()
+        moto_api(moto, "/moto-api/reset")

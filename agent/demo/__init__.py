@@ -32,13 +32,14 @@ from typing import Any, TextIO, TypeVar
 
 from agent.controlplane.app import ControlPlaneConfig, ControlPlaneService
 from agent.controlplane.core import ControlPlaneSettings
+from agent.demo.oidc_sts import OidcSts
 from agent.demo.scenario import Case, cases
 from agent.demo.standin import (
+    IRSA_ISSUER,
     AwsStandIn,
     DemoExtraMissing,
     InstanceMetadata,
     Seeded,
-    WebIdentitySts,
     write_irsa_token,
 )
 from agent.observability.logging import configure_logging
@@ -136,7 +137,8 @@ class Demo:
             seeded = await aws.seed()
             self._seeded = seeded
             imds = InstanceMetadata("ec2-node-role", seeded.node_credentials)
-            sts = WebIdentitySts(aws.url, seeded.broker_key, seeded.broker_secret)
+            # STS that checks web identity tokens as AWS does; the fake IRSA token's issuer, by name only, is not.
+            sts = OidcSts(aws.url, seeded.broker_key, seeded.broker_secret, unverified_issuers=[IRSA_ISSUER])
             async with imds.running() as imds_url, sts.running() as sts_url:
                 return await self._with_aws(aws.url, imds_url, sts_url, seeded)
         finally:
@@ -213,7 +215,7 @@ class Demo:
                 "AGENT_SECRETS_DIR": str(eks_secrets),
                 "AWS_ROLE_ARN": s.irsa_role,
                 "AWS_WEB_IDENTITY_TOKEN_FILE": str(irsa_token),
-                # STS for this pod: accepts AssumeRoleWithWebIdentity unsigned (see WebIdentitySts).
+                # STS for this pod: accepts AssumeRoleWithWebIdentity unsigned (see OidcSts).
                 "AWS_ENDPOINT_URL_STS": sts_url,
                 "AWS_EC2_METADATA_DISABLED": "true",
             },

@@ -12,10 +12,14 @@ public interfaces only (its server, ``/moto-api/``, the environment):
   (:class:`WebIdentitySts`) that signs that one call for it;
 - moto's own instance metadata hands out fixed keys that map to no identity, so the demo serves
   IMDSv2 itself, with session credentials of the node role assumed at set-up.
+
+A third is bridged next door: moto never reads a web identity token, so
+:class:`agent.demo.oidc_sts.OidcSts` (built on :class:`WebIdentitySts`) checks tokens as STS does.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -27,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 import aiohttp
 from aiobotocore.session import AioSession
@@ -39,6 +43,9 @@ from botocore.credentials import Credentials
 from agent._loopback import serve_on_loopback
 
 ACCOUNT = "123456789012"
+#: The issuer of the demo's fake IRSA token: no such cluster exists, so the STS front lets this one
+#: issuer through unchecked, by name (see agent/demo/oidc_sts.py), as moto would.
+IRSA_ISSUER = "https://oidc.eks.us-east-1.amazonaws.com/id/DEMO"
 EXTERNAL_ID = "demo-external-id-7f3a"
 _ADMIN = {"aws_access_key_id": "AKIADEMOADMIN0000000", "aws_secret_access_key": "demo-admin-secret"}
 
@@ -124,7 +131,15 @@ class AwsStandIn:
             )
             s.auditor_key, s.auditor_secret = await _user(iam, "auditor", _policy("s3:ListAllMyBuckets"))
             s.broker_key, s.broker_secret = await _user(
-                iam, "web-identity-broker", _policy("sts:AssumeRoleWithWebIdentity")
+                iam,
+                "web-identity-broker",
+                # The STS front reads the OIDC providers and trust policies it checks tokens against.
+                _policy(
+                    "sts:AssumeRoleWithWebIdentity",
+                    "iam:GetRole",
+                    "iam:ListOpenIDConnectProviders",
+                    "iam:GetOpenIDConnectProvider",
+                ),
             )
             deployer_arn = f"arn:aws:iam::{ACCOUNT}:user/deployer"
             await _role(iam, "cross-account-deploy", _trust({"AWS": deployer_arn}, external_id=EXTERNAL_ID))
@@ -155,6 +170,36 @@ class AwsStandIn:
                 await ec2.describe_regions(RegionNames=[region])
         self._moto_api("/moto-api/reset-auth", b"0")
         return s
+
+    async def trust_oidc_issuer(
+        self, issuer: str, role_name: str, sub: str, *, audience: str = "sts.amazonaws.com"
+    ) -> str:
+        """Register ``issuer`` as an IAM OIDC provider; create a role its tokens whose ``sub`` matches may assume.
+
+        For the control plane's issuer, whose URL is known only once it listens, so after
+        :meth:`seed`: IAM enforcement pauses for these admin calls (the admin is no IAM user).
+        ``sub`` is a StringLike pattern (``connector:-/-/*``). Returns the role's ARN.
+        """
+        provider = f"{urlsplit(issuer).netloc}{urlsplit(issuer).path}".rstrip("/")
+        statement = {
+            "Effect": "Allow",
+            "Principal": {"Federated": f"arn:aws:iam::{ACCOUNT}:oidc-provider/{provider}"},
+            "Action": "sts:AssumeRoleWithWebIdentity",
+            "Condition": {
+                "StringEquals": {f"{provider}:aud": audience},
+                "StringLike": {f"{provider}:sub": sub},
+            },
+        }
+        self._moto_api("/moto-api/reset-auth", b"inf")
+        try:
+            kw = {"endpoint_url": self.url, **_ADMIN}
+            async with AioSession().create_client("iam", region_name="us-east-1", **kw) as iam:
+                await iam.create_open_id_connect_provider(Url=issuer, ClientIDList=[audience])
+                trust = json.dumps({"Version": "2012-10-17", "Statement": [statement]})
+                await _role(iam, role_name, trust)
+        finally:
+            self._moto_api("/moto-api/reset-auth", b"0")
+        return f"arn:aws:iam::{ACCOUNT}:role/{role_name}"
 
 
 async def _user(iam: Any, name: str, policy: str) -> tuple[str, str]:
@@ -274,11 +319,14 @@ class InstanceMetadata:
 
 
 def write_irsa_token(directory: Path) -> Path:
-    """A projected service account token (moto does not check its signature; EKS would)."""
+    """A projected service account token, unsigned: the STS front passes its issuer unchecked (IRSA_ISSUER)."""
     path = directory / "eks.amazonaws.com" / "serviceaccount" / "token"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        "eyJhbGciOiJSUzI1NiIsImtpZCI6ImRlbW8ifQ.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6ZGVsZWdhdGU"
-        "6ZGVsZWdhdGUtYWdlbnQiLCJhdWQiOlsic3RzLmFtYXpvbmF3cy5jb20iXX0.demo-signature"
-    )
+    claims = {"iss": IRSA_ISSUER, "sub": "system:serviceaccount:delegate:delegate-agent", "aud": ["sts.amazonaws.com"]}
+    signature = base64.urlsafe_b64encode(b"not signed: a demo stand-in").rstrip(b"=").decode()
+    path.write_text(f"{_segment({'alg': 'RS256', 'kid': 'demo'})}.{_segment(claims)}.{signature}")
     return path
+
+
+def _segment(data: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
