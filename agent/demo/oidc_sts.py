@@ -408,6 +408,7 @@ class OidcSts(WebIdentitySts):
     async def running(self) -> AsyncIterator[str]:
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", self.handle)
+        self._iam.clear()  # clients of an earlier run closed with its exit stack
         connector = aiohttp.TCPConnector(ssl=self._ssl) if self._ssl else None
         async with (
             AsyncExitStack() as self._stack,
@@ -416,7 +417,6 @@ class OidcSts(WebIdentitySts):
             serve_on_loopback(app) as url,
         ):
             yield url
-        self._iam.clear()
 
 
 def _find(jwks: Mapping[str, Any], kid: Any) -> dict[str, Any] | None:
