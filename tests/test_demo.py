@@ -41,11 +41,12 @@ def test_the_demo_runs_every_case_and_exits_0() -> None:
     )
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout
-    assert "all 8 outcomes as expected" in text
-    for line in ("aws_access_key ", "aws_irsa ", "aws_node_role ", "aws_cross_account ", "aws_govcloud "):
+    assert "all 9 outcomes as expected" in text
+    for line in ("aws_access_key ", "aws_irsa ", "aws_oidc ", "aws_node_role ", "aws_cross_account ", "aws_govcloud "):
         row = next(r for r in text.splitlines() if r.startswith(line))
         assert row.endswith("as expected: SUCCESS"), row
     assert "arn:aws-us-gov:iam::123456789012:user/gov-deployer" in text
+    assert "assumed-role/oidc-connectors/" in text  # the OIDC token, verified by the STS stand-in
     assert "failed at describe_regions (permission_denied, AWS AccessDenied)" in text
     assert "failed at assume_role (assume_role_denied, AWS AccessDenied)" in text
     assert "no connected delegate has all of the tags [gov, prod]" in text

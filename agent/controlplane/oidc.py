@@ -316,8 +316,9 @@ class OidcIssuer:
     def mint(self, claims: dict[str, Any]) -> str:
         """A signed token with ``claims`` plus iss, iat, nbf, exp and jti."""
         self.refresh()
-        now = int(self._wall())
-        key = self._keys().signing(now)
+        wall = self._wall()
+        key = self._keys().signing(wall)
+        now = int(wall)
         signer = self._signers.get(key.kid)
         if signer is None:
             signer = self._signers[key.kid] = RSAKey.import_key(key.jwk)

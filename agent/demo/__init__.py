@@ -140,23 +140,28 @@ class Demo:
             # STS that checks web identity tokens as AWS does; the fake IRSA token's issuer, by name only, is not.
             sts = OidcSts(aws.url, seeded.broker_key, seeded.broker_secret, unverified_issuers=[IRSA_ISSUER])
             async with imds.running() as imds_url, sts.running() as sts_url:
-                return await self._with_aws(aws.url, imds_url, sts_url, seeded)
+                return await self._with_aws(aws, imds_url, sts_url, seeded)
         finally:
             aws.stop()
 
-    async def _with_aws(self, aws_url: str, imds_url: str, sts_url: str, seeded: Seeded) -> int:
-        self.step("starting the reference control plane")
+    async def _with_aws(self, aws: AwsStandIn, imds_url: str, sts_url: str, seeded: Seeded) -> int:
+        aws_url = aws.url
+        self.step("starting the reference control plane (also the OIDC issuer of OidcAuthentication connectors)")
         cp_dir = self.dir / "control-plane"
         cp_dir.mkdir(parents=True, exist_ok=True)
         token_file, key_file = cp_dir / "delegate-token", cp_dir / "api-key"
         for path in (token_file, key_file):
             path.write_text(generate_token() + "\n")
             path.chmod(0o600)
+        # The issuer URL is the control plane's own, so its port is chosen first (AWS would want https on 443).
+        port = _free_port()
+        issuer = f"http://127.0.0.1:{port}/oidc"
         cp = ControlPlaneService(
             ControlPlaneConfig(
                 host="127.0.0.1",
-                port=0,
+                port=port,
                 data_dir=cp_dir,
+                oidc_issuer=issuer,
                 delegate_token_file=token_file,
                 api_key_file=key_file,
                 settings=ControlPlaneSettings(
@@ -171,6 +176,9 @@ class Demo:
         )
         await cp.start()
         try:
+            # As a user would in their account: an IAM identity provider for the issuer, and a role its
+            # tokens may assume when their sub names an account-level connector.
+            seeded.oidc_role = await aws.trust_oidc_issuer(issuer, "oidc-connectors", "connector:-/-/*")
             self._start_delegates(cp, aws_url, imds_url, sts_url, seeded)
             await self._wait_registered(cp)
             client = ApiClient(cp.url, cp.api_key, timeout=60)

@@ -76,6 +76,22 @@ connector:
             "SUCCESS",
         ),
         Case(
+            "aws_oidc",
+            f"""\
+connector:
+  name: OIDC (no stored key)
+  identifier: aws_oidc
+  type: Aws
+  spec:
+    credential:
+      type: OidcAuthentication
+      spec:
+        iamRoleArn: {s.oidc_role}
+    delegateSelectors: [eks]
+""",
+            "SUCCESS",
+        ),
+        Case(
             "aws_node_role",
             """\
 connector:

@@ -88,6 +88,8 @@ class Seeded:
     irsa_role: str = f"arn:aws:iam::{ACCOUNT}:role/eks-delegate-irsa"
     node_role: str = f"arn:aws:iam::{ACCOUNT}:role/ec2-node-role"
     node_credentials: dict[str, str] = field(default_factory=dict, repr=False)
+    #: The role OidcAuthentication connectors assume with the control plane's tokens (made once it listens).
+    oidc_role: str = f"arn:aws:iam::{ACCOUNT}:role/oidc-connectors"
 
 
 class AwsStandIn:
