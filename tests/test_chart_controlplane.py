@@ -33,6 +33,14 @@ VARIANTS = {
     "sqlite-existing-claim": ["--set", "persistence.existingClaim=cp-data", "--set", "persistence.keep=false"],
     "sqlite-no-persistence": ["--set", "persistence.enabled=false"],
     "postgres": POSTGRES,
+    "sqlite-oidc": ["--set", "oidc.issuer=https://cp.example.com/oidc"],
+    "postgres-oidc": [
+        *POSTGRES,
+        "--set",
+        "oidc.issuer=https://cp.example.com/oidc",
+        "--set",
+        "oidc.keysSecret=cp-oidc-keys",
+    ],
     "postgres-3-pgbouncer": [
         *POSTGRES,
         "--set",
@@ -433,3 +441,35 @@ def test_the_documented_install_renders_what_the_docs_say() -> None:
     assert one(docs, "Deployment")["spec"]["replicas"] == 3
     assert set(env_of(docs)) >= {"CONTROL_PLANE_DATABASE_URL", "CONTROL_PLANE_DATABASE_LISTEN_URL"}
     assert volumes_of(docs)["credentials"]["secret"]["secretName"] == "cp-credentials"
+
+
+def test_oidc_issues_from_keys_every_replica_shares() -> None:
+    """oidc.issuer turns the issuer on; with Postgres the keys come from one Secret, mounted whole."""
+    docs = render(*VARIANTS["postgres-oidc"])
+    args = container(docs)["args"]
+    assert "--oidc-issuer=https://cp.example.com/oidc" in args
+    assert f"--oidc-key-file={SECRETS}/oidc/oidc-keys.json" in args
+    mount = mounts_of(docs)["oidc"]
+    assert mount == {
+        "name": "oidc",
+        "mountPath": f"{SECRETS}/oidc",
+        "readOnly": True,
+    }  # no subPath: rotation reaches it
+    assert volumes_of(docs)["oidc"]["secret"]["items"] == [{"key": "oidc-keys.json", "path": "oidc-keys.json"}]
+    # SQLite generates and rotates its keys in the data dir.
+    sqlite = render(*VARIANTS["sqlite-oidc"])
+    assert "oidc" not in volumes_of(sqlite)
+    assert not [a for a in container(sqlite)["args"] if a.startswith("--oidc-key-file")]
+
+
+@pytest.mark.parametrize(
+    ("values", "words"),
+    [
+        ([*POSTGRES, "--set", "oidc.issuer=https://cp.example.com"], "oidc.keysSecret is required"),
+        (["--set", "oidc.keysSecret=k"], "oidc.issuer is not"),
+        (["--set", "oidc.issuer=http://cp.example.com"], "oidc.issuer"),  # the schema: https only
+        (["--set", "oidc.issuer=https://cp.example.com:8443"], "oidc.issuer"),  # and no port
+    ],
+)
+def test_oidc_values_aws_or_the_replicas_could_not_use_are_refused(values: list[str], words: str) -> None:
+    assert words in refused(*values)
