@@ -271,3 +271,13 @@ async def test_scheduled_tests_say_so_in_the_token(
     await wait_until(handed_out, "the scheduled test handed out")
     contexts = {jwt.decode(t.oidc_token, options={"verify_signature": False})["context"] for t in tasks}
     assert "SCHEDULED_TEST" in contexts
+
+
+@pytest.mark.parametrize("field", ["orgIdentifier", "projectIdentifier"])
+def test_a_sub_cannot_be_forged_through_an_org_or_project_with_a_slash(field: str) -> None:
+    """connector:<org>/<project>/<id>: an org "platform/payments" would match "connector:platform/payments/*"."""
+    from agent.aws.connector import ConnectorInvalid, parse_connector
+
+    with pytest.raises(ConnectorInvalid) as caught:
+        parse_connector(oidc_connector(**{field: "platform/payments"}))
+    assert [p.field for p in caught.value.problems] == [f"connector.{field}"]

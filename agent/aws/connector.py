@@ -525,6 +525,13 @@ def parse_connector(document: Any) -> AwsConnector:
     account = c.string(conn.get("accountIdentifier"), "connector.accountIdentifier", max_len=128)
     org = c.string(conn.get("orgIdentifier"), "connector.orgIdentifier", max_len=128)
     project = c.string(conn.get("projectIdentifier"), "connector.projectIdentifier", max_len=128)
+    for path, value in (("connector.orgIdentifier", org), ("connector.projectIdentifier", project)):
+        # Harness's identifier rule; it also keeps an OIDC token's sub (connector:<org>/<project>/<id>) from
+        # being forged: an org named "a/b" would otherwise match a trust policy's "connector:a/b/*".
+        if value and not CONNECTOR_IDENTIFIER_RE.match(value):
+            c.add(
+                path, f"{quoted(value)} must start with a letter or '_' and contain only letters, digits, '_' and '$'"
+            )
     tags = _tags(c, conn.get("tags"))
     test_interval = _test_interval(c, conn.get("testInterval"))
 
