@@ -28,7 +28,7 @@ from agent.controlplane.failures import ApiFailure, failure_document
 from agent.controlplane.health import HealthMonitor
 from agent.controlplane.leases import Leases
 from agent.controlplane.metrics import ControlPlaneMetrics
-from agent.controlplane.queue import TaskQueue, TaskSigner, TaskTokens, explain_unpicked, task_deadline
+from agent.controlplane.queue import TaskQueue, TaskSigner, TokenMinter, explain_unpicked, task_deadline
 from agent.controlplane.routing import CONNECTED, describe_tags, normalise_tags
 from agent.controlplane.settings import ControlPlaneSettings
 from agent.controlplane.store import ConnectorRow, Store, StoreUnavailable, TaskRow
@@ -84,7 +84,7 @@ class ControlPlane:
         clock: Clock | None = None,
         platform_validator: PlatformValidator | None = None,
         task_signer: TaskSigner | None = None,
-        task_tokens: TaskTokens | None = None,
+        task_tokens: TokenMinter | None = None,
         metrics: ControlPlaneMetrics | None = None,
     ) -> None:
         self.store = store

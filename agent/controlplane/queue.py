@@ -40,7 +40,7 @@ from agent.protocol.models import TASK_TYPE_AWS_VALIDATE, AcquireResponse, Task,
 from agent.protocol.results import ValidationResult, harness_result
 
 #: The OIDC token for a task hand-out, or None (agent/controlplane/oidc.py): (task, delegate id) -> token.
-TaskTokens = Callable[[TaskRow, str], "str | None"]
+TokenMinter = Callable[[TaskRow, str], "str | None"]
 #: Signs a lease hand-out for its delegate (detached signature over the task's canonical bytes).
 TaskSigner = Callable[[Task], str]
 #: What a finished connector test says about its connector: (task, status, result, lease id).
@@ -83,13 +83,13 @@ class TaskQueue:
         *,
         to_wall: Callable[[float], float],
         task_signer: TaskSigner | None,
-        task_tokens: TaskTokens | None = None,
+        task_tokens: TokenMinter | None = None,
     ) -> None:
         self.store, self.settings, self.metrics, self._clock = store, settings, metrics, clock
         self._to_wall = to_wall
         self._task_signer = task_signer
         #: Mints the OIDC token a hand-out carries (OidcAuthentication connectors), given the task and who runs it.
-        self.task_tokens: TaskTokens = task_tokens or (lambda row, delegate_id: None)
+        self.task_tokens: TokenMinter = task_tokens or (lambda row, delegate_id: None)
         self._waiters: list[_Waiter] = []
         self._done_events: dict[str, asyncio.Event] = {}
         #: Told each finished connector test inside its transaction (the owner wires connector health).
