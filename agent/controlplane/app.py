@@ -29,6 +29,7 @@ from agent._files import (
     mark_state_file,
     read_text,
 )
+from agent.controlplane.console import Console
 from agent.controlplane.core import ControlPlane, ControlPlaneSettings, PlatformValidator, TaskSigner
 from agent.controlplane.health import StatusChange
 from agent.controlplane.openapi import build_openapi
@@ -683,10 +684,13 @@ async def _cancel(task: asyncio.Task[None]) -> None:
 
 
 def make_app(handlers: Handlers) -> web.Application:
-    middlewares = [metrics_middleware(handlers.cp.metrics), error_middleware]
+    # The console's middleware sits inside the JSON error middleware: its pages fail as HTML pages.
+    console = Console(handlers)
+    middlewares = [metrics_middleware(handlers.cp.metrics), error_middleware, console.middleware]
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
     for route in ROUTES:
         app.router.add_route(route.method, route.path, bind(route, handlers), name=route.handler)
+    console.add_routes(app)
     return app
 
 
