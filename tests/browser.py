@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / ".artifacts" / "console"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
-#: Quick heartbeats and sweeps; a test that no delegate takes fails after 5 s rather than 5 minutes.
+#: Quick heartbeats and sweeps; a test that no delegate takes fails after 5 s rather than 5 minutes;
+#: the sixth wrong credential from an address within a minute is refused.
 SETTINGS = ControlPlaneSettings(
     heartbeat_seconds=1,
     poll_wait_seconds=2,
@@ -44,6 +45,7 @@ SETTINGS = ControlPlaneSettings(
     pickup_timeout_seconds=5,
     sweep_interval_seconds=0.1,
     connector_test_interval_seconds=0,
+    auth_failure_limit=5,
 )
 
 

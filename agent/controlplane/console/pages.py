@@ -14,11 +14,12 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from agent._connector_text import connector_yaml, health_lines
 from agent.aws.connector import ConnectorInvalid, parse_connector
 from agent.controlplane.console import render
 from agent.controlplane.console.security import Refusal, safe_next, see_other
 from agent.controlplane.console.session import Session
-from agent.protocol.models import ConnectorRecord, TestRequest
+from agent.protocol.models import ConnectorRecord, HistoryEntry, TestRequest
 
 if TYPE_CHECKING:
     from agent.controlplane.console.web import Console
@@ -79,6 +80,64 @@ def connector_row(record: ConnectorRecord, now: datetime) -> ConnectorRow:
     )
 
 
+@dataclass(frozen=True)
+class HistoryRow:
+    """One finished test on a connector's page."""
+
+    status: str
+    status_class: str
+    tested_at: str
+    tested_ago: str
+    trigger: str
+    delegate: str
+    step: str
+    aws_code: str
+    hint: str
+    error: str
+
+
+def history_row(entry: HistoryEntry, now: datetime) -> HistoryRow:
+    failure = entry.failure
+    return HistoryRow(
+        status=entry.status.capitalize(),
+        status_class={"SUCCESS": "success", "FAILURE": "failure"}.get(entry.status, "unknown"),
+        tested_at=render.moment(entry.tested_at),
+        tested_ago=render.ago(entry.tested_at, now),
+        trigger=entry.trigger,
+        delegate=entry.delegate_name or "",
+        step=failure.step if failure else "",
+        aws_code=(failure.aws_error_code or "") if failure else "",
+        hint=(failure.hint or "") if failure else "",
+        error=entry.error_summary or "",
+    )
+
+
+#: Delegate states as the page says them (the API's words: lost is a delegate that went silent).
+STATE_WORDS = {
+    "running": "connected",
+    "draining": "draining",
+    "deregistered": "disconnected",
+    "lost": "disconnected (lost)",
+}
+
+
+@dataclass(frozen=True)
+class DelegateRow:
+    name: str
+    hostname: str
+    tags: list[str]
+    state: str
+    state_class: str
+    version: str
+    running: int
+    capacity: int
+    last_heartbeat: str
+    last_heartbeat_at: str
+    connected: bool
+    #: (identifier, name) of each connector whose tests it may pick up now.
+    connectors: list[tuple[str, str]]
+
+
 def add_pages(console: Console, app: web.Application) -> None:
     r = app.router
     g = console.guard
@@ -105,6 +164,7 @@ def add_pages(console: Console, app: web.Application) -> None:
             status_filter=status,
             statuses=STATUSES,
             q=query,
+            deleted=request.query.get("deleted", "")[:128],
             here=request.path_qs,
         )
 
@@ -125,7 +185,60 @@ def add_pages(console: Console, app: web.Application) -> None:
         back = form.get("next")
         return see_other(safe_next(back if isinstance(back, str) else None, f"/console/connectors/{quote(identifier)}"))
 
+    async def connector(request: web.Request, session: Session) -> web.StreamResponse:
+        record = await _record(console, request)
+        history = await console.cp.connector_history(record.identifier, HISTORY_ROWS)
+        now = console.now()
+        return console.html(
+            "connector.html",
+            session,
+            title=record.name,
+            row=connector_row(record, now),
+            record=record,
+            yaml=connector_yaml(record, now),
+            facts=health_lines(record.health, now),
+            history=[history_row(entry, now) for entry in history.entries],
+            here=request.path,
+        )
+
+    async def confirm_delete(request: web.Request, session: Session) -> web.StreamResponse:
+        record = await _record(console, request)
+        return console.html("delete.html", session, title=f"Delete {record.name}", record=record)
+
+    async def delete(request: web.Request, session: Session) -> web.StreamResponse:
+        identifier = request.match_info["identifier"]
+        await console.cp.delete_connector(identifier)
+        return see_other(f"{HOME_LIST}?deleted={quote(identifier)}")
+
+    async def delegates(request: web.Request, session: Session) -> web.StreamResponse:
+        views = await console.cp.delegate_views()
+        servable = await console.cp.servable_connectors()
+        names = {rec.identifier: rec.name for rec in await console.cp.connector_records()}
+        now = console.now()
+        rows = [
+            DelegateRow(
+                name=v.name,
+                hostname=v.hostname or "",
+                tags=[t for t in v.tags if t != v.name.lower()],
+                state=STATE_WORDS.get(v.state, v.state),
+                state_class=v.state,
+                version=v.version,
+                running=v.in_flight,
+                capacity=v.capacity,
+                last_heartbeat=render.ago(v.last_heartbeat_at, now),
+                last_heartbeat_at=render.moment(v.last_heartbeat_at),
+                connected=v.delegate_id in servable,
+                connectors=[(i, names.get(i, i)) for i in servable.get(v.delegate_id, [])],
+            )
+            for v in sorted(views, key=lambda v: (v.state not in ("running", "draining"), v.name))
+        ]
+        return console.html("delegates.html", session, title="Delegates", nav="delegates", rows=rows)
+
     r.add_get("/console/connectors", g(connectors), name="console_connectors")
+    r.add_get("/console/connectors/{identifier}", g(connector), name="console_connector")
+    r.add_get("/console/connectors/{identifier}/delete", g(confirm_delete), name="console_connector_delete_form")
+    r.add_post("/console/connectors/{identifier}/delete", g(delete, post=True), name="console_connector_delete")
+    r.add_get("/console/delegates", g(delegates), name="console_delegates")
     r.add_get("/console/connectors/{identifier}/row", g(row), name="console_connector_row")
     r.add_post("/console/connectors/{identifier}/test", g(test, post=True), name="console_connector_test")
 

@@ -86,11 +86,6 @@ class Sessions:
             self._ended.popitem(last=False)
 
 
-def derive_key(api_key: bytes) -> bytes:
-    """The session signing key of one API key: an HMAC of a fixed label, so it reveals nothing of the key."""
-    return hmac.new(api_key, SESSION_LABEL, hashlib.sha256).digest()
-
-
 def same_token(expected: str, given: str | None) -> bool:
     """Whether a submitted CSRF token is the expected one (constant time; absent is never the same)."""
     return given is not None and given.isascii() and hmac.compare_digest(expected.encode(), given.encode())

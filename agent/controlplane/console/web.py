@@ -214,6 +214,7 @@ class Console:
 
     def html(self, template: str, session: Session | None, *, status: int = 200, **context: Any) -> web.Response:
         """A page (or a fragment) with the session's CSRF token at hand for its forms."""
+        context.setdefault("nav", "")
         text = render.render(template, csrf=session.csrf if session else "", logged_in=session is not None, **context)
         return web.Response(text=text, status=status, content_type="text/html", charset="utf-8")
 
