@@ -187,6 +187,8 @@ async def test_the_test_button_reached_by_keyboard_updates_its_row_in_place(
     other = await console_world.apply("Other account")
     target = await console_world.apply("Prod account")
     page = await browser.new_page()
+    messages: list[str] = []
+    page.on("console", lambda message: messages.append(message.text))
     await log_in(page, console_world.url)
     await page.evaluate("window.consoleMarker = 'same page'")
     button = page.locator(f"#row-{target}").get_by_role("button", name="Test Prod account")
@@ -208,6 +210,13 @@ async def test_the_test_button_reached_by_keyboard_updates_its_row_in_place(
     history = await console_world.cp.core.connector_history(target, 10)
     assert [e.trigger for e in history.entries] == ["manual"]
     await screenshot(page, "connectors-after-test")
+    # A row whose connector was deleted meanwhile: the error says so in the page (still the same page).
+    await console_world.cp.core.delete_connector(other)
+    await page.locator(f"#row-{other}").get_by_role("button", name="Test Other account").click()
+    await expect(page.get_by_role("alert")).to_contain_text(f"no connector with identifier {other!r}")
+    assert await page.evaluate("window.consoleMarker") == "same page"
+    # htmx worked within the CSP: nothing it did was blocked (no inline style or script, no eval).
+    assert not [m for m in messages if "Content Security Policy" in m], messages
 
 
 async def test_a_connector_page_shows_yaml_health_and_history_and_deletes_after_confirmation(

@@ -470,6 +470,7 @@ class ControlPlaneService:
             task_public_key=self.task_public_key,
             mutual_tls=self.config.tls_client_ca_file is not None,
             url=self.url,
+            console=f"{self.url}/console/",
             store=self.store.kind,
             data_dir=None if self.store.shared else str(self.config.data_dir or "(memory)"),
             token_names=[k.name for k in self.verifier.keys],

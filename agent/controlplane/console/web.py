@@ -92,6 +92,10 @@ class Console:
                 response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
             except web.HTTPException as exc:
                 response = self.error_page(request, exc.status, "Refused", exc.reason)
+            if response.status >= 400 and request.headers.get("HX-Request"):
+                # An htmx request that failed (a row's connector deleted meanwhile, a store fault): its
+                # error page takes the place of the page's <main>, rather than nothing happening.
+                response.headers.update({"HX-Retarget": "main", "HX-Reselect": "main", "HX-Reswap": "outerHTML"})
             add_headers(response)
             return response
 
@@ -106,7 +110,11 @@ class Console:
             session = self.sessions.check(request.cookies.get(COOKIE))
             if session is None:
                 login = "/console/login"
-                target = request.path_qs if request.method == "GET" else request.headers.get("HX-Current-URL")
+                # Back to the page the person was on: for htmx (a row's refresh) the page, not the fragment.
+                if request.headers.get("HX-Request"):
+                    target = request.headers.get("HX-Current-URL")
+                else:
+                    target = request.path_qs if request.method == "GET" else None
                 if request.method == "GET" or target:
                     login += "?next=" + quote(safe_next(_path_of(target)), safe="/")
                 if request.headers.get("HX-Request"):
