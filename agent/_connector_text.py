@@ -1,7 +1,7 @@
 """A connector in words: ``connector get``'s YAML with its health as comments, printed by the CLI and
 shown by the console (one copy of both).
 
-Imports nothing of ours at run time; the CLI loads it only when it prints a connector.
+Imports nothing of ours at run time, and YAML only to print one: the CLI's quick commands use it too.
 """
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-import yaml
-
 if TYPE_CHECKING:
     from agent.protocol.models import ConnectorHealth, ConnectorRecord
 
 
 def connector_yaml(record: ConnectorRecord, now: datetime, paint: Callable[[str], str] = str) -> str:
     """The connector as Harness YAML (it applies as it is), then its health and last test as comments."""
+    import yaml  # noqa: PLC0415 (here, not at the top: `connector list` uses this module's words without YAML)
+
     extra = []
     if record.last_test:
         t = record.last_test

@@ -54,6 +54,8 @@ async def browser() -> AsyncIterator[Any]:
     """A headless Chromium (Debian's), closed at the end of the test."""
     from playwright.async_api import async_playwright
 
+    if not Path(CHROMIUM).exists():
+        pytest.fail("chromium is not installed: run `bash tools/install-test-tools.sh` (make test does)")
     async with async_playwright() as p:
         launched = await p.chromium.launch(executable_path=CHROMIUM)
         try:
