@@ -17,7 +17,7 @@ from aiohttp import web
 from agent._connector_text import connector_yaml, health_lines
 from agent.aws.connector import ConnectorInvalid, parse_connector
 from agent.controlplane.console import render
-from agent.controlplane.console.security import Refusal, safe_next, see_other
+from agent.controlplane.console.security import HOME, ConsoleRefusal, safe_next, see_other
 from agent.controlplane.console.session import Session
 from agent.protocol.models import ConnectorRecord, HistoryEntry, TestRequest
 
@@ -31,7 +31,7 @@ HISTORY_ROWS = 20
 
 
 @dataclass(frozen=True)
-class ConnectorRow:
+class ConnectorLine:
     """One line of the connectors list (and the fragment htmx swaps after a test)."""
 
     identifier: str
@@ -50,7 +50,7 @@ class ConnectorRow:
     testing: bool
 
 
-def connector_row(record: ConnectorRecord, now: datetime) -> ConnectorRow:
+def connector_row(record: ConnectorRecord, now: datetime) -> ConnectorLine:
     health = record.health
     try:
         parsed = parse_connector(record.connector)
@@ -62,7 +62,7 @@ def connector_row(record: ConnectorRecord, now: datetime) -> ConnectorRow:
     title = health.error_summary or ""
     if health.failure is not None and health.failure.hint:
         title = f"{title} ({health.failure.hint})" if title else health.failure.hint
-    return ConnectorRow(
+    return ConnectorLine(
         identifier=record.identifier,
         name=record.name,
         type=str(record.connector.get("connector", {}).get("type", "Aws")),
@@ -81,7 +81,7 @@ def connector_row(record: ConnectorRecord, now: datetime) -> ConnectorRow:
 
 
 @dataclass(frozen=True)
-class HistoryRow:
+class HistoryLine:
     """One finished test on a connector's page."""
 
     status: str
@@ -96,9 +96,9 @@ class HistoryRow:
     error: str
 
 
-def history_row(entry: HistoryEntry, now: datetime) -> HistoryRow:
+def history_row(entry: HistoryEntry, now: datetime) -> HistoryLine:
     failure = entry.failure
-    return HistoryRow(
+    return HistoryLine(
         status=entry.status.capitalize(),
         status_class={"SUCCESS": "success", "FAILURE": "failure"}.get(entry.status, "unknown"),
         tested_at=render.moment(entry.tested_at),
@@ -122,7 +122,7 @@ STATE_WORDS = {
 
 
 @dataclass(frozen=True)
-class DelegateRow:
+class DelegateLine:
     name: str
     hostname: str
     tags: list[str]
@@ -145,7 +145,8 @@ def add_pages(console: Console, app: web.Application) -> None:
     async def connectors(request: web.Request, session: Session) -> web.StreamResponse:
         status = request.query.get("status", "")
         if status and status not in STATUSES:
-            raise Refusal(400, "Invalid filter", f"status must be one of {', '.join(STATUSES)}, not {status[:40]!r}")
+            wanted = ", ".join(STATUSES)
+            raise ConsoleRefusal(400, "Invalid filter", f"status must be one of {wanted}, not {status[:40]!r}")
         query = request.query.get("q", "").strip()[:200]
         now = console.now()
         rows = [connector_row(rec, now) for rec in await console.cp.connector_records()]
@@ -169,7 +170,7 @@ def add_pages(console: Console, app: web.Application) -> None:
         )
 
     def row_fragment(record: ConnectorRecord, session: Session) -> web.Response:
-        return console.html("_connector_row.html", session, row=connector_row(record, console.now()), here=HOME_LIST)
+        return console.html("_connector_row.html", session, row=connector_row(record, console.now()), here=HOME)
 
     async def row(request: web.Request, session: Session) -> web.StreamResponse:
         return row_fragment(await _record(console, request), session)
@@ -208,7 +209,7 @@ def add_pages(console: Console, app: web.Application) -> None:
     async def delete(request: web.Request, session: Session) -> web.StreamResponse:
         identifier = request.match_info["identifier"]
         await console.cp.delete_connector(identifier)
-        return see_other(f"{HOME_LIST}?deleted={quote(identifier)}")
+        return see_other(f"{HOME}?deleted={quote(identifier)}")
 
     async def delegates(request: web.Request, session: Session) -> web.StreamResponse:
         views = await console.cp.delegate_views()
@@ -216,7 +217,7 @@ def add_pages(console: Console, app: web.Application) -> None:
         names = {rec.identifier: rec.name for rec in await console.cp.connector_records()}
         now = console.now()
         rows = [
-            DelegateRow(
+            DelegateLine(
                 name=v.name,
                 hostname=v.hostname or "",
                 tags=[t for t in v.tags if t != v.name.lower()],
@@ -241,9 +242,6 @@ def add_pages(console: Console, app: web.Application) -> None:
     r.add_get("/console/delegates", g(delegates), name="console_delegates")
     r.add_get("/console/connectors/{identifier}/row", g(row), name="console_connector_row")
     r.add_post("/console/connectors/{identifier}/test", g(test, post=True), name="console_connector_test")
-
-
-HOME_LIST = "/console/connectors"
 
 
 async def _record(console: Console, request: web.Request) -> ConnectorRecord:

@@ -75,6 +75,3 @@ def _span(seconds: float) -> str:
     if s < 86400:
         return f"{s // 3600} h"
     return f"{s // 86400} d"
-
-
-_env.filters["moment"] = moment

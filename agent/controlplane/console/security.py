@@ -60,7 +60,7 @@ def see_other(location: str) -> web.Response:
 
 
 @dataclass(frozen=True)
-class Refusal(Exception):
+class ConsoleRefusal(Exception):
     """A request the console refuses with a page saying why (nothing was changed)."""
 
     status: int

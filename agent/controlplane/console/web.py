@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from agent.controlplane.console import pages, render
-from agent.controlplane.console.security import HOME, Refusal, add_headers, is_console_path, safe_next, see_other
+from agent.controlplane.console.security import HOME, ConsoleRefusal, add_headers, is_console_path, safe_next, see_other
 from agent.controlplane.console.session import COOKIE, LOGIN_COOKIE, SESSION_LABEL, SESSION_SECONDS, Session, Sessions
 from agent.controlplane.console.session import same_token as _same_token
 from agent.controlplane.core import ApiFailure, ts
@@ -72,7 +72,7 @@ class Console:
                 return await handler(request)
             try:
                 response = await handler(request)
-            except Refusal as exc:
+            except ConsoleRefusal as exc:
                 response = self.error_page(request, exc.status, exc.title, exc.message)
             except ApiFailure as exc:
                 title = "Not found" if exc.status == 404 else "Refused"
@@ -126,7 +126,7 @@ class Console:
                 given = request.headers.get(CSRF_HEADER) or _text(form.get(CSRF_FIELD))
                 if not _same_token(session.csrf, given):
                     log.warning("controlplane.console.csrf_refused", path=request.path, token_given=bool(given))
-                    raise Refusal(
+                    raise ConsoleRefusal(
                         403,
                         "Refused: missing or wrong security token",
                         "This form did not carry this session's security (CSRF) token, so nothing was changed. "
@@ -151,7 +151,7 @@ class Console:
         next_ = safe_next(_text(form.get("next")))
         pre = request.cookies.get(LOGIN_COOKIE)
         if pre is None or not _same_token(pre, _text(form.get(CSRF_FIELD))):
-            raise Refusal(
+            raise ConsoleRefusal(
                 403,
                 "Refused: missing or wrong security token",
                 "The login form's security token did not match (cookies off, or a form from elsewhere). "
