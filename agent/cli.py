@@ -482,21 +482,13 @@ def _print_apply_problems(problems: Sequence[tuple[str, str, Sequence[Any]]], su
 def cmd_connector_get(args: argparse.Namespace) -> int:
     from datetime import UTC, datetime
 
-    import yaml
+    from agent._connector_text import connector_yaml
 
     record = _client(args).get_connector(args.identifier)
     if args.output == "json":
         _print_json(record)
     else:
-        print(yaml.safe_dump(record.connector, sort_keys=False).rstrip())
-        extra = []
-        if record.last_test:
-            t = record.last_test
-            text = f"{t.status} at {t.tested_at:%Y-%m-%d %H:%M:%S}Z: `delegate-agent tasks get {t.task_id}` shows it"
-            if t.stale:
-                text += "; that test ran an earlier version of the spec: test it again"
-            extra.append(("last test", text))
-        print_health(record.health, datetime.now(UTC), extra=extra)
+        print(connector_yaml(record, datetime.now(UTC), lambda text: _paint(text, sys.stdout)))
     return EXIT_OK
 
 
@@ -585,75 +577,33 @@ def print_health(
 
     ``extra`` lines (label, text) follow, aligned with the rest.
     """
+    from agent._connector_text import comment_block, health_lines
+
     out = out or sys.stdout
-    lines: list[tuple[str, str]] = [
-        ("status", health.status + (" (a test is queued or running)" if health.testing else "")),
-        ("tested at", _moment(health.tested_at, now) or "never"),
-        ("last connected", _moment(health.last_connected_at, now) or "never"),
-    ]
-    if health.error_summary:
-        lines.append(("error", _one_line(health.error_summary, 1000)))
-    failure = health.failure
-    if failure is not None:
-        code = f", AWS {failure.aws_error_code}" if failure.aws_error_code else ""
-        lines.append(("failed at", f"{failure.step} ({failure.category}{code})"))
-        if failure.hint:
-            lines.append(("hint", _one_line(failure.hint, 1000)))
-    lines.append(("delegate", health.delegate_name or "-"))
-    if health.failures_in_row:
-        since = _moment(health.failing_since, now)
-        lines.append(("failures in a row", f"{health.failures_in_row}" + (f", since {since}" if since else "")))
-    lines.append(("test interval", _schedule_text(health)))
-    lines.append(("next test", _moment(health.next_test_at, now) or "not scheduled"))
-    lines.extend(extra)
-    print("# health:", file=out)
-    width = max(len(label) for label, _ in lines) + 1
-    for label, value in lines:
-        print(f"#   {label + ':':<{width}} {_paint(value, out) if label == 'status' else value}", file=out)
+    for line in comment_block(health_lines(health, now, extra), lambda text: _paint(text, out)):
+        print(line, file=out)
 
 
-def _schedule_text(health: ConnectorHealth) -> str:
-    if health.test_interval_seconds <= 0:
-        return "off (no scheduled tests)"
-    text = f"every {_span(health.test_interval_seconds)}"
-    if health.backoff_seconds > health.test_interval_seconds:
-        text += f"; backing off to {_span(health.backoff_seconds)} while the same failure repeats"
-    return text
+# The words for times live in agent._connector_text (the console says them too); loaded when first used,
+# so `delegate-agent --help` imports nothing it does not need.
 
 
 def _utc(when: datetime) -> datetime:
-    from datetime import UTC
+    from agent._connector_text import utc
 
-    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
-
-
-def _span(seconds: float) -> str:
-    """A duration as people say it: ``45s``, ``4m``, ``1h30m``, ``2d``."""
-    s = round(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m"
-    if s < 86400:
-        h, m = divmod(s // 60, 60)
-        return f"{h}h{m}m" if m else f"{h}h"
-    d, h = divmod(s // 3600, 24)
-    return f"{d}d{h}h" if h else f"{d}d"
+    return utc(when)
 
 
 def _ago(when: datetime, now: datetime) -> str:
-    """``4m ago`` (``just now`` under a second, ``in 2m`` for the future)."""
-    seconds = (now - _utc(when)).total_seconds()
-    if abs(seconds) < 1:
-        return "just now"
-    return f"{_span(seconds)} ago" if seconds > 0 else f"in {_span(-seconds)}"
+    from agent._connector_text import ago
+
+    return ago(when, now)
 
 
-def _moment(when: datetime | None, now: datetime) -> str | None:
-    """``2026-05-01 10:42:03Z (4m ago)``, or None for no time."""
-    if when is None:
-        return None
-    return f"{_utc(when):%Y-%m-%d %H:%M:%S}Z ({_ago(when, now)})"
+def _one_line(text: str, width: int) -> str:
+    from agent._connector_text import one_line
+
+    return one_line(text, width)
 
 
 def _local_clock(when: datetime, now: datetime) -> str:
@@ -666,12 +616,6 @@ def _milliseconds(ms: int | None) -> str | None:
     if ms is None:
         return None
     return f"{ms} ms" if ms < 1000 else f"{ms / 1000:.1f} s"
-
-
-def _one_line(text: str, width: int) -> str:
-    """``text`` on one line, cut to ``width`` characters with an ellipsis."""
-    flat = " ".join(text.split())
-    return flat if len(flat) <= width else flat[: width - 1] + "\u2026"
 
 
 def cmd_connector_delete(args: argparse.Namespace) -> int:

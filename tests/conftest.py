@@ -28,7 +28,7 @@ from agent.runtime.settings import AgentSettings, ControlPlaneEndpoint
 from tests.handlers import GateHandler, all_handlers
 from tests.helpers import wait_for
 
-pytest_plugins = ["tests.pgfixtures"]
+pytest_plugins = ["tests.pgfixtures", "tests.browser"]
 
 AWS_VARS = (
     "AWS_ACCESS_KEY_ID",

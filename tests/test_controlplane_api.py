@@ -324,10 +324,15 @@ async def test_a_validation_error_in_a_protocol_body_names_the_field(
 
 
 def _aiohttp_routes(app: Any) -> set[tuple[str, str]]:
+    """The API's routes: the console's HTML pages (``/``, ``/console/...``) are not in the OpenAPI document."""
+    from agent.controlplane.console.security import is_console_path
+
     found = set()
     for resource in app.router.resources():
         info = resource.get_info()
         path = info.get("path") or info.get("formatter")
+        if is_console_path(path):
+            continue
         for route in resource:
             if route.method != "HEAD":
                 found.add((route.method, path))

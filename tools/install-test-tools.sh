@@ -12,6 +12,7 @@ command -v promtool >/dev/null || apt_packages+=(prometheus)       # promtool + 
 command -v unshare >/dev/null || apt_packages+=(util-linux)        # PID-namespace test of SIGTERM as PID 1
 command -v zsh >/dev/null || apt_packages+=(zsh)                   # the zsh completion script is run by zsh
 command -v faketime >/dev/null || apt_packages+=(faketime)         # libfaketime: a wall-clock step under a real process
+command -v chromium >/dev/null || apt_packages+=(chromium)       # the console's browser tests (Playwright drives it)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || apt_packages+=(postgresql)  # the store conformance suite's server
 if [ "${#apt_packages[@]}" -gt 0 ]; then
   echo "install-test-tools: apt-get install ${apt_packages[*]}"

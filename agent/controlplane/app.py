@@ -29,6 +29,7 @@ from agent._files import (
     mark_state_file,
     read_text,
 )
+from agent.controlplane.console import Console
 from agent.controlplane.core import ControlPlane, ControlPlaneSettings, PlatformValidator, TaskSigner
 from agent.controlplane.health import StatusChange
 from agent.controlplane.oidc import (
@@ -500,6 +501,7 @@ class ControlPlaneService:
             task_public_key=self.task_public_key,
             mutual_tls=self.config.tls_client_ca_file is not None,
             url=self.url,
+            console=f"{self.url}/console/",
             store=self.store.kind,
             data_dir=None if self.store.shared else str(self.config.data_dir or "(memory)"),
             token_names=[k.name for k in self.verifier.keys],
@@ -738,12 +740,15 @@ async def _cancel(task: asyncio.Task[None]) -> None:
 
 
 def make_app(handlers: Handlers) -> web.Application:
-    middlewares = [metrics_middleware(handlers.cp.metrics), error_middleware]
+    # The console's middleware sits inside the JSON error middleware: its pages fail as HTML pages.
+    console = Console(handlers)
+    middlewares = [metrics_middleware(handlers.cp.metrics), error_middleware, console.middleware]
     app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=middlewares)
     for route in ROUTES:
         app.router.add_route(route.method, route.path, bind(route, handlers), name=route.handler)
     if handlers.oidc is not None:
         _add_oidc_routes(app, handlers.oidc)
+    console.add_routes(app)
     return app
 
 

@@ -17,7 +17,7 @@ from agent.controlplane.failures import ApiFailure, failure_document
 from agent.controlplane.queue import TaskQueue
 from agent.controlplane.routing import CONNECTED, describe_tags, normalise_tags
 from agent.controlplane.settings import ControlPlaneSettings
-from agent.controlplane.store import ConnectorRow, Store, TaskRow, connector_change, with_updates
+from agent.controlplane.store import ConnectorRow, DelegateRow, Store, TaskRow, connector_change, eligible, with_updates
 from agent.protocol.auth import Clock
 from agent.protocol.errors import Code
 from agent.protocol.models import (
@@ -161,6 +161,24 @@ class Connectors:
         if task is not None:
             return bool(connector_spec(task.payload.get("connector")) != connector_spec(row.body))
         return row.last_tested_at is not None and row.updated_at > row.last_tested_at
+
+    async def servable_by(self, delegates: list[DelegateRow]) -> dict[str, list[str]]:
+        """Delegate id -> identifiers of the connectors it may test now: connected, and :func:`eligible` as
+        the queue decides (task type, all selectors). Platform-run connectors need no delegate."""
+        connected = [d for d in delegates if d.state in CONNECTED]
+        servable: dict[str, list[str]] = {d.id: [] for d in connected}
+        for row in await self.store.connectors():
+            try:
+                connector = parse_connector(row.body)
+            except ConnectorInvalid:
+                continue  # a stored row that no longer parses is tested by nobody
+            if not connector.execute_on_delegate:
+                continue
+            selectors = normalise_tags(connector.delegate_selectors)
+            for d in connected:
+                if eligible(TASK_TYPE_AWS_VALIDATE, selectors, d):
+                    servable[d.id].append(row.identifier)
+        return servable
 
     async def delete(self, identifier: str) -> None:
         if not await self.store.delete_connector(identifier):

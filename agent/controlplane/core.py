@@ -353,6 +353,14 @@ class ControlPlane:
     async def connector_record(self, row: ConnectorRow) -> ConnectorRecord:
         return await self.connectors.record(row)
 
+    async def connector_records(self) -> list[ConnectorRecord]:
+        """Every connector with its health, as ``GET /api/v1/connectors`` and the console list them."""
+        return [await self.connectors.record(row) for row in await self.store.connectors()]
+
+    async def servable_connectors(self) -> dict[str, list[str]]:
+        """For each connected delegate (by id), the connectors whose tests it may pick up (the queue's rule)."""
+        return await self.connectors.servable_by(await self.store.delegates())
+
     async def delete_connector(self, identifier: str) -> None:
         await self.connectors.delete(identifier)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import hmac
 import json
 import time
@@ -597,9 +598,29 @@ class Handlers:
             raise AuthError(
                 "missing API key (Authorization: Bearer <key> or X-API-Key)", status=401, code=Code.UNAUTHENTICATED
             )
-        raw = given.encode()
-        if not any(hmac.compare_digest(raw, k) for k in self._api_keys):
+        if self.api_key_index(given) is None:
             raise AuthError("wrong API key", status=401, code=Code.UNAUTHENTICATED)
+
+    def api_key_index(self, given: str) -> int | None:
+        """Which configured API key ``given`` is (its index), or None; every key is compared, in constant time."""
+        if not given.isascii():
+            return None
+        raw = given.encode()
+        found = None
+        for index, key in enumerate(self._api_keys):
+            if hmac.compare_digest(raw, key) and found is None:
+                found = index
+        return found
+
+    def derived_keys(self, label: bytes) -> list[bytes]:
+        """HMAC-SHA256 of ``label`` under each API key, in key order: keys for others (the console's
+        sessions) that end when the API key is removed, without the API key leaving this object."""
+        return [hmac.new(k, label, hashlib.sha256).digest() for k in self._api_keys]
+
+    @property
+    def failures(self) -> FailureLimiter:
+        """Failed authentications per address: the console's logins count in the same limiter."""
+        return self._failures
 
     # --- delegate protocol -------------------------------------------------------------------
 
@@ -670,8 +691,7 @@ class Handlers:
     # --- connectors --------------------------------------------------------------------------
 
     async def list_connectors(self, request: web.Request, body: None) -> web.Response:
-        rows = await self.cp.store.connectors()
-        return json_response(ConnectorList(connectors=[await self.cp.connector_record(r) for r in rows]))
+        return json_response(ConnectorList(connectors=await self.cp.connector_records()))
 
     async def apply_connector(self, request: web.Request, body: Any) -> web.Response:
         dry_run = _flag(request, "dryRun")
