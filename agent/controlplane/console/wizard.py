@@ -43,10 +43,12 @@ from agent.protocol.models import Problem
 
 __all__ = [
     "CONNECTIVITY_MODES",
+    "FIELD_LABELS",
     "FORM_STEPS",
     "STEPS",
     "CredentialChoice",
     "RegionGroup",
+    "Step",
     "WizardCheck",
     "WizardForm",
     "check",
@@ -99,6 +101,28 @@ _FIELD_STEP: Final[dict[str, Step]] = {
     # Problems no field of the form can fix (a kept field of an edited connector): shown above the
     # last form step, which is where they would otherwise block saving.
     "form": "connectivity",
+}
+
+#: What each form field is called on the page (the error summary links to it by this name).
+FIELD_LABELS: Final[dict[str, str]] = {
+    "name": "Name",
+    "identifier": "Identifier",
+    "description": "Description",
+    "tags": "Tags",
+    "credential_type": "Credentials",
+    "access_key_kind": "Access key kind",
+    "access_key": "Access key",
+    "secret_key_ref": "Secret key reference",
+    "session_token_ref": "Session token reference",
+    "oidc_role_arn": "IAM role ARN",
+    "oidc_audience": "Audience",
+    "cross_account": "Cross-account access",
+    "cross_account_role_arn": "Cross-account role ARN",
+    "external_id": "External ID",
+    "region": "Test region",
+    "connectivity": "Connectivity mode",
+    "selectors": "Delegate tags",
+    "form": "Other fields",
 }
 
 #: A problem's field path (its prefix, longest first) -> the form field it is shown beside.
