@@ -323,6 +323,10 @@ async def test_validation_errors_sit_beside_their_fields_in_the_apis_words(world
     assert await page.get_by_label("Secret key: secret reference").input_value() == ""
     assert SECRET_VALUE not in await page.content()  # refused, and never sent back
     await screenshot(page, "wizard-errors")
+    await page.set_viewport_size({"width": 390, "height": 844})  # a phone: nothing wider than the screen
+    assert await page.evaluate("() => document.documentElement.scrollWidth") <= 390
+    await screenshot(page, "wizard-errors-phone")
+    await page.set_viewport_size({"width": 1100, "height": 900})
     await page.get_by_label("Assume IAM Role on Delegate").check()
     await page.get_by_role("button", name="Continue").click()
     await connectivity(page, "any delegate")
