@@ -32,6 +32,7 @@ from agent.protocol.models import TestRequest
 from tests.awsfakes import ACCOUNT, Key, MotoIam, moto_api
 from tests.browser import ROOT, SETTINGS, log_in, screenshot
 from tests.conftest import AgentFactory, ControlPlaneFactory, Running
+from tests.test_console import LOW_CONTRAST_JS
 
 pytestmark = pytest.mark.browser
 
@@ -91,6 +92,12 @@ async def page(world: World, browser: Any) -> Any:
     page = await browser.new_page(viewport={"width": 1100, "height": 900})
     await log_in(page, world.url)
     return page
+
+
+async def shot(page: Any, name: str) -> None:
+    """A screenshot kept as an artifact, of a page whose every text is at WCAG AA contrast."""
+    await screenshot(page, name)
+    assert await page.evaluate(LOW_CONTRAST_JS) == [], f"text below 4.5:1 contrast on {name}"
 
 
 # --- walking the wizard, as a person does ----------------------------------------------------------
@@ -162,7 +169,7 @@ async def test_an_access_key_connector_from_overview_to_finish(world: World, pag
         await page.get_by_label("Name", exact=True).fill("Prod account 1")
     await expect(page.get_by_label("Identifier")).to_have_value("prod_account")  # written by the person: kept
     await page.get_by_label("Tags (optional)").fill("env:prod, team:platform")
-    await screenshot(page, "wizard-overview")
+    await shot(page, "wizard-overview")
     await page.get_by_role("button", name="Continue").click()
     await expect_step(page, "Credentials")
     assert await page.get_by_label("Test region").input_value() == "us-east-1"  # preselected
@@ -171,7 +178,7 @@ async def test_an_access_key_connector_from_overview_to_finish(world: World, pag
     await page.get_by_label("AWS Access Key", exact=True).check()
     await page.get_by_label("Access key", exact=True).fill(world.key.access_key)
     await page.get_by_label("Secret key: secret reference").fill("account.aws_secret")
-    await screenshot(page, "wizard-credentials")
+    await shot(page, "wizard-credentials")
     await page.get_by_role("button", name="Continue").click()
     await expect_step(page, "Connectivity mode")
     # The delegates that would test it, updated while typing the tags.
@@ -183,7 +190,7 @@ async def test_an_access_key_connector_from_overview_to_finish(world: World, pag
     await page.get_by_label("Delegate tags", exact=True).fill("eks prod")
     await page.locator("#matching li", has_text="eks-1").wait_for()
     assert await page.locator("#matching li").all_inner_texts() == ["eks-1"]
-    await screenshot(page, "wizard-connectivity")
+    await shot(page, "wizard-connectivity")
     # View YAML: the Harness document of what was entered.
     await page.get_by_role("button", name="View YAML").click()
     document = _yaml.load(await page.locator("#yaml").inner_text())
@@ -197,12 +204,12 @@ async def test_an_access_key_connector_from_overview_to_finish(world: World, pag
     assert shown["identity-arn"] == world.key.arn and shown["identity-account"] == ACCOUNT
     if os.environ.get("UPDATE_README_IMAGES") == "1":  # not on every run: the file is committed
         await page.screenshot(path=str(README_IMAGE))
-    await screenshot(page, "wizard-test-success")
+    await shot(page, "wizard-test-success")
     assert world.key.secret_key not in await page.content()
     stored = await world.stored("prod_account")
     assert stored == parse_connector(document).to_document()
     await finish(page, world, "Prod account 1")
-    await screenshot(page, "wizard-finish-list")
+    await shot(page, "wizard-finish-list")
 
 
 async def test_assume_role_on_delegate_and_irsa(world: World, page: Any, tmp_path: Path) -> None:
@@ -219,7 +226,7 @@ async def test_assume_role_on_delegate_and_irsa(world: World, page: Any, tmp_pat
     await connectivity(page, "delegates with all of these tags", "vm")
     shown = await save_and_test(page)
     assert (shown["status"], shown["executing_on"], shown["identity-arn"]) == ("SUCCESS", "vm-1", keys.arn)
-    await screenshot(page, "wizard-test-inherit")
+    await shot(page, "wizard-test-inherit")
 
     await page.goto(f"{world.url}/console/connectors/new")
     await overview(page, "Irsa")
@@ -228,7 +235,7 @@ async def test_assume_role_on_delegate_and_irsa(world: World, page: Any, tmp_pat
     shown = await save_and_test(page)
     assert (shown["status"], shown["executing_on"]) == ("SUCCESS", "k8s-1")
     assert shown["identity-arn"].startswith(f"arn:aws:sts::{ACCOUNT}:assumed-role/delegate-irsa/")
-    await screenshot(page, "wizard-test-irsa")
+    await shot(page, "wizard-test-irsa")
     await finish(page, world, "Irsa")
     assert await page.locator("tbody tr", has_text="Inherit").count() == 1
 
@@ -258,7 +265,7 @@ async def test_through_the_platform_with_a_gov_cloud_region_refused(world: World
     assert shown["identity-arn"] == world.key.arn
     stored = await world.stored("Platform")
     assert stored["connector"]["spec"]["executeOnDelegate"] is False
-    await screenshot(page, "wizard-test-platform")
+    await shot(page, "wizard-test-platform")
 
 
 async def test_a_failing_test_shows_step_code_and_hint_and_edit_credentials_fixes_it(world: World, page: Any) -> None:
@@ -278,7 +285,7 @@ async def test_a_failing_test_shows_step_code_and_hint_and_edit_credentials_fixe
     assert shown["aws-error-code"] == "SignatureDoesNotMatch"
     assert "account.stale_secret" in shown["failure-hint"]
     assert await page.locator(".test-steps .st-failure").count() == 1
-    await screenshot(page, "wizard-test-failure")
+    await shot(page, "wizard-test-failure")
     assert "definitely-not-the-secret-key" not in await page.content()
 
     await page.get_by_role("link", name="Edit credentials").click()
@@ -322,10 +329,10 @@ async def test_validation_errors_sit_beside_their_fields_in_the_apis_words(world
     assert await page.locator("#f-secret_key_ref-error").inner_text() == expected
     assert await page.get_by_label("Secret key: secret reference").input_value() == ""
     assert SECRET_VALUE not in await page.content()  # refused, and never sent back
-    await screenshot(page, "wizard-errors")
+    await shot(page, "wizard-errors")
     await page.set_viewport_size({"width": 390, "height": 844})  # a phone: nothing wider than the screen
     assert await page.evaluate("() => document.documentElement.scrollWidth") <= 390
-    await screenshot(page, "wizard-errors-phone")
+    await shot(page, "wizard-errors-phone")
     await page.set_viewport_size({"width": 1100, "height": 900})
     await page.get_by_label("Assume IAM Role on Delegate").check()
     await page.get_by_role("button", name="Continue").click()
