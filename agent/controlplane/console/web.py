@@ -21,6 +21,7 @@ from agent.controlplane.console import pages, render
 from agent.controlplane.console.security import HOME, ConsoleRefusal, add_headers, is_console_path, safe_next, see_other
 from agent.controlplane.console.session import COOKIE, LOGIN_COOKIE, SESSION_LABEL, SESSION_SECONDS, Session, Sessions
 from agent.controlplane.console.session import same_token as _same_token
+from agent.controlplane.console.wizard_pages import add_wizard_pages
 from agent.controlplane.core import ApiFailure, ts
 from agent.controlplane.routes import Handlers
 from agent.controlplane.store import RowDamaged, StoreUnavailable
@@ -58,6 +59,7 @@ class Console:
         r.add_post("/console/login", self.login, name="console_login")
         r.add_post("/console/logout", self.guard(self.logout, post=True), name="console_logout")
         r.add_get("/console/static/{name}", self.static, name="console_static")
+        add_wizard_pages(self, app)  # first: /console/connectors/new is the wizard, not a connector
         pages.add_pages(self, app)
 
     @property
