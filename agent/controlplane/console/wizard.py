@@ -48,9 +48,9 @@ __all__ = [
     "STEPS",
     "CredentialChoice",
     "RegionGroup",
-    "Step",
     "WizardCheck",
     "WizardForm",
+    "WizardStep",
     "check",
     "credential_choices",
     "field_for_problem",
@@ -59,9 +59,9 @@ __all__ = [
     "to_yaml",
 ]
 
-Step = Literal["overview", "credentials", "connectivity", "test", "finish"]
+WizardStep = Literal["overview", "credentials", "connectivity", "test", "finish"]
 #: The seed's steps, in order, with their titles.
-STEPS: Final[tuple[tuple[Step, str], ...]] = (
+STEPS: Final[tuple[tuple[WizardStep, str], ...]] = (
     ("overview", "Overview"),
     ("credentials", "Credentials"),
     ("connectivity", "Connectivity mode"),
@@ -69,7 +69,7 @@ STEPS: Final[tuple[tuple[Step, str], ...]] = (
     ("finish", "Finish"),
 )
 #: The steps that are forms (the rest show what the control plane did).
-FORM_STEPS: Final[tuple[Step, ...]] = ("overview", "credentials", "connectivity")
+FORM_STEPS: Final[tuple[WizardStep, ...]] = ("overview", "credentials", "connectivity")
 
 ConnectivityMode = Literal["platform", "any", "tags"]
 #: How a connector is tested: (value, label).
@@ -80,7 +80,7 @@ CONNECTIVITY_MODES: Final[tuple[tuple[ConnectivityMode, str], ...]] = (
 )
 
 #: Which step shows each form field (and so which step a problem of that field blocks).
-_FIELD_STEP: Final[dict[str, Step]] = {
+_FIELD_STEP: Final[dict[str, WizardStep]] = {
     "name": "overview",
     "identifier": "overview",
     "description": "overview",
@@ -161,11 +161,11 @@ def field_for_problem(path: str) -> str:
     return "form"
 
 
-def step_of(field_name: str) -> Step:
+def step_of(field_name: str) -> WizardStep:
     return _FIELD_STEP.get(field_name, "connectivity")
 
 
-def _step_index(step: Step) -> int:
+def _step_index(step: WizardStep) -> int:
     return [s for s, _ in STEPS].index(step)
 
 
@@ -291,7 +291,7 @@ class WizardForm:
     def with_values(self, **values: str) -> WizardForm:
         return dataclasses.replace(self, **values)
 
-    def hidden(self, *, except_step: Step | None = None) -> list[tuple[str, str]]:
+    def hidden(self, *, except_step: WizardStep | None = None) -> list[tuple[str, str]]:
         """(name, value) of every field not shown on ``except_step``: the state the page carries."""
         return [
             (name, getattr(self, name))
@@ -424,12 +424,12 @@ class WizardCheck:
         return not self.errors
 
     @property
-    def first_step_with_errors(self) -> Step | None:
+    def first_step_with_errors(self) -> WizardStep | None:
         steps = sorted(_step_index(step_of(f)) for f in self.errors)
         return STEPS[steps[0]][0] if steps else None
 
 
-def check(form: WizardForm, upto: Step, base: Mapping[str, Any] | None = None) -> WizardCheck:
+def check(form: WizardForm, upto: WizardStep, base: Mapping[str, Any] | None = None) -> WizardCheck:
     """Check the form's document with the API's parser, keeping the problems of steps up to ``upto``.
 
     A later step's problems (a secret key not yet given while on Overview) do not block an earlier
@@ -473,6 +473,6 @@ def to_yaml(document: Mapping[str, Any]) -> str:
     return str(yaml.safe_dump(dict(document), sort_keys=False, default_flow_style=False, allow_unicode=True))
 
 
-def steps_done(upto: Step) -> Iterable[Step]:
+def steps_done(upto: WizardStep) -> Iterable[WizardStep]:
     """The steps before ``upto`` (the indicator marks them done)."""
     return [s for s, _ in STEPS][: _step_index(upto)]

@@ -21,9 +21,9 @@ from aiohttp import web
 
 from agent.aws.connector import ConnectorInvalid, derive_identifier
 from agent.controlplane.console import wizard
-from agent.controlplane.console.security import Refusal, see_other
+from agent.controlplane.console.security import ConsoleRefusal, see_other
 from agent.controlplane.console.session import Session
-from agent.controlplane.console.wizard import FORM_STEPS, Step, WizardCheck, WizardForm
+from agent.controlplane.console.wizard import FORM_STEPS, WizardCheck, WizardForm, WizardStep
 from agent.controlplane.core import CONNECTED, ApiFailure, describe_tags, normalise_tags
 from agent.controlplane.store import TaskRow, eligible
 from agent.protocol.models import TASK_TYPE_AWS_VALIDATE, TestRequest
@@ -81,7 +81,7 @@ class _Flow:
 class _Page:
     """What a form step's page shows."""
 
-    step: Step
+    step: WizardStep
     form: WizardForm
     errors: dict[str, list[str]] = field(default_factory=dict)
     yaml: str | None = None
@@ -105,7 +105,7 @@ class _Pages:
         try:
             form = WizardForm.from_document(flow.base)
         except ConnectorInvalid as exc:
-            raise Refusal(
+            raise ConsoleRefusal(
                 409,
                 "This connector cannot be edited here",
                 f"The stored connector no longer passes the checks ({exc}); apply a corrected document "
@@ -281,7 +281,7 @@ class _Pages:
         )
 
 
-def _form_step(value: object) -> Step:
+def _form_step(value: object) -> WizardStep:
     """The form step a request names (Overview for anything else)."""
     for step in FORM_STEPS:
         if value == step:
