@@ -82,6 +82,10 @@ def test_keep_running_prints_urls_and_stops_cleanly_on_ctrl_c(tmp_path: Path) ->
             )
             with urllib.request.urlopen(status_url, timeout=10) as resp:
                 assert json.loads(resp.read())["state"] == "running"
+            console_url = next(w for line in lines if "web console" in line for w in line.split() if "/console/" in w)
+            with urllib.request.urlopen(console_url, timeout=10) as resp:  # to the login page
+                page = resp.read().decode()
+                assert resp.status == 200 and "/console/login" in resp.url and "API key" in page
             connector_file = next(
                 w for line in lines if "connector apply -f" in line for w in line.split() if w.endswith(".yaml")
             )

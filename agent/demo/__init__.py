@@ -376,6 +376,7 @@ class Demo:
         me = "delegate-agent"
         self.say("")
         self.say("The stack keeps running. Try it by hand (Ctrl-C stops everything):")
+        self.say(f"  web console     {cp.url}/console/   (log in with the API key: cat {key_file})")
         self.say(f"  control plane   {cp.url}   (OpenAPI: {cp.url}/openapi.json)")
         for d in self.delegates:
             self.say(f"  {d.name:<15} {d.http}/status   {d.http}/metrics   log: {d.log}")
@@ -392,6 +393,12 @@ class Demo:
         self.say(
             f"  AWS_ENDPOINT_URL={aws_url} {me} validate -f {connectors / 'aws_access_key.yaml'} "
             f"--secrets-dir {self.dir / 'eks-prod-0' / 'secrets'}"
+        )
+        self.say("")
+        self.say("In the web console, New connector walks Harness's wizard; one that works here:")
+        self.say(
+            f"  AWS Access Key: access key {self._seeded.deployer_key}, secret key reference "
+            "account.deployer_secret_key; delegates with the tag eks; Save and Continue runs the test"
         )
         secret = self.dir / "eks-prod-0" / "secrets" / "deployer_secret_key"
         self.say("")
