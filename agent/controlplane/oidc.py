@@ -24,6 +24,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -86,7 +87,31 @@ def check_issuer(url: str) -> str:
             f"--oidc-issuer {url!r} has a port: AWS IAM identity providers take none; give the public URL of the "
             "ingress in front of the control plane (port 443)"
         )
-    return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+    if not parts.netloc.isascii() or parts.netloc != parts.netloc.lower():
+        # ``iss`` is compared as a string: one canonical spelling, the same in the IAM provider.
+        raise OidcConfigError(
+            f"--oidc-issuer {url!r}: write the host in lowercase ASCII ({_canonical_host(host)!r}), "
+            "and the same in the IAM identity provider: AWS compares the token's issuer as a string"
+        )
+    path = parts.path.rstrip("/")
+    if path and (not _ISSUER_PATH_RE.fullmatch(path) or any(s in ("", ".", "..") for s in path.split("/")[1:])):
+        # A route is made of this path: a brace is a route pattern, and '..', '//' or an escape is
+        # normalised by HTTP clients, so AWS would fetch a URL the route does not serve.
+        raise OidcConfigError(
+            f"--oidc-issuer {url!r}: the path may hold only letters, digits and '-', '.', '_', '~' between "
+            "single slashes (no '..', no escapes), e.g. https://cp.example.com/oidc"
+        )
+    return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+_ISSUER_PATH_RE = re.compile(r"(?:/[A-Za-z0-9._~-]*)+")
+
+
+def _canonical_host(host: str) -> str:
+    try:
+        return host.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return host.lower()
 
 
 def _is_loopback_ip(host: str) -> bool:
