@@ -7,15 +7,30 @@ Each test is one attack; the ones named for a defect failed before the fix that 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import aiohttp
+import jwt
 import pytest
 
 from agent.cli import main
 from agent.controlplane.app import ControlPlaneConfig, ControlPlaneService, CredentialsError
+from agent.controlplane.oidc import rotate_key_file
+from agent.protocol.models import AcquireRequest, TestRequest
+from tests.conftest import ControlPlaneFactory, delegate_client, free_port, register_request
+from tests.helpers import wait_until
 from tests.test_oidc_e2e import World, connector, sts_clock, world  # noqa: F401 - fixtures
+from tests.test_oidc_issuer import oidc_connector
 
 pytestmark = pytest.mark.attacks
+
+
+def _damage_a_key(path: Path) -> None:
+    """Valid JSON, the right shape, but a key that cannot sign (its modulus gone)."""
+    body = json.loads(path.read_text())
+    body["keys"][-1]["jwk"]["n"] = "AAAA"
+    path.write_text(json.dumps(body))
 
 
 # --- operator mistakes ---------------------------------------------------------------------------
@@ -65,3 +80,71 @@ def test_a_key_file_without_issuer_or_a_database_without_key_file_is_one_line(
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert "--oidc-key-file" in err
+
+
+async def test_a_key_file_holding_a_key_that_cannot_sign_stops_the_start(tmp_path: Path) -> None:
+    """Defect: only the JSON's shape was checked, so the control plane started and then failed every OIDC
+    hand-out (and, with them, the whole acquire batch) with a 500."""
+    keys = tmp_path / "oidc-keys.json"
+    rotate_key_file(keys, immediately=True)
+    _damage_a_key(keys)
+    data = tmp_path / "cp"
+    data.mkdir(mode=0o700)
+    config = ControlPlaneConfig(data_dir=data, oidc_issuer="http://127.0.0.1:9/oidc", oidc_key_file=keys)
+    service = ControlPlaneService(config)
+    try:
+        with pytest.raises(CredentialsError, match=r"oidc-keys\.json: the OIDC key file is damaged \(key .* usable"):
+            await service.setup()
+    finally:
+        await service.shutdown()
+
+
+async def test_a_key_damaged_or_replaced_by_a_directory_while_running_keeps_tokens_flowing(
+    control_plane_factory: ControlPlaneFactory, http: aiohttp.ClientSession, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Defect (same fix): a damaged key read while running replaced the good ones, and every hand-out failed."""
+    port = free_port()
+    issuer = f"http://127.0.0.1:{port}/oidc"
+    cp = await control_plane_factory(port=port, oidc_issuer=issuer)
+    assert cp.oidc is not None and cp.oidc.key_file is not None
+    keys = cp.oidc.key_file
+    good = keys.read_text()
+    client = delegate_client(http, cp.url)
+    d = await client.register(register_request("alpha"))
+    logs: list[str] = []
+
+    async def logged(event: str) -> bool:
+        await jwks_kids()  # the key file is looked at when the keys are used
+        logs.append(capfd.readouterr().err)
+        return any(event in text for text in logs)
+
+    async def a_token_now(name: str) -> str:
+        await cp.core.apply_connector(oidc_connector(name))
+        await cp.core.test_connector(name, TestRequest(wait_seconds=0))
+        [task] = (await client.acquire(d.delegate_id, AcquireRequest(max_tasks=1, wait_seconds=5))).tasks
+        assert task.oidc_token is not None
+        return task.oidc_token
+
+    async def jwks_kids() -> set[str]:
+        async with http.get(issuer + "/.well-known/jwks.json") as resp:
+            assert resp.status == 200
+            return {k["kid"] for k in (await resp.json())["keys"]}
+
+    before = await jwks_kids()
+    for damage in ("damaged", "directory"):
+        if damage == "damaged":
+            rotate_key_file(keys, immediately=True)
+            _damage_a_key(keys)
+        else:
+            keys.unlink()
+            keys.mkdir()
+        await wait_until(lambda: logged("controlplane.oidc_keys_unreadable"), "the problem to be logged")
+        token = await a_token_now(f"Round_{damage}")
+        assert jwt.get_unverified_header(token)["kid"] in before
+        assert await jwks_kids() == before
+        if damage == "directory":
+            keys.rmdir()
+        keys.write_text(good)
+        logs.clear()
+        await wait_until(lambda: logged("controlplane.oidc_keys_reloaded"), "the good file to be re-read")
+        logs.clear()

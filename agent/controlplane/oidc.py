@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import os
 import re
 import time
@@ -35,6 +36,7 @@ from urllib.parse import urlsplit
 
 import structlog
 from joserfc import jwt
+from joserfc.errors import JoseError
 from joserfc.jwk import RSAKey
 
 from agent.aws.connector import AwsConnector, ConnectorInvalid, parse_connector
@@ -198,6 +200,15 @@ def parse_key_file(text: str, source: str) -> KeyRing:
             jwk, active_from = entry["jwk"], float(entry["activeFrom"])
             if not isinstance(jwk, dict) or jwk.get("kty") != "RSA" or "d" not in jwk or not jwk.get("kid"):
                 raise ValueError("each key must be a private RSA JWK with a kid")
+            if not math.isfinite(active_from):
+                raise ValueError(f"key {jwk['kid']}: activeFrom must be a time in seconds")
+            try:
+                # Imported now, not at the first hand-out: a damaged key would fail every OIDC task instead.
+                RSAKey.import_key(jwk)
+            except (ValueError, JoseError) as exc:
+                raise ValueError(
+                    f"key {jwk['kid']} is not a usable RSA key: {str(exc) or type(exc).__name__}"
+                ) from None
             keys.append(SigningKey(jwk=jwk, active_from=active_from))
     except (ValueError, KeyError, TypeError) as exc:
         raise OidcConfigError(f"{source}: the OIDC key file is damaged ({exc}); restore it from a backup") from None
