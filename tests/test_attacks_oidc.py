@@ -18,7 +18,7 @@ from agent.cli import main
 from agent.controlplane.app import ControlPlaneConfig, ControlPlaneService, CredentialsError
 from agent.controlplane.oidc import rotate_key_file
 from agent.protocol.models import AcquireRequest, TestRequest
-from tests.conftest import ControlPlaneFactory, delegate_client, free_port, register_request
+from tests.conftest import API_KEY, ControlPlaneFactory, delegate_client, free_port, register_request
 from tests.helpers import wait_until
 from tests.test_oidc_e2e import World, connector, sts_clock, world  # noqa: F401 - fixtures
 from tests.test_oidc_issuer import oidc_connector
@@ -148,3 +148,46 @@ async def test_a_key_damaged_or_replaced_by_a_directory_while_running_keeps_toke
         logs.clear()
         await wait_until(lambda: logged("controlplane.oidc_keys_reloaded"), "the good file to be re-read")
         logs.clear()
+
+
+# --- forging, misrouting and replay --------------------------------------------------------------
+
+
+async def test_a_token_goes_only_with_a_connector_validation(
+    control_plane_factory: ControlPlaneFactory, http: aiohttp.ClientSession
+) -> None:
+    """Defect: an API key holder queues a ``test.echo`` (or any plugin type) whose payload carries an OIDC
+    connector; the hand-out carried a live token to a handler that never exchanges it."""
+    port = free_port()
+    cp = await control_plane_factory(port=port, oidc_issuer=f"http://127.0.0.1:{port}/oidc")
+    client = delegate_client(http, cp.url)
+    d = await client.register(register_request("alpha"))
+    body = {"type": "test.echo", "payload": {"connector": oidc_connector()}}
+    async with http.post(cp.url + "/api/v1/tasks", json=body, headers={"X-API-Key": API_KEY}) as resp:
+        assert resp.status in (200, 201), await resp.text()
+    [task] = (await client.acquire(d.delegate_id, AcquireRequest(max_tasks=1, wait_seconds=5))).tasks
+    assert task.type == "test.echo"
+    assert task.oidc_token is None
+
+
+async def test_a_scoped_delegate_gets_no_token_for_a_connector_outside_its_tags(
+    control_plane_factory: ControlPlaneFactory, http: aiohttp.ClientSession
+) -> None:
+    """Held: the token is minted at hand-out, and a hand-out respects selectors and the token's scope."""
+    port = free_port()
+    token = "team-lab-token-0123456789abcdef"
+    cp = await control_plane_factory(
+        port=port, oidc_issuer=f"http://127.0.0.1:{port}/oidc", tokens=f"lab:{token} names=lab-* tags=lab"
+    )
+    doc = oidc_connector("Prod")
+    doc["connector"]["spec"]["delegateSelectors"] = ["prod"]
+    await cp.core.apply_connector(doc)
+    client = delegate_client(http, cp.url, token=token)
+    from agent.protocol.errors import AuthError
+
+    with pytest.raises(AuthError):  # the scope refuses the tag that would match
+        await client.register(register_request("lab-1", tags=["prod"]))
+    d = await client.register(register_request("lab-1", tags=["lab"]))
+    await cp.core.test_connector("Prod", TestRequest(wait_seconds=0))
+    got = await client.acquire(d.delegate_id, AcquireRequest(max_tasks=5, wait_seconds=0))
+    assert got.tasks == []

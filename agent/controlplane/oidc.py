@@ -41,6 +41,7 @@ from joserfc.jwk import RSAKey
 
 from agent.aws.connector import AwsConnector, ConnectorInvalid, parse_connector
 from agent.controlplane.store.base import TaskRow
+from agent.protocol.models import TASK_TYPE_AWS_VALIDATE
 
 log = structlog.get_logger("controlplane.oidc")
 
@@ -400,7 +401,9 @@ class TaskTokens:
         self.issuer = issuer
 
     def __call__(self, row: TaskRow, delegate_id: str) -> str | None:
-        if self.issuer is None or not _is_oidc(row.payload.get("connector")):
+        # Only the validation exchanges it: any other task type (``POST /api/v1/tasks`` queues any) whose
+        # payload carries an OIDC connector would hand a bearer token to a handler that has no use for it.
+        if self.issuer is None or row.type != TASK_TYPE_AWS_VALIDATE or not _is_oidc(row.payload.get("connector")):
             return None
         try:
             connector = parse_connector(row.payload["connector"])
