@@ -8,7 +8,9 @@ Each test is one attack; the ones named for a defect failed before the fix that 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import jwt
@@ -17,13 +19,20 @@ import pytest
 from agent.cli import main
 from agent.controlplane.app import ControlPlaneConfig, ControlPlaneService, CredentialsError
 from agent.controlplane.oidc import rotate_key_file
+from agent.observability.logging import configure_logging
 from agent.protocol.models import AcquireRequest, TestRequest
+from tests import test_oidc_e2e
+from tests.awsfakes import ACCOUNT
 from tests.conftest import API_KEY, ControlPlaneFactory, delegate_client, free_port, register_request
 from tests.helpers import wait_until
-from tests.test_oidc_e2e import World, connector, sts_clock, world  # noqa: F401 - fixtures
+from tests.test_oidc_e2e import World, connector
 from tests.test_oidc_issuer import oidc_connector
 
 pytestmark = pytest.mark.attacks
+
+#: The e2e module's fixtures: the real control plane, delegate and STS stand-in.
+world = test_oidc_e2e.world
+sts_clock = test_oidc_e2e.sts_clock
 
 
 def _damage_a_key(path: Path) -> None:
@@ -191,3 +200,54 @@ async def test_a_scoped_delegate_gets_no_token_for_a_connector_outside_its_tags(
     await cp.core.test_connector("Prod", TestRequest(wait_seconds=0))
     got = await client.acquire(d.delegate_id, AcquireRequest(max_tasks=5, wait_seconds=0))
     assert got.tasks == []
+
+
+# --- leaks ---------------------------------------------------------------------------------------
+
+
+async def test_at_debug_level_no_token_or_private_key_reaches_logs_files_or_any_endpoint(
+    world: World, capfd: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Held. Success, a denied exchange and platform mode at ``debug``; then every place looked at,
+    including the delegate's JSON state files and the control plane's fd-level log output (the e2e
+    canary reads capsys, which the JSON logs on sys.__stderr__ bypass)."""
+    configure_logging(fmt="json", level="debug", stream=sys.__stderr__)
+    arn = f"arn:aws:iam::{ACCOUNT}:role/oidc-prod"
+    await world.cp.core.apply_connector(connector("Prod", arn))
+    await world.cp.core.apply_connector(connector("Staging", arn))  # denied: its sub is not trusted
+    await world.cp.core.apply_connector(connector("Plat", arn, executeOnDelegate=False))
+    views = [await world.test(name) for name in ("Prod", "Staging", "Plat")]
+    assert [v["status"] for v in views] == ["SUCCESS", "FAILURE", "FAILURE"]
+    assert len(world.minted) >= 2
+    assert world.cp.oidc is not None and world.cp.oidc.key_file is not None
+    private = [k["jwk"][p] for k in json.loads(world.cp.oidc.key_file.read_text())["keys"] for p in ("d", "p", "q")]
+    seen = {
+        "logs": capfd.readouterr().err,
+        "results": json.dumps(views),
+        "tasks list": json.dumps(await _get(world, "/api/v1/tasks")),
+        "delegates": json.dumps(await _get(world, "/api/v1/delegates")),
+        "metrics": await _text(world.cp.url + "/metrics"),
+        "info": await _text(world.cp.url + "/v1/info"),
+        "openapi": await _text(world.cp.url + "/openapi.json"),
+        "jwks": await _text(world.cloud.issuer + "/.well-known/jwks.json"),
+        "discovery": await _text(world.cloud.issuer + "/.well-known/openid-configuration"),
+        "files": b"".join(
+            p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p != world.cp.oidc.key_file
+        ).decode("latin-1"),
+    }
+    assert "task.finished" in seen["logs"]  # the logs were captured: the check below can fail
+    for where, text in seen.items():
+        for token in world.minted:
+            assert token.rsplit(".", 1)[1] not in text, f"a token leaked into the {where}"
+        for secret in private:
+            assert secret not in text, f"the private key leaked into the {where}"
+
+
+async def _text(url: str) -> str:
+    async with aiohttp.ClientSession() as http, http.get(url, headers={"X-API-Key": API_KEY}) as resp:
+        assert resp.status == 200, url
+        return await resp.text()
+
+
+async def _get(w: World, path: str) -> Any:
+    return json.loads(await _text(w.cp.url + path))
