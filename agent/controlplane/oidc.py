@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import math
 import os
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -34,10 +36,12 @@ from urllib.parse import urlsplit
 
 import structlog
 from joserfc import jwt
+from joserfc.errors import JoseError
 from joserfc.jwk import RSAKey
 
 from agent.aws.connector import AwsConnector, ConnectorInvalid, parse_connector
 from agent.controlplane.store.base import TaskRow
+from agent.protocol.models import TASK_TYPE_AWS_VALIDATE
 
 log = structlog.get_logger("controlplane.oidc")
 
@@ -86,7 +90,31 @@ def check_issuer(url: str) -> str:
             f"--oidc-issuer {url!r} has a port: AWS IAM identity providers take none; give the public URL of the "
             "ingress in front of the control plane (port 443)"
         )
-    return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+    if not parts.netloc.isascii() or parts.netloc != parts.netloc.lower():
+        # ``iss`` is compared as a string: one canonical spelling, the same in the IAM provider.
+        raise OidcConfigError(
+            f"--oidc-issuer {url!r}: write the host in lowercase ASCII ({_canonical_host(host)!r}), "
+            "and the same in the IAM identity provider: AWS compares the token's issuer as a string"
+        )
+    path = parts.path.rstrip("/")
+    if path and (not _ISSUER_PATH_RE.fullmatch(path) or any(s in ("", ".", "..") for s in path.split("/")[1:])):
+        # A route is made of this path: a brace is a route pattern, and '..', '//' or an escape is
+        # normalised by HTTP clients, so AWS would fetch a URL the route does not serve.
+        raise OidcConfigError(
+            f"--oidc-issuer {url!r}: the path may hold only letters, digits and '-', '.', '_', '~' between "
+            "single slashes (no '..', no escapes), e.g. https://cp.example.com/oidc"
+        )
+    return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+_ISSUER_PATH_RE = re.compile(r"(?:/[A-Za-z0-9._~-]*)+")
+
+
+def _canonical_host(host: str) -> str:
+    try:
+        return host.encode("idna").decode("ascii").lower()
+    except UnicodeError:
+        return host.lower()
 
 
 def _is_loopback_ip(host: str) -> bool:
@@ -173,6 +201,15 @@ def parse_key_file(text: str, source: str) -> KeyRing:
             jwk, active_from = entry["jwk"], float(entry["activeFrom"])
             if not isinstance(jwk, dict) or jwk.get("kty") != "RSA" or "d" not in jwk or not jwk.get("kid"):
                 raise ValueError("each key must be a private RSA JWK with a kid")
+            if not math.isfinite(active_from):
+                raise ValueError(f"key {jwk['kid']}: activeFrom must be a time in seconds")
+            try:
+                # Imported now, not at the first hand-out: a damaged key would fail every OIDC task instead.
+                RSAKey.import_key(jwk)
+            except (ValueError, JoseError) as exc:
+                raise ValueError(
+                    f"key {jwk['kid']} is not a usable RSA key: {str(exc) or type(exc).__name__}"
+                ) from None
             keys.append(SigningKey(jwk=jwk, active_from=active_from))
     except (ValueError, KeyError, TypeError) as exc:
         raise OidcConfigError(f"{source}: the OIDC key file is damaged ({exc}); restore it from a backup") from None
@@ -364,7 +401,9 @@ class TaskTokens:
         self.issuer = issuer
 
     def __call__(self, row: TaskRow, delegate_id: str) -> str | None:
-        if self.issuer is None or not _is_oidc(row.payload.get("connector")):
+        # Only the validation exchanges it: any other task type (``POST /api/v1/tasks`` queues any) whose
+        # payload carries an OIDC connector would hand a bearer token to a handler that has no use for it.
+        if self.issuer is None or row.type != TASK_TYPE_AWS_VALIDATE or not _is_oidc(row.payload.get("connector")):
             return None
         try:
             connector = parse_connector(row.payload["connector"])
