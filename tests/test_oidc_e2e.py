@@ -195,7 +195,7 @@ async def world(
 
 
 async def test_an_oidc_connector_from_harness_yaml_tests_success_through_a_delegate(
-    world: World, capsys: pytest.CaptureFixture[str], tmp_path: Path
+    world: World, capfd: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     """The done-when of issue 18, with the canary: the token is nowhere but on its way to STS."""
     yaml_doc = f"""
@@ -238,8 +238,10 @@ connector:
             task_view = await resp.text()
         async with http.get(world.cp.url + "/api/v1/connectors/Prod/history", headers={"X-API-Key": API_KEY}) as resp:
             history = await resp.text()
-    logs = capsys.readouterr()
-    files = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.suffix != ".json")
+    logs = capfd.readouterr()  # the JSON logs go to the process's stderr (fd 2), not sys.stderr
+    assert '"event":"task.finished"' in logs.err  # the check below would pass on no logs at all
+    key_files = set(tmp_path.rglob("oidc-keys.json"))
+    files = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p not in key_files)
     for token in world.minted:
         signature = token.rsplit(".", 1)[1]
         for where, text in (

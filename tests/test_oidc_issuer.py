@@ -281,3 +281,43 @@ def test_a_sub_cannot_be_forged_through_an_org_or_project_with_a_slash(field: st
     with pytest.raises(ConnectorInvalid) as caught:
         parse_connector(oidc_connector(**{field: "platform/payments"}))
     assert [p.field for p in caught.value.problems] == [f"connector.{field}"]
+
+
+def test_a_key_file_that_cannot_be_written_names_itself_not_the_data_dir(tmp_path: Path) -> None:
+    (tmp_path / "not-a-dir").write_text("")
+    issuer = OidcIssuer("https://cp.example.com", tmp_path / "not-a-dir" / "keys.json", writable=True)
+    with pytest.raises(OidcConfigError, match=r"not-a-dir/keys\.json: cannot write the OIDC key file"):
+        issuer.load()
+
+
+def test_a_key_file_others_may_read_is_warned_about(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "keys.json"
+    rotate_key_file(path, immediately=True)
+    path.chmod(0o644)
+    OidcIssuer("https://cp.example.com", path, writable=False).load()
+    err = capfd.readouterr().err
+    assert "oidc_key_file_readable_by_others" in err and "chmod 600" in err
+
+
+def test_a_rotation_the_disk_refuses_keeps_signing_and_says_so_once(
+    tmp_path: Path, clock: ManualClock, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk at rotation time: the current key signs on, one error line, no retry storm."""
+    import agent.controlplane.oidc as oidc
+
+    path = tmp_path / "keys.json"
+    issuer = OidcIssuer("https://cp.example.com", path, writable=True, key_days=1, wall=clock)
+    issuer.load()
+    capfd.readouterr()
+
+    def full(path: Path, text: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(oidc, "_write_private", full)
+    clock.advance(2 * 86400)
+    for _ in range(5):
+        assert issuer.mint({"sub": "s", "aud": "a"})
+        clock.advance(2)
+    err = capfd.readouterr().err
+    assert err.count("oidc_key_rotation_failed") == 1 and "No space left on device" in err
+    assert "oidc_keys_reloaded" not in err

@@ -247,6 +247,7 @@ class OidcIssuer:
         self._signers: dict[str, Any] = {}
         self._file_stamp: tuple[float, int] | None = None
         self._checked_at = 0.0
+        self._retry_rotation_at = 0.0
 
     @property
     def path(self) -> str:
@@ -262,14 +263,29 @@ class OidcIssuer:
         if not self.key_file.exists():
             if not self._writable:
                 raise OidcConfigError(
-                    f"{self.key_file}: no OIDC key file: create one with `delegate-agent control-plane oidc "
-                    f"rotate-key --key-file {self.key_file}` and mount it on every replica"
+                    f"{self.key_file}: no OIDC key file: create one with `delegate-agent oidc rotate-key "
+                    f"--key-file {self.key_file}` and mount it on every replica"
                 )
-            self._write(KeyRing((generate_key(now),)))
+            self._write_or_say(KeyRing((generate_key(now),)))
             return [self.key_file]
         self._read()
+        mode = self.key_file.stat().st_mode & 0o777
+        if mode & 0o077:
+            log.warning(
+                "controlplane.oidc_key_file_readable_by_others",
+                path=str(self.key_file),
+                mode=oct(mode),
+                hint=f"the file holds private keys: chmod 600 {self.key_file} (a Secret: defaultMode 0400)",
+            )
         self._rotate_if_due(now)
         return []
+
+    def _write_or_say(self, ring: KeyRing) -> None:
+        """Write at start: a directory that cannot take the file is one line naming the file, not the data dir."""
+        try:
+            self._write(ring)
+        except OSError as exc:
+            raise OidcConfigError(f"{self.key_file}: cannot write the OIDC key file: {exc.strerror or exc}") from None
 
     def _read(self) -> None:
         assert self.key_file is not None
@@ -290,9 +306,21 @@ class OidcIssuer:
 
     def _rotate_if_due(self, now: float) -> None:
         assert self._ring is not None
-        if self._writable and self._ring.newest_age(now) >= self._key_seconds:
+        if not self._writable or self._ring.newest_age(now) < self._key_seconds or now < self._retry_rotation_at:
+            return
+        try:
             self._write(self._ring.rotated(now))
-            log.info("controlplane.oidc_key_rotated", signs_from=self._ring.keys[-1].active_from)
+        except OSError as exc:
+            # The current key signs on; said once an hour, not each second a token is minted.
+            self._retry_rotation_at = now + 3600
+            log.error(
+                "controlplane.oidc_key_rotation_failed",
+                path=str(self.key_file),
+                problem=exc.strerror or str(exc),
+                keeping="the current key, which signs on; retried in an hour",
+            )
+            return
+        log.info("controlplane.oidc_key_rotated", signs_from=self._ring.keys[-1].active_from)
 
     def refresh(self) -> None:
         """Follow the key file (another replica's rotation, an updated Secret); at most once a second.
