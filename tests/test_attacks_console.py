@@ -1,0 +1,266 @@
+"""Attacks on the web console, each performed for real against a real control plane (and real or
+hostile delegates), in Debian's chromium where the browser is what matters.
+
+What an attacker controls and the console renders: a connector's name, description and tags (anyone
+who may apply one), a delegate's hostname and version (anyone holding a delegate token), a test's
+result (a compromised delegate reports what it likes: error text, hint, AWS code, identity), and
+every query parameter of a link a person is sent (``deleted``, ``q``, ``status``, ``next``). None of
+it may run as script, become a link, an htmx attribute or a style, and the CSP must not even be
+asked to block anything. Then CSRF and the session, secrets, framing and headers, and abuse of the
+wizard and the Test button.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import pytest
+from playwright.async_api import expect
+
+from agent.protocol.auth import RequestSigner, TokenSource
+from agent.protocol.models import TASK_TYPE_AWS_VALIDATE, TestRequest
+from agent.protocol.results import Failure, Identity, Step, ValidationResult
+from agent.taskapi import TaskContext
+from tests.browser import ConsoleWorld, log_in, screenshot
+from tests.conftest import TOKEN
+
+pytestmark = pytest.mark.attacks
+
+SECRET_KEY = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+
+# --- hostile text -------------------------------------------------------------------------------------
+# Each payload would, if it were parsed as HTML, leave an element whose id starts with "pwn", set
+# window.__pwned, add an htmx attribute, a javascript: link or a style. Marked so the DOM check finds it.
+
+NAME = '"><img src=x id=pwn1 onerror="window.__pwned=1"><script>window.__pwned=2</script>'
+DESCRIPTION = (
+    '</textarea></pre><a id=pwn2 href="javascript:window.__pwned=3">x</a>'
+    '<div id=pwn3 hx-get="/console/connectors" hx-trigger="load" hx-on::load="window.__pwned=4"></div>'
+    "<style id=pwn4>*{display:none}</style>{{ 7*7 }}"
+)
+TAGS = {
+    "<svg id=pwn5 onload=window.__pwned=5>": "' onmouseover='window.__pwned=6' x='",
+    'x" hx-post="/console/logout" hx-trigger="load': "</script><script>window.__pwned=7</script>",
+}
+HOSTNAME = "<img src=x id=pwn6 onerror=window.__pwned=8>"
+VERSION = '"><script id=pwn7>window.__pwned=9</script>'
+RESULT_TEXT = '<img src=x id=pwn8 onerror="window.__pwned=10">'
+QUERY = '"><svg id=pwn9 onload=window.__pwned=11>'
+
+#: Whatever the page would hold had any payload been parsed as HTML (and not shown as text).
+DOM_CHECK = """() => {
+  const found = [];
+  if (window.__pwned !== undefined) found.push("window.__pwned = " + window.__pwned);
+  for (const el of document.querySelectorAll("*")) {
+    const tag = el.tagName.toLowerCase();
+    if (el.id.startsWith("pwn")) found.push("element " + tag + "#" + el.id);
+    if (["img", "svg", "iframe", "object", "embed", "base", "style", "math"].includes(tag))
+      found.push("element " + tag);
+    if (tag === "script" && el.getAttribute("src") !== "/console/static/htmx.min.js")
+      found.push("script " + el.outerHTML.slice(0, 80));
+    if (tag === "link" && !/^\\/console\\/static\\/\\w+\\.css$/.test(el.getAttribute("href") || ""))
+      found.push("link " + el.outerHTML);
+    for (const a of el.attributes) {
+      const v = a.value.toLowerCase();
+      if (a.name.startsWith("on")) found.push("handler " + a.name + " on " + tag);
+      if (["href", "src", "action", "formaction"].includes(a.name) && !v.startsWith("/") && !v.startsWith("#"))
+        found.push(a.name + "=" + a.value + " on " + tag);
+      if (a.name.startsWith("hx-") && /pwn|__pwned|logout|load/.test(v)) found.push(a.name + "=" + a.value);
+      if (a.name.startsWith("hx-on") || a.name === "style") found.push("attribute " + a.name + " on " + tag);
+    }
+  }
+  return found;
+}"""
+
+#: Registered before any page script: every CSP violation, which must stay empty (nothing even tried).
+WATCH_CSP = """window.__violations = [];
+document.addEventListener("securitypolicyviolation",
+  (e) => window.__violations.push(e.violatedDirective + " " + e.blockedURI));"""
+
+
+class Watched:
+    """A page with what it reported: console errors, dialogs (alert), CSP violations."""
+
+    def __init__(self, page: Any) -> None:
+        self.page = page
+        self.errors: list[str] = []
+        self.dialogs: list[str] = []
+        page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: self.errors.append(str(e)))
+        page.on("dialog", self._dialog)
+
+    async def _dialog(self, dialog: Any) -> None:
+        self.dialogs.append(dialog.message)
+        await dialog.dismiss()
+
+    async def check(self, where: str, *, expect_text: str | None = None) -> None:
+        page = self.page
+        found = await page.evaluate(DOM_CHECK)
+        assert found == [], f"{where}: hostile text became markup: {found}"
+        violations = await page.evaluate("window.__violations || []")
+        assert violations == [], f"{where}: the CSP had to block something: {violations}"
+        assert self.dialogs == [], f"{where}: a dialog opened: {self.dialogs}"
+        csp = [e for e in self.errors if "Content Security Policy" in e or "Refused to" in e]
+        assert csp == [], f"{where}: {csp}"
+        if expect_text is not None:  # the attack did reach the page: as text
+            assert expect_text in await page.locator("body").inner_text(), f"{where}: {expect_text!r} not shown"
+
+
+async def watched_page(browser: Any, url: str, *, logged_in: bool = True, **options: Any) -> Watched:
+    context = await browser.new_context(**options)
+    await context.add_init_script(WATCH_CSP)
+    page = await context.new_page()
+    if logged_in:
+        await log_in(page, url)
+    return Watched(page)
+
+
+class HostileValidation:
+    """A compromised delegate's handler: reports a failure whose every text field is markup
+    (a stand-in for an AWS error message that echoes attacker text, and worse: any text at all)."""
+
+    task_type = TASK_TYPE_AWS_VALIDATE
+
+    async def warm(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+    async def __call__(self, ctx: TaskContext) -> ValidationResult:
+        return ValidationResult(
+            status="FAILURE",
+            tested_at=datetime.now(UTC),
+            delegate_name=ctx.delegate_name,
+            identity=Identity(account=RESULT_TEXT, arn=RESULT_TEXT),
+            error_summary="summary " + RESULT_TEXT,
+            steps=[Step(name="step " + RESULT_TEXT, status="FAILURE")],
+            failure=Failure(
+                step="assume " + RESULT_TEXT,
+                category="cat " + RESULT_TEXT,
+                aws_error_code="Code" + RESULT_TEXT,
+                hint="hint " + RESULT_TEXT,
+            ),
+        )
+
+
+def hostile_document(world: ConsoleWorld) -> dict[str, Any]:
+    document = world.document(NAME, selectors=("hostile",))
+    body = document["connector"]
+    body.update(identifier="hostile", description=DESCRIPTION, tags=TAGS)
+    return document
+
+
+async def register_hostile_delegate(url: str) -> None:
+    """A delegate token holder registers a delegate whose hostname and version are markup."""
+    signer = RequestSigner(TokenSource(value=TOKEN), issuer="hostile-host")
+    body = {
+        "name": "hostile-host",
+        "instanceId": "inst-hostile",
+        "tags": ["hostile-tag"],
+        "version": VERSION,
+        "taskTypes": ["other"],
+        "capacity": 1,
+        "hostname": HOSTNAME,
+    }
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(f"{url}/v1/delegates/register", json=body, headers={"Authorization": signer.header()}) as answer,
+    ):
+        assert answer.status == 200, await answer.text()
+
+
+@pytest.mark.browser
+async def test_hostile_text_everywhere_it_is_rendered_stays_text(console_world: ConsoleWorld, browser: Any) -> None:
+    world = console_world
+    url = world.url
+    await world.agent_factory(world.cp, name="hostile-1", tags=("hostile",), extra_handlers=(HostileValidation(),))
+    await register_hostile_delegate(url)
+    applied = await world.cp.core.apply_connector(hostile_document(world))
+    ident = applied.identifier
+    task = await world.cp.core.test_connector(ident, TestRequest(wait_seconds=30))
+    assert task.state == "done" and task.status == "FAILURE"
+
+    w = await watched_page(browser, url)
+    page = w.page
+    await w.check("connectors", expect_text=NAME)
+    title = await page.locator(f"#row-{ident} .status").get_attribute("title")
+    assert title is not None and RESULT_TEXT in title  # the hint, as an attribute's text
+    await page.goto(f"{url}/console/connectors/{ident}")
+    await w.check("connector page", expect_text="hint " + RESULT_TEXT)
+    yaml_text = await page.locator("pre code").inner_text()
+    assert "</textarea></pre>" in yaml_text and "<svg id=pwn5" in yaml_text  # description and tags, as text
+    await page.goto(f"{url}/console/connectors/{ident}/delete")
+    await w.check("delete page", expect_text=NAME)
+    await page.goto(f"{url}/console/delegates")
+    await w.check("delegates", expect_text=HOSTNAME)
+    assert VERSION in await page.locator("body").inner_text()
+    await page.goto(f"{url}/console/connectors/new/test/{task.id}")
+    await w.check("wizard test step", expect_text="hint " + RESULT_TEXT)
+    assert await page.locator("#aws-error-code").inner_text() == "Code" + RESULT_TEXT
+    await page.goto(f"{url}/console/connectors/{ident}/edit")
+    await w.check("edit overview", expect_text=None)
+    assert await page.get_by_label("Name", exact=True).input_value() == NAME
+    assert await page.locator("#f-description").input_value() == DESCRIPTION
+    await page.get_by_role("button", name="View YAML").click()
+    await page.locator("#yaml").wait_for()
+    await w.check("edit View YAML")
+    assert "{{ 7*7 }}" in await page.locator("#yaml").inner_text()  # not evaluated as a template either
+    await page.get_by_role("button", name="Continue").click()
+    await page.locator('.wizard-steps [aria-current="step"]', has_text="Credentials").wait_for()
+    await w.check("edit credentials")
+    hidden = await page.locator("input[type=hidden][name=tags]").input_value()
+    assert "<svg id=pwn5 onload=window.__pwned=5>" in hidden  # carried intact as a value, not markup
+
+    # Query parameters of a link someone is sent.
+    await page.goto(f"{url}/console/connectors?q={quote(QUERY)}&deleted={quote(QUERY)}")
+    await w.check("list with q and deleted")
+    assert await page.get_by_label("Name").input_value() == QUERY
+    await page.goto(f"{url}/console/connectors?status={quote(QUERY)}")
+    await w.check("status filter refused", expect_text="status must be one of")
+    await page.goto(f"{url}/console/nowhere{quote(QUERY)}")
+    await w.check("404 page")
+    # The wizard's live identifier (htmx swaps a fragment built from the typed name).
+    await page.goto(f"{url}/console/connectors/new")
+    await page.get_by_label("Name", exact=True).fill(NAME)
+    await expect(page.locator("#f-identifier-hint")).to_contain_text("Generated from the name: _")
+    await w.check("wizard identifier fragment")
+    await page.get_by_role("button", name="Continue").click()
+    await page.locator('.wizard-steps [aria-current="step"]', has_text="Credentials").wait_for()
+    await w.check("wizard credentials after a hostile name")
+    await screenshot(page, "attack-hostile-wizard")
+
+    anonymous = await watched_page(browser, url, logged_in=False)
+    await anonymous.page.goto(f"{url}/console/login?next={quote(QUERY)}")
+    await anonymous.check("login with a hostile next")
+    assert await anonymous.page.locator("input[name=next]").input_value() == "/console/connectors"
+    # The check itself finds markup when there is some (the same payloads parsed as HTML, no CSP).
+    blank = await browser.new_page()
+    await blank.set_content(NAME + DESCRIPTION + HOSTNAME)
+    assert len(await blank.evaluate(DOM_CHECK)) >= 4
+
+
+# --- htmx and identifiers -----------------------------------------------------------------------------
+
+
+@pytest.mark.browser
+async def test_a_dollar_in_the_identifier_does_not_break_the_rows_test_button(
+    console_world: ConsoleWorld, browser: Any
+) -> None:
+    """Harness identifiers may hold '$' (a name "Cost $ report" gives Cost_$_report); the row's htmx
+    target must still find the row, or Test does nothing in place."""
+    await console_world.delegate("eks-1")
+    ident = await console_world.apply("Cost $ report")
+    assert "$" in ident
+    w = await watched_page(browser, console_world.url)
+    page = w.page
+    await page.evaluate("window.marker = 'same page'")
+    row = page.locator("tbody tr", has_text="Cost $ report")
+    await row.get_by_role("button", name="Test Cost $ report").click()
+    await expect(row.locator(".status-text")).to_have_text(re.compile(r"^Success, "), timeout=20_000)
+    assert await page.evaluate("window.marker") == "same page"
+    assert not [e for e in w.errors if "querySelector" in e or "not a valid selector" in e], w.errors
