@@ -21,12 +21,13 @@ import aiohttp
 import pytest
 from playwright.async_api import expect
 
+from agent.controlplane.console.security import HEADERS
 from agent.protocol.auth import RequestSigner, TokenSource
 from agent.protocol.models import TASK_TYPE_AWS_VALIDATE, TestRequest
 from agent.protocol.results import Failure, Identity, Step, ValidationResult
 from agent.taskapi import TaskContext
 from tests.browser import ConsoleWorld, log_in, screenshot
-from tests.conftest import TOKEN
+from tests.conftest import API_KEY, TOKEN
 
 pytestmark = pytest.mark.attacks
 
@@ -264,3 +265,58 @@ async def test_a_dollar_in_the_identifier_does_not_break_the_rows_test_button(
     await expect(row.locator(".status-text")).to_have_text(re.compile(r"^Success, "), timeout=20_000)
     assert await page.evaluate("window.marker") == "same page"
     assert not [e for e in w.errors if "querySelector" in e or "not a valid selector" in e], w.errors
+
+
+# --- malformed requests and error pages ---------------------------------------------------------------
+
+
+async def _logged_in(http: aiohttp.ClientSession, url: str, key: str = API_KEY) -> str:
+    """Log in with aiohttp (no browser needed to speak HTTP); the session's CSRF token."""
+    async with http.get(f"{url}/console/login") as page:
+        token = re.search(r'name="csrf" value="([^"]+)"', await page.text())
+    assert token is not None
+    form = {"csrf": token[1], "api_key": key}
+    async with http.post(f"{url}/console/login", data=form, allow_redirects=False) as answer:
+        assert answer.status == 303, await answer.text()
+    async with http.get(f"{url}/console/connectors") as page:
+        token = re.search(r'name="csrf" value="([^"]+)"', await page.text())
+    assert token is not None
+    return token[1]
+
+
+def _console_headers(answer: aiohttp.ClientResponse, where: str) -> None:
+    for name, value in HEADERS.items():
+        assert answer.headers.get(name) == value, (where, name, answer.headers.get(name))
+
+
+async def test_a_malformed_form_is_a_400_page_with_the_headers_not_a_json_500(console_world: ConsoleWorld) -> None:
+    url = console_world.url
+    ident = await console_world.apply("Prod account")
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+        csrf = await _logged_in(http, url)
+        token = csrf.encode()
+        bodies = [
+            ("application/x-www-form-urlencoded; charset=no-such-charset", b"csrf=" + token),
+            ("application/x-www-form-urlencoded", b"csrf=" + token + b"&name=\xff\xfe"),
+            ("multipart/form-data", b"no boundary"),
+        ]
+        targets = [
+            "/console/login",
+            "/console/logout",
+            "/console/connectors/new",
+            f"/console/connectors/{ident}/edit",
+            f"/console/connectors/{ident}/delete",
+            f"/console/connectors/{ident}/test",
+        ]
+        for path in targets:
+            for content_type, body in bodies:
+                where = f"{path} {content_type} {body[-12:]!r}"
+                headers = {"Content-Type": content_type}
+                async with http.post(url + path, data=body, headers=headers, allow_redirects=False) as answer:
+                    text = await answer.text()
+                    assert answer.status in (400, 403), (where, answer.status, text[:200])
+                    assert answer.headers["Content-Type"].startswith("text/html"), where
+                    _console_headers(answer, where)
+                    assert "Traceback" not in text
+    assert await console_world.cp.store.get_connector(ident) is not None
+    assert not await console_world.cp.store.connector_testing(ident)
