@@ -12,6 +12,7 @@ wizard and the Test button.
 
 from __future__ import annotations
 
+import io
 import re
 from datetime import UTC, datetime
 from typing import Any
@@ -320,3 +321,35 @@ async def test_a_malformed_form_is_a_400_page_with_the_headers_not_a_json_500(co
                     assert "Traceback" not in text
     assert await console_world.cp.store.get_connector(ident) is not None
     assert not await console_world.cp.store.connector_testing(ident)
+
+
+async def test_every_error_status_carries_the_console_headers(
+    console_world: ConsoleWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = console_world.url
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+        await _logged_in(http, url)
+        async with http.put(f"{url}/console/connectors") as answer:
+            assert answer.status == 405
+            _console_headers(answer, "405")
+        big = io.BytesIO(b"csrf=x&name=" + b"a" * (3 * 1024 * 1024))
+        async with http.post(
+            f"{url}/console/login", data=big, headers={"Content-Type": "application/x-www-form-urlencoded"}
+        ) as answer:
+            assert answer.status == 413
+            _console_headers(answer, "413")
+        async with http.get(f"{url}/console/static/nope.js") as answer:
+            assert answer.status == 404
+            _console_headers(answer, "static 404")
+
+        async def broken() -> list[Any]:
+            raise RuntimeError("a bug with /etc/secret-path in its message")
+
+        # A stand-in for a bug in a page (nothing real fails on demand): the console's own 500 page.
+        monkeypatch.setattr(console_world.cp.core, "connector_records", broken)
+        async with http.get(f"{url}/console/connectors") as answer:
+            text = await answer.text()
+            assert answer.status == 500
+            assert answer.headers["Content-Type"].startswith("text/html")
+            _console_headers(answer, "500")
+            assert "secret-path" not in text and "Traceback" not in text

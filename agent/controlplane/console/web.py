@@ -96,6 +96,13 @@ class Console:
                 response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
             except web.HTTPException as exc:
                 response = self.error_page(request, exc.status, "Refused", exc.reason)
+            except Exception:
+                # A bug: logged with its traceback, and still a console page with the console's headers
+                # (the JSON error middleware outside would answer without them).
+                log.exception("controlplane.console.internal_error", method=request.method, path=request.path)
+                response = self.error_page(
+                    request, 500, "Internal error", "The console failed to answer; see the control plane's log."
+                )
             if response.status >= 400 and request.headers.get("HX-Request"):
                 # An htmx request that failed (a row's connector deleted meanwhile, a store fault): its
                 # error page takes the place of the page's <main>, rather than nothing happening.
