@@ -353,3 +353,50 @@ async def test_every_error_status_carries_the_console_headers(
             assert answer.headers["Content-Type"].startswith("text/html")
             _console_headers(answer, "500")
             assert "secret-path" not in text and "Traceback" not in text
+
+
+# --- secrets ------------------------------------------------------------------------------------------
+
+
+def _wizard_form(csrf: str, **fields: str) -> dict[str, str]:
+    base = {
+        "csrf": csrf,
+        "step": "credentials",
+        "action": "next",
+        "name": "Leaky",
+        "credential_type": "ManualConfig",
+        "access_key_kind": "text",
+        "access_key": "AKIAIOSFODNN7EXAMPLE",
+        "secret_key_ref": "account.aws_secret",
+        "region": "us-east-1",
+        "connectivity": "any",
+    }
+    return {**base, **fields}
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"access_key_kind": "secret", "access_key": SECRET_KEY},  # the secret key as the access key's reference
+        {"access_key": SECRET_KEY},  # as the access key ID itself
+        {"secret_key_ref": SECRET_KEY},
+        {"session_token_ref": SECRET_KEY + "FwoGZXIvYXdzEBYaDHhB3sdf9834hfsdkJHSDF8sd7f"},
+        {"secret_key_ref": "sk/" + SECRET_KEY[:20]},  # shorter than the secret-looking rule, still refused
+    ],
+    ids=["access-key-reference", "access-key-id", "secret-key-reference", "session-token-reference", "short"],
+)
+async def test_a_secret_pasted_into_the_wizard_is_never_sent_back(
+    console_world: ConsoleWorld, fields: dict[str, str]
+) -> None:
+    pasted = max(fields.values(), key=len)
+    url = console_world.url
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+        csrf = await _logged_in(http, url)
+        for action in ("next", "yaml", "back"):
+            form = _wizard_form(csrf, action=action, **fields)
+            async with http.post(f"{url}/console/connectors/new", data=form, allow_redirects=False) as answer:
+                html = await answer.text()
+            assert answer.status == 200, (action, html[:300])
+            assert pasted not in html, f"the pasted value is in the page after {action}"
+            assert pasted[:24] not in html, f"part of the pasted value is in the page after {action}"
+    assert await console_world.cp.store.get_connector("Leaky") is None
