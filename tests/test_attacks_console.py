@@ -20,9 +20,11 @@ from urllib.parse import quote
 
 import aiohttp
 import pytest
+from aiohttp import web
 from playwright.async_api import expect
+from yarl import URL as yarl_url
 
-from agent.controlplane.console.security import HEADERS
+from agent.controlplane.console.security import HEADERS, safe_next
 from agent.protocol.auth import RequestSigner, TokenSource
 from agent.protocol.models import TASK_TYPE_AWS_VALIDATE, TestRequest
 from agent.protocol.results import Failure, Identity, Step, ValidationResult
@@ -400,3 +402,158 @@ async def test_a_secret_pasted_into_the_wizard_is_never_sent_back(
             assert pasted not in html, f"the pasted value is in the page after {action}"
             assert pasted[:24] not in html, f"part of the pasted value is in the page after {action}"
     assert await console_world.cp.store.get_connector("Leaky") is None
+
+
+# --- where a login sends the browser ------------------------------------------------------------------
+
+OFF_CONSOLE_NEXTS = [
+    "//evil.example/console/",
+    "/\\evil.example/console/",
+    "/console/../api/v1/connectors",
+    "/console/%2e%2e/api/v1/connectors",
+    "/console/.%2E/api/v1/connectors",
+    "/console/%2E%2e/%2e%2e/api/v1/connectors",
+    "https:/console/",
+    "/console/\r\nSet-Cookie: a=b",
+    "/console/\t/evil.example",
+    "\\\\evil.example\\console",
+]
+
+
+@pytest.mark.parametrize("given", OFF_CONSOLE_NEXTS)
+def test_next_never_leaves_the_console(given: str) -> None:
+    assert safe_next(given) == "/console/connectors"
+
+
+@pytest.mark.browser
+async def test_after_login_the_browser_lands_inside_the_console_whatever_next_says(
+    console_world: ConsoleWorld, browser: Any
+) -> None:
+    """What the browser does with the Location matters: it resolves %2e%2e as '..' (WHATWG URL)."""
+    url = console_world.url
+    for given in ["/console/%2e%2e/api/v1/connectors", "//evil.example/console/", "/\\evil.example/"]:
+        context = await browser.new_context()
+        page = await context.new_page()
+        await page.goto(f"{url}/console/login?next={quote(given)}")
+        await page.get_by_label("API key").fill(API_KEY)
+        await page.get_by_role("button", name="Log in").click()
+        await page.wait_for_load_state()
+        assert page.url.startswith(f"{url}/console/"), (given, page.url)
+        await context.close()
+
+
+# --- CSRF and the session -----------------------------------------------------------------------------
+
+
+async def test_every_console_post_refuses_a_missing_or_foreign_token(console_world: ConsoleWorld) -> None:
+    """Each POST route the console mounts (found from the router: a new one cannot be forgotten)."""
+    url = console_world.url
+    ident = await console_world.apply("Prod account")
+    posts = sorted(
+        {
+            r.resource.canonical.replace("{identifier}", ident)
+            for r in console_world.cp.app.router.routes()
+            if r.method == "POST" and r.resource is not None and r.resource.canonical.startswith("/console/")
+        }
+    )
+    assert len(posts) >= 6, posts
+    jar = aiohttp.CookieJar(unsafe=True)
+    async with aiohttp.ClientSession(cookie_jar=jar) as victim, aiohttp.ClientSession() as attacker:
+        await _logged_in(victim, url)
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as other:
+            foreign = await _logged_in(other, url)  # a real token, of another session
+        for path in posts:
+            if path == "/console/login":
+                continue
+            for given in ({}, {"csrf": foreign}, {"csrf": ""}, {"csrf": foreign + "x"}):
+                form = {**_wizard_form("", step="connectivity", action="save", name="Forged"), **given}
+                if "csrf" not in given:
+                    del form["csrf"]
+                async with victim.post(url + path, data=form, allow_redirects=False) as answer:
+                    assert answer.status == 403, (path, given, answer.status)
+                    _console_headers(answer, path)
+            headers = {"X-CSRF-Token": foreign, "HX-Request": "true"}
+            async with victim.post(url + path, data={}, headers=headers, allow_redirects=False) as answer:
+                assert answer.status == 403, (path, "foreign header")
+            # Without a session cookie at all (a cross-site form whose SameSite=Strict cookie stayed home).
+            async with attacker.post(url + path, data={"csrf": foreign}, allow_redirects=False) as answer:
+                assert answer.status == 303 and answer.headers["Location"].startswith("/console/login"), path
+    assert await console_world.cp.store.get_connector(ident) is not None
+    assert await console_world.cp.store.get_connector("Forged") is None
+    assert not await console_world.cp.store.connector_testing(ident)
+    assert (await console_world.cp.core.connector_history(ident, 5)).entries == []
+
+
+async def test_login_issues_a_new_session_and_logout_ends_it_for_good(console_world: ConsoleWorld) -> None:
+    url = console_world.url
+    jar = aiohttp.CookieJar(unsafe=True)
+    async with aiohttp.ClientSession(cookie_jar=jar) as attacker:
+        await _logged_in(attacker, url)
+        planted = next(c.value for c in jar if c.key == "console_session")
+    # Fixation: the attacker's own valid session planted in the victim's browser before they log in.
+    victim_jar = aiohttp.CookieJar(unsafe=True)
+    async with aiohttp.ClientSession(cookie_jar=victim_jar) as victim:
+        victim_jar.update_cookies({"console_session": planted}, response_url=yarl_url(url + "/console/"))
+        async with victim.get(f"{url}/console/logout", allow_redirects=False) as answer:
+            assert answer.status == 405  # logging out is a POST with the token, never a link
+        # The login page with a session already open goes on; with a fresh login, a fresh cookie.
+        victim_jar.clear()
+        victim_jar.update_cookies({"console_session": "forged.cookie"}, response_url=yarl_url(url + "/console/"))
+        csrf = await _logged_in(victim, url)
+        mine = next(c.value for c in victim_jar if c.key == "console_session")
+        assert mine not in (planted, "forged.cookie")
+        async with victim.post(f"{url}/console/logout", data={"csrf": csrf}, allow_redirects=False) as answer:
+            assert answer.status == 303
+    # Replayed after logout on the same control plane: refused, for GET and POST alike.
+    async with aiohttp.ClientSession() as thief:
+        cookie = {"Cookie": f"console_session={mine}"}
+        async with thief.get(f"{url}/console/connectors", headers=cookie, allow_redirects=False) as answer:
+            assert answer.status == 303 and answer.headers["Location"].startswith("/console/login")
+        form = {"csrf": csrf}
+        async with thief.post(
+            f"{url}/console/connectors/new", data=form, headers=cookie, allow_redirects=False
+        ) as answer:
+            assert answer.status == 303
+    # The attacker's own session is theirs alone: still open (logging the victim out did not end it).
+    async with aiohttp.ClientSession() as attacker:
+        headers = {"Cookie": f"console_session={planted}"}
+        async with attacker.get(f"{url}/console/connectors", headers=headers, allow_redirects=False) as answer:
+            assert answer.status == 200
+
+
+# --- framing ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.browser
+async def test_no_console_page_loads_in_a_frame(console_world: ConsoleWorld, browser: Any) -> None:
+    """A page on another origin frames the console (clickjacking): the browser refuses to show it."""
+    url = console_world.url
+    context = await browser.new_context()
+    page = await context.new_page()
+    await log_in(page, url)
+    evil = web.Application()
+    frames = "".join(
+        f'<iframe src="{url}{path}" width="400" height="300"></iframe>'
+        for path in ("/console/connectors", "/console/login", "/console/nowhere", "/console/static/console.css")
+    )
+    evil.router.add_get(
+        "/", lambda _: web.Response(text=f"<html><body>{frames}</body></html>", content_type="text/html")
+    )
+    runner = web.AppRunner(evil)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        blocked: list[str] = []
+        page.on("console", lambda m: blocked.append(m.text) if "frame" in m.text.lower() else None)
+        await page.goto(f"http://127.0.0.1:{port}/")
+        await page.wait_for_load_state("load")
+        framed = [f for f in page.frames if f != page.main_frame]
+        assert len(framed) == 4
+        for frame in framed:
+            text = await frame.evaluate("document.body ? document.body.innerText : ''")
+            # The browser refused to show it (its own error page), whatever the page was: nothing of the console.
+            assert frame.url.startswith("chrome-error://"), (frame.url, text[:80])
+    finally:
+        await runner.cleanup()
