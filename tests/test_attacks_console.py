@@ -12,6 +12,7 @@ wizard and the Test button.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import re
 from datetime import UTC, datetime
@@ -557,3 +558,69 @@ async def test_no_console_page_loads_in_a_frame(console_world: ConsoleWorld, bro
             assert frame.url.startswith("chrome-error://"), (frame.url, text[:80])
     finally:
         await runner.cleanup()
+
+
+# --- abuse of the wizard and the Test button ----------------------------------------------------------
+
+
+async def test_the_wizard_holds_against_huge_out_of_order_and_overwriting_posts(console_world: ConsoleWorld) -> None:
+    url = console_world.url
+    store = console_world.cp.store
+    first = await console_world.apply("First account")
+    second = await console_world.apply("Second account")
+    before = (await store.get_connector(second)).body  # type: ignore[union-attr]
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+        csrf = await _logged_in(http, url)
+
+        async def post(path: str, **fields: str) -> tuple[int, str]:
+            form = _wizard_form(csrf, **fields)
+            async with http.post(url + path, data=form, allow_redirects=False) as answer:
+                return answer.status, await answer.text()
+
+        # Huge: a name of 100,000 characters and 20,000 tags answer at once, with the fields' errors.
+        started = asyncio.get_running_loop().time()
+        status, html = await post(
+            "/console/connectors/new", step="overview", name="n" * 100_000, tags=",".join(["k:v"] * 20_000)
+        )
+        assert status == 200 and "is longer than 128 characters" in html
+        assert len(html) < 200_000  # each field is cut, not echoed in full
+        assert asyncio.get_running_loop().time() - started < 5
+        # Out of order: straight to Save with only a name: every missing field is named, nothing stored.
+        status, html = await post("/console/connectors/new", step="connectivity", action="save", access_key="")
+        assert status == 200 and "Access key" in html and await store.get_connector("Leaky") is None
+        status, html = await post("/console/connectors/new", step="finish", action="save")
+        assert status == 200 and await store.get_connector("Leaky") is None  # an unknown step is Overview's
+        # New, with another connector's identifier: refused, not overwritten.
+        status, html = await post("/console/connectors/new", step="connectivity", action="save", identifier=second)
+        assert status == 200 and "already exists" in html
+        # The wizard's own URL word as an identifier: refused (it would shadow the connector's page).
+        status, html = await post("/console/connectors/new", step="overview", identifier="new")
+        assert status == 200 and "is a reserved word" in html
+        # Editing one connector into another's identifier: the edit keeps its own.
+        status, _ = await post(
+            f"/console/connectors/{first}/edit", step="connectivity", action="save", identifier=second, name="Moved"
+        )
+        assert status == 303
+        assert (await store.get_connector(second)).body == before  # type: ignore[union-attr]
+        assert (await store.get_connector(first)).name == "Moved"  # type: ignore[union-attr]
+        # A Test posted (without JavaScript) for a connector deleted meanwhile: a 404 page saying so.
+        await console_world.cp.core.delete_connector(second)
+        async with http.post(
+            f"{url}/console/connectors/{second}/test", data={"csrf": csrf}, allow_redirects=False
+        ) as answer:
+            assert answer.status == 404
+            _console_headers(answer, "test of a deleted connector")
+            assert f"no connector with identifier {second!r}" in (await answer.text()).replace("&#39;", "'")
+
+
+async def test_the_deleted_notice_only_names_an_identifier(console_world: ConsoleWorld) -> None:
+    """?deleted= is what a link says: only an identifier is shown, not a sentence an attacker wrote."""
+    url = console_world.url
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+        await _logged_in(http, url)
+        spoof = "prod. Your session expired: log in again at https://evil.example"
+        async with http.get(f"{url}/console/connectors", params={"deleted": spoof}) as answer:
+            html = await answer.text()
+        assert "evil.example" not in html and "Deleted the connector" not in html
+        async with http.get(f"{url}/console/connectors", params={"deleted": "Prod_account"}) as answer:
+            assert "Deleted the connector Prod_account." in await answer.text()
