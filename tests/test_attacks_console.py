@@ -537,17 +537,17 @@ async def test_no_console_page_loads_in_a_frame(console_world: ConsoleWorld, bro
         f'<iframe src="{url}{path}" width="400" height="300"></iframe>'
         for path in ("/console/connectors", "/console/login", "/console/nowhere", "/console/static/console.css")
     )
-    evil.router.add_get(
-        "/", lambda _: web.Response(text=f"<html><body>{frames}</body></html>", content_type="text/html")
-    )
+
+    async def framing(_: web.Request) -> web.Response:
+        return web.Response(text=f"<html><body>{frames}</body></html>", content_type="text/html")
+
+    evil.router.add_get("/", framing)
     runner = web.AppRunner(evil)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
     try:
         port = runner.addresses[0][1]
-        blocked: list[str] = []
-        page.on("console", lambda m: blocked.append(m.text) if "frame" in m.text.lower() else None)
         await page.goto(f"http://127.0.0.1:{port}/")
         await page.wait_for_load_state("load")
         framed = [f for f in page.frames if f != page.main_frame]

@@ -255,7 +255,7 @@ def _load_static() -> dict[str, tuple[bytes, str]]:
     return files
 
 
-async def read_form(request: web.Request) -> MultiDictProxy[str | bytes | FileField]:
+async def read_form(request: web.Request) -> MultiDictProxy[str | bytes | bytearray | FileField]:
     """The posted form; one that cannot be read (an unknown charset, bytes that are not UTF-8, a
     broken multipart body) is the sender's mistake: a 400 page, not an internal error."""
     try:
