@@ -20,6 +20,7 @@ from agent.controlplane.console import render
 from agent.controlplane.console.security import HOME, ConsoleRefusal, safe_next, see_other
 from agent.controlplane.console.session import Session
 from agent.protocol.models import ConnectorRecord, HistoryEntry, TestRequest
+from agent.protocol.patterns import CONNECTOR_IDENTIFIER_RE
 
 if TYPE_CHECKING:
     from agent.controlplane.console.web import Console
@@ -148,6 +149,10 @@ def add_pages(console: Console, app: web.Application) -> None:
             wanted = ", ".join(STATUSES)
             raise ConsoleRefusal(400, "Invalid filter", f"status must be one of {wanted}, not {status[:40]!r}")
         query = request.query.get("q", "").strip()[:200]
+        # Only an identifier: a link's ?deleted= must not put a sentence of its author's in the page.
+        deleted = request.query.get("deleted", "")
+        if not CONNECTOR_IDENTIFIER_RE.match(deleted):
+            deleted = ""
         now = console.now()
         rows = [connector_row(rec, now) for rec in await console.cp.connector_records()]
         total = len(rows)
@@ -165,7 +170,7 @@ def add_pages(console: Console, app: web.Application) -> None:
             status_filter=status,
             statuses=STATUSES,
             q=query,
-            deleted=request.query.get("deleted", "")[:128],
+            deleted=deleted,
             here=request.path_qs,
         )
 

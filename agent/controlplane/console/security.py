@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from aiohttp import web
 
@@ -38,7 +38,7 @@ def safe_next(target: str | None, default: str = HOME) -> str:
     """``target`` if it is a path inside the console, else ``default``: a login never redirects off-site.
 
     Only relative references to ``/console...`` pass: no scheme, no host (``//evil``), no backslash
-    (browsers read ``/\\evil`` as ``//evil``), no control characters.
+    (browsers read ``/\\evil`` as ``//evil``), no control characters, no dot segment (even encoded).
     """
     if not target or len(target) > 2048 or not target.isascii():
         return default
@@ -47,9 +47,11 @@ def safe_next(target: str | None, default: str = HOME) -> str:
     parts = urlsplit(target)
     if parts.scheme or parts.netloc or target.startswith("//"):
         return default
-    if not (parts.path == "/console" or parts.path.startswith("/console/")):
+    # Browsers resolve a percent-encoded dot segment (%2e%2e) as "..": judge the path as they will read it.
+    path = unquote(parts.path)
+    if not (path == "/console" or path.startswith("/console/")) or "\\" in path:
         return default
-    if "/.." in parts.path or parts.path.startswith("/console/login") or parts.path.startswith("/console/logout"):
+    if "/.." in path or path.startswith(("/console/login", "/console/logout")):
         return default
     return target
 

@@ -16,6 +16,8 @@ from urllib.parse import quote, urlsplit
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from aiohttp.web_request import FileField
+from multidict import MultiDictProxy
 
 from agent.controlplane.console import pages, render
 from agent.controlplane.console.security import HOME, ConsoleRefusal, add_headers, is_console_path, safe_next, see_other
@@ -94,6 +96,13 @@ class Console:
                 response.headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
             except web.HTTPException as exc:
                 response = self.error_page(request, exc.status, "Refused", exc.reason)
+            except Exception:
+                # A bug: logged with its traceback, and still a console page with the console's headers
+                # (the JSON error middleware outside would answer without them).
+                log.exception("controlplane.console.internal_error", method=request.method, path=request.path)
+                response = self.error_page(
+                    request, 500, "Internal error", "The console failed to answer; see the control plane's log."
+                )
             if response.status >= 400 and request.headers.get("HX-Request"):
                 # An htmx request that failed (a row's connector deleted meanwhile, a store fault): its
                 # error page takes the place of the page's <main>, rather than nothing happening.
@@ -124,7 +133,7 @@ class Console:
                     return web.Response(status=401, headers={"HX-Redirect": login})
                 return see_other(login)
             if post:
-                form = await request.post()
+                form = await read_form(request)
                 given = request.headers.get(CSRF_HEADER) or _text(form.get(CSRF_FIELD))
                 if not _same_token(session.csrf, given):
                     log.warning("controlplane.console.csrf_refused", path=request.path, token_given=bool(given))
@@ -149,7 +158,7 @@ class Console:
         return self._login_page(request, next_=safe_next(request.query.get("next")))
 
     async def login(self, request: web.Request) -> web.StreamResponse:
-        form = await request.post()
+        form = await read_form(request)
         next_ = safe_next(_text(form.get("next")))
         pre = request.cookies.get(LOGIN_COOKIE)
         if pre is None or not _same_token(pre, _text(form.get(CSRF_FIELD))):
@@ -244,6 +253,19 @@ def _load_static() -> dict[str, tuple[bytes, str]]:
         if item.is_file() and suffix in STATIC_TYPES:
             files[item.name] = (item.read_bytes(), STATIC_TYPES[suffix])
     return files
+
+
+async def read_form(request: web.Request) -> MultiDictProxy[str | bytes | bytearray | FileField]:
+    """The posted form; one that cannot be read (an unknown charset, bytes that are not UTF-8, a
+    broken multipart body) is the sender's mistake: a 400 page, not an internal error."""
+    try:
+        return await request.post()
+    except (ValueError, LookupError, AssertionError) as exc:
+        raise ConsoleRefusal(
+            400,
+            "Unreadable form",
+            f"The form could not be read ({type(exc).__name__}); nothing was changed. Reload the page and try again.",
+        ) from None
 
 
 def _text(value: object) -> str | None:

@@ -30,6 +30,7 @@ from typing import Any, Final, Literal
 
 import yaml
 
+from agent._values import quoted
 from agent.aws.connector import (
     CREDENTIAL_TYPES,
     DEFAULT_REGION,
@@ -451,12 +452,15 @@ def check(form: WizardForm, upto: WizardStep, base: Mapping[str, Any] | None = N
     wipe: dict[str, str] = {}
     for p in problems:
         name = field_for_problem(p.field)
+        message = p.message if name != "form" else f"{p.field}: {p.message}"
         if name in _NEVER_ECHO:
             wipe[name] = ""  # refused: never rendered again, even when the problem is a later step's
+            # nor quoted in the parser's message ("'wJalr...' is not a secret reference")
+            if value := getattr(form, name):
+                message = message.replace(quoted(value), "the value given")
         if _step_index(step_of(name)) > limit:
             continue
         messages = errors.setdefault(name, [])
-        message = p.message if name != "form" else f"{p.field}: {p.message}"
         if message not in messages:
             messages.append(message)
     clean = form.with_values(**wipe) if wipe else form
