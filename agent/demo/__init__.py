@@ -149,7 +149,7 @@ class Demo:
         aws_url = aws.url
         self.step("starting the reference control plane (also the OIDC issuer of OidcAuthentication connectors)")
         cp_dir = self.dir / "control-plane"
-        cp_dir.mkdir(parents=True, exist_ok=True)
+        cp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # its own, as the control plane wants it
         token_file, key_file = cp_dir / "delegate-token", cp_dir / "api-key"
         for path in (token_file, key_file):
             path.write_text(generate_token() + "\n")
