@@ -48,7 +48,7 @@ test: $(STAMP) ## run the test suite (installs what it needs first)
 
 check: lint typecheck test ## everything CI runs
 
-demo: $(STAMP) ## the whole story on this machine: AWS stand-in, control plane, two delegates
+demo: $(STAMP) ## the whole story on this machine: AWS stand-in, control plane, two delegates; DEMO_ARGS=--keep-running leaves it up with the web console
 	$(BIN)/delegate-agent demo $(DEMO_ARGS)
 
 bench: $(STAMP) ## performance benchmark against the baselines (see docs/performance.md)

@@ -1580,7 +1580,7 @@ def _add_demo(sub: Any, _: argparse.ArgumentParser) -> None:
         "demo",
         help="the whole story on this machine: AWS stand-in, control plane, two delegates",
         description="Starts moto (seeded, IAM enforced), the control plane and two delegate "
-        "processes on 127.0.0.1, tests eight connectors and prints what happened. Exit 0 when "
+        "processes on 127.0.0.1, tests nine connectors and prints what happened. Exit 0 when "
         "every outcome is the expected one.",
     )
     p.add_argument("--keep-running", action="store_true", help="leave the stack up to try by hand; Ctrl-C stops it")

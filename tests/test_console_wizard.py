@@ -288,6 +288,10 @@ async def test_a_failing_test_shows_step_code_and_hint_and_edit_credentials_fixe
     await shot(page, "wizard-test-failure")
     assert "definitely-not-the-secret-key" not in await page.content()
 
+    # The way out of a failure stands out; Finish (keep it failing) is the secondary action.
+    style = "e => getComputedStyle(e).backgroundColor"
+    edit_bg = await page.get_by_role("link", name="Edit credentials").evaluate(style)
+    assert edit_bg != await page.get_by_role("link", name="Finish").evaluate(style)
     await page.get_by_role("link", name="Edit credentials").click()
     await expect_step(page, "Credentials")
     assert await page.get_by_label("Secret key: secret reference").input_value() == "account.stale_secret"

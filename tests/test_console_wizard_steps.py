@@ -46,6 +46,8 @@ def test_queued_then_running_says_who_runs_it() -> None:
     assert queued.status_url == "/console/connectors/new/test/tsk_1/status"
     running = view(task("running", delegate_id="d1", delegate_name="eks-1"))
     assert running.executing_on == "eks-1" and running.steps[2].status == "RUNNING"
+    # Taken: the step is done and says by whom, not that it still waits for a delegate.
+    assert (running.steps[1].status, running.steps[1].detail) == ("SUCCESS", "by eks-1")
 
 
 def test_a_success_shows_the_identity() -> None:

@@ -19,6 +19,8 @@ import pytest
 import yaml
 
 from agent.aws.connector import parse_connector
+from agent.protocol.api_client import ApiClient
+from agent.protocol.models import TestRequest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -90,11 +92,43 @@ def test_keep_running_prints_urls_and_stops_cleanly_on_ctrl_c(tmp_path: Path) ->
                 w for line in lines if "connector apply -f" in line for w in line.split() if w.endswith(".yaml")
             )
             parse_connector(yaml.safe_load(Path(connector_file).read_text()))
+            _the_printed_hints_work(lines)
             proc.send_signal(signal.SIGINT)
             assert proc.wait(timeout=60) == 0, errors_path.read_text()
+            # No warning about the demo's own set-up among what a newcomer reads first.
+            assert "data_dir_tightened" not in errors_path.read_text()
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def _the_printed_hints_work(lines: list[str]) -> None:
+    """What the demo suggests for the console's wizard succeeds, with every connectivity it names.
+
+    Through the platform (the wizard's first choice) with the access key and with OIDC, and OIDC
+    on ec2-gov-0 too ("any connectivity mode"): a newcomer must not meet a failure the demo set up.
+    """
+    text = "".join(lines)
+    url = re.search(r"^  control plane\s+(http://\S+)", text, re.M)
+    key_file = re.search(r"log in with the API key: cat (\S+)\)", text)
+    access_key = re.search(r"access key (AKIA\w+), secret key reference (\S+);", text)
+    role = re.search(r"IAM role ARN (arn:aws:iam::\d+:role/\S+)", text)
+    assert url and key_file and access_key and role, text
+    client = ApiClient(url[1], Path(key_file[1]).read_text().strip(), timeout=60)
+    manual = {"type": "ManualConfig", "spec": {"accessKey": access_key[1], "secretKeyRef": access_key[2]}}
+    oidc = {"type": "OidcAuthentication", "spec": {"iamRoleArn": role[1]}}
+    tried = {
+        "hint_platform_key": ({**manual, "region": "us-east-1"}, [], False, "platform"),
+        "hint_platform_oidc": (oidc, [], False, "platform"),
+        "hint_oidc_on_ec2": (oidc, ["ec2"], True, "ec2-gov-0"),
+    }
+    for identifier, (credential, selectors, on_delegate, runs_on) in tried.items():
+        spec = {"credential": credential, "delegateSelectors": selectors, "executeOnDelegate": on_delegate}
+        client.apply_connector(
+            {"connector": {"name": identifier, "identifier": identifier, "type": "Aws", "spec": spec}}
+        )
+        _, view = client.test_connector(identifier, TestRequest(wait_seconds=60))
+        assert (view.status, view.delegate_name) == ("SUCCESS", runs_on), (identifier, view)
 
 
 def _start_demo(*args: str, stderr: Any) -> subprocess.Popen[str]:

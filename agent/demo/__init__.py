@@ -3,7 +3,7 @@
 It starts, on 127.0.0.1 with free ports and a temporary directory: an AWS stand-in (moto, seeded,
 IAM enforced), the reference control plane, and two delegates as separate processes with their own
 environments (``eks-prod-0`` with IRSA, ``ec2-gov-0`` with an instance role and a GovCloud secret),
-as pods would have. It applies eight Harness connectors, tests each through the control plane,
+as pods would have. It applies nine Harness connectors, tests each through the control plane,
 and prints who ran it, who the credentials are, and why it failed where it must fail.
 
 Stopping: the first Ctrl-C (or SIGTERM) at any moment stops everything the demo started and exits
@@ -32,6 +32,7 @@ from typing import Any, TextIO, TypeVar
 
 from agent.controlplane.app import ControlPlaneConfig, ControlPlaneService
 from agent.controlplane.core import ControlPlaneSettings
+from agent.controlplane.platform import platform_validator_from_env
 from agent.demo.oidc_sts import OidcSts
 from agent.demo.scenario import Case, cases
 from agent.demo.standin import (
@@ -42,7 +43,7 @@ from agent.demo.standin import (
     Seeded,
     write_irsa_token,
 )
-from agent.observability.logging import configure_logging
+from agent.observability.logging import Redactor, configure_logging
 from agent.protocol.api_client import ApiClient
 from agent.protocol.auth import generate_token
 from agent.protocol.models import TaskView, TestRequest
@@ -148,7 +149,7 @@ class Demo:
         aws_url = aws.url
         self.step("starting the reference control plane (also the OIDC issuer of OidcAuthentication connectors)")
         cp_dir = self.dir / "control-plane"
-        cp_dir.mkdir(parents=True, exist_ok=True)
+        cp_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # its own, as the control plane wants it
         token_file, key_file = cp_dir / "delegate-token", cp_dir / "api-key"
         for path in (token_file, key_file):
             path.write_text(generate_token() + "\n")
@@ -156,6 +157,13 @@ class Demo:
         # The issuer URL is the control plane's own, so its port is chosen first (AWS would want https on 443).
         port = _free_port()
         issuer = f"http://127.0.0.1:{port}/oidc"
+        # "Connect through the platform" (the wizard's first choice) works here too: the control
+        # plane validates against the stand-ins, with the deployer's secret key in its own secrets.
+        platform = platform_validator_from_env(
+            {"AWS_ENDPOINT_URL": aws_url, "AWS_ENDPOINT_URL_STS": sts_url, "AWS_EC2_METADATA_DISABLED": "true"},
+            secrets_dir=self._secrets("control-plane", {"deployer_secret_key": seeded.deployer_secret}),
+            redactor=Redactor(),
+        )
         cp = ControlPlaneService(
             ControlPlaneConfig(
                 host="127.0.0.1",
@@ -172,7 +180,8 @@ class Demo:
                     # With --keep-running, a credential broken in the AWS stand-in shows within minutes.
                     connector_test_interval_seconds=120,
                 ),
-            )
+            ),
+            platform_validator=platform,
         )
         await cp.start()
         try:
@@ -234,6 +243,8 @@ class Demo:
             {
                 **common,
                 "AGENT_SECRETS_DIR": str(gov_secrets),
+                # The checking STS for OIDC connectors, whichever delegate takes them ("any delegate").
+                "AWS_ENDPOINT_URL_STS": sts_url,
                 "AWS_EC2_METADATA_SERVICE_ENDPOINT": imds_url,
                 "AWS_EC2_METADATA_DISABLED": "false",
             },
@@ -395,10 +406,17 @@ class Demo:
             f"--secrets-dir {self.dir / 'eks-prod-0' / 'secrets'}"
         )
         self.say("")
-        self.say("In the web console, New connector walks Harness's wizard; one that works here:")
+        self.say("In the web console, New connector walks Harness's wizard; Save and Continue runs the test.")
+        self.say("Credentials and connectivity that work here:")
         self.say(
-            f"  AWS Access Key: access key {self._seeded.deployer_key}, secret key reference "
-            "account.deployer_secret_key; delegates with the tag eks; Save and Continue runs the test"
+            f"  AWS Access Key      access key {self._seeded.deployer_key}, secret key reference "
+            "account.deployer_secret_key; delegates with the tag eks, or through the platform"
+        )
+        self.say("  Use IRSA            delegates with the tag eks (eks-prod-0 has the IRSA role)")
+        self.say("  Assume IAM Role     delegates with the tag ec2 (ec2-gov-0 has the instance role)")
+        self.say(
+            f"  Use OIDC            IAM role ARN {self._seeded.oidc_role} (it trusts every connector of "
+            "the account: sub connector:-/-/*), any connectivity mode"
         )
         secret = self.dir / "eks-prod-0" / "secrets" / "deployer_secret_key"
         self.say("")

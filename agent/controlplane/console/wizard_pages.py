@@ -343,10 +343,16 @@ def describe_test(task: TaskRow, *, name: str, page_url: str, edit_url: str | No
     if task.state == "done" and result is None:  # not written by this control plane; never polled forever
         result = failure_result(task.failure_reason or "unknown", "The test ended without a result.", step="unknown")
     if result is None:
-        waiting = "waiting for a delegate" + (f" with the tags [{', '.join(task.selectors)}]" if task.selectors else "")
+        # While queued, say what it waits for; once taken, by whom (never "waiting" next to "done").
+        if task.state == "queued":
+            picked = "waiting for a delegate" + (
+                f" with the tags [{', '.join(task.selectors)}]" if task.selectors else ""
+            )
+        else:
+            picked = f"by {executing_on}" if executing_on else ""
         steps = [
             ConnectionTestStep("Queued", "SUCCESS"),
-            ConnectionTestStep("Picked up", "SUCCESS" if task.state != "queued" else "RUNNING", waiting),
+            ConnectionTestStep("Picked up", "SUCCESS" if task.state != "queued" else "RUNNING", picked),
             ConnectionTestStep("Validating", "RUNNING" if task.state == "running" else "WAITING"),
         ]
         return ConnectionTestView(
