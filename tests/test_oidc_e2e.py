@@ -35,27 +35,13 @@ from agent.protocol.models import TestRequest
 from tests.awsfakes import ACCOUNT, ADMIN_KEY
 from tests.conftest import API_KEY, AgentFactory, ControlPlaneFactory, free_port
 from tests.helpers import wait_until
-from tests.test_oidc_sts_standin import BROKER_POLICY
+from tests.test_oidc_sts_standin import BROKER_POLICY, trust
 
 AUDIENCE = "sts.amazonaws.com"
 ROLE_POLICY = {
     "Version": "2012-10-17",
     "Statement": [{"Effect": "Allow", "Action": ["ec2:DescribeRegions", "sts:AssumeRole"], "Resource": "*"}],
 }
-
-
-def trust(partition: str, provider: str, sub: str, op: str = "StringEquals") -> dict[str, Any]:
-    return {
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Effect": "Allow",
-                "Principal": {"Federated": f"arn:{partition}:iam::{ACCOUNT}:oidc-provider/{provider}"},
-                "Action": "sts:AssumeRoleWithWebIdentity",
-                "Condition": {op: {f"{provider}:sub": sub, f"{provider}:aud": AUDIENCE}},
-            }
-        ],
-    }
 
 
 def connector(name: str, role_arn: str, *, region: str = "us-east-1", **spec: Any) -> dict[str, Any]:
@@ -153,9 +139,9 @@ async def world(
     moto_api(moto, "/moto-api/reset-auth", b"inf")  # seeding is the admin's, as in the real account
     await cloud.seed("us-east-1", "aws")
     await cloud.seed("us-gov-west-1", "aws-us-gov")
-    await cloud.role("oidc-prod", trust("aws", cloud.provider, "connector:-/-/Prod"))
-    await cloud.role("oidc-project", trust("aws", cloud.provider, "connector:platform/payments/*", "StringLike"))
-    await cloud.role("oidc-gov", trust("aws-us-gov", cloud.provider, "connector:-/-/Gov"), region="us-gov-west-1")
+    await cloud.role("oidc-prod", trust("aws", cloud.provider, sub="connector:-/-/Prod"))
+    await cloud.role("oidc-project", trust("aws", cloud.provider, sub="connector:platform/payments/*", op="StringLike"))
+    await cloud.role("oidc-gov", trust("aws-us-gov", cloud.provider, sub="connector:-/-/Gov"), region="us-gov-west-1")
     xa_trust = {
         "Effect": "Allow",
         "Principal": {"AWS": f"arn:aws:iam::{ACCOUNT}:root"},  # moto matches no role ARN to its sessions

@@ -7,11 +7,12 @@ template, and an undefined name is an error rather than an empty string.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import jinja2
 
+from agent._connector_text import utc
 from agent.protocol.models import ConnectorHealth
 
 _env = jinja2.Environment(
@@ -31,7 +32,7 @@ def ago(when: datetime | None, now: datetime) -> str:
     """``4 min ago``, ``2 h ago``, ``just now``; ``never`` for no time."""
     if when is None:
         return "never"
-    seconds = (now - _utc(when)).total_seconds()
+    seconds = (now - utc(when)).total_seconds()
     if seconds < 0:
         return "in " + _span(-seconds)
     if seconds < 5:
@@ -41,7 +42,7 @@ def ago(when: datetime | None, now: datetime) -> str:
 
 def moment(when: datetime | None) -> str:
     """``2026-05-01 10:42:03 UTC``, or an empty string."""
-    return "" if when is None else f"{_utc(when):%Y-%m-%d %H:%M:%S} UTC"
+    return "" if when is None else f"{utc(when):%Y-%m-%d %H:%M:%S} UTC"
 
 
 def status_text(health: ConnectorHealth, now: datetime) -> str:
@@ -60,10 +61,6 @@ def status_class(health: ConnectorHealth) -> str:
     if health.testing:
         return "testing"
     return {"SUCCESS": "success", "FAILURE": "failure"}.get(health.status, "unknown")
-
-
-def _utc(when: datetime) -> datetime:
-    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
 def _span(seconds: float) -> str:
