@@ -15,6 +15,8 @@ import json
 import os
 import random
 import resource
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -27,7 +29,7 @@ from typing import Any
 
 from agent.protocol.api_client import ApiClient
 from agent.protocol.models import TASK_TYPE_AWS_VALIDATE, CreateTaskRequest
-from bench import startup
+from bench import pickup_trace, startup
 from bench.load import ROOT, Stack, _clean_env, free_port
 
 AGENT_PYTHON = ROOT / ".tools" / "bench" / "agent" / "bin" / "python"
@@ -66,10 +68,75 @@ class Bench:
     quick: bool
     log: Any = print
     startup_runs: int = 20
+    #: ``--trace-pickup DIR``: the control plane and the delegate run with bench/pickup_trace.py's hooks.
+    trace: Path | None = None
     results: dict[str, Any] = field(default_factory=dict)
     keys: list[tuple[str, str]] = field(default_factory=list)
+    #: Per task: phase, createdAt and testedAt (wall seconds), for the trace's analysis.
+    pickup_detail: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     # --- the stack -------------------------------------------------------------------------------
+
+    def run_pickup(self) -> dict[str, Any]:
+        """``--only pickup``: the pickup rows alone (idle, then at half the measured throughput).
+
+        The throughput run stays because it sets the load's rate (and warms the delegate as the
+        full run does); its CPU figure is not reported here.
+        """
+        stack = Stack(self.workdir, capacity=256, lease_seconds=30, wrap=self._wrap)
+        try:
+            stack.start_moto(keepalive=True)
+            self._seed(stack.moto_url)
+            stack.start_control_plane()
+            api = stack.api
+            agent = self._agent(stack, "bench", capacity=256)
+            self._wait_registered(api, "bench")
+            time.sleep(2.0)  # as the full run: idle for real before the idle pickups
+            self._pickup_idle(api)
+            self._throughput(api, agent)
+            self._pickup_under_load(api)
+        finally:
+            self._stop_traced(stack)
+            stack.stop()
+            if self.trace is not None:  # the processes' own logs, next to their traces
+                for log in self.workdir.glob("*.log"):
+                    shutil.copy(log, self.trace / log.name)
+        if self.trace is not None:
+            self.results["trace"] = pickup_trace.analyse(self.trace, self.pickup_detail)
+        return self.results
+
+    def _wrap(self, name: str, argv: list[str]) -> list[str]:
+        """With ``--trace-pickup``: the control plane and the delegate start through the trace hooks,
+        under ``strace`` (fsync and friends only, filtered in the kernel) where it is installed."""
+        if self.trace is None or name not in ("control-plane", "bench") or argv[1:3] != ["-m", "agent"]:
+            return argv
+        role = "cp" if name == "control-plane" else "delegate"
+        hook = Path(pickup_trace.__file__)
+        cmd = [argv[0], "-c", pickup_trace.BOOTSTRAP, str(hook), role, str(self.trace / f"{role}.jsonl"), *argv[3:]]
+        strace = shutil.which("strace")
+        if strace is None:
+            return cmd
+        out = str(self.trace / f"strace-{role}.txt")
+        calls = "trace=fsync,fdatasync,sync_file_range"
+        return [strace, "-f", "--seccomp-bpf", "-tt", "-T", "-e", calls, "-o", out, *cmd]
+
+    def _stop_traced(self, stack: Stack) -> None:
+        """Under strace, SIGTERM goes to the traced process itself, so it exits as usual and its
+        trace hooks write their record (strace then ends with it)."""
+        if self.trace is None:
+            return
+        for name in ("bench", "control-plane"):
+            proc = stack.processes.get(name)
+            if proc is None or proc.poll() is not None:
+                continue
+            children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+            pids = children.read_text().split() if children.exists() else []
+            for pid in pids or [str(proc.pid)]:
+                os.kill(int(pid), signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
     def run(self) -> dict[str, Any]:
         stack = Stack(self.workdir, capacity=256, lease_seconds=30)
@@ -127,7 +194,7 @@ class Bench:
         )
         with (self.workdir / f"{name}.log").open("ab") as log:
             process = subprocess.Popen(
-                [str(AGENT_PYTHON), "-m", "agent", "run"],
+                self._wrap(name, [str(AGENT_PYTHON), "-m", "agent", "run"]),
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -184,13 +251,18 @@ class Bench:
             )
         ).task_id
 
-    def _pickups(self, api: ApiClient, ids: list[str]) -> list[float]:
+    def _pickups(self, api: ApiClient, ids: list[str], phase: str) -> list[float]:
         out = []
         for task_id in ids:
             view = api.get_task(task_id, wait=60)
             assert view.result and view.status == "SUCCESS", view
             started = view.result.tested_at
             out.append((started - view.created_at).total_seconds())
+            self.pickup_detail[task_id] = {
+                "phase": phase,
+                "created": view.created_at.timestamp(),
+                "tested": started.timestamp(),
+            }
         return out
 
     def _pickup_idle(self, api: ApiClient) -> None:
@@ -200,7 +272,7 @@ class Bench:
         for i in range(n):
             ids.append(self._task(api, i))
             api.get_task(ids[-1], wait=30)
-        self.results["pickup_idle"] = _percentiles(self._pickups(api, ids))
+        self.results["pickup_idle"] = _percentiles(self._pickups(api, ids, "idle"))
 
     def _throughput(self, api: ApiClient, agent: Agent) -> None:
         n = 200 if self.quick else 1000
@@ -244,7 +316,7 @@ class Bench:
             ids.append(self._task(api, i))
             i += 1
             time.sleep(rand.expovariate(rate))
-        self.results["pickup_load"] = _percentiles(self._pickups(api, ids))
+        self.results["pickup_load"] = _percentiles(self._pickups(api, ids, "load"))
 
     def _rss_curve(self, api: ApiClient, agent: Agent) -> None:
         curve = {}
@@ -339,7 +411,7 @@ def _create_many(api: ApiClient, connectors: list[dict[str, Any]]) -> list[str]:
 def _percentiles(values: list[float]) -> dict[str, float]:
     values = sorted(values)
     pick = lambda q: values[min(len(values) - 1, int(q * len(values)))]  # noqa: E731
-    return {"p50": pick(0.5), "p99": pick(0.99), "n": len(values)}
+    return {"p50": pick(0.5), "p99": pick(0.99), "n": len(values), "worst": values[-3:][::-1]}
 
 
 def table(r: dict[str, Any]) -> str:
@@ -448,24 +520,56 @@ def table(r: dict[str, Any]) -> str:
     return startup.markdown(("measure", "delegate-agent", "baseline (same run)", "ratio", "target", ""), rows)
 
 
+def pickup_table(r: dict[str, Any]) -> str:
+    """``--only pickup``: the two pickup rows, the three slowest of each, and the trace when taken."""
+    rows = []
+    for key, label in (("pickup_idle", "pickup latency idle"), ("pickup_load", "pickup latency at 50% load")):
+        p = r[key]
+        worst = ", ".join(f"{v * 1000:.1f}" for v in p["worst"])
+        rows.append((label, f"{p['p50'] * 1000:.1f} / {p['p99'] * 1000:.1f} ms", str(p["n"]), f"{worst} ms"))
+    text = startup.markdown(("measure", "p50 / p99", "tasks", "slowest three"), rows)
+    text += f"\n(load: {0.5 * r['per_second']:.0f} tasks/s, half of {r['per_second']:.0f}/s measured in the same run)"
+    return text + ("\n" + r["trace"] if "trace" in r else "")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description="delegate-agent benchmark (see docs/performance.md)")
     parser.add_argument("--quick", action="store_true", help="smaller numbers, for a quick look")
     parser.add_argument("--json", metavar="FILE", help="also write the raw results as JSON")
     parser.add_argument(
         "--only",
-        choices=["startup"],
-        help="run one section: startup (delegate-agent --help, --version, connector list; about 20 s)",
+        choices=["startup", "pickup"],
+        help="run one section: startup (delegate-agent --help, --version, connector list; about 20 s) "
+        "or pickup (pickup latency idle and at 50%% load; about 1 min)",
+    )
+    parser.add_argument(
+        "--trace-pickup",
+        metavar="DIR",
+        type=Path,
+        help="with --only pickup: run the control plane and the delegate with bench/pickup_trace.py's "
+        "timestamps (and under strace for fsync, where installed), keep the records in DIR and print "
+        "the slowest pickups stage by stage",
     )
     parser.add_argument(
         "--startup-runs", type=int, metavar="N", help="runs per start-up command (default 20, 10 --quick)"
     )
     args = parser.parse_args()
+    if args.trace_pickup is not None and args.only != "pickup":
+        parser.error("--trace-pickup needs --only pickup")
     runs = args.startup_runs or (10 if args.quick else 20)
     log = lambda m: print(f"- {m}", file=sys.stderr, flush=True)  # noqa: E731
     # The start-up section needs only the delegate's own venv, not the AWS CLI or py-spy.
     subprocess.run(["bash", str(ROOT / "bench" / "setup.sh"), *(["agent"] if args.only else [])], check=True)
     with tempfile.TemporaryDirectory(prefix="delegate-bench-") as tmp:
+        if args.only == "pickup":
+            if args.trace_pickup is not None:
+                args.trace_pickup.mkdir(parents=True, exist_ok=True)
+            bench = Bench(Path(tmp), args.quick, log=log, trace=args.trace_pickup)
+            results = bench.run_pickup()
+            print(pickup_table(results))
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+            return 0
         if args.only == "startup":
             results = {"startup": startup.run(Path(tmp), AGENT_PYTHON, runs=runs, log=log)}
         else:

@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,8 @@ class Stack:
     lease_seconds: float = 5.0
     agent_handlers: str = "aws"  # "aws": the real delegate; "test": tests/agent_process.py with test handlers
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    #: Bench-only: rewrites a process's command line before it starts (bench/pickup_trace.py), or None.
+    wrap: Callable[[str, list[str]], list[str]] | None = None
     moto_url: str = ""
     cp_url: str = ""
     cp_port: int = 0
@@ -191,6 +194,7 @@ class Stack:
         self.processes.clear()
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        argv = self.wrap(name, argv) if self.wrap is not None else argv
         # The child keeps its own copy of the log's file descriptor; ours is closed at once.
         with (self.workdir / f"{name}.log").open("ab") as log:
             self.processes[name] = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
