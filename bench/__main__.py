@@ -559,7 +559,9 @@ def main() -> int:
     runs = args.startup_runs or (10 if args.quick else 20)
     log = lambda m: print(f"- {m}", file=sys.stderr, flush=True)  # noqa: E731
     # The start-up section needs only the delegate's own venv, not the AWS CLI or py-spy.
-    subprocess.run(["bash", str(ROOT / "bench" / "setup.sh"), *(["agent"] if args.only else [])], check=True)
+    subprocess.run(
+        ["bash", str(ROOT / "bench" / "setup.sh"), *(["agent"] if args.only == "startup" else [])], check=True
+    )
     with tempfile.TemporaryDirectory(prefix="delegate-bench-") as tmp:
         if args.only == "pickup":
             if args.trace_pickup is not None:
