@@ -321,3 +321,19 @@ def test_a_rotation_the_disk_refuses_keeps_signing_and_says_so_once(
     err = capfd.readouterr().err
     assert err.count("oidc_key_rotation_failed") == 1 and "No space left on device" in err
     assert "oidc_keys_reloaded" not in err
+
+
+def test_rotations_at_the_same_moment_keep_every_new_key(tmp_path: Path) -> None:
+    """Eight `oidc rotate-key --immediately` at once (real processes): without a lock each would write the
+    file it read plus its own key, dropping the others' (a key already signing whose tokens then fail)."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "keys.json"
+    rotate_key_file(path, immediately=True)
+    argv = [sys.executable, "-m", "agent", "oidc", "rotate-key", "--key-file", str(path), "--immediately"]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(8)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+    assert len(json.loads(path.read_text())["keys"]) == 9

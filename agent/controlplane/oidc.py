@@ -21,6 +21,8 @@ cross-check each other.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import ipaddress
 import json
 import math
@@ -28,7 +30,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -308,8 +310,16 @@ class OidcIssuer:
         assert self._ring is not None
         if not self._writable or self._ring.newest_age(now) < self._key_seconds or now < self._retry_rotation_at:
             return
+        assert self.key_file is not None
         try:
-            self._write(self._ring.rotated(now))
+            with _exclusive(self.key_file):
+                # Under the lock, from the file as it is now: `oidc rotate-key` may have just rotated it.
+                if self.key_file.exists():
+                    self._read()
+                assert self._ring is not None
+                if self._ring.newest_age(now) < self._key_seconds:
+                    return
+                self._write(self._ring.rotated(now))
         except OSError as exc:
             # The current key signs on; said once an hour, not each second a token is minted.
             self._retry_rotation_at = now + 3600
@@ -451,13 +461,26 @@ def _is_oidc(document: Any) -> bool:
 
 def rotate_key_file(path: Path, *, immediately: bool, wall: Callable[[], float] = time.time) -> SigningKey:
     """``oidc rotate-key``: add a key to ``path`` (creating it), dropping keys long superseded; the new key."""
-    now = wall()
-    if path.exists():
-        ring = parse_key_file(path.read_text(), str(path)).rotated(now, immediately=immediately)
-    else:
-        ring = KeyRing((generate_key(now),))
-    _write_private(path, ring.to_json())
+    with _exclusive(path):
+        now = wall()
+        if path.exists():
+            ring = parse_key_file(path.read_text(), str(path)).rotated(now, immediately=immediately)
+        else:
+            ring = KeyRing((generate_key(now),))
+        _write_private(path, ring.to_json())
     return ring.keys[-1]
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """One rotation of ``path`` at a time, across processes: two at once would each drop the other's key."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_name(f".{path.name}.lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def _write_private(path: Path, text: str) -> None:
