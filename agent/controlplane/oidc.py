@@ -9,7 +9,7 @@ Unlike Harness's AWS tokens, whose ``sub`` names only the account, ``sub`` names
 (``connector:<org>/<project>/<identifier>``, ``-`` for an absent level; Harness identifiers never
 contain ``-``), so a trust policy can pin one connector, or a project with ``StringLike``.
 
-Keys (docs/oidc.md, "Key rotation"): the key file holds RSA keys, each with the time it starts
+Keys (docs/oidc.md, "6. Rotating the signing key"): the key file holds RSA keys, each with the time it starts
 signing. A rotated-in key is published :data:`PUBLISH_AHEAD_SECONDS` before it signs (longer than
 the JWKS's cache lifetime), and a superseded key stays published :data:`RETIRED_KEY_SECONDS` after
 (its last token's life plus clock leeway), so no verifier ever meets a token whose key it cannot
