@@ -74,3 +74,28 @@ def test_the_lazy_exports_are_the_same_objects_as_their_modules() -> None:
     assert set(agent.__all__) <= set(dir(agent))
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         _ = agent.nothing  # type: ignore[attr-defined]
+
+
+def test_the_delegate_daemon_loads_neither_pyjwt_nor_cryptography() -> None:
+    """The delegate only mints its own HS256 tokens: PyJWT (and the OpenSSL bindings of
+    ``cryptography`` it pulls in) cost 9 MiB of idle memory for one HMAC. Only the control plane,
+    which verifies tokens from the network, loads them."""
+    loaded = _modules(
+        "import sys, agent.runtime.agent, agent.aws.handler, agent.runtime.signing\n"
+        "from agent.protocol.auth import RequestSigner, TokenSource\n"
+        "RequestSigner(TokenSource(value='t' * 32), issuer='d').header()\n"
+        'sys.stderr.write("MODULES " + " ".join(sys.modules))'
+    )
+    assert not _top(loaded) & {"jwt", "cryptography", "joserfc", "jinja2"}
+
+
+def test_a_token_the_delegate_mints_is_one_the_control_plane_accepts() -> None:
+    from agent.protocol.auth import RequestSigner, TokenKey, TokenSource, TokenVerifier
+
+    signer = RequestSigner(TokenSource(value="s" * 40), issuer="delegate-1", clock=lambda: 1_000_000.0)
+    verifier = TokenVerifier([TokenKey("main", "s" * 40)], clock=lambda: 1_000_010.0)
+    claims = verifier.verify(signer.header())
+    assert (claims.token_name, claims.issuer, claims.expires_at) == ("main", "delegate-1", 1_000_300.0)
+    forged = RequestSigner(TokenSource(value="x" * 40), issuer="delegate-1", clock=lambda: 1_000_000.0)
+    with pytest.raises(Exception, match="unknown delegate token"):
+        verifier.verify(forged.header())

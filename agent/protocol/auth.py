@@ -7,7 +7,10 @@ the token, so the server can hold several tokens at once (rotation) and revoke o
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import hmac
+import json
 import math
 import os
 import secrets
@@ -16,8 +19,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import jwt
 
 from agent.protocol.errors import AuthError, Code
 
@@ -43,6 +44,24 @@ def token_id(secret: str) -> str:
 def _signing_key(secret: str) -> bytes:
     # A fixed-length key whatever the token's length; the raw token is never used directly.
     return hashlib.sha256(b"delegate-agent/jwt-key\x00" + secret.encode()).digest()
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _hs256(claims: dict[str, Any], key: bytes, *, kid: str) -> str:
+    """A compact HS256 JWT of our own claims (RFC 7519).
+
+    Written here rather than with PyJWT because the delegate only ever *mints* its own tokens, and
+    importing PyJWT loads ``cryptography`` and OpenSSL's bindings: 9 MiB of a delegate's idle memory
+    for one HMAC. The control plane, which parses untrusted tokens, verifies them with PyJWT.
+    """
+    header = _b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": kid}, separators=(",", ":")).encode())
+    payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
+    signing_input = f"{header}.{payload}"
+    signature = hmac.new(key, signing_input.encode("ascii"), hashlib.sha256).digest()
+    return f"{signing_input}.{_b64(signature)}"
 
 
 def generate_token() -> str:
@@ -149,7 +168,7 @@ class RequestSigner:
             "exp": int(now + self._lifetime),
             "jti": secrets.token_hex(8),
         }
-        encoded = jwt.encode(claims, _signing_key(secret), algorithm="HS256", headers={"kid": token_id(secret)})
+        encoded = _hs256(claims, _signing_key(secret), kid=token_id(secret))
         self._header = f"Bearer {encoded}"
         self._expires = now + self._lifetime - TOKEN_REFRESH_MARGIN_SECONDS
 
@@ -261,6 +280,8 @@ class TokenVerifier:
         if scheme.lower() != "bearer" or not token.strip():
             raise _unauthenticated("the Authorization header must be 'Bearer <token>'")
         token = token.strip()
+        import jwt  # noqa: PLC0415 - the control plane's alone: the delegate never loads PyJWT (see _hs256)
+
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
