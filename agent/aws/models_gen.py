@@ -4,6 +4,11 @@ botocore's full ec2 model is 3.5 MB of JSON: parsing it costs ~170 ms of blocked
 ~20 MiB of memory that never comes back, for the one ec2 operation we call. These files keep
 only the operations the validator uses (and the shapes they reach), without documentation.
 They are derived from the pinned botocore; ``tests/test_aws_models.py`` fails when they drift.
+
+``endpoints.json`` is pruned the same way: botocore parses its 730 KB at the first client, for
+every service in every partition, into 23,000 objects (6.8 MiB of a delegate's idle memory, and
+objects every full garbage collection walks). The partitions stay whole; only the services a
+delegate's clients can reach stay in them.
 """
 
 from __future__ import annotations
@@ -23,6 +28,19 @@ OPERATIONS: dict[str, tuple[str, ...]] = {
     "ec2": ("DescribeRegions",),
     "iam": ("SimulatePrincipalPolicy",),
 }
+
+
+#: The endpoint prefixes a delegate's clients use: ours, and those the default credential chain
+#: may create (SSO: ``portal.sso`` and ``oidc``).
+ENDPOINT_SERVICES = ("ec2", "iam", "oidc", "portal.sso", "sts")
+
+
+def prune_endpoints(endpoints: dict[str, Any]) -> dict[str, Any]:
+    partitions = [
+        {**p, "services": {k: v for k, v in p["services"].items() if k in ENDPOINT_SERVICES}}
+        for p in endpoints["partitions"]
+    ]
+    return {**endpoints, "partitions": partitions}
 
 
 def _strip_docs(value: Any) -> Any:
@@ -70,6 +88,8 @@ def render() -> dict[Path, str]:
         model = loader.load_service_model(service, "service-2", version)
         text = json.dumps(prune(model, operations), sort_keys=True, separators=(",", ":")) + "\n"
         out[Path(service) / version / "service-2.json"] = text
+    endpoints = prune_endpoints(loader.load_data("endpoints"))
+    out[Path("endpoints.json")] = json.dumps(endpoints, sort_keys=True, separators=(",", ":")) + "\n"
     return out
 
 
