@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import ssl
+import threading
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextvars import ContextVar
@@ -22,6 +24,7 @@ from typing import Any
 
 from aiobotocore.config import AioConfig
 from aiobotocore.credentials import AioCredentialResolver, AioCredentials
+from aiobotocore.httpsession import AIOHTTPSession
 from aiobotocore.retries.standard import AioRetryHandler, AioRetryPolicy, AioStandardRetryConditions
 from aiobotocore.session import AioSession
 from botocore.credentials import CredentialProvider
@@ -36,6 +39,30 @@ from agent.aws.environment import AwsEnvironment
 
 MODELS_DIR = Path(__file__).parent / "models"
 SERVICES = ("sts", "ec2", "iam")
+
+
+class _SharedTlsSession(AIOHTTPSession):  # type: ignore[misc]
+    """aiobotocore's HTTP session, with one TLS context for every client that verifies alike.
+
+    aiobotocore builds a context per client and loads the whole CA bundle into each: about 2 MiB
+    and a few milliseconds apiece, for contexts that are identical. A context is safe to share
+    between connections; it is shared only when no client certificate would be loaded into it.
+    """
+
+    _contexts: dict[Any, ssl.SSLContext] = {}  # deliberately one per process
+    _lock = threading.Lock()  # the context may be built in a worker thread (aiobotocore #1469)
+
+    def _build_ssl_contexts(self, proxy_url: str | None) -> tuple[ssl.SSLContext, ssl.SSLContext | None]:
+        if self._cert_file:
+            return super()._build_ssl_contexts(proxy_url)  # type: ignore[no-any-return]
+        key = self._verify if isinstance(self._verify, str | bool) else repr(self._verify)
+        with self._lock:
+            context = self._contexts.get(key)
+            if context is None:
+                context = self._contexts[key] = self._build_verify_context()
+        # The proxy's context is its own: aiobotocore loads the proxy's CA and certificate into it.
+        proxy = self._setup_proxy_ssl_context(proxy_url) if proxy_url else None
+        return context, proxy
 
 
 @dataclass(frozen=True)
@@ -240,6 +267,7 @@ class AwsClients:
             max_pool_connections=self._pool_connections,
             proxies=proxies,
             use_fips_endpoint=self.env.use_fips,
+            http_session_cls=_SharedTlsSession,
         )
         ctx = self._session.create_client(
             service, region_name=region, endpoint_url=endpoint, config=config, verify=self.env.ca_bundle or True

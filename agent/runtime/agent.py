@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import ssl
@@ -372,7 +373,10 @@ class Agent:
 
     def _ssl_context(self) -> ssl.SSLContext | bool:
         cp = self.settings.control_plane
-        if not cp.url.startswith("https://"):
+        custom = cp.ca_file or self.settings.additional_ca_path or (cp.client_cert_file and cp.client_key_file)
+        if not cp.url.startswith("https://") or not custom:
+            # aiohttp's own verifying context (the system's trust store, as create_default_context):
+            # a second identical one would cost 2 MiB for the CA certificates it parses.
             return True
         ctx = ssl.create_default_context(cafile=str(cp.ca_file) if cp.ca_file else None)
         if self.settings.additional_ca_path is not None:
@@ -408,11 +412,27 @@ async def serve(agent: Agent) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.request_shutdown)
+    freeze = asyncio.create_task(_freeze_when_started(agent), name="gc-freeze")
     try:
         return await agent.run()
     finally:
+        freeze.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
+
+
+async def _freeze_when_started(agent: Agent) -> None:
+    """Once warm, move what start-up built out of the garbage collector's reach.
+
+    Modules, models, clients and settings live as long as the process; left in the oldest
+    generation, every full collection walks them all again, and a full collection stalls the event
+    loop: with the pickup of every task that arrives meanwhile (docs/performance.md, issue 20).
+    Only a process's main job does this: frozen objects are never freed, fine for what lives as
+    long as the process, a leak for an embedding application or a test suite that runs many agents.
+    """
+    await agent.started.wait()
+    gc.collect()
+    gc.freeze()
 
 
 def _guarded(name: str, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
