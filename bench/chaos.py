@@ -21,7 +21,7 @@ from aiohttp import web
 
 from agent._loopback import serve_on_loopback
 
-Mode = Literal["pass", "reset", "error", "ratelimit", "throttle", "latency", "blackhole"]
+Mode = Literal["pass", "reset", "error", "ratelimit", "throttle", "latency", "blackhole", "missing"]
 
 _AWS_THROTTLING = (
     "<ErrorResponse><Error><Type>Sender</Type><Code>Throttling</Code><Message>Rate exceeded</Message></Error>"
@@ -87,6 +87,10 @@ class ChaosProxy:
                 status=429,
                 headers={"Retry-After": "1"},
             )
+        if mode == "missing":  # a control plane without this route (an older version)
+            self.seen["404"] += 1
+            message = f"no route for {request.method} {request.path}"
+            return web.json_response({"error": {"code": "not_found", "message": message}}, status=404)
         if mode == "latency":
             self.seen["latency"] += 1
             await asyncio.sleep(self.latency)

@@ -229,7 +229,7 @@ async def test_no_result_is_lost_or_counted_twice_across_an_outage(
     await cp.stop()
     a.gate.open(task.id)
     await wait_for(
-        lambda: sample(a.agent.metrics, REQUESTS, operation="submit_result", status="error") >= 1,
+        lambda: sample(a.agent.metrics, REQUESTS, operation="submit_results", status="error") >= 1,
         "the result to fail to send while the control plane is down",
     )
     await wait_for(lambda: not a.agent.state.running, "the task to leave the executor")
@@ -237,7 +237,7 @@ async def test_no_result_is_lost_or_counted_twice_across_an_outage(
     result = await done(cp2, task.id, timeout=30)
     assert (result.status, result.attempts) == ("SUCCESS", 1)
     await wait_for(lambda: sample(a.agent.metrics, "delegate_outbox_depth") == 0, "the outbox to empty")
-    assert sample(a.agent.metrics, REQUESTS, operation="submit_result", status="200") == 1
+    assert sample(a.agent.metrics, REQUESTS, operation="submit_results", status="200") == 1
 
 
 async def test_results_left_in_the_outbox_are_delivered_after_a_restart(
@@ -456,7 +456,7 @@ async def test_a_result_stuck_behind_errors_keeps_its_lease(
             heartbeat_seconds=1, poll_wait_seconds=1, lease_seconds=0.5, sweep_interval_seconds=0.05
         )
     )
-    proxy = ChaosProxy(cp.url, mode="error", share=1.0, only_suffix="/result")
+    proxy = ChaosProxy(cp.url, mode="error", share=1.0, only_suffix="/results")
     async with proxy.running() as url:
         a = await agent_factory(url)
         await a.registered()
@@ -470,6 +470,53 @@ async def test_a_result_stuck_behind_errors_keeps_its_lease(
         results = [await done(cp, t.id) for t in tasks]
         await wait_for(lambda: sample(metrics, "delegate_outbox_depth") == 0, "the outbox to empty")
     assert [(r.status, r.attempts) for r in results] == [("SUCCESS", 1)] * 3
-    assert sample(metrics, REQUESTS, operation="submit_result", status="200") == 3
+    assert 1 <= sample(metrics, REQUESTS, operation="submit_results", status="200") <= 3
     dropped = [s.value for m in metrics.results_dropped.collect() for s in m.samples if s.name.endswith("_total")]
     assert sum(dropped) == 0
+
+
+async def test_results_waiting_together_go_in_one_request(
+    control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory
+) -> None:
+    """Results that wait together (here: behind 503s) are delivered by one POST /v1/results, each
+    accepted once; a result no longer costs the delegate a request of its own."""
+    from bench.chaos import ChaosProxy
+
+    cp = await control_plane_factory(settings=FAST)
+    proxy = ChaosProxy(cp.url, mode="error", share=1.0, only_suffix="/v1/results")
+    async with proxy.running() as url:
+        a = await agent_factory(url, capacity=16)
+        await a.registered()
+        tasks = [await cp.core.create_task(type="test.gate", payload={}) for _ in range(12)]
+        await wait_for(lambda: len(a.gate.started) == 12, "all twelve to start")
+        a.gate.open_all()
+        await wait_for(lambda: sample(a.agent.metrics, "delegate_outbox_depth") == 12, "all twelve to wait")
+        proxy.set("pass")
+        results = [await done(cp, t.id) for t in tasks]
+        await wait_for(lambda: sample(a.agent.metrics, "delegate_outbox_depth") == 0, "the outbox to empty")
+    assert [(r.status, r.attempts) for r in results] == [("SUCCESS", 1)] * 12
+    assert sample(a.agent.metrics, REQUESTS, operation="submit_results", status="200") == 1
+    assert sample(a.agent.metrics, REQUESTS, operation="submit_result", status="200") == 0
+    assert (await cp.core.stats()).results_accepted == 12
+
+
+async def test_a_control_plane_without_the_batch_route_gets_one_put_per_result(
+    control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory
+) -> None:
+    """An older control plane (the real one behind a relay that answers 404 for POST /v1/results,
+    as a server without the route does): results still arrive, one PUT each, and the delegate
+    stops asking for the batch route."""
+    from bench.chaos import ChaosProxy
+
+    cp = await control_plane_factory(settings=FAST)
+    proxy = ChaosProxy(cp.url, mode="missing", share=1.0, only_suffix="/v1/results")
+    async with proxy.running() as url:
+        a = await agent_factory(url, capacity=4)
+        await a.registered()
+        first = [await cp.core.create_task(type="test.echo", payload={"message": "m"}) for _ in range(3)]
+        assert [(await done(cp, t.id)).status for t in first] == ["SUCCESS"] * 3
+        second = await cp.core.create_task(type="test.echo", payload={"message": "m"})
+        assert (await done(cp, second.id)).status == "SUCCESS"
+        await wait_for(lambda: sample(a.agent.metrics, "delegate_outbox_depth") == 0, "the outbox to empty")
+    assert sample(a.agent.metrics, REQUESTS, operation="submit_result", status="200") == 4
+    assert proxy.seen["404"] == 1  # asked once, then never again

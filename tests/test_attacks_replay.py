@@ -38,7 +38,7 @@ from tests.handlers import all_handlers
 from tests.helpers import wait_for, wait_task
 
 _ACQUIRE = re.compile(r"/v1/delegates/([^/]+)/acquire")
-_RESULT = re.compile(r"/v1/tasks/([^/]+)/result")
+_RESULT = re.compile(r"/v1/tasks/([^/]+)/result|/v1/(results)")
 
 
 @dataclass
@@ -108,6 +108,11 @@ class ReplayProxy:
             self.captured.extend(json.loads(answer)["tasks"])
         if result and request.method == "PUT":
             self.reported.append(Reported(result[1], json.loads(body), status, json.loads(answer or b"{}")))
+        if result and result[2] and status == 200:  # a batch: each result with the answer its own PUT would get
+            items, outcomes = json.loads(body)["results"], json.loads(answer)["outcomes"]
+            for item, out in zip(items, outcomes, strict=True):
+                said = {"outcome": out["outcome"]} if out["status"] == 200 else {"error": out["error"]}
+                self.reported.append(Reported(item["taskId"], item["result"], out["status"], said))
         return web.Response(status=status, body=answer, headers=kept)
 
 

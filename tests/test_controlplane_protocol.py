@@ -9,8 +9,8 @@ import aiohttp
 import pytest
 
 from agent.controlplane.core import ControlPlaneSettings
-from agent.protocol.errors import LeaseFenced, UnknownDelegate
-from agent.protocol.models import AcquireRequest, HeartbeatRequest, TaskResult
+from agent.protocol.errors import LeaseFenced, RequestRejected, UnknownDelegate
+from agent.protocol.models import MAX_RESULTS_PER_BATCH, AcquireRequest, HeartbeatRequest, TaskResult
 from agent.protocol.results import ValidationResult, failed
 from agent.protocol.wire import TaskStatus
 from tests.conftest import ControlPlaneFactory, ManualClock, delegate_client, register_request
@@ -385,3 +385,53 @@ async def test_a_wait_that_gives_up_does_not_deafen_another_wait_for_the_same_ta
     assert (await cp.core.wait_task(task.id, 0.05)).state == "queued"  # the impatient one gives up
     await cp.core.cancel_task(task.id)  # the task ends
     assert (await asyncio.wait_for(patient, 5)).state == "done"
+
+
+async def test_a_batch_of_results_is_judged_result_by_result(
+    control_plane_factory: ControlPlaneFactory, http: aiohttp.ClientSession, clock: ManualClock
+) -> None:
+    """POST /v1/results answers, for each result in order, what its own PUT would have: accepted,
+    duplicate, fenced (checked per result), unknown; one bad result costs the others nothing."""
+    cp = await control_plane_factory(clock=clock)
+    client = delegate_client(http, cp.url)
+    d = await client.register(register_request("a"))
+    for _ in range(3):
+        await cp.core.create_task(type="test.echo", payload={})
+    ok, done, late = (await client.acquire(d.delegate_id, AcquireRequest(max_tasks=3, wait_seconds=0))).tasks
+    await client.submit_result(done.task_id, result(done.lease_id, connector="first"))
+    answers = await client.submit_results(
+        [
+            (ok.task_id, result(ok.lease_id, connector="ok")),
+            (done.task_id, result(done.lease_id, connector="first")),  # a retry: duplicate
+            (late.task_id, result(ok.lease_id)),  # another task's lease: fenced
+            ("task_unknown", result(ok.lease_id)),
+        ]
+    )
+    assert [type(a).__name__ for a in answers] == [
+        "SubmitResultResponse",
+        "SubmitResultResponse",
+        "LeaseFenced",
+        "NotFound",
+    ]
+    assert [getattr(a, "outcome", None) for a in answers[:2]] == ["accepted", "duplicate"]
+    stored = (await cp.core.get_task(ok.task_id)).result
+    assert stored is not None and stored.connector_identifier == "ok"
+    assert (await cp.core.get_task(late.task_id)).state == "running"  # the fenced one changed nothing
+    # The fence is checked per result at arrival, as for PUT: an expired lease in a batch is fenced too.
+    clock.advance(45)
+    [answer] = await client.submit_results([(late.task_id, result(late.lease_id))])
+    assert isinstance(answer, LeaseFenced)
+    assert (await cp.core.get_task(late.task_id)).state == "queued"
+
+
+async def test_a_batch_is_bounded_and_an_invalid_one_records_nothing(
+    control_plane_factory: ControlPlaneFactory, http: aiohttp.ClientSession
+) -> None:
+    cp = await control_plane_factory()
+    client = delegate_client(http, cp.url)
+    d = await client.register(register_request("a"))
+    await cp.core.create_task(type="test.echo", payload={})
+    [t] = (await client.acquire(d.delegate_id, AcquireRequest(max_tasks=1, wait_seconds=0))).tasks
+    with pytest.raises(RequestRejected, match="results"):
+        await client.submit_results([(t.task_id, result(t.lease_id))] * (MAX_RESULTS_PER_BATCH + 1))
+    assert (await cp.core.get_task(t.task_id)).state == "running"

@@ -103,7 +103,7 @@ async def test_every_task_gets_exactly_one_result_through_faults(tmp_path: Path)
     for text in survivors.values():
         failed = sum(
             _count(text, op, ("error", "503", "429", "502", "timeout"))
-            for op in ("acquire", "heartbeat", "submit_result", "renew_lease")
+            for op in ("acquire", "heartbeat", "submit_results", "renew_lease")
         )
         assert failed > 0
         assert "delegate_registered 1.0" in text

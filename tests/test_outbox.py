@@ -53,3 +53,39 @@ def test_a_durable_outbox_survives_reopening(tmp_path: Path) -> None:
     assert again.changed.is_set()  # the reporter sends them at once
     assert [e.key for e in again.pending()] == ["a", "c"]
     again.close()
+
+
+def test_results_from_an_earlier_run_and_this_one_are_sent_and_removed_alike(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows left by an earlier run are read from the file; this run's are kept in memory too (up to
+    a bound) so sending them reads nothing back. Either way the order, count and removal hold."""
+    import agent.runtime.outbox as outbox_module
+
+    monkeypatch.setattr(outbox_module, "MEMORY_ENTRIES", 2)
+    box = SqliteOutbox(tmp_path / "outbox.sqlite3")
+    box.put(_entry("old"))
+    box.close()
+    box = SqliteOutbox(tmp_path / "outbox.sqlite3")
+    for lease in ("a", "b", "c"):  # "c" is past the memory bound: on disk only
+        box.put(_entry(lease))
+    box.put(_entry("a", "FAILURE"))
+    assert [(e.key, e.result.status) for e in box.pending()] == [
+        ("old", "SUCCESS"),
+        ("b", "SUCCESS"),
+        ("c", "SUCCESS"),
+        ("a", "FAILURE"),  # replaced: newest last, as the file orders it
+    ]
+    box.remove_many(["old", "a", "missing", "a"])
+    assert len(box) == 2
+    assert [e.key for e in box.pending(limit=1)] == ["b"]
+    box.remove_many(["c"])
+    assert [e.key for e in box.pending()] == ["b"]  # from memory now: nothing left only on disk
+    box.put(_entry("d"))
+    assert [e.key for e in box.pending()] == ["b", "d"]
+    box.remove_many(["b", "d"])
+    assert len(box) == 0 and box.pending() == []
+    box.close()
+    again = SqliteOutbox(tmp_path / "outbox.sqlite3")
+    assert len(again) == 0 and again.pending() == []
+    again.close()

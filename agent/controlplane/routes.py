@@ -48,6 +48,7 @@ from agent.protocol.models import (
     CreateTokenRequest,
     DelegateList,
     ErrorBody,
+    ErrorDetail,
     HeartbeatRequest,
     HeartbeatResponse,
     LeaseResponse,
@@ -55,9 +56,12 @@ from agent.protocol.models import (
     Readiness,
     RegisterRequest,
     RegisterResponse,
+    ResultOutcome,
     ServerInfo,
     Stats,
     SubmitResultResponse,
+    SubmitResultsRequest,
+    SubmitResultsResponse,
     TaskList,
     TaskResult,
     TaskView,
@@ -219,6 +223,23 @@ ROUTES: tuple[Route, ...] = (
         },
         request=TaskResult,
         params=(_TASK_ID,),
+    ),
+    Route(
+        "POST",
+        "/v1/results",
+        "submit_results",
+        "Submit several results at once; each is judged alone, as its own PUT would be (idempotent per lease)",
+        "delegate protocol",
+        "delegate",
+        {
+            200: (
+                "One outcome per result, in order: the status and outcome or error its PUT would answer",
+                SubmitResultsResponse,
+            ),
+            400: ("Not a valid batch (at most 64 results): nothing was recorded", ErrorBody),
+            503: ("The store refused a write: results before it may be recorded; sending all again is safe", ErrorBody),
+        },
+        request=SubmitResultsRequest,
     ),
     # --- public --------------------------------------------------------------------------------
     Route(
@@ -651,6 +672,19 @@ class Handlers:
     async def submit_result(self, request: web.Request, body: TaskResult) -> web.Response:
         outcome = await self.cp.submit_result(request.match_info["taskId"], body, caller=request[_CALLER])
         return json_response(SubmitResultResponse(outcome=outcome))  # type: ignore[arg-type]
+
+    async def submit_results(self, request: web.Request, body: SubmitResultsRequest) -> web.Response:
+        """One request for many results; the fence, the holder and idempotency are checked per result."""
+        outcomes: list[ResultOutcome] = []
+        for item in body.results:
+            try:
+                outcome = await self.cp.submit_result(item.task_id, item.result, caller=request[_CALLER])
+            except ApiFailure as exc:
+                error = ErrorDetail(code=exc.code, message=exc.message, problems=exc.problems)
+                outcomes.append(ResultOutcome(task_id=item.task_id, status=exc.status, error=error))
+                continue
+            outcomes.append(ResultOutcome(task_id=item.task_id, status=200, outcome=outcome))  # type: ignore[arg-type]
+        return json_response(SubmitResultsResponse(outcomes=outcomes))
 
     # --- public ------------------------------------------------------------------------------
 

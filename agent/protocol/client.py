@@ -16,7 +16,7 @@ import aiohttp
 import msgspec
 
 from agent.protocol.auth import RequestSigner, TokenUnavailable
-from agent.protocol.errors import AuthError, ProtocolError, TransientError, error_from_response
+from agent.protocol.errors import AuthError, ProtocolError, TransientError, error_from_detail, error_from_response
 from agent.protocol.models import (
     AcquireRequest,
     AcquireResponse,
@@ -25,7 +25,10 @@ from agent.protocol.models import (
     LeaseResponse,
     RegisterRequest,
     RegisterResponse,
+    ResultItem,
     SubmitResultResponse,
+    SubmitResultsRequest,
+    SubmitResultsResponse,
     TaskResult,
 )
 
@@ -96,6 +99,27 @@ class ControlPlaneClient:
     async def submit_result(self, task_id: str, result: TaskResult) -> SubmitResultResponse:
         path = f"/v1/tasks/{task_id}/result"
         return await self._call("submit_result", "PUT", path, result, SubmitResultResponse)
+
+    async def submit_results(self, results: list[tuple[str, TaskResult]]) -> list[SubmitResultResponse | ProtocolError]:
+        """Several results in one request (at most ``MAX_RESULTS_PER_BATCH``): for each, in order,
+        what :meth:`submit_result` would have returned, or the error it would have raised.
+
+        An error of the request as a whole (unreachable, 503, 401, a control plane without the
+        route: ``NotFound``) is raised as usual; every result is then as undelivered as before.
+        """
+        body = SubmitResultsRequest(results=[ResultItem(task_id=task_id, result=r) for task_id, r in results])
+        answer = await self._call("submit_results", "POST", "/v1/results", body, SubmitResultsResponse)
+        if len(answer.outcomes) != len(results):
+            raise TransientError(f"submit_results: {len(answer.outcomes)} outcomes for {len(results)} results")
+        out: list[SubmitResultResponse | ProtocolError] = []
+        for item in answer.outcomes:
+            if item.status == 200 and item.outcome is not None:
+                out.append(SubmitResultResponse(outcome=item.outcome))
+            elif item.error is not None:
+                out.append(error_from_detail(item.status, item.error))
+            else:
+                out.append(TransientError(f"submit_results: no outcome for task {item.task_id}", status=item.status))
+        return out
 
     async def deregister(self, delegate_id: str) -> None:
         await self._call("deregister", "POST", f"/v1/delegates/{delegate_id}/deregister", None, None)

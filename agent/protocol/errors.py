@@ -127,6 +127,11 @@ def error_from_response(status: int, body: bytes, headers: Mapping[str, str]) ->
         text = body[:200].decode("utf-8", "replace").strip() or "no error body"
         detail = ErrorDetail(code=_default_code(status), message=text)
     retry_after = parse_retry_after(headers.get("Retry-After"))
+    return error_from_detail(status, detail, retry_after=retry_after)
+
+
+def error_from_detail(status: int, detail: ErrorDetail, *, retry_after: float | None = None) -> ProtocolError:
+    """The exception for an error ``status`` and its body's detail (a response's, or a batch item's)."""
     if retry_after is None:
         retry_after = detail.retry_after_seconds
     kwargs = {

@@ -123,6 +123,39 @@ class SubmitResultResponse(Wire, kw_only=True):
     outcome: Literal["accepted", "duplicate"]
 
 
+#: Results one ``POST /v1/results`` carries at most.
+MAX_RESULTS_PER_BATCH = 64
+
+
+class ResultItem(Wire, kw_only=True):
+    task_id: str
+    result: TaskResult
+
+
+class SubmitResultsRequest(Wire, kw_only=True):
+    """Several results in one request: each is judged alone, exactly as its own PUT would be."""
+
+    results: Annotated[list[ResultItem], msgspec.Meta(min_length=1, max_length=MAX_RESULTS_PER_BATCH)]
+
+
+class ResultOutcome(Wire, kw_only=True):
+    """What the control plane made of one result of a batch.
+
+    ``status`` is the one ``PUT /v1/tasks/{taskId}/result`` would have answered: 200 with
+    ``outcome``, or the error status with ``error`` (409 ``lease_fenced``, 404, 403, 400).
+    """
+
+    task_id: str
+    status: int
+    outcome: Literal["accepted", "duplicate"] | None = None
+    error: ErrorDetail | None = None
+
+
+class SubmitResultsResponse(Wire, kw_only=True):
+    #: One per result, in the order they were sent.
+    outcomes: list[ResultOutcome]
+
+
 # --- errors ----------------------------------------------------------------------------------
 
 

@@ -18,11 +18,13 @@ stop the others. A damaged file is refused at start, in one line that says what 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Protocol
 
@@ -44,6 +46,8 @@ __all__ = ["DataDirUnusable", "Entry", "MemoryOutbox", "Outbox", "SqliteOutbox",
 OUTBOX_FILE = "outbox.sqlite3"
 #: While faulted, the disk is tried again at most this often.
 RETRY_DISK_SECONDS = 1.0
+#: Results also kept in memory while they wait, so sending them reads nothing back from the file.
+MEMORY_ENTRIES = 1024
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ class Outbox(Protocol):
     def put(self, entry: Entry) -> None: ...
     def pending(self, limit: int = 100) -> list[Entry]: ...
     def remove(self, key: str) -> None: ...
+    def remove_many(self, keys: Iterable[str]) -> None: ...
     def __len__(self) -> int: ...
     def close(self) -> None: ...
 
@@ -89,6 +94,10 @@ class MemoryOutbox:
 
     def remove(self, key: str) -> None:
         self._entries.pop(key, None)
+
+    def remove_many(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            self._entries.pop(key, None)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -150,6 +159,11 @@ class SqliteOutbox:
             raise _damaged(path, str(exc)) from None
         #: Results the disk refused, kept here (and delivered from here) until it takes them.
         self._spill: OrderedDict[str, Entry] = OrderedDict()
+        #: Written results, mirrored here (up to MEMORY_ENTRIES) so pending() need not read them back.
+        self._mem: OrderedDict[str, Entry] = OrderedDict()
+        #: Rows on disk with no copy in memory (an earlier run's, or past MEMORY_ENTRIES): while
+        #: there are any, pending() reads the file.
+        self._disk_only = self._count
         #: Acknowledged results whose row could not be deleted yet: never sent again, deleted later.
         self._undeleted: set[str] = set()
         #: Rows that neither decode nor could be moved to dead_letter (full disk): skipped.
@@ -181,13 +195,24 @@ class SqliteOutbox:
             (entry.key, entry.task_id, body, now),
         ).rowcount:
             self._count += 1
+            if len(self._mem) < MEMORY_ENTRIES:
+                self._mem[entry.key] = entry
+            else:
+                self._disk_only += 1
         else:
             self._db.execute("UPDATE outbox SET body=?, created_at=? WHERE lease_id=?", (body, now, entry.key))
+            if entry.key in self._mem:
+                self._mem[entry.key] = entry
+                self._mem.move_to_end(entry.key)
 
     def pending(self, limit: int = 100) -> list[Entry]:
         if self._fault is not None and self._clock() >= self._next_try:
             self._retry_disk()
         skip = self._undeleted | self._unreadable
+        if not self._disk_only:  # everything waiting is in memory: nothing to read back or decode
+            spilled = self._spill.values()
+            mem = (e for k, e in self._mem.items() if k not in skip and k not in self._spill)
+            return list(islice((*spilled, *mem), limit))
         rows = self._db.execute(
             "SELECT lease_id, task_id, body FROM outbox ORDER BY created_at LIMIT ?", (limit + len(skip),)
         ).fetchall()
@@ -196,6 +221,9 @@ class SqliteOutbox:
             if len(entries) >= limit:
                 break
             if lease_id in skip or lease_id in self._spill:
+                continue
+            if (entry := self._mem.get(lease_id)) is not None:
+                entries.append(entry)
                 continue
             try:
                 entries.append(Entry(task_id=task_id, result=_decode(body)))
@@ -223,6 +251,7 @@ class SqliteOutbox:
             self._db.execute("DELETE FROM outbox WHERE lease_id=?", (lease_id,))
             self._db.execute("COMMIT")
             self._count -= 1
+            self._disk_only -= 1
         except sqlite3.Error as exc:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
@@ -230,17 +259,39 @@ class SqliteOutbox:
             self._failed("quarantine a damaged result", exc)
 
     def remove(self, key: str) -> None:
-        if self._spill.pop(key, None) is not None:
+        self.remove_many((key,))
+
+    def remove_many(self, keys: Iterable[str]) -> None:
+        """Forget delivered results: one transaction for all of them (one WAL append, not one each)."""
+        rest = [key for key in keys if self._spill.pop(key, None) is None]
+        if not rest:
             return
         try:
-            self._delete(key)
+            if len(rest) > 1:
+                self._db.execute("BEGIN IMMEDIATE")
+            deleted = [self._delete_row(key) for key in rest]
+            if self._db.in_transaction:
+                self._db.execute("COMMIT")
         except sqlite3.Error as exc:
-            self._undeleted.add(key)
+            if self._db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
+            self._undeleted.update(rest)
             self._failed("remove a delivered result", exc)
+            return
+        for key, gone in zip(rest, deleted, strict=True):
+            self._forget(key, gone)
 
-    def _delete(self, key: str) -> None:
-        if self._db.execute("DELETE FROM outbox WHERE lease_id=?", (key,)).rowcount:
+    def _delete_row(self, key: str) -> bool:
+        return bool(self._db.execute("DELETE FROM outbox WHERE lease_id=?", (key,)).rowcount)
+
+    def _forget(self, key: str, deleted: bool) -> None:
+        """The bookkeeping for a row that was deleted (or was not there), once the deletion is committed."""
+        mirrored = self._mem.pop(key, None) is not None
+        if deleted:
             self._count -= 1
+            if not mirrored:
+                self._disk_only -= 1
 
     def _failed(self, what: str, exc: sqlite3.Error) -> None:
         reason = f"cannot {what} to {self.path}: {exc}"
@@ -260,7 +311,7 @@ class SqliteOutbox:
                 self._write(entry)
                 del self._spill[key]
             for key in list(self._undeleted):
-                self._delete(key)
+                self._forget(key, self._delete_row(key))
                 self._undeleted.discard(key)
             self._unreadable.clear()  # they are tried (and quarantined) again by the next read
             # A real write, so "the disk takes writes again" is known even with nothing waiting.

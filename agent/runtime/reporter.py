@@ -18,7 +18,8 @@ import structlog
 
 from agent.observability.metrics import AgentMetrics
 from agent.protocol.client import ControlPlaneClient
-from agent.protocol.errors import AuthError, LeaseFenced, NotFound, ProtocolError, RequestRejected
+from agent.protocol.errors import AuthError, Code, LeaseFenced, NotFound, ProtocolError, RequestRejected
+from agent.protocol.models import MAX_RESULTS_PER_BATCH, SubmitResultResponse
 from agent.runtime.backoff import Backoff, auth_backoff
 from agent.runtime.outbox import Entry, Outbox
 from agent.runtime.state import AgentState
@@ -38,6 +39,8 @@ class Reporter:
         self._state = state
         self._metrics = metrics
         self._stop = asyncio.Event()
+        #: False once the control plane turned out not to have ``POST /v1/results``.
+        self._batches = True
 
     @property
     def undelivered(self) -> int:
@@ -144,37 +147,73 @@ class Reporter:
         return len(self._outbox) == 0
 
     async def _send_all(self, batch: list[Entry]) -> ProtocolError | None:
-        """Send every entry (a few at a time); return an error worth retrying, if any occurred."""
+        """Send every entry, up to ``MAX_RESULTS_PER_BATCH`` per request (a few requests at a time);
+        return an error worth retrying, if any occurred.
+
+        One request carries many results, each judged alone by the control plane: at load, most
+        of what a result cost the delegate was its own request. A control plane without the batch
+        route gets one ``PUT`` per result, as before.
+        """
         gate = asyncio.Semaphore(CONCURRENCY)
         errors: list[ProtocolError] = []
 
-        async def send(entry: Entry) -> None:
+        async def send_batch(chunk: list[Entry]) -> None:
             async with gate:
                 if errors and not errors[-1].transient:
                     return  # refused credentials: no point asking again in this round
+                if self._batches:
+                    try:
+                        answers = await self._client.submit_results([(e.task_id, e.result) for e in chunk])
+                    except RequestRejected:
+                        pass  # the batch as a whole (a server with a lower size limit): each alone says which
+                    except ProtocolError as exc:
+                        if exc.status not in (404, 405) or exc.code not in (Code.NOT_FOUND, Code.INVALID_REQUEST):
+                            errors.append(exc)
+                            return
+                        self._batches = False
+                        log.info("agent.results_one_by_one", reason="the control plane has no POST /v1/results")
+                    else:
+                        self._settle(list(zip(chunk, answers, strict=True)), errors)
+                        return
+            await asyncio.gather(*(send_one(e) for e in chunk))
+
+        async def send_one(entry: Entry) -> None:
+            async with gate:
+                if errors and not errors[-1].transient:
+                    return
+                answer: SubmitResultResponse | ProtocolError
                 try:
                     answer = await self._client.submit_result(entry.task_id, entry.result)
-                except LeaseFenced as exc:
-                    self._drop(entry, "lease_fenced", str(exc))
-                    return
-                except NotFound as exc:
-                    self._drop(entry, "unknown_task", str(exc))
-                    return
-                except RequestRejected as exc:
-                    self._drop(entry, "rejected", str(exc))
-                    return
                 except ProtocolError as exc:
-                    errors.append(exc)
-                    return
-                self._outbox.remove(entry.key)
-                self._state.contact(asyncio.get_running_loop().time(), time.time())
-                if answer.outcome == "duplicate":
-                    log.info("task.result_already_delivered", task_id=entry.task_id)
+                    answer = exc
+                self._settle([(entry, answer)], errors)
 
-        await asyncio.gather(*(send(e) for e in batch))
+        size = MAX_RESULTS_PER_BATCH
+        await asyncio.gather(*(send_batch(batch[i : i + size]) for i in range(0, len(batch), size)))
         return errors[-1] if errors else None
 
+    def _settle(
+        self, answers: list[tuple[Entry, SubmitResultResponse | ProtocolError]], errors: list[ProtocolError]
+    ) -> None:
+        """What each answer means for its result: delivered, dropped for good, or kept to retry."""
+        done: list[str] = []
+        for entry, answer in answers:
+            if isinstance(answer, LeaseFenced):
+                self._drop(entry, "lease_fenced", str(answer))
+            elif isinstance(answer, NotFound):
+                self._drop(entry, "unknown_task", str(answer))
+            elif isinstance(answer, RequestRejected):
+                self._drop(entry, "rejected", str(answer))
+            elif isinstance(answer, ProtocolError):
+                errors.append(answer)
+                continue
+            elif answer.outcome == "duplicate":
+                log.info("task.result_already_delivered", task_id=entry.task_id)
+            done.append(entry.key)
+        if done:
+            self._outbox.remove_many(done)
+            self._state.contact(asyncio.get_running_loop().time(), time.time())
+
     def _drop(self, entry: Entry, reason: str, detail: str) -> None:
-        self._outbox.remove(entry.key)
         self._metrics.results_dropped.labels(reason).inc()
         log.warning("task.result_dropped", task_id=entry.task_id, reason=reason, detail=detail)
