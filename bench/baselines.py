@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 
 def boto3_pool(endpoint: str, keys: list[tuple[str, str]], threads: int) -> dict[str, float]:
-    import boto3  # noqa: PLC0415 - only this baseline pays for importing boto3
+    import boto3  # type: ignore[import-untyped]  # noqa: PLC0415 - only this baseline pays for importing boto3
 
     session = boto3.session.Session()
 
