@@ -18,8 +18,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from bench import canned_aws
 from bench.__main__ import ROOT, Bench, _create_many
-from bench.load import Stack
+from bench.load import Stack, free_port
 
 PY_SPY = ROOT / ".tools" / "bench" / "py-spy" / "bin" / "py-spy"
 
@@ -65,6 +66,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--validations", type=int, default=600)
     parser.add_argument("--raw", metavar="FILE", help="also keep py-spy's raw samples (for flamegraph tools)")
+    parser.add_argument(
+        "--canned", action="store_true", help="against the canned AWS (bench/canned_aws.py) instead of moto"
+    )
     args = parser.parse_args()
     subprocess.run(["bash", str(ROOT / "bench" / "setup.sh")], check=True)
     with tempfile.TemporaryDirectory(prefix="delegate-profile-") as tmp:
@@ -76,7 +80,15 @@ def main() -> int:
             bench._seed(stack.moto_url)
             stack.start_control_plane()
             api = stack.api
-            agent = bench._agent(stack, "bench", capacity=256)
+            aws = None
+            if args.canned:
+                port = free_port()
+                stack.processes["canned-aws"] = subprocess.Popen(
+                    [sys.executable, "-m", "bench.canned_aws", str(port)], cwd=ROOT, stdout=subprocess.DEVNULL
+                )
+                canned_aws.wait_ready(port)
+                aws = f"http://127.0.0.1:{port}"
+            agent = bench._agent(stack, "bench", capacity=256, aws=aws)
             bench._wait_registered(api, "bench")
             bench._validate_many(api, agent, 50)  # warm
             out = workdir / "samples.txt"

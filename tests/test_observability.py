@@ -282,3 +282,23 @@ def test_a_silent_control_plane_readiness_reason_carries_the_last_error() -> Non
     ]
     state.contact(now[0], 0.0)
     assert policy.readiness_problems() == [] and state.last_error is None
+
+
+def test_a_string_found_clean_is_scanned_again_once_a_secret_it_holds_is_learnt() -> None:
+    """The redactor remembers strings it found clean (result documents repeat theirs task after
+    task); learning a secret, added or pinned, must make every remembered string count again."""
+    r = Redactor()
+    r.add("unrelated-secret-1")
+    text = "arn:aws:iam::123456789012:role/canary-9f8e7d6c5b4a"
+    assert r.text(text) == text and r.text(text) == text  # scanned, then remembered as clean
+    r.add("canary-9f8e7d6c5b4a")
+    assert "canary-9f8e7d6c5b4a" not in r.text(text)
+    other = "token tail: pinned-canary-0a1b2c3d"
+    assert r.text(other) == other
+    r.pin("pinned-canary-0a1b2c3d")
+    assert "pinned-canary-0a1b2c3d" not in r.text(other)
+    # Walked documents take the same path: a dict seen clean before is masked after.
+    doc = {"message": "assumed canary-ffff0000eeee", "nested": [{"detail": "canary-ffff0000eeee"}]}
+    assert r.value(doc) == doc
+    r.add("canary-ffff0000eeee")
+    assert "canary-ffff0000eeee" not in repr(r.value(doc))

@@ -10,6 +10,7 @@ look secret.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -53,6 +54,9 @@ _SAFE_SUFFIXES = (
     "Source",
 )
 _MIN_SECRET_LENGTH = 6
+#: Clean strings remembered (see Redactor._clean): at most this many, each at most this long.
+_CLEAN_MAX_ENTRIES = 4096
+_CLEAN_MAX_LENGTH = 512
 # Credentials inside text that no one has registered yet: botocore's debug log prints a response body
 # (STS AssumeRole, IAM CreateAccessKey, container and instance credentials) before the code that
 # asked for it can hand the keys to the redactor. XML elements and quoted keys (JSON, Python reprs).
@@ -82,6 +86,10 @@ class Redactor:
         #: Long-lived secrets (the delegate token, the control plane's tokens and keys): never evicted
         #: by the bound, however many short-lived session keys arrive after them.
         self._pinned: set[str] = set()
+        #: Strings already scanned and found clean, for the secrets held now (replaced, not cleared,
+        #: when one is added: a scan that began before sees its own set go stale, never the new one).
+        #: A result document repeats most of its strings task after task (names, regions, ARNs).
+        self._clean: set[str] = set()
 
     def pin(self, *values: str | None) -> None:
         """Remember secret values for the life of the process (outside the bound ``add`` keeps)."""
@@ -94,6 +102,7 @@ class Redactor:
                 prefix = value[:_MIN_SECRET_LENGTH]
                 if value not in self._index.get(prefix, ()):
                     self._index[prefix] = tuple(sorted((*self._index.get(prefix, ()), value), key=len, reverse=True))
+                    self._clean = set()
 
     def add(self, *values: str | None) -> None:
         """Remember secret values so they are masked wherever they show up later."""
@@ -108,6 +117,7 @@ class Redactor:
                 prefix = value[:_MIN_SECRET_LENGTH]
                 # Longest first, so a secret that contains another is masked whole.
                 self._index[prefix] = tuple(sorted((*self._index.get(prefix, ()), value), key=len, reverse=True))
+                self._clean = set()
                 while len(self._values) > self._max:
                     old, _ = self._values.popitem(last=False)
                     prefix = old[:_MIN_SECRET_LENGTH]
@@ -121,6 +131,17 @@ class Redactor:
         return len(self._values)
 
     def text(self, value: str) -> str:
+        clean = self._clean
+        if value in clean:
+            return value
+        masked = self._mask(value)
+        if len(value) <= _CLEAN_MAX_LENGTH and masked == value:
+            if len(clean) >= _CLEAN_MAX_ENTRIES:
+                clean.clear()
+            clean.add(value)
+        return masked
+
+    def _mask(self, value: str) -> str:
         if "Token" in value or "ecretAccessKey" in value:
             value = _CREDENTIAL_XML.sub(rf"<\1>{MASK}</\1>", value)
             value = _CREDENTIAL_QUOTED.sub(rf"\1\2{MASK}\2", value)
@@ -153,6 +174,13 @@ class Redactor:
         """A copy of ``value`` with secrets masked (dicts and lists are walked)."""
         if key is not None and is_secret_key(key) and value not in (None, "", [], {}):
             return MASK
+        kind = type(value)  # the wire's own types first, without the abstract-class checks below
+        if kind is str:
+            return self.text(value)
+        if kind is dict:
+            return {k: self.value(v, k if type(k) is str else str(k)) for k, v in value.items()}
+        if value is None or kind is int or kind is bool or kind is float:
+            return value
         if isinstance(value, str):
             return self.text(value)
         if isinstance(value, Mapping):
@@ -172,6 +200,7 @@ class Redactor:
         return event_dict
 
 
+@functools.lru_cache(maxsize=4096)
 def is_secret_key(key: str) -> bool:
     return bool(_SECRET_KEY.search(key)) and not key.endswith(_SAFE_SUFFIXES)
 
