@@ -11,6 +11,9 @@ handler runs in its own asyncio task and every exception is caught at that bound
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import heapq
+import itertools
 import random
 import time
 from collections.abc import Iterable, Mapping
@@ -118,6 +121,8 @@ class _Job:
     #: Stopped because this delegate shuts down: give the task back instead of reporting a result.
     give_back: bool = False
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The lease's renewal interval (a third of the lease, as the control plane last said).
+    interval: float = 0.0
 
 
 class Executor:
@@ -145,6 +150,11 @@ class Executor:
         self._jobs: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        #: Lease renewals due: (loop time, sequence, task id), one timer for all running tasks.
+        self._due: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
+        self._keeper: asyncio.Task[None] | None = None
+        self._keeper_wake = asyncio.Event()
 
     @property
     def task_types(self) -> list[str]:
@@ -214,7 +224,8 @@ class Executor:
         self._state.running[task.task_id] = RunningTask(task.task_id, task.type, task.lease_id, started, task.attempt)
         self._metrics.tasks_started.labels(task.type).inc()
         self._metrics.pickup_latency.observe(max(0.0, time.time() - task.created_at.timestamp()))
-        renewer = asyncio.create_task(self._renew(run), name=f"renew-{task.task_id}")
+        run.interval = max(0.05, task.lease_seconds / 3)
+        self._schedule_renewal(run, run.interval * random.uniform(0.8, 1.0))  # noqa: S311 - jitter, not crypto
         outcome_kind = "error"
         output: ValidationResult
         try:
@@ -256,13 +267,14 @@ class Executor:
             # The boundary: nothing a task does may escape into the delegate.
             log.exception("task.executor_error", task_id=task.task_id)
         finally:
-            renewer.cancel()
             self._state.running.pop(task.task_id, None)
             self._runs.pop(task.task_id, None)
             self._slots.release()
             run.done.set()
             if not self._runs:
                 self._idle.set()
+                self._due.clear()  # nothing left to renew: the keeper ends
+                self._keeper_wake.set()
 
     async def _execute(self, run: _Job, loop: asyncio.AbstractEventLoop) -> tuple[str, ValidationResult]:
         task = run.task
@@ -413,29 +425,60 @@ class Executor:
             delegate_name=self._state.name,
         )
 
-    async def _renew(self, run: _Job) -> None:
-        """Keep the lease while the task runs; stop the task if the lease is lost or cancelled."""
-        task = run.task
-        interval = max(0.05, task.lease_seconds / 3)
-        delay = interval
-        while True:
-            await asyncio.sleep(delay * random.uniform(0.8, 1.0))  # noqa: S311 - jitter, not crypto
-            try:
-                lease = await self._client.renew_lease(task.lease_id)
-            except LeaseFenced:
-                run.lease_lost = True
-                self.cancel(task.task_id, "the lease was lost (the control plane reassigned the task)")
-                return
-            except ProtocolError as exc:
-                # Try again soon: two missed renewals in a row must not cost the lease.
-                delay = max(0.05, min(1.0, interval / 3))
-                log.warning("task.lease_renewal_failed", error=str(exc), retry_in=round(delay, 2))
+    # --- lease renewal: one keeper for every running task -------------------------------------
+
+    def _schedule_renewal(self, run: _Job, delay: float) -> None:
+        """Renew ``run``'s lease in ``delay`` seconds. One keeper task sleeps until the earliest
+        renewal for all running tasks: most tasks finish long before their first renewal, and a
+        task and a timer of its own each cost more than the validation's bookkeeping."""
+        due = asyncio.get_running_loop().time() + delay
+        earliest = self._due[0][0] if self._due else None
+        heapq.heappush(self._due, (due, next(self._seq), run.task.task_id))
+        if self._keeper is None or self._keeper.done():
+            self._keeper = asyncio.create_task(self._keep_leases(), name="lease-keeper")
+        elif earliest is None or due < earliest:
+            self._keeper_wake.set()
+
+    async def _keep_leases(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._due:
+            self._keeper_wake.clear()
+            wait = self._due[0][0] - loop.time()
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._keeper_wake.wait()
                 continue
-            delay = interval
-            if lease.cancel_requested:
-                self.cancel(task.task_id, "cancelled by the control plane")
-                return
-            interval = max(0.05, lease.lease_seconds / 3)
+            _, _, task_id = heapq.heappop(self._due)
+            run = self._runs.get(task_id)
+            if run is not None and not run.done.is_set():
+                # Each renewal is its own request: a slow control plane must not hold up the others.
+                job = asyncio.create_task(self._renew(run), name=f"renew-{task_id}")
+                self._jobs.add(job)
+                job.add_done_callback(self._jobs.discard)
+
+    async def _renew(self, run: _Job) -> None:
+        """Renew the lease once; stop the task if the lease is lost or cancelled, else schedule the next."""
+        task = run.task
+        try:
+            lease = await self._client.renew_lease(task.lease_id)
+        except LeaseFenced:
+            run.lease_lost = True
+            self.cancel(task.task_id, "the lease was lost (the control plane reassigned the task)")
+            return
+        except ProtocolError as exc:
+            # Try again soon: two missed renewals in a row must not cost the lease.
+            delay = max(0.05, min(1.0, run.interval / 3))
+            log.warning("task.lease_renewal_failed", error=str(exc), retry_in=round(delay, 2))
+            if not run.done.is_set():
+                self._schedule_renewal(run, delay)
+            return
+        if lease.cancel_requested:
+            self.cancel(task.task_id, "cancelled by the control plane")
+            return
+        run.interval = max(0.05, lease.lease_seconds / 3)
+        if not run.done.is_set():
+            self._schedule_renewal(run, run.interval * random.uniform(0.8, 1.0))  # noqa: S311 - jitter, not crypto
 
 
 def _summary(task: Task, outcome: str, status: str, output: ValidationResult, seconds: float) -> None:
