@@ -209,7 +209,7 @@ class SqliteStore:
                 # this project's machines that is ~50 ms each, forty times the cost of a lease.
                 self._db.execute("PRAGMA synchronous=NORMAL")
                 # A checkpoint's fsyncs in a COMMIT held up the event loop for 5-14 ms (once 279 ms): the
-                # checkpointer thread keeps the log small instead (folded from 512 KiB, truncated back to
+                # checkpointer thread keeps the log small instead (folded from 768 KiB, truncated back to
                 # 1 MiB; left at SQLite's 4 MiB it filled a small volume by itself). This connection
                 # checkpoints only as a brake (_committed), should the thread fall behind.
                 self._db.execute("PRAGMA wal_autocheckpoint=0")
