@@ -480,16 +480,21 @@ async def test_a_full_disk_costs_queued_tasks_nothing_and_the_log_stays_short(
 
 async def test_the_write_ahead_log_cannot_fill_a_small_volume_by_itself(tmp_path: Path) -> None:
     """SQLite's default lets the log grow to 4 MiB before folding it back: on a 2 MiB volume the
-    control plane filled its disk with its own log. Now the log is folded back at 1 MiB."""
+    control plane filled its disk with its own log. Now the log is folded back from 768 KiB by the
+    checkpoint thread (the store's own COMMIT at 1.5 MiB should the thread fall behind), and brought
+    back under 1 MiB once the burst is over."""
     from tests.test_disk_faults import tmpfs
 
     with tmpfs(tmp_path / "vol", "2m") as vol:
         core = ControlPlane(SqliteStore(vol / DATABASE_FILE), ControlPlaneSettings(keep_done_tasks_seconds=0))
+        wal = vol / (DATABASE_FILE + "-wal")
+        biggest = 0
         for n in range(1500):  # tasks come and go: the data stays small, the log is what grows
             t = await core.create_task(type="test.echo", payload={"message": "x" * 200})
             await core.cancel_task(t.id)
             if n % 100 == 0:
                 await core.sweep()
-        wal = vol / (DATABASE_FILE + "-wal")
-        assert wal.stat().st_size <= 1024 * 1024 + 64 * 1024
+            biggest = max(biggest, wal.stat().st_size)
+        assert biggest <= 1536 * 1024 + 64 * 1024, biggest
+        await wait_for(lambda: wal.stat().st_size <= 1024 * 1024, "the log back under 1 MiB")
         await core.store.close()
