@@ -25,6 +25,7 @@ from agent.protocol.models import (
     ConnectorRecord,
     CreateTaskRequest,
     HeartbeatRequest,
+    ResultItem,
     TaskResult,
     TaskView,
     TestRequest,
@@ -419,6 +420,8 @@ def _example(kind: type[Any]) -> Any:
         now = datetime.now(UTC)
         output = ValidationResult(status="SUCCESS", tested_at=now)
         return TaskResult(lease_id="lse_missing", status="SUCCESS", output=output, started_at=now, finished_at=now)
+    if kind.__name__ == "SubmitResultsRequest":
+        return kind(results=[ResultItem(task_id="tsk_missing", result=_example(TaskResult))])
     raise AssertionError(f"no example for {kind}")
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import gc
 import os
 import signal
@@ -433,6 +434,17 @@ async def _freeze_when_started(agent: Agent) -> None:
     await agent.started.wait()
     gc.collect()
     gc.freeze()
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Hand the start-up's freed heap back to the system (glibc keeps it otherwise): about 1 MiB."""
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return
+    trim(0)
 
 
 def _guarded(name: str, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:

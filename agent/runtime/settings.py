@@ -27,11 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args
 
-import yaml
-
 from agent._files import NotUtf8Text, data_dir_problem, read_text
 from agent._values import bounded_message, clip, http_url, parse_bounded, quoted
-from agent._yaml import load as load_yaml
 from agent.observability.logging import LogFormat
 from agent.protocol.auth import DEFAULT_AUDIENCE
 from agent.protocol.models import Problem
@@ -919,6 +916,11 @@ def _read_file(path: Path) -> tuple[Mapping[str, Any], list[Problem]]:
         raise ConfigError([Problem(field=str(path), message="is not UTF-8 text")]) from None
     except OSError as exc:
         raise ConfigError([Problem(field=str(path), message=f"cannot read the config file: {exc.strerror}")]) from None
+    # Only a delegate given a config file parses YAML: the others do without the module (1 MiB).
+    import yaml  # noqa: PLC0415
+
+    from agent._yaml import load as load_yaml  # noqa: PLC0415
+
     try:
         doc = load_yaml(text)
     except yaml.YAMLError as exc:
