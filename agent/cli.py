@@ -189,6 +189,7 @@ def _database_problems(database: str | None, listen_url: str | None, data_dir: s
 
 def cmd_control_plane(args: argparse.Namespace) -> int:
     import asyncio
+    import gc
     import signal
 
     from agent._files import DataDirUnusable
@@ -295,6 +296,10 @@ def cmd_control_plane(args: argparse.Namespace) -> int:
             await service.start()
             where = "Postgres" if database else config.data_dir
             print(f"control plane listening on {service.url} (data in {where})", file=sys.stderr, flush=True)
+            # What start-up built lives as long as the process: out of the collector's reach, a full
+            # collection no longer walks it on the event loop (issue 20; the delegate does the same).
+            gc.collect()
+            gc.freeze()
             await stop.wait()
         finally:
             await service.shutdown()

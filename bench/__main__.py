@@ -618,8 +618,9 @@ def table(r: dict[str, Any]) -> str:
         (
             "idle RSS after registration",
             f"{r['idle_rss']:.0f} MiB",
-            "Harness: 2048 MiB per replica",
-            "",
+            f"aiobotocore, its two clients alone: {r['floor'].get('idle_rss_mib', float('nan')):.0f} MiB; "
+            "Harness: 2048 MiB",
+            f"{r['idle_rss'] / r['floor'].get('idle_rss_mib', float('nan')):.2f}x the SDK alone",
             f"<= {TARGETS['idle_rss']:.0f} MiB",
             _ok(r["idle_rss"] <= TARGETS["idle_rss"]),
         ),

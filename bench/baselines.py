@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 
 def boto3_pool(endpoint: str, keys: list[tuple[str, str]], threads: int) -> dict[str, float]:
@@ -93,13 +94,16 @@ def aiobotocore_floor(endpoint: str, keys: list[tuple[str, str]], concurrency: i
         session = AioSession()
         gate = asyncio.Semaphore(concurrency)
         async with session.create_client("sts", **kw) as sts, session.create_client("ec2", **kw) as ec2:
+            # The idle baseline: the SDK loaded, the two clients made, nothing sent yet (as the
+            # delegate is after its warm-up, before its first task).
+            idle = _rss_mib()
 
             async def validate(_: tuple[str, str]) -> None:
                 async with gate:
                     await sts.get_caller_identity()
                     await ec2.describe_regions(RegionNames=["us-east-1"])
 
-            return await _measure(validate, keys)
+            return {**await _measure(validate, keys), "idle_rss_mib": idle}
 
     return asyncio.run(run())
 
@@ -160,6 +164,13 @@ async def _measure(validate: Callable[[Key], Awaitable[None]], keys: list[Key]) 
         "cpu_ms": (time.process_time() - cpu) / len(keys) * 1000,
         "per_second": len(keys) / (time.perf_counter() - wall),
     }
+
+
+def _rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def main() -> int:
