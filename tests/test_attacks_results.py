@@ -19,7 +19,7 @@ from agent.controlplane.core import ControlPlaneSettings
 from agent.protocol.errors import AuthError, Code, LeaseFenced, RateLimited, TransientError
 from agent.protocol.models import AcquireRequest, SubmitResultResponse, TaskResult
 from agent.protocol.results import ValidationResult
-from bench.chaos import ChaosProxy
+from bench.chaos import ChaosProxy, Mode
 from tests.conftest import (
     FAST,
     AgentFactory,
@@ -162,3 +162,56 @@ async def test_a_malformed_batch_is_a_400_naming_the_field_and_echoing_no_value(
     assert resp.status == 400, text
     assert "results" in text
     assert "SECRET-CANARY" not in text
+
+
+@pytest.mark.parametrize("mode", ["missing", "not_allowed"])
+async def test_a_control_plane_without_the_route_is_asked_once_then_gets_puts(
+    control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory, mode: Mode
+) -> None:
+    """404 (no such path) and 405 (the path, for other methods) both mean "no batch route": results
+    go one PUT each, and the delegate does not ask again (a 405 is also a 4xx RequestRejected, and
+    was taken for "this batch was bad": the route was asked again for every batch)."""
+    cp = await control_plane_factory(settings=FAST)
+    proxy = ChaosProxy(cp.url, mode=mode, share=1.0, only_suffix="/v1/results")
+    async with proxy.running() as url:
+        a = await agent_factory(url, capacity=4)
+        await a.registered()
+        for _ in range(3):
+            task = await cp.core.create_task(type="test.echo", payload={"message": "m"})
+            assert (await done(cp, task.id)).status == "SUCCESS"
+        await wait_for(lambda: sample(a.agent.metrics, "delegate_outbox_depth") == 0, "the outbox to empty")
+    assert sample(a.agent.metrics, REQUESTS, operation="submit_result", status="200") == 3
+    assert sum(proxy.seen[k] for k in ("404", "405")) == 1
+
+
+async def test_a_batch_too_large_for_the_server_is_sent_one_by_one_and_nothing_is_dropped(
+    control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A control plane with a smaller body limit answers 413 for a batch whose results each fit:
+    the batch is sent again one result per PUT, every result is accepted once, none dropped, and
+    the next batch still tries the batch route."""
+    import agent.controlplane.app as app_module
+
+    monkeypatch.setattr(app_module, "MAX_BODY_BYTES", 4096)
+    cp = await control_plane_factory(settings=FAST)
+    proxy = ChaosProxy(cp.url, mode="error", share=1.0, only_suffix="/v1/results")
+    async with proxy.running() as url:
+        a = await agent_factory(url, capacity=16)
+        await a.registered()
+        tasks = [await cp.core.create_task(type="test.gate", payload={}) for _ in range(12)]
+        await wait_for(lambda: len(a.gate.started) == 12, "all twelve to start")
+        a.gate.open_all()
+        await wait_for(lambda: sample(a.agent.metrics, "delegate_outbox_depth") == 12, "all twelve to wait")
+        proxy.set("pass")
+        results = [await done(cp, t.id) for t in tasks]
+        await wait_for(lambda: sample(a.agent.metrics, "delegate_outbox_depth") == 0, "the outbox to empty")
+        last = await cp.core.create_task(type="test.echo", payload={"message": "m"})
+        assert (await done(cp, last.id)).status == "SUCCESS"
+    metrics = a.agent.metrics
+    assert [(r.status, r.attempts) for r in results] == [("SUCCESS", 1)] * 12
+    assert sample(metrics, REQUESTS, operation="submit_results", status="413") >= 1
+    assert sample(metrics, REQUESTS, operation="submit_result", status="200") == 12
+    assert sample(metrics, REQUESTS, operation="submit_results", status="200") == 1  # the last one's
+    dropped = [s.value for m in metrics.results_dropped.collect() for s in m.samples if s.name.endswith("_total")]
+    assert sum(dropped) == 0
+    assert (await cp.core.stats()).results_accepted == 13
