@@ -21,7 +21,7 @@ from aiohttp import web
 
 from agent._loopback import serve_on_loopback
 
-Mode = Literal["pass", "reset", "error", "ratelimit", "throttle", "latency", "blackhole", "missing"]
+Mode = Literal["pass", "reset", "error", "ratelimit", "throttle", "latency", "blackhole", "missing", "not_allowed"]
 
 _AWS_THROTTLING = (
     "<ErrorResponse><Error><Type>Sender</Type><Code>Throttling</Code><Message>Rate exceeded</Message></Error>"
@@ -91,6 +91,12 @@ class ChaosProxy:
             self.seen["404"] += 1
             message = f"no route for {request.method} {request.path}"
             return web.json_response({"error": {"code": "not_found", "message": message}}, status=404)
+        if mode == "not_allowed":  # a server with this path for other methods only (as ours answers then)
+            self.seen["405"] += 1
+            message = f"{request.method} is not allowed on {request.path}"
+            return web.json_response(
+                {"error": {"code": "invalid_request", "message": message}}, status=405, headers={"Allow": "GET"}
+            )
         if mode == "latency":
             self.seen["latency"] += 1
             await asyncio.sleep(self.latency)

@@ -89,3 +89,94 @@ def test_results_from_an_earlier_run_and_this_one_are_sent_and_removed_alike(
     again = SqliteOutbox(tmp_path / "outbox.sqlite3")
     assert len(again) == 0 and again.pending() == []
     again.close()
+
+
+def test_a_result_replaced_while_the_disk_is_full_is_counted_and_delivered_once(tmp_path: Path) -> None:
+    """The disk refuses the replacement of a written result: the lease still has one result waiting
+    (the newest), and once it is delivered nothing of it is left, on disk or in memory."""
+    from tests.test_disk_faults import fill, tmpfs
+
+    with tmpfs(tmp_path / "small", "512k") as disk:
+        now = [0.0]
+        box = SqliteOutbox(disk / "outbox.sqlite3", clock=lambda: now[0])
+        box.put(_entry("a"))
+        box.put(_entry("b"))
+        filler = fill(disk)
+        box.put(_entry("a", "FAILURE"))
+        assert box.fault is not None
+        assert len(box) == 2
+        assert sorted((e.key, e.result.status) for e in box.pending()) == [("a", "FAILURE"), ("b", "SUCCESS")]
+        box.remove_many(["a"])  # delivered
+        assert len(box) == 1
+        assert [e.key for e in box.pending()] == ["b"]
+        filler.unlink()
+        now[0] += 1.0
+        assert [e.key for e in box.pending()] == ["b"] and box.fault is None
+        box.close()
+        again = SqliteOutbox(disk / "outbox.sqlite3")
+        assert [e.key for e in again.pending()] == ["b"] and len(again) == 1
+        again.close()
+
+
+def test_a_batch_removal_the_disk_refuses_is_remembered_and_done_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """remove_many on a full disk: none of the delivered results is offered again or counted, the
+    others (from memory and from the file) still are, and the deletions happen once it has space."""
+    import agent.runtime.outbox as outbox_module
+    from tests.test_disk_faults import fill, tmpfs
+
+    monkeypatch.setattr(outbox_module, "MEMORY_ENTRIES", 3)
+    with tmpfs(tmp_path / "small", "512k") as disk:
+        now = [0.0]
+        box = SqliteOutbox(disk / "outbox.sqlite3", clock=lambda: now[0])
+        box.put(_entry("old"))
+        box.close()
+        box = SqliteOutbox(disk / "outbox.sqlite3", clock=lambda: now[0])
+        for lease in "abcde":  # d and e are past the memory bound
+            box.put(_entry(lease))
+        filler = fill(disk)
+        box.remove_many(["old", "a", "d"])
+        assert box.fault is not None
+        assert len(box) == 3
+        assert sorted(e.key for e in box.pending()) == ["b", "c", "e"]
+        box.put(_entry("f"))  # spilled
+        assert len(box) == 4
+        assert sorted(e.key for e in box.pending()) == ["b", "c", "e", "f"]
+        box.remove_many(["b", "f"])
+        assert len(box) == 2
+        assert sorted(e.key for e in box.pending()) == ["c", "e"]
+        filler.unlink()
+        now[0] += 1.0
+        assert sorted(e.key for e in box.pending()) == ["c", "e"] and box.fault is None
+        assert len(box) == 2
+        box.remove_many(["c", "e"])
+        assert len(box) == 0 and box.pending() == []
+        box.close()
+        again = SqliteOutbox(disk / "outbox.sqlite3")
+        assert len(again) == 0 and again.pending() == []
+        again.close()
+
+
+def test_more_than_the_memory_bound_after_a_restart_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import agent.runtime.outbox as outbox_module
+
+    monkeypatch.setattr(outbox_module, "MEMORY_ENTRIES", 4)
+    box = SqliteOutbox(tmp_path / "outbox.sqlite3")
+    for n in range(6):
+        box.put(_entry(f"old{n}"))
+    box.close()
+    box = SqliteOutbox(tmp_path / "outbox.sqlite3")
+    for n in range(10):
+        box.put(_entry(f"new{n}"))
+    seen: list[str] = []
+    while batch := box.pending(limit=3):
+        keys = [e.key for e in batch]
+        assert len(set(keys)) == len(keys) and not set(keys) & set(seen)
+        seen += keys
+        box.remove_many(keys)
+        assert len(box) == 16 - len(seen)
+    assert sorted(seen) == sorted([f"old{n}" for n in range(6)] + [f"new{n}" for n in range(10)])
+    box.close()

@@ -674,14 +674,40 @@ class Handlers:
         return json_response(SubmitResultResponse(outcome=outcome))  # type: ignore[arg-type]
 
     async def submit_results(self, request: web.Request, body: SubmitResultsRequest) -> web.Response:
-        """One request for many results; the fence, the holder and idempotency are checked per result."""
+        """One request for many results; each is judged as its own PUT would be.
+
+        That includes what the HTTP layer does around a PUT: a refused item (another token's lease)
+        counts against the address, and once the address is over its limit the items after it get
+        the 429 their own PUTs would; a damaged task row is that item's 500. Otherwise a batch would
+        probe 64 foreign leases per request unthrottled, and one damaged row would fail the whole
+        batch on every retry, so the results after it would never be recorded.
+        """
         outcomes: list[ResultOutcome] = []
+        address = request.remote or "unknown"
         for item in body.results:
             try:
+                wait = self._failures.retry_after(address)
+                if wait is not None:
+                    self.cp.metrics.auth_refused("delegate", Code.RATE_LIMITED)
+                    raise ApiFailure(
+                        429,
+                        Code.RATE_LIMITED,
+                        f"too many failed authentications from {address}: try again in {int(wait + 0.999)}s",
+                        retry_after=wait,
+                    )
                 outcome = await self.cp.submit_result(item.task_id, item.result, caller=request[_CALLER])
             except ApiFailure as exc:
-                error = ErrorDetail(code=exc.code, message=exc.message, problems=exc.problems)
+                if exc.code in _REFUSALS:
+                    self.delegate_refused(request, exc.code)
+                error = ErrorDetail(
+                    code=exc.code, message=exc.message, problems=exc.problems, retry_after_seconds=exc.retry_after
+                )
                 outcomes.append(ResultOutcome(task_id=item.task_id, status=exc.status, error=error))
+                continue
+            except RowDamaged as exc:
+                log.error("controlplane.http.row_damaged", method=request.method, path=request.path, error=str(exc))
+                error = ErrorDetail(code=Code.INTERNAL, message=f"{exc}; see the control plane's log")
+                outcomes.append(ResultOutcome(task_id=item.task_id, status=500, error=error))
                 continue
             outcomes.append(ResultOutcome(task_id=item.task_id, status=200, outcome=outcome))  # type: ignore[arg-type]
         return json_response(SubmitResultsResponse(outcomes=outcomes))

@@ -159,6 +159,9 @@ class SqliteOutbox:
             raise _damaged(path, str(exc)) from None
         #: Results the disk refused, kept here (and delivered from here) until it takes them.
         self._spill: OrderedDict[str, Entry] = OrderedDict()
+        #: Spilled results that replace a row still on disk (its older result): counted once, and
+        #: that row is deleted too when the result is delivered.
+        self._shadowed: set[str] = set()
         #: Written results, mirrored here (up to MEMORY_ENTRIES) so pending() need not read them back.
         self._mem: OrderedDict[str, Entry] = OrderedDict()
         #: Rows on disk with no copy in memory (an earlier run's, or past MEMORY_ENTRIES): while
@@ -183,6 +186,8 @@ class SqliteOutbox:
             self._write(entry)
         except sqlite3.Error as exc:
             self._spill[entry.key] = entry
+            if entry.key in self._mem or self._on_disk(entry.key):
+                self._shadowed.add(entry.key)
             self._failed("write a result", exc)
         self.changed.set()
 
@@ -263,7 +268,13 @@ class SqliteOutbox:
 
     def remove_many(self, keys: Iterable[str]) -> None:
         """Forget delivered results: one transaction for all of them (one WAL append, not one each)."""
-        rest = [key for key in keys if self._spill.pop(key, None) is None]
+        rest = []
+        for key in keys:
+            if self._spill.pop(key, None) is None:
+                rest.append(key)
+            elif key in self._shadowed:  # its older result's row is still on disk
+                self._shadowed.discard(key)
+                rest.append(key)
         if not rest:
             return
         try:
@@ -281,6 +292,13 @@ class SqliteOutbox:
             return
         for key, gone in zip(rest, deleted, strict=True):
             self._forget(key, gone)
+
+    def _on_disk(self, key: str) -> bool:
+        """Whether ``key`` has a row (a read, which a full disk still serves; if not, say no)."""
+        try:
+            return self._db.execute("SELECT 1 FROM outbox WHERE lease_id=?", (key,)).fetchone() is not None
+        except sqlite3.Error:
+            return False
 
     def _delete_row(self, key: str) -> bool:
         return bool(self._db.execute("DELETE FROM outbox WHERE lease_id=?", (key,)).rowcount)
@@ -310,6 +328,7 @@ class SqliteOutbox:
             for key, entry in list(self._spill.items()):
                 self._write(entry)
                 del self._spill[key]
+                self._shadowed.discard(key)
             for key in list(self._undeleted):
                 self._forget(key, self._delete_row(key))
                 self._undeleted.discard(key)
@@ -324,7 +343,7 @@ class SqliteOutbox:
         self._fault = None
 
     def __len__(self) -> int:
-        return self._count + len(self._spill) - len(self._undeleted)
+        return self._count + len(self._spill) - len(self._shadowed) - len(self._undeleted)
 
     def close(self) -> None:
         self._db.close()

@@ -164,14 +164,15 @@ class Reporter:
                 if self._batches:
                     try:
                         answers = await self._client.submit_results([(e.task_id, e.result) for e in chunk])
-                    except RequestRejected:
-                        pass  # the batch as a whole (a server with a lower size limit): each alone says which
                     except ProtocolError as exc:
-                        if exc.status not in (404, 405) or exc.code not in (Code.NOT_FOUND, Code.INVALID_REQUEST):
+                        # 405 is a RequestRejected too: ask "is the route there?" before "was the batch bad?".
+                        if exc.status in (404, 405) and exc.code in (Code.NOT_FOUND, Code.INVALID_REQUEST):
+                            self._batches = False
+                            log.info("agent.results_one_by_one", reason="the control plane has no POST /v1/results")
+                        elif not isinstance(exc, RequestRejected):
                             errors.append(exc)
                             return
-                        self._batches = False
-                        log.info("agent.results_one_by_one", reason="the control plane has no POST /v1/results")
+                        # else: the batch as a whole (a server with a lower size limit): each alone says which
                     else:
                         self._settle(list(zip(chunk, answers, strict=True)), errors)
                         return
