@@ -112,7 +112,9 @@ class ControlPlaneClient:
         if len(answer.outcomes) != len(results):
             raise TransientError(f"submit_results: {len(answer.outcomes)} outcomes for {len(results)} results")
         out: list[SubmitResultResponse | ProtocolError] = []
-        for item in answer.outcomes:
+        for (task_id, _), item in zip(results, answer.outcomes, strict=True):
+            if item.task_id != task_id:  # an answer for another batch, or out of order: trust none of it
+                raise TransientError(f"submit_results: outcome for {item.task_id} where {task_id} was sent")
             if item.status == 200 and item.outcome is not None:
                 out.append(SubmitResultResponse(outcome=item.outcome))
             elif item.error is not None:
