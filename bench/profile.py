@@ -33,11 +33,12 @@ BUCKETS: list[tuple[str, str, str | None]] = [
     ("HTTP: writing request bodies (AWS and control plane)", "ClientRequest.write_bytes", None),
     ("HTTP: reading responses", "_read_ready", None),
     ("task: executor bookkeeping, redaction, outbox, metrics, log line", "Executor._run", None),
-    ("results: one PUT per result, outbox delete", "Reporter._send_all", None),
+    ("results: batches of up to 64 per request, outbox delete", "Reporter._send_all", None),
     ("results: reporter loop, outbox reads", "Reporter.run", None),
     ("polling for tasks", "Poller.run", None),
     ("heartbeats", "Connection.run", None),
-    ("task: lease renewer (one per running task)", "Executor._renew", None),
+    ("task: lease renewals (one keeper for all running tasks)", "Executor._renew", None),
+    ("task: lease renewals (one keeper for all running tasks)", "Executor._keep_leases", None),
 ]
 
 

@@ -101,7 +101,7 @@ def test_profile_samples_fall_in_one_bucket_each_and_idle_is_left_out() -> None:
             "run (asyncio);Handle._run;AwsValidationHandler.__call__;_make_api_call (aiobotocore/client.py:1) 7",
             "run;AwsValidationHandler.__call__;CredentialResolver.base;SecretStore.resolve;x (botocore/a.py:2) 2",
             "run;Handle._run;Executor._run;SqliteOutbox.put 3",
-            "run;Handle._run;Reporter._send_all.<locals>.send;ControlPlaneClient._call 1",
+            "run;Handle._run;Reporter._send_all.<locals>.send_batch;ControlPlaneClient._call 1",
             "run;AwsValidationHandler.__call__;_make_api_call (aiobotocore/c.py:1);_connect_sock;sock_connect 4",
             "run;BaseEventLoop._run_once;EpollSelector.select (selectors.py:451) 50",
             "run;BaseEventLoop._run_once 1",
@@ -112,7 +112,7 @@ def test_profile_samples_fall_in_one_bucket_each_and_idle_is_left_out() -> None:
         "AWS: the two SDK calls (serialise, sign, send, parse)": 7,
         "AWS: reading the secret, building credentials": 2,
         "task: executor bookkeeping, redaction, outbox, metrics, log line": 3,
-        "results: one PUT per result, outbox delete": 1,
+        "results: batches of up to 64 per request, outbox delete": 1,
         "HTTP: opening connections (pools grow with the burst)": 4,
         "event loop and the rest": 1,
     }
