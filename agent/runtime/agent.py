@@ -437,7 +437,7 @@ async def _freeze_when_started(agent: Agent) -> None:
     gc.collect()
     gc.freeze()
     # A young collection every 700 net new objects (CPython's default) ran ~230 times per 1,000
-    # validations at once, each walking the in-flight ones, 0.26-0.33 ms of CPU per validation in
+    # validations at once, each walking the in-flight ones, 0.23-0.33 ms of CPU per validation in
     # all; every 10,000 it is 0.06-0.09 ms (docs/performance.md). Garbage without cycles is freed
     # by reference counting either way; at a steady rate few objects outlive a task, so collections
     # stay rare and short.
