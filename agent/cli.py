@@ -1657,6 +1657,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _Errors.as_json = _wants_json(argv)
     parser = build_parser()
     args = parser.parse_args(argv)  # --help, --version and usage errors exit here, having imported nothing
+    del parser  # the whole command tree: a daemon that runs for weeks need not keep it
     from agent.protocol.api_client import Unreachable
     from agent.protocol.errors import AuthError, ProtocolError, RequestRejected, TransientError
 

@@ -86,7 +86,16 @@ def test_the_delegate_daemon_loads_neither_pyjwt_nor_cryptography() -> None:
         "RequestSigner(TokenSource(value='t' * 32), issuer='d').header()\n"
         'sys.stderr.write("MODULES " + " ".join(sys.modules))'
     )
-    assert not _top(loaded) & {"jwt", "cryptography", "joserfc", "jinja2"}
+    assert not _top(loaded) & {"jwt", "cryptography", "joserfc", "jinja2", "yaml"}
+    # PyNaCl only once a task key is pinned (then it checks every task's signature).
+    assert "nacl" not in _top(loaded)
+    pinned = _modules(
+        "import sys, base64\n"
+        "from agent.runtime.signing import task_check_from_key\n"
+        "assert task_check_from_key(base64.b64encode(bytes(32)).decode()) is not None\n"
+        'sys.stderr.write("MODULES " + " ".join(sys.modules))'
+    )
+    assert "nacl" in _top(pinned)
 
 
 def test_a_token_the_delegate_mints_is_one_the_control_plane_accepts() -> None:

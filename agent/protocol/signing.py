@@ -22,9 +22,6 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import nacl.exceptions
-import nacl.signing
-
 from agent.protocol.models import Task
 
 #: The version is in the signed bytes: a v1 signature (content only) never verifies as v2.
@@ -77,6 +74,11 @@ class TaskSigningKey:
     """The control plane's private key (a 32-byte Ed25519 seed, base64)."""
 
     def __init__(self, seed_b64: str) -> None:
+        # PyNaCl loads only where a key is in use: a delegate that checks no signatures (no key
+        # pinned) goes without it, 1.2 MiB of idle memory (docs/performance.md, issue 20).
+        import nacl.exceptions  # noqa: PLC0415
+        import nacl.signing  # noqa: PLC0415
+
         try:
             seed = base64.b64decode(seed_b64.strip(), validate=True)
             self._key = nacl.signing.SigningKey(seed)
@@ -85,6 +87,8 @@ class TaskSigningKey:
 
     @classmethod
     def generate(cls) -> TaskSigningKey:
+        import nacl.signing  # noqa: PLC0415 - see __init__
+
         return cls(base64.b64encode(bytes(nacl.signing.SigningKey.generate())).decode())
 
     @property
@@ -106,6 +110,9 @@ class TaskSignatureVerifier:
     """Whether a task's signature is the control plane's, over exactly these hand-out fields."""
 
     def __init__(self, public_key_b64: str) -> None:
+        import nacl.exceptions  # noqa: PLC0415 - see TaskSigningKey.__init__
+        import nacl.signing  # noqa: PLC0415
+
         try:
             self._key = nacl.signing.VerifyKey(base64.b64decode(public_key_b64.strip(), validate=True))
         except (binascii.Error, ValueError, nacl.exceptions.CryptoError):
@@ -118,10 +125,12 @@ class TaskSignatureVerifier:
                 "refused: the task is not signed, and this delegate only runs tasks signed by its control plane",
                 "the task was not run; check the control plane's signing key",
             )
+        from nacl.exceptions import BadSignatureError  # noqa: PLC0415 - loaded by __init__ already
+
         try:
             signature = base64.b64decode(task.signature, validate=True)
             self._key.verify(canonical_task_bytes(task), signature)
-        except (binascii.Error, ValueError, nacl.exceptions.BadSignatureError):
+        except (binascii.Error, ValueError, BadSignatureError):
             return Refusal(
                 "bad_signature",
                 "refused: the task's signature does not match the control plane's key (the task or its lease "
