@@ -65,7 +65,7 @@ def _size(path: Path) -> int:
 async def test_commits_do_not_checkpoint_at_256_pages_and_the_brake_still_bounds_the_log(tmp_path: Path) -> None:
     """With the thread held back, the log grows past the 256 pages where every COMMIT used to fold it
     in (so no COMMIT below the brake pays for a checkpoint), and the store's own brake still stops it
-    at one and a half times the limit."""
+    a quarter over the limit."""
     path = tmp_path / "cp.sqlite3"
     store = SqliteStore(path, checkpoints=_NO_THREAD)
     try:

@@ -67,9 +67,16 @@ async def test_every_task_gets_exactly_one_result_through_faults(tmp_path: Path)
                 ids.append((await asyncio.to_thread(api.create_task, request)).task_id)
             # The faults, one after another, while the tasks run. The sleeps below are how long each fault
             # lasts (the fault itself), not waits for something to happen.
-            for mode in ("reset", "error", "ratelimit", "latency"):
+            for mode, seen_as in (("reset", "reset"), ("error", "503"), ("ratelimit", "429"), ("latency", "latency")):
                 proxy.set(mode)  # type: ignore[arg-type]
                 await asyncio.sleep(1.5)
+
+                async def hit(key: str = seen_as) -> bool:
+                    return proxy.seen[key] > 0
+
+                # Results travel in batches now, so a quiet phase may see few requests: each fault
+                # lasts until it has met at least one (heartbeats and polls keep coming meanwhile).
+                await wait_until(hit, f"the {mode} fault to meet a request", timeout=30)
             proxy.set("blackhole")
             await asyncio.sleep(4.0)  # twice the lease: leases expire, tasks re-queue, late results are fenced
             proxy.set("pass")

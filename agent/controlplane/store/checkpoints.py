@@ -17,7 +17,7 @@ The log is restarted (written again from its start, the file trimmed back to the
 write that begins after every frame is copied, so a checkpoint that overlapped a commit leaves
 the log growing. The thread then folds again, pass after pass, until one falls in a gap between
 commits. Should it still fall behind (writes without a gap as long as a checkpoint's fsyncs, or a
-thread not scheduled), the store brakes: past ``brake_bytes`` (one and a half times the limit)
+thread not scheduled), the store brakes: past ``brake_bytes`` (a quarter over the limit)
 its own connection checkpoints after the COMMIT, in FULL mode (it waits for the thread's pass),
 whatever the load. When the log is folded, quiet, and its file over the limit (after a burst),
 TRUNCATE gives the space back.
@@ -70,7 +70,7 @@ class CheckpointSettings:
     trigger_bytes: int = WAL_LIMIT_BYTES * 3 // 4
     #: The store's own connection checkpoints (in its COMMIT) once the log is this long: only when
     #: this thread has fallen behind.
-    brake_bytes: int = WAL_LIMIT_BYTES * 3 // 2
+    brake_bytes: int = WAL_LIMIT_BYTES * 5 // 4
     #: Fold whatever waits at least this often (it bounds what a power loss can take to about this).
     every_seconds: float = 30.0
     #: How often the thread looks at the log when no commit woke it.

@@ -353,7 +353,7 @@ class SqliteStore:
         if self._checkpointer is not None and self._checkpointer.committed():
             # A full disk is the next write's to report.
             with self._checkpointer.paused(), contextlib.suppress(sqlite3.Error):
-                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                self._db.execute("PRAGMA wal_checkpoint(FULL)").fetchall()
 
     def _failed(self, exc: sqlite3.Error) -> StoreUnavailable:
         self.fault = _reason(self.path, exc)
