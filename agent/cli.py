@@ -1053,6 +1053,10 @@ def build_agent(
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    # Before aiohttp loads it: frozenlist's C extension is C++ and maps the C++ runtime, 1 MiB of a
+    # delegate's idle memory, for the few lists aiohttp freezes at start-up; its pure-Python twin
+    # does the same work (docs/performance.md, issue 20). Set to an empty value to keep the extension.
+    os.environ.setdefault("FROZENLIST_NO_EXTENSIONS", "1")
     import asyncio
     import errno
 

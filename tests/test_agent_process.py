@@ -256,3 +256,19 @@ async def test_bad_configuration_exits_2_naming_every_problem(tmp_path: Path) ->
     assert out.returncode == 0, out.stderr
     assert "controlPlane:\n  url: https://cp.example:8443\n" in out.stdout
     assert "t" * 20 not in out.stdout + out.stderr
+
+
+async def test_the_daemon_as_shipped_runs_frozenlist_without_its_cpp_extension(
+    control_plane_factory: ControlPlaneFactory, spawn: Spawn, http: aiohttp.ClientSession
+) -> None:
+    """`delegate-agent run` (the image's entry point): frozenlist runs without its C++ extension, which
+    is what maps the C++ runtime into the image's delegate (1 MiB of idle memory). (This test venv
+    has greenlet, which structlog loads and which maps it anyway: the extension is what is checked.)"""
+    cp = await control_plane_factory(settings=FAST)
+    p = await spawn(cp, "shipped", argv=[sys.executable, "-m", "agent", "run"])
+    await ready(http, p)
+    maps = Path(f"/proc/{p.process.pid}/maps").read_text()
+    assert "_frozenlist" not in maps
+    assert "_http_parser" in maps  # the right process, aiohttp loaded: its own extensions are mapped
+    p.signal(signal.SIGTERM)
+    assert await p.exit_code() == 0, p.output()
