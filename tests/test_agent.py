@@ -499,25 +499,3 @@ async def test_results_waiting_together_go_in_one_request(
     assert sample(a.agent.metrics, REQUESTS, operation="submit_results", status="200") <= 2
     assert sample(a.agent.metrics, REQUESTS, operation="submit_result", status="200") == 0
     assert (await cp.core.stats()).results_accepted == 12
-
-
-async def test_a_control_plane_without_the_batch_route_gets_one_put_per_result(
-    control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory
-) -> None:
-    """An older control plane (the real one behind a relay that answers 404 for POST /v1/results,
-    as a server without the route does): results still arrive, one PUT each, and the delegate
-    stops asking for the batch route."""
-    from bench.chaos import ChaosProxy
-
-    cp = await control_plane_factory(settings=FAST)
-    proxy = ChaosProxy(cp.url, mode="missing", share=1.0, only_suffix="/v1/results")
-    async with proxy.running() as url:
-        a = await agent_factory(url, capacity=4)
-        await a.registered()
-        first = [await cp.core.create_task(type="test.echo", payload={"message": "m"}) for _ in range(3)]
-        assert [(await done(cp, t.id)).status for t in first] == ["SUCCESS"] * 3
-        second = await cp.core.create_task(type="test.echo", payload={"message": "m"})
-        assert (await done(cp, second.id)).status == "SUCCESS"
-        await wait_for(lambda: sample(a.agent.metrics, "delegate_outbox_depth") == 0, "the outbox to empty")
-    assert sample(a.agent.metrics, REQUESTS, operation="submit_result", status="200") == 4
-    assert proxy.seen["404"] == 1  # asked once, then never again

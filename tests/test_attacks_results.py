@@ -211,7 +211,8 @@ async def test_a_batch_too_large_for_the_server_is_sent_one_by_one_and_nothing_i
     assert [(r.status, r.attempts) for r in results] == [("SUCCESS", 1)] * 12
     assert sample(metrics, REQUESTS, operation="submit_results", status="413") >= 1
     assert sample(metrics, REQUESTS, operation="submit_result", status="200") == 12
-    assert sample(metrics, REQUESTS, operation="submit_results", status="200") == 1  # the last one's
+    # The last one's (and, should a retry have left before the twelfth arrived, one more).
+    assert sample(metrics, REQUESTS, operation="submit_results", status="200") >= 1
     dropped = [s.value for m in metrics.results_dropped.collect() for s in m.samples if s.name.endswith("_total")]
     assert sum(dropped) == 0
     assert (await cp.core.stats()).results_accepted == 13
