@@ -38,6 +38,8 @@ log = structlog.get_logger("agent.executor")
 
 #: After cancelling a handler, how long to wait for it to unwind before reporting anyway.
 UNWIND_SECONDS = 5.0
+#: How early a lease renewal may run: below asyncio's timer resolution, so the keeper never spins.
+_DUE_SLACK = 0.001
 #: How long a shutting-down delegate keeps trying to give a task back (all tasks at once). Short,
 #: because it comes out of the shutdown grace; and if it fails nothing is lost: deregistering hands
 #: the task back too, and failing that its lease expires and re-queues it.
@@ -444,7 +446,10 @@ class Executor:
         while self._due:
             self._keeper_wake.clear()
             wait = self._due[0][0] - loop.time()
-            if wait > 0:
+            # asyncio may wake a timer up to its clock resolution early: a remainder below a
+            # millisecond counts as due, or the keeper would spin on zero-length waits (and, on a
+            # virtual clock that only moves when the loop is idle, never get past them).
+            if wait > _DUE_SLACK:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(wait):
                         await self._keeper_wake.wait()
