@@ -4,7 +4,8 @@ serving a stand-in on loopback."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -80,3 +81,26 @@ async def wait_views(core: Any, check: Callable[[list[Any]], Any], what: str, ti
         return views if check(views) else None
 
     return await wait_until(look, what, timeout)
+
+
+@contextlib.asynccontextmanager
+async def results_held_then_released(cp: Any, agent_factory: Any, n: int = 12) -> AsyncIterator[tuple[Any, list[Any]]]:
+    """``n`` tasks finish together while ``POST /v1/results`` answers 503 (a chaos proxy in front of
+    the control plane), so their results wait in the outbox together; then the proxy lets them
+    through. Yields the delegate and the tasks as the control plane ended them, the proxy still
+    running (a test may send more through it)."""
+    from bench.chaos import ChaosProxy
+    from tests.conftest import done
+
+    proxy = ChaosProxy(cp.url, mode="error", share=1.0, only_suffix="/v1/results")
+    async with proxy.running() as url:
+        a = await agent_factory(url, capacity=16)
+        await a.registered()
+        tasks = [await cp.core.create_task(type="test.gate", payload={}) for _ in range(n)]
+        await wait_for(lambda: len(a.gate.started) == n, f"all {n} to start")
+        a.gate.open_all()
+        await wait_for(lambda: sample(a.agent.metrics, "delegate_outbox_depth") == n, f"all {n} to wait")
+        proxy.set("pass")
+        results = [await done(cp, t.id) for t in tasks]
+        await wait_for(lambda: sample(a.agent.metrics, "delegate_outbox_depth") == 0, "the outbox to empty")
+        yield a, results

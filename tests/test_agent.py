@@ -20,7 +20,7 @@ import structlog
 
 from agent.controlplane.core import ControlPlaneSettings
 from tests.conftest import FAST, TOKEN, AgentFactory, ControlPlaneFactory, done, free_port
-from tests.helpers import sample, wait_for, wait_views
+from tests.helpers import results_held_then_released, sample, wait_for, wait_views
 
 if TYPE_CHECKING:
     from tests.awsfakes import FaultProxy
@@ -480,20 +480,9 @@ async def test_results_waiting_together_go_in_one_request(
 ) -> None:
     """Results that wait together (here: behind 503s) are delivered by one POST /v1/results, each
     accepted once; a result no longer costs the delegate a request of its own."""
-    from bench.chaos import ChaosProxy
-
     cp = await control_plane_factory(settings=FAST)
-    proxy = ChaosProxy(cp.url, mode="error", share=1.0, only_suffix="/v1/results")
-    async with proxy.running() as url:
-        a = await agent_factory(url, capacity=16)
-        await a.registered()
-        tasks = [await cp.core.create_task(type="test.gate", payload={}) for _ in range(12)]
-        await wait_for(lambda: len(a.gate.started) == 12, "all twelve to start")
-        a.gate.open_all()
-        await wait_for(lambda: sample(a.agent.metrics, "delegate_outbox_depth") == 12, "all twelve to wait")
-        proxy.set("pass")
-        results = [await done(cp, t.id) for t in tasks]
-        await wait_for(lambda: sample(a.agent.metrics, "delegate_outbox_depth") == 0, "the outbox to empty")
+    async with results_held_then_released(cp, agent_factory) as (a, results):
+        pass
     assert [(r.status, r.attempts) for r in results] == [("SUCCESS", 1)] * 12
     # One request (two if a retry built before the twelfth result arrived was still on its way).
     assert sample(a.agent.metrics, REQUESTS, operation="submit_results", status="200") <= 2

@@ -29,7 +29,7 @@ from tests.conftest import (
     done,
     register_request,
 )
-from tests.helpers import sample, wait_for
+from tests.helpers import results_held_then_released, sample, wait_for
 
 REQUESTS = "delegate_control_plane_requests_total"
 
@@ -194,17 +194,7 @@ async def test_a_batch_too_large_for_the_server_is_sent_one_by_one_and_nothing_i
 
     monkeypatch.setattr(app_module, "MAX_BODY_BYTES", 4096)
     cp = await control_plane_factory(settings=FAST)
-    proxy = ChaosProxy(cp.url, mode="error", share=1.0, only_suffix="/v1/results")
-    async with proxy.running() as url:
-        a = await agent_factory(url, capacity=16)
-        await a.registered()
-        tasks = [await cp.core.create_task(type="test.gate", payload={}) for _ in range(12)]
-        await wait_for(lambda: len(a.gate.started) == 12, "all twelve to start")
-        a.gate.open_all()
-        await wait_for(lambda: sample(a.agent.metrics, "delegate_outbox_depth") == 12, "all twelve to wait")
-        proxy.set("pass")
-        results = [await done(cp, t.id) for t in tasks]
-        await wait_for(lambda: sample(a.agent.metrics, "delegate_outbox_depth") == 0, "the outbox to empty")
+    async with results_held_then_released(cp, agent_factory) as (a, results):
         last = await cp.core.create_task(type="test.echo", payload={"message": "m"})
         assert (await done(cp, last.id)).status == "SUCCESS"
     metrics = a.agent.metrics
