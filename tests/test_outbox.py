@@ -180,3 +180,59 @@ def test_more_than_the_memory_bound_after_a_restart_loses_nothing(
         assert len(box) == 16 - len(seen)
     assert sorted(seen) == sorted([f"old{n}" for n in range(6)] + [f"new{n}" for n in range(10)])
     box.close()
+
+
+async def test_results_finished_in_one_tick_go_to_disk_in_one_transaction_before_anyone_reads_them(
+    tmp_path: Path,
+) -> None:
+    """Every result put in one event-loop tick is written in one transaction at the end of that tick
+    (one WAL append, not one each), and before anything can read, and so send, any of them."""
+    import asyncio
+    import sqlite3
+
+    box = SqliteOutbox(tmp_path / "outbox.sqlite3")
+    statements: list[str] = []
+    box._db.set_trace_callback(lambda sql: statements.append(sql.split()[0]))
+    for lease in ("a", "b", "c"):
+        box.put(_entry(lease))
+    box.put(_entry("a", "FAILURE"))  # a second result for a lease in the same tick: the newest wins
+    assert statements == [] and box.changed.is_set()  # queued for the end of this tick
+    await asyncio.sleep(0)
+    assert statements == ["BEGIN", "INSERT", "INSERT", "INSERT", "COMMIT"]
+    with sqlite3.connect(tmp_path / "outbox.sqlite3") as other:  # on disk, with no reader asking
+        rows = dict(other.execute("SELECT lease_id, task_id FROM outbox").fetchall())
+    assert rows == {"a": "tsk_a", "b": "tsk_b", "c": "tsk_c"}
+    assert [(e.key, e.result.status) for e in box.pending()] == [("b", "SUCCESS"), ("c", "SUCCESS"), ("a", "FAILURE")]
+
+    statements.clear()
+    box.put(_entry("d"))
+    assert [e.key for e in box.pending()][-1] == "d"  # a reader in the same tick writes the queue first
+    assert statements[:1] == ["INSERT"] and len(box) == 4
+    await asyncio.sleep(0)  # the tick's own flush finds nothing left to write
+    assert statements.count("INSERT") == 1
+    box.close()
+
+
+async def test_a_tick_whose_transaction_the_disk_refuses_keeps_every_result_in_memory(tmp_path: Path) -> None:
+    import asyncio
+
+    from tests.test_disk_faults import fill, tmpfs
+
+    with tmpfs(tmp_path / "small", "512k") as disk:
+        now = [0.0]
+        box = SqliteOutbox(disk / "outbox.sqlite3", clock=lambda: now[0])
+        box.put(_entry("written"))
+        await asyncio.sleep(0)
+        filler = fill(disk)
+        for lease in ("x", "y", "z"):
+            box.put(_entry(lease))
+        await asyncio.sleep(0)
+        assert box.fault is not None  # refused: each result kept in memory, nothing raised
+        assert sorted(e.key for e in box.pending()) == ["written", "x", "y", "z"] and len(box) == 4
+        filler.unlink()
+        now[0] += 1.0
+        assert sorted(e.key for e in box.pending()) == ["written", "x", "y", "z"] and box.fault is None
+        box.close()
+        again = SqliteOutbox(disk / "outbox.sqlite3")
+        assert sorted(e.key for e in again.pending()) == ["written", "x", "y", "z"]
+        again.close()

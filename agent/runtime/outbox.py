@@ -173,15 +173,65 @@ class SqliteOutbox:
         self._unreadable: set[str] = set()
         self._fault: str | None = None
         self._next_try = 0.0
+        #: Results put in this event-loop tick, not written yet (see put); newest per lease.
+        self._queued: dict[str, Entry] = {}
+        self._queued_entries: list[Entry] = []
+        self._flush_handle: asyncio.Handle | None = None
         self.changed = asyncio.Event()
         if self._count:
             self.changed.set()
 
     @property
     def fault(self) -> str | None:
+        self._flush()
         return self._fault
 
     def put(self, entry: Entry) -> None:
+        """Queue ``entry`` for the end of this event-loop tick: every result that finishes in one tick
+        goes to disk in one transaction (one WAL append, not one each). Nothing reads the outbox
+        before its queue is written (each reader flushes first), so a result is on disk before it
+        can be sent. Outside an event loop it is written at once.
+        """
+        self._queued[entry.key] = entry
+        self._queued_entries.append(entry)
+        if self._flush_handle is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self._flush()
+                return
+            self._flush_handle = loop.call_soon(self._flush)
+        self.changed.set()
+
+    def _flush(self) -> None:
+        """Write what :meth:`put` queued: one transaction; one by one if that fails (a full disk)."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if not self._queued:
+            return
+        # Only the newest result per lease (a second result for a lease replaces the first).
+        entries = [e for e in self._queued_entries if self._queued.get(e.key) is e]
+        self._queued, self._queued_entries = {}, []
+        if len(entries) > 1:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                inserted = [self._insert(entry) for entry in entries]
+                self._db.execute("COMMIT")
+            except sqlite3.Error:
+                if self._db.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        self._db.execute("ROLLBACK")
+            else:
+                for entry, new in zip(entries, inserted, strict=True):
+                    self._account(entry, new)
+                self.changed.set()
+                return
+        for entry in entries:  # one, or a transaction the disk refused: each on its own, spilled if refused
+            self._put_one(entry)
+        self.changed.set()
+
+    def _put_one(self, entry: Entry) -> None:
         try:
             self._write(entry)
         except sqlite3.Error as exc:
@@ -189,9 +239,12 @@ class SqliteOutbox:
             if entry.key in self._mem or self._on_disk(entry.key):
                 self._shadowed.add(entry.key)
             self._failed("write a result", exc)
-        self.changed.set()
 
     def _write(self, entry: Entry) -> None:
+        self._account(entry, self._insert(entry))
+
+    def _insert(self, entry: Entry) -> bool:
+        """The row for ``entry``: True if it is new, False if it replaced the lease's earlier result."""
         body, now = _encode(entry.result), time.time()
         # One statement in the usual case (a lease's first and only result); a second result for
         # the same lease replaces the first and leaves the count alone.
@@ -199,18 +252,24 @@ class SqliteOutbox:
             "INSERT OR IGNORE INTO outbox(lease_id, task_id, body, created_at) VALUES(?, ?, ?, ?)",
             (entry.key, entry.task_id, body, now),
         ).rowcount:
+            return True
+        self._db.execute("UPDATE outbox SET body=?, created_at=? WHERE lease_id=?", (body, now, entry.key))
+        return False
+
+    def _account(self, entry: Entry, new: bool) -> None:
+        """The bookkeeping for a row written (``new``) or replaced, once that is committed."""
+        if new:
             self._count += 1
             if len(self._mem) < MEMORY_ENTRIES:
                 self._mem[entry.key] = entry
             else:
                 self._disk_only += 1
-        else:
-            self._db.execute("UPDATE outbox SET body=?, created_at=? WHERE lease_id=?", (body, now, entry.key))
-            if entry.key in self._mem:
-                self._mem[entry.key] = entry
-                self._mem.move_to_end(entry.key)
+        elif entry.key in self._mem:
+            self._mem[entry.key] = entry
+            self._mem.move_to_end(entry.key)
 
     def pending(self, limit: int = 100) -> list[Entry]:
+        self._flush()
         if self._fault is not None and self._clock() >= self._next_try:
             self._retry_disk()
         skip = self._undeleted | self._unreadable
@@ -268,6 +327,7 @@ class SqliteOutbox:
 
     def remove_many(self, keys: Iterable[str]) -> None:
         """Forget delivered results: one transaction for all of them (one WAL append, not one each)."""
+        self._flush()
         rest = []
         for key in keys:
             if self._spill.pop(key, None) is None:
@@ -343,9 +403,11 @@ class SqliteOutbox:
         self._fault = None
 
     def __len__(self) -> int:
+        self._flush()
         return self._count + len(self._spill) - len(self._shadowed) - len(self._undeleted)
 
     def close(self) -> None:
+        self._flush()
         self._db.close()
         if self._lock is not None:
             self._lock.release()
