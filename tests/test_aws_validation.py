@@ -697,3 +697,34 @@ def test_the_secret_store_reads_mounted_keys_and_refuses_paths(tmp_path: Path) -
         with pytest.raises(SecretNotFound, match="not a plain file name") as info:
             store.resolve(SecretRef(raw=name, scope="project", name=name))
         assert "not-yours" not in str(info.value)
+
+
+def test_a_secret_that_is_not_a_readable_file_is_named_with_why(tmp_path: Path) -> None:
+    """Each way a mounted key can fail to read gives its own problem and message, never a value."""
+    import os
+
+    from agent.aws.connector import SecretRef
+    from agent.aws.secrets import MAX_SECRET_BYTES, SecretNotFound
+
+    (tmp_path / "adir").mkdir()
+    (tmp_path / "huge").write_text("x" * (MAX_SECRET_BYTES + 1))
+    (tmp_path / "nul").write_bytes(b"abc\0def")
+    (tmp_path / "latin").write_bytes(b"caf\xe9-secret")
+    locked = tmp_path / "locked"
+    locked.write_text("locked-secret-value")
+    locked.chmod(0)
+    store = SecretStore(tmp_path)
+    cases = [
+        ("adir", "unreadable", "it is a directory"),
+        ("absent", "missing", "has no file 'absent'"),
+        ("huge", "invalid", f"larger than {MAX_SECRET_BYTES} bytes"),
+        ("nul", "invalid", "control character"),
+        ("latin", "invalid", "not UTF-8"),
+    ]
+    if os.geteuid() != 0:  # root reads a mode-0 file
+        cases.append(("locked", "unreadable", "may not read the file 'locked'"))
+    for name, problem, message in cases:
+        with pytest.raises(SecretNotFound, match=message) as info:
+            store.resolve(SecretRef(raw=f"account.{name}", scope="account", name=name))
+        assert info.value.problem == problem and f"account.{name}" in str(info.value)
+        assert "secret-value" not in str(info.value) and "abc" not in str(info.value)
