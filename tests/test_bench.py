@@ -178,3 +178,11 @@ def test_the_measured_process_gets_a_core_of_its_own_and_everything_is_put_back(
     finally:
         for p in (measured, aside):
             p.communicate(b"")
+
+
+def test_decompose_rows_show_what_each_layer_adds_over_the_one_above() -> None:
+    from bench.decompose import rows
+
+    out = rows({"floor": 1.0, "sdk": 1.01, "handler": 1.25, "boundary": 1.27})
+    assert [r[2] for r in out] == ["", "+0.010 ms", "+0.240 ms", "+0.020 ms"]
+    assert [r[3] for r in out] == ["1.00x floor", "1.01x floor", "1.25x floor", "1.27x floor"]
