@@ -135,6 +135,8 @@ class AwsValidator:
         self._redact = redact
         self._observer = observer
         self.resolver = CredentialResolver(env, clients, secrets)
+        #: The environment is frozen: its endpoint overrides (named in hints) are worked out once.
+        self._endpoints = env.endpoint_overrides()
 
     async def validate(
         self,
@@ -165,7 +167,7 @@ class AwsValidator:
             external_id_set=bool(connector.cross_account and connector.cross_account.external_id),
             secret_ref=connector.secret_key_ref.raw if connector.secret_key_ref else None,
             session_token_ref=connector.session_token_ref.raw if connector.session_token_ref else None,
-            endpoints=self.env.endpoint_overrides(),
+            endpoints=self._endpoints,
             oidc=_oidc_context(connector, oidc_token),
         )
         run = _TestRun(connector, ctx, observer=self._observer)

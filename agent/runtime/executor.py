@@ -224,7 +224,7 @@ class Executor:
         started_wall = datetime.now(UTC)
         started = loop.time()
         self._state.running[task.task_id] = RunningTask(task.task_id, task.type, task.lease_id, started, task.attempt)
-        self._metrics.tasks_started.labels(task.type).inc()
+        self._metrics.labelled(self._metrics.tasks_started, task.type).inc()
         self._metrics.pickup_latency.observe(max(0.0, time.time() - task.created_at.timestamp()))
         run.interval = max(0.05, task.lease_seconds / 3)
         self._schedule_renewal(run, run.interval * random.uniform(0.8, 1.0))  # noqa: S311 - jitter, not crypto
@@ -262,8 +262,8 @@ class Executor:
                             ),
                         )
                     )
-                self._metrics.tasks_completed.labels(task.type, outcome_kind).inc()
-                self._metrics.task_duration.labels(task.type).observe(seconds)
+                self._metrics.labelled(self._metrics.tasks_completed, task.type, outcome_kind).inc()
+                self._metrics.labelled(self._metrics.task_duration, task.type).observe(seconds)
                 _summary(task, outcome_kind, status, output, seconds)
         except Exception:
             # The boundary: nothing a task does may escape into the delegate.
