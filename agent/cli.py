@@ -1068,7 +1068,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     aws = trust_additional_cas(settings, aws)
     redactor = Redactor()
     configure_logging(
-        fmt=settings.log_format, level=settings.log_level, redactor=redactor, static={"delegate": settings.name}
+        fmt=settings.log_format,
+        level=settings.log_level,
+        redactor=redactor,
+        static={"delegate": settings.name},
+        cache=True,  # configured once for the life of the process
     )
     agent = build_agent(settings, aws, os.environ, redactor=redactor)
 
