@@ -73,7 +73,9 @@ def aiobotocore_naive(endpoint: str, keys: list[tuple[str, str]], concurrency: i
     return asyncio.run(run())
 
 
-def aiobotocore_floor(endpoint: str, keys: list[tuple[str, str]], concurrency: int) -> dict[str, float]:
+def aiobotocore_floor(
+    endpoint: str, keys: list[tuple[str, str]], concurrency: int, *, serve: bool = False
+) -> dict[str, float]:
     """The least aiobotocore can spend on the two calls: one client pair, made once, one set of keys.
 
     No credentials per connector, no secret to read, no result to report: what is left is the SDK's
@@ -103,9 +105,30 @@ def aiobotocore_floor(endpoint: str, keys: list[tuple[str, str]], concurrency: i
                     await sts.get_caller_identity()
                     await ec2.describe_regions(RegionNames=["us-east-1"])
 
+            if serve:
+                await _serve(validate, keys, idle)
+                return {}
             return {**await _measure(validate, keys), "idle_rss_mib": idle}
 
     return asyncio.run(run())
+
+
+async def _serve(validate: Callable[[Key], Awaitable[None]], keys: list[Key], idle: float) -> None:
+    """Measure on request, so the bench can interleave this floor with the delegate in small rounds:
+    after a warm-up, a line with a number N on stdin runs N validations and prints their JSON line
+    (as a one-shot run does); end of input ends it."""
+    await asyncio.gather(*(validate(k) for k in keys[:20]))
+    print(json.dumps({"ready": True, "idle_rss_mib": idle}), flush=True)
+    loop = asyncio.get_running_loop()
+    while line := await loop.run_in_executor(None, sys.stdin.readline):
+        batch = [keys[i % len(keys)] for i in range(int(line))]
+        cpu, wall = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(validate(k) for k in batch))
+        result = {
+            "cpu_ms": (time.process_time() - cpu) / len(batch) * 1000,
+            "per_second": len(batch) / (time.perf_counter() - wall),
+        }
+        print(json.dumps(result), flush=True)
 
 
 def no_sdk(endpoint: str, keys: list[tuple[str, str]], concurrency: int) -> dict[str, float]:
@@ -179,8 +202,14 @@ def main() -> int:
     p.add_argument("--endpoint", required=True)
     p.add_argument("--keys", required=True, help="JSON file: [[access key, secret key], ...]")
     p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--serve", action="store_true", help="floor only: measure N validations per line of stdin")
     args = p.parse_args()
     keys = [tuple(k) for k in json.load(open(args.keys))]  # noqa: SIM115
+    if args.serve:
+        if args.kind != "floor":
+            p.error("--serve is for the floor")
+        aiobotocore_floor(args.endpoint, keys, args.concurrency, serve=True)
+        return 0
     out = KINDS[args.kind](args.endpoint, keys, args.concurrency)
     print(json.dumps(out))
     return 0
