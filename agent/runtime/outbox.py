@@ -173,9 +173,9 @@ class SqliteOutbox:
         self._unreadable: set[str] = set()
         self._fault: str | None = None
         self._next_try = 0.0
-        #: Results put in this event-loop tick, not written yet (see put); newest per lease.
+        #: Results put in this event-loop tick, not written yet (see put): one per lease, the newest,
+        #: in the order they were put (a replacement goes last, as its row does in the file).
         self._queued: dict[str, Entry] = {}
-        self._queued_entries: list[Entry] = []
         self._flush_handle: asyncio.Handle | None = None
         self.changed = asyncio.Event()
         if self._count:
@@ -192,8 +192,8 @@ class SqliteOutbox:
         before its queue is written (each reader flushes first), so a result is on disk before it
         can be sent. Outside an event loop it is written at once.
         """
+        self._queued.pop(entry.key, None)
         self._queued[entry.key] = entry
-        self._queued_entries.append(entry)
         if self._flush_handle is None:
             try:
                 loop = asyncio.get_running_loop()
@@ -210,9 +210,7 @@ class SqliteOutbox:
             self._flush_handle = None
         if not self._queued:
             return
-        # Only the newest result per lease (a second result for a lease replaces the first).
-        entries = [e for e in self._queued_entries if self._queued.get(e.key) is e]
-        self._queued, self._queued_entries = {}, []
+        entries, self._queued = list(self._queued.values()), {}
         if len(entries) > 1:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
