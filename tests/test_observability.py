@@ -9,9 +9,11 @@ import shutil
 import socket
 import subprocess
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
+import msgspec
 import pytest
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -19,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from agent.observability.logging import MASK, Redactor, configure_logging
 from agent.observability.metrics import MetricsRegistry
 from agent.protocol.auth import TokenSource, TokenUnavailable
+from agent.protocol.results import Identity, Step, ValidationResult, failure_result
 from agent.runtime.backoff import MAX_RETRY_AFTER, Backoff
 from agent.runtime.settings import ConfigError, load_settings
 from tests.conftest import FAST, AgentFactory, ControlPlaneFactory, done
@@ -302,3 +305,56 @@ def test_a_string_found_clean_is_scanned_again_once_a_secret_it_holds_is_learnt(
     assert r.value(doc) == doc
     r.add("canary-ffff0000eeee")
     assert "canary-ffff0000eeee" not in repr(r.value(doc))
+
+
+def test_a_result_document_is_masked_field_by_field_and_kept_whole_when_clean() -> None:
+    """Results are redacted twice per task (handler and executor): a clean one comes back as the very
+    object, a dirty one as a copy with only the secret masked, its types and timestamps intact."""
+    r = Redactor()
+    r.add("canary-5e4d3c2b1a09")
+    clean = ValidationResult(
+        status="SUCCESS",
+        tested_at=datetime(2026, 12, 3, 12, 0, tzinfo=UTC),
+        delegate_name="d1",
+        connector_identifier="prod",
+        credential_source="access key AKIAEXAMPLE with secret aws_sk",
+        identity=Identity(account="123456789012", arn="arn:aws:iam::123456789012:user/ci"),
+        steps=[Step(name="get_caller_identity", status="SUCCESS", duration_ms=3)],
+    )
+    assert r.value(clean) is clean and r.value(clean) is clean  # scanned, then remembered clean
+    dirty = failure_result(
+        "permission_denied",
+        "AccessDenied for canary-5e4d3c2b1a09",
+        step="assume_role",
+        hint="check canary-5e4d3c2b1a09",
+        delegate_id=None,
+        delegate_name="d1",
+    )
+    masked = r.value(dirty)
+    assert type(masked) is ValidationResult and masked is not dirty
+    assert "canary-5e4d3c2b1a09" not in msgspec.json.encode(masked).decode()
+    assert masked.error_summary == f"AccessDenied for {MASK}" and masked.errors[0].message == masked.error_summary
+    assert masked.failure is not None and masked.failure.hint == f"check {MASK}"
+    assert masked.tested_at == dirty.tested_at and masked.steps == dirty.steps
+    assert "canary-5e4d3c2b1a09" in dirty.error_summary  # the original is left as it was
+
+    class Carrier(msgspec.Struct, rename="camel"):
+        session_token: str | None = None
+        session_token_ref: str | None = None
+        note: list[str] = []
+
+    carried = r.value(Carrier(session_token="plain", session_token_ref="aws_st", note=["canary-5e4d3c2b1a09"]))
+    assert carried == Carrier(session_token=MASK, session_token_ref="aws_st", note=[MASK])
+
+
+def test_a_string_remembered_clean_long_ago_is_masked_once_its_secret_is_learnt() -> None:
+    """The clean strings live in two generations (one-off strings push out the oldest, not the ones
+    every task repeats); learning a secret must empty both."""
+    r = Redactor()
+    r.add("unrelated-secret-1")
+    text = "arn:aws:iam::123456789012:role/canary-0f1e2d3c4b5a"
+    assert r.text(text) == text
+    for i in range(5_000):  # more one-off strings than a generation holds: `text` is in the older one
+        assert r.text(f"one-off-{i}") == f"one-off-{i}"
+    r.add("canary-0f1e2d3c4b5a")
+    assert r.text(text) == f"arn:aws:iam::123456789012:role/{MASK}"

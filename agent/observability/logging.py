@@ -17,6 +17,7 @@ import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, MutableMapping
+from datetime import datetime
 from typing import Any, Literal, TextIO
 
 import msgspec
@@ -89,7 +90,10 @@ class Redactor:
         #: Strings already scanned and found clean, for the secrets held now (replaced, not cleared,
         #: when one is added: a scan that began before sees its own set go stale, never the new one).
         #: A result document repeats most of its strings task after task (names, regions, ARNs).
+        #: Two generations: a full one becomes the older and a string found there moves back, so the
+        #: strings every task repeats outlive the ones a single task brought (a connector's name).
         self._clean: set[str] = set()
+        self._older: set[str] = set()
 
     def pin(self, *values: str | None) -> None:
         """Remember secret values for the life of the process (outside the bound ``add`` keeps)."""
@@ -102,7 +106,7 @@ class Redactor:
                 prefix = value[:_MIN_SECRET_LENGTH]
                 if value not in self._index.get(prefix, ()):
                     self._index[prefix] = tuple(sorted((*self._index.get(prefix, ()), value), key=len, reverse=True))
-                    self._clean = set()
+                    self._clean, self._older = set(), set()
 
     def add(self, *values: str | None) -> None:
         """Remember secret values so they are masked wherever they show up later."""
@@ -117,7 +121,7 @@ class Redactor:
                 prefix = value[:_MIN_SECRET_LENGTH]
                 # Longest first, so a secret that contains another is masked whole.
                 self._index[prefix] = tuple(sorted((*self._index.get(prefix, ()), value), key=len, reverse=True))
-                self._clean = set()
+                self._clean, self._older = set(), set()
                 while len(self._values) > self._max:
                     old, _ = self._values.popitem(last=False)
                     prefix = old[:_MIN_SECRET_LENGTH]
@@ -131,13 +135,19 @@ class Redactor:
         return len(self._values)
 
     def text(self, value: str) -> str:
-        clean = self._clean
+        clean, older = self._clean, self._older
         if value in clean:
+            return value
+        if value in older:
+            clean.add(value)
             return value
         masked = self._mask(value)
         if len(value) <= _CLEAN_MAX_LENGTH and masked == value:
             if len(clean) >= _CLEAN_MAX_ENTRIES:
-                clean.clear()
+                with self._lock:
+                    if self._clean is clean:  # not replaced by a secret learnt meanwhile
+                        self._older, self._clean = clean, set()
+                clean = self._clean
             clean.add(value)
         return masked
 
@@ -190,14 +200,59 @@ class Redactor:
         if isinstance(value, BaseException):
             return self.text(f"{type(value).__name__}: {value}")
         if isinstance(value, msgspec.Struct):
-            # Walked in its wire form (the keys a reader sees), then typed again.
-            return msgspec.convert(self.value(msgspec.to_builtins(value)), type(value))
+            return self._struct(value)
         return value
+
+    def _struct(self, value: msgspec.Struct) -> Any:
+        """``value`` with secrets masked: the very object when it holds none (a result document, the
+        common case, then costs a walk over its fields and no copy). Keys are its wire names, as a
+        reader sees them; a timestamp or a number cannot hold a secret and is not turned into text."""
+        changed: dict[str, Any] | None = None
+        for name, secret_key in _struct_fields(type(value)):
+            field = getattr(value, name)
+            new: Any
+            if field is None:
+                continue
+            kind = type(field)
+            if secret_key:
+                if field in ("", [], {}):
+                    continue
+                new = MASK
+            elif kind is bool or kind is int or kind is float or kind is datetime:
+                continue
+            elif kind is str:
+                new = self.text(field)
+            elif kind is list:
+                items = [self._same(v) for v in field]
+                new = items if any(a is not b for a, b in zip(items, field, strict=True)) else field
+            else:
+                new = self._same(field)
+            if new is not field:
+                if changed is None:
+                    changed = {}
+                changed[name] = new
+        return value if changed is None else msgspec.structs.replace(value, **changed)
+
+    def _same(self, value: Any) -> Any:
+        """Inside a Struct: another Struct or a string is kept as it is when clean; anything else is
+        walked (and copied) as :meth:`value` does."""
+        if type(value) is str:
+            return self.text(value)
+        if isinstance(value, msgspec.Struct):
+            return self._struct(value)
+        new = self.value(value)
+        return value if new == value else new
 
     def __call__(self, logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
         for k in list(event_dict):
             event_dict[k] = self.value(event_dict[k], None if k == "event" else k)
         return event_dict
+
+
+@functools.cache
+def _struct_fields(kind: type[msgspec.Struct]) -> tuple[tuple[str, bool], ...]:
+    """Each field of a Struct type: its attribute name, and whether its wire name looks secret."""
+    return tuple((f.name, is_secret_key(f.encode_name)) for f in msgspec.structs.fields(kind))
 
 
 @functools.lru_cache(maxsize=4096)
