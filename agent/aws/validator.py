@@ -11,7 +11,7 @@ import asyncio
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -63,14 +63,35 @@ class _Refused(Exception):
 
 @dataclass
 class _TestRun:
-    """One connection test in progress: its steps so far and what the hints need to know."""
+    """One connection test in progress: its steps so far and what the hints would need to know."""
 
     connector: AwsConnector
-    ctx: Context
+    endpoints: tuple[tuple[str, str], ...] = ()
+    oidc_token: str | None = field(default=None, repr=False)
     steps: list[Step] = field(default_factory=list)
     current: str | None = None
     current_started: float = 0.0
     observer: StepObserver | None = None
+    #: The principal a hint names, once known (a role that refused to be assumed) ...
+    principal: str | None = None
+    #: ... or (caller ARN, known role ARN) as GetCallerIdentity answered, resolved only if a hint needs it.
+    caller: tuple[str | None, str | None] | None = None
+
+    def context(self) -> Context:
+        """What the hints need to be concrete; built only when a step fails (most tests pass)."""
+        c = self.connector
+        return Context(
+            credential_type=c.credential_type,
+            region=c.region,
+            partition=c.partition,
+            principal=_iam_principal(*self.caller) if self.caller is not None else self.principal,
+            role_arn=c.cross_account.role_arn if c.cross_account else None,
+            external_id_set=bool(c.cross_account and c.cross_account.external_id),
+            secret_ref=c.secret_key_ref.raw if c.secret_key_ref else None,
+            session_token_ref=c.session_token_ref.raw if c.session_token_ref else None,
+            endpoints=self.endpoints,
+            oidc=_oidc_context(c, self.oidc_token),
+        )
 
     @contextmanager
     def step(self, name: str) -> Iterator[None]:
@@ -87,7 +108,7 @@ class _TestRun:
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            diagnosis = diagnose(exc, step=name, ctx=self.ctx)
+            diagnosis = diagnose(exc, step=name, ctx=self.context())
             if diagnosis.category == "internal":
                 # Not the user's mistake: keep the traceback (redacted like every log line).
                 log.error("aws.validation_internal_error", step=name, connector=self.connector.identifier, exc_info=exc)
@@ -135,8 +156,10 @@ class AwsValidator:
         self._redact = redact
         self._observer = observer
         self.resolver = CredentialResolver(env, clients, secrets)
-        #: The environment is frozen: its endpoint overrides (named in hints) are worked out once.
+        #: The environment is frozen: its endpoint overrides (named in hints) and the retry policy of a
+        #: connector without a backoff override are worked out once.
         self._endpoints = env.endpoint_overrides()
+        self._policy = RetryPolicy.for_connector(env, None)
 
     async def validate(
         self,
@@ -159,19 +182,8 @@ class AwsValidator:
             "describe_regions",
             *(["simulate_permissions"] if actions else []),
         ]
-        ctx = Context(
-            credential_type=connector.credential_type,
-            region=region,
-            partition=connector.partition,
-            role_arn=connector.cross_account.role_arn if connector.cross_account else None,
-            external_id_set=bool(connector.cross_account and connector.cross_account.external_id),
-            secret_ref=connector.secret_key_ref.raw if connector.secret_key_ref else None,
-            session_token_ref=connector.session_token_ref.raw if connector.session_token_ref else None,
-            endpoints=self._endpoints,
-            oidc=_oidc_context(connector, oidc_token),
-        )
-        run = _TestRun(connector, ctx, observer=self._observer)
-        policy = RetryPolicy.for_connector(self.env, connector.backoff)
+        run = _TestRun(connector, self._endpoints, oidc_token, observer=self._observer)
+        policy = self._policy if connector.backoff is None else RetryPolicy.for_connector(self.env, connector.backoff)
         result = ValidationResult(
             status="SUCCESS",
             tested_at=datetime.now(UTC),
@@ -254,7 +266,7 @@ class AwsValidator:
                 except ClientError:
                     # Name who was refused: the hint is about *that* principal's trust relationship.
                     caller = await self._whoami(base, region, policy)
-                    run.ctx = replace(run.ctx, principal=_iam_principal(caller, base.role_arn) or base.role_arn)
+                    run.principal = _iam_principal(caller, base.role_arn) or base.role_arn
                     raise
             result.credential_source = resolved.source
         with self.clients.bound(resolved.credentials):
@@ -264,7 +276,7 @@ class AwsValidator:
                 identity = Identity(account=ident.get("Account"), arn=ident.get("Arn"), user_id=ident.get("UserId"))
                 result.identity = identity
                 # Hints name what a policy can name: the role, not this one session of it.
-                run.ctx = replace(run.ctx, principal=_iam_principal(ident.get("Arn"), resolved.role_arn))
+                run.caller = (ident.get("Arn"), resolved.role_arn)
             with run.step("describe_regions"):
                 async with self.clients.client("ec2", region, policy) as ec2:
                     answer = await ec2.describe_regions(RegionNames=[region], AllRegions=True)
