@@ -121,5 +121,22 @@ class StallHandler(_Handler):
         return outcome(ctx)
 
 
+class DeafHandler(_Handler):
+    """Swallows the cancel at its timeout and carries on for a minute (a call that eats the cancel);
+    a second cancel (the delegate shutting down) ends it."""
+
+    task_type = "test.deaf"
+
+    async def __call__(self, ctx: TaskContext) -> ValidationResult:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            await asyncio.sleep(60)
+        return outcome(ctx)
+
+
 def all_handlers() -> dict[str, Any]:
-    return {h.task_type: h for h in (EchoHandler(), GateHandler(), SleepHandler(), CrashHandler(), StallHandler())}
+    return {
+        h.task_type: h
+        for h in (EchoHandler(), GateHandler(), SleepHandler(), CrashHandler(), StallHandler(), DeafHandler())
+    }

@@ -19,6 +19,7 @@ import pytest
 import structlog
 
 from agent.controlplane.core import ControlPlaneSettings
+from agent.runtime.executor import UNWIND_SECONDS
 from tests.conftest import FAST, TOKEN, AgentFactory, ControlPlaneFactory, done, free_port
 from tests.helpers import results_held_then_released, sample, wait_for, wait_views
 
@@ -194,6 +195,27 @@ async def test_a_task_is_stopped_at_its_timeout(
     assert result.status == "FAILURE"
     assert result.result.failure.category == "timeout"
     assert sample(a.agent.metrics, "delegate_task_duration_seconds_sum", type="test.sleep") == 0.5
+
+
+async def test_a_handler_deaf_to_cancellation_is_reported_after_the_unwind_grace(
+    control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory
+) -> None:
+    """A handler that swallows the cancel at its timeout cannot hold the task hostage: the delegate
+    waits UNWIND_SECONDS for it, then reports the timeout and frees the slot."""
+    cp = await control_plane_factory(settings=FAST)
+    a = await agent_factory(cp)
+    await a.registered()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    task = await cp.core.create_task(type="test.deaf", payload={}, timeout=0.5)
+    result = await done(cp, task.id)
+    assert result.status == "FAILURE"
+    assert result.result.failure.category == "timeout"
+    assert "did not finish within its timeout of 0.5s" in result.result.error_summary
+    assert 0.5 + UNWIND_SECONDS <= loop.time() - started < 0.5 + UNWIND_SECONDS + FAST.poll_wait_seconds
+    await wait_for(lambda: a.agent.state.running == {}, "the slot to be free")
+    echo = await cp.core.create_task(type="test.echo", payload={"message": "after"})
+    assert (await done(cp, echo.id)).status == "SUCCESS"
 
 
 async def test_cancellation_from_the_control_plane(

@@ -231,40 +231,40 @@ class Executor:
         outcome_kind = "error"
         output: ValidationResult
         try:
-            with structlog.contextvars.bound_contextvars(
-                task_id=task.task_id, task_type=task.type, attempt=task.attempt
-            ):
-                outcome_kind, output = await self._execute(run, loop)
-                if outcome_kind == "cancelled" and run.give_back and not run.lease_lost:
-                    await self._give_back(task, run.cancel_reason or "the delegate is shutting down")
-                    self._metrics.tasks_completed.labels(task.type, "released").inc()
-                    return
-                status: TaskStatus = "SUCCESS" if outcome_kind == "success" else "FAILURE"
-                output = self._redact(output)
-                finished = datetime.now(UTC)
-                seconds = loop.time() - started
-                if run.lease_lost:
-                    log.warning(
-                        "task.result_dropped",
-                        reason="lease lost: the control plane gave the task to another delegate",
-                        duration_ms=round(seconds * 1000),
+            # This asyncio task's own context (a copy made when it was created): bound here, the
+            # fields reach every line the task and its handler log, and go with the task.
+            structlog.contextvars.bind_contextvars(task_id=task.task_id, task_type=task.type, attempt=task.attempt)
+            outcome_kind, output = await self._execute(run, loop)
+            if outcome_kind == "cancelled" and run.give_back and not run.lease_lost:
+                await self._give_back(task, run.cancel_reason or "the delegate is shutting down")
+                self._metrics.tasks_completed.labels(task.type, "released").inc()
+                return
+            status: TaskStatus = "SUCCESS" if outcome_kind == "success" else "FAILURE"
+            output = self._redact(output)
+            finished = datetime.now(UTC)
+            seconds = loop.time() - started
+            if run.lease_lost:
+                log.warning(
+                    "task.result_dropped",
+                    reason="lease lost: the control plane gave the task to another delegate",
+                    duration_ms=round(seconds * 1000),
+                )
+            else:
+                self._outbox.put(
+                    Entry(
+                        task.task_id,
+                        TaskResult(
+                            lease_id=task.lease_id,
+                            status=status,
+                            output=output,
+                            started_at=started_wall,
+                            finished_at=finished,
+                        ),
                     )
-                else:
-                    self._outbox.put(
-                        Entry(
-                            task.task_id,
-                            TaskResult(
-                                lease_id=task.lease_id,
-                                status=status,
-                                output=output,
-                                started_at=started_wall,
-                                finished_at=finished,
-                            ),
-                        )
-                    )
-                self._metrics.labelled(self._metrics.tasks_completed, task.type, outcome_kind).inc()
-                self._metrics.labelled(self._metrics.task_duration, task.type).observe(seconds)
-                _summary(task, outcome_kind, status, output, seconds)
+                )
+            self._metrics.labelled(self._metrics.tasks_completed, task.type, outcome_kind).inc()
+            self._metrics.labelled(self._metrics.task_duration, task.type).observe(seconds)
+            _summary(task, outcome_kind, status, output, seconds)
         except Exception:
             # The boundary: nothing a task does may escape into the delegate.
             log.exception("task.executor_error", task_id=task.task_id)
@@ -301,11 +301,10 @@ class Executor:
         run.work = asyncio.create_task(handler(ctx), name=f"work-{task.task_id}")
         if run.cancel_reason is not None:  # cancelled before it even started
             run.work.cancel()
-        done, _ = await asyncio.wait({run.work}, timeout=task.timeout_seconds)
-        if not done:
+        if not await _finished(run.work, task.timeout_seconds):
             run.cancel_reason = run.cancel_reason or "timeout"
             run.work.cancel()
-            await asyncio.wait({run.work}, timeout=UNWIND_SECONDS)
+            await _finished(run.work, UNWIND_SECONDS)
         if run.cancel_reason is not None and (run.work.cancelled() or not run.work.done()):
             if run.cancel_reason == "timeout":
                 return "timeout", self._failure(
@@ -484,6 +483,28 @@ class Executor:
         run.interval = max(0.05, lease.lease_seconds / 3)
         if not run.done.is_set():
             self._schedule_renewal(run, run.interval * random.uniform(0.8, 1.0))  # noqa: S311 - jitter, not crypto
+
+
+async def _finished(work: asyncio.Task[Any], timeout: float) -> bool:
+    """Whether ``work`` is done within ``timeout`` seconds; it is not cancelled here. One future and
+    one timer: ``asyncio.wait`` builds sets, a waiter and a callback per awaitable for the general case."""
+    if work.done():
+        return True
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+
+    def wake(_: object) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    work.add_done_callback(wake)
+    timer = loop.call_later(timeout, wake, None)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        work.remove_done_callback(wake)
+    return work.done()
 
 
 def _summary(task: Task, outcome: str, status: str, output: ValidationResult, seconds: float) -> None:
