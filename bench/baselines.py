@@ -91,7 +91,7 @@ def aiobotocore_floor(
             "aws_access_key_id": keys[0][0],
             "aws_secret_access_key": keys[0][1],
             # A fixed User-Agent, as the delegate sets: botocore rebuilds its default one per call.
-            "config": AioConfig(user_agent="bench-floor", max_pool_connections=32),
+            "config": AioConfig(user_agent="bench-floor", max_pool_connections=max(32, concurrency)),
         }
         session = AioSession()
         gate = asyncio.Semaphore(concurrency)

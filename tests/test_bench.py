@@ -44,7 +44,10 @@ def _results(**over: object) -> dict[str, object]:
             "per_cpu_second": 500.0,
             "aws_cpu_ms": 0.06,
             "control_plane_cpu_ms": 3.1,
-            "floor": {"cpu_ms": 1.25, "per_second": 800.0, "per_cpu_second": 800.0},
+            "capacity": 256,
+            "floor": {"cpu_ms": 1.25, "per_second": 800.0, "per_cpu_second": 800.0, "concurrency": 256},
+            "floor_few": {"cpu_ms": 1.1, "concurrency": 16},
+            "ratio_few": 1.8,
             "no-sdk": {"cpu_ms": 0.7, "per_second": 1400.0, "per_cpu_second": 1428.6},
         },
     }
@@ -92,11 +95,13 @@ def test_canned_rows_compare_the_delegate_with_the_floor_against_the_same_stand_
     assert "500 (wall 250/s)" in throughput and "floor 800" in throughput and "0.62x floor" in throughput
     cpu = rows["CPU per validation against the canned AWS"]
     # The verdict is the median round's ratio, and every round's ratio is shown.
-    assert "1.60x floor (median of rounds 1.50 / 1.60 / 1.90; ours +0.75 ms)" in cpu and cpu.endswith("MISSED")
+    assert "1.60x floor (median of rounds 1.50 / 1.60 / 1.90; ours +0.75 ms; 1.80x the floor at 16)" in cpu
+    assert cpu.endswith("MISSED") and "floor 1.25 ms (256 at a time; 1.10 ms at 16)" in cpu
     three = [{"ratio": 1.2}, {"ratio": 1.25}, {"ratio": 1.9}]
     canned = {**_results()["canned"], "rounds": three, "ratio": 1.25}  # type: ignore[dict-item]
     assert _rows(canned_table(_results(canned=canned)))["CPU per validation against the canned AWS"].endswith("met")
     assert "3 rounds of 1000 validations" in canned_table(_results()) and "core of its own" in canned_table(_results())
+    assert "capacity 256, and as many by the floor, 256 at a time as the delegate runs them" in canned_table(_results())
     assert "canned AWS 0.06 ms, control plane 3.10 ms" in rows["CPU of the others in the same run, per validation"]
     full = _rows(table(_results()))
     cells = lambda line: [c.strip() for c in line.split("|")]  # noqa: E731 - padding differs by table
