@@ -14,7 +14,7 @@ LINT_PATHS := $(wildcard agent tests bench)
 PYTEST_WORKERS ?= -n auto --maxprocesses=4
 PIPQUIET := grep -v -E "is ignored: it is neither a file nor a directory" || true
 
-.PHONY: help venv test lint typecheck check demo bench bench-cp bench-decompose profile load lock models clean image chart
+.PHONY: help venv test lint typecheck check demo bench bench-cp bench-decompose bench-instructions profile load lock models clean image chart
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -60,6 +60,9 @@ bench-cp: $(STAMP) ## the control plane alone: SQLite vs Postgres with 1 and 3 r
 
 bench-decompose: $(STAMP) ## the AWS handler's CPU per validation, layer by layer, against the SDK's floor
 	$(BIN)/python -m bench.decompose $(DECOMPOSE_ARGS)
+
+bench-instructions: $(STAMP) ## instructions per validation, layer by layer (valgrind: a count a busy machine does not move)
+	$(BIN)/python -m bench.instructions $(INSTRUCTIONS_ARGS)
 
 profile: $(STAMP) ## where the delegate's CPU goes per validation (py-spy samples, bucketed)
 	$(BIN)/python -m bench.profile $(PROFILE_ARGS)

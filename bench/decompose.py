@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -153,10 +153,20 @@ def rows(ms: dict[str, float]) -> list[tuple[str, ...]]:
         "handler": "the AWS handler: connector, secret, credentials, steps, result, redaction",
         "boundary": "plus the executor's redaction of the result",
     }
-    out, above = [], None
-    for name in LAYERS:
-        added = "" if above is None else f"{ms[name] - ms[above]:+.3f} ms"
-        out.append((what[name], f"{ms[name]:.3f} ms", added, f"{ms[name] / ms['floor']:.2f}x floor"))
+    return layer_rows(ms, what, unit="ms", base="floor")
+
+
+def layer_rows(
+    values: Mapping[str, float], what: Mapping[str, str], *, unit: str, base: str, scale: float = 1.0, digits: int = 2
+) -> list[tuple[str, ...]]:
+    """One row per layer, in ``what``'s order: its value (times ``scale``, in ``unit``), what it adds
+    over the layer above, and its ratio to the ``base`` layer (with ``digits`` decimals)."""
+    out: list[tuple[str, ...]] = []
+    above: str | None = None
+    for name, text in what.items():
+        added = "" if above is None else f"{(values[name] - values[above]) * scale:+.3f} {unit}"
+        ratio = f"{values[name] / values[base]:.{digits}f}x {base}"
+        out.append((text, f"{values[name] * scale:.3f} {unit}", added, ratio))
         above = name
     return out
 

@@ -191,3 +191,14 @@ def test_decompose_rows_show_what_each_layer_adds_over_the_one_above() -> None:
     out = rows({"floor": 1.0, "sdk": 1.01, "handler": 1.25, "boundary": 1.27})
     assert [r[2] for r in out] == ["", "+0.010 ms", "+0.240 ms", "+0.020 ms"]
     assert [r[3] for r in out] == ["1.00x floor", "1.01x floor", "1.25x floor", "1.27x floor"]
+
+
+def test_instruction_rows_show_what_each_layer_adds_over_the_sdk() -> None:
+    from bench.instructions import rows
+
+    out = rows({"sdk": 5_000_000.0, "handler": 5_500_000.0, "executor": 5_800_000.0})
+    assert [r[1:] for r in out] == [
+        ("5.000 M", "", "1.000x sdk"),
+        ("5.500 M", "+0.500 M", "1.100x sdk"),
+        ("5.800 M", "+0.300 M", "1.160x sdk"),
+    ]

@@ -120,3 +120,19 @@ async def test_connections_are_kept_alive_and_an_unsigned_request_is_refused(can
     writer.close()
     assert answers[0][0] == b"200" and b"user/bench-00000007" in answers[0][1]
     assert answers[1][0] == b"400" and b"<Code>MissingAuthenticationToken</Code>" in answers[1][1]
+
+
+@pytest.mark.parametrize("layer", ["handler", "executor"])
+def test_the_instruction_counters_layers_run_the_real_path_against_the_stand_in(
+    canned: str, tmp_path: Path, layer: str
+) -> None:
+    """`make bench-instructions` counts what these processes execute under valgrind; here they run
+    plain, and must finish: a handler layer that failed a validation stops with an error."""
+    from bench import instructions
+
+    for i, (_, secret) in enumerate(instructions.keys()):
+        (tmp_path / f"sk{i}").write_text(secret)
+    argv = [sys.executable, "-m", "bench.instructions", "--run", layer, "--count", "20", "--url", canned]
+    argv += ["--secrets", str(tmp_path)]
+    done = subprocess.run(argv, check=False, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
