@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from types import TracebackType
 from typing import Any
 
 import structlog
@@ -93,28 +93,21 @@ class _TestRun:
             oidc=_oidc_context(c, self.oidc_token),
         )
 
-    @contextmanager
-    def step(self, name: str) -> Iterator[None]:
+    def step(self, name: str) -> _Step:
         """Time a step; record it (steps and observer) as a success, or as the failure it raised."""
-        self.current = name
-        started = self.current_started = time.perf_counter()
-        try:
-            yield
-        except _StepFailed:
-            raise
-        except _Refused as refused:
-            self._record(name, "FAILURE", started, refused.diagnosis.category)
-            raise _StepFailed(name, refused.diagnosis) from None
-        except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            diagnosis = diagnose(exc, step=name, ctx=self.context())
-            if diagnosis.category == "internal":
-                # Not the user's mistake: keep the traceback (redacted like every log line).
-                log.error("aws.validation_internal_error", step=name, connector=self.connector.identifier, exc_info=exc)
-            self._record(name, "FAILURE", started, diagnosis.category)
-            raise _StepFailed(name, diagnosis) from None
-        self._record(name, "SUCCESS", started, None)
+        return _Step(self, name)
+
+    def failed(self, name: str, started: float, exc: BaseException) -> _StepFailed:
+        """The step ``name`` raised ``exc``: record it, and say what it means for the user."""
+        if isinstance(exc, _Refused):
+            self._record(name, "FAILURE", started, exc.diagnosis.category)
+            return _StepFailed(name, exc.diagnosis)
+        diagnosis = diagnose(exc, step=name, ctx=self.context())
+        if diagnosis.category == "internal":
+            # Not the user's mistake: keep the traceback (redacted like every log line).
+            log.error("aws.validation_internal_error", step=name, connector=self.connector.identifier, exc_info=exc)
+        self._record(name, "FAILURE", started, diagnosis.category)
+        return _StepFailed(name, diagnosis)
 
     def fail(self, name: str, started: float, diagnosis: Diagnosis) -> _StepFailed:
         self._record(name, "FAILURE", started, diagnosis.category)
@@ -136,6 +129,27 @@ class _TestRun:
         for name in planned:
             if name not in done:
                 self.steps.append(Step(name=name, status="SKIPPED"))
+
+
+class _Step:
+    """One step of a run as a ``with`` block (a class, not a generator: three per test)."""
+
+    __slots__ = ("_name", "_run", "_started")
+
+    def __init__(self, run: _TestRun, name: str) -> None:
+        self._run = run
+        self._name = name
+        self._started = 0.0
+
+    def __enter__(self) -> None:
+        self._run.current = self._name
+        self._started = self._run.current_started = time.perf_counter()
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if exc is None:
+            self._run._record(self._name, "SUCCESS", self._started, None)
+        elif not isinstance(exc, _StepFailed | asyncio.CancelledError):
+            raise self._run.failed(self._name, self._started, exc) from None
 
 
 class AwsValidator:
