@@ -40,6 +40,25 @@ Validate = Callable[[int], Awaitable[None]]
 LAYERS = ("floor", "sdk", "handler", "boundary")
 
 
+def bench_keys(n: int = 300) -> list[tuple[str, str]]:
+    """The connectors' keys, as make bench makes them: an access key each and its secret."""
+    rand = random.Random(1)
+    return [(f"AKIABENCH{i:011d}", f"secret-{rand.getrandbits(64):016x}") for i in range(n)]
+
+
+def connector(i: int, keys: list[tuple[str, str]]) -> dict[str, Any]:
+    """Connector ``i``: its own name, the ``i``-th key (cycled), the secret key from file ``sk<i>``."""
+    spec = {"accessKey": keys[i % len(keys)][0], "secretKeyRef": f"sk{i % len(keys)}"}
+    return {
+        "connector": {
+            "name": f"c{i}",
+            "identifier": f"c{i}",
+            "type": "Aws",
+            "spec": {"credential": {"type": "ManualConfig", "spec": spec}, "delegateSelectors": ["bench"]},
+        }
+    }
+
+
 async def _measure(url: str, secrets: Path, keys: list[tuple[str, str]], rounds: int, chunk: int) -> dict[str, float]:
     from aiobotocore.config import AioConfig  # noqa: PLC0415 - the SDK loads only for this command
     from aiobotocore.credentials import AioCredentials  # noqa: PLC0415
@@ -70,18 +89,6 @@ async def _measure(url: str, secrets: Path, keys: list[tuple[str, str]], rounds:
     }
     creds = AioCredentials(keys[0][0], keys[0][1])
 
-    def connector(i: int) -> dict[str, Any]:
-        key = keys[i % len(keys)]
-        spec = {"accessKey": key[0], "secretKeyRef": f"sk{i % len(keys)}"}
-        return {
-            "connector": {
-                "name": f"c{i}",
-                "identifier": f"c{i}",
-                "type": "Aws",
-                "spec": {"credential": {"type": "ManualConfig", "spec": spec}, "delegateSelectors": ["bench"]},
-            }
-        }
-
     session = AioSession()
     async with session.create_client("sts", **kw) as sts, session.create_client("ec2", **kw) as ec2:
 
@@ -103,7 +110,7 @@ async def _measure(url: str, secrets: Path, keys: list[tuple[str, str]], rounds:
                 ctx = TaskContext(
                     task_id=f"tsk_{i}",
                     type=TASK_TYPE_AWS_VALIDATE,
-                    payload={"connector": connector(i)},
+                    payload={"connector": connector(i, keys)},
                     delegate_id="dlg_decompose",
                     delegate_name="decompose",
                     timeout=30,
@@ -176,8 +183,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--chunk", type=int, default=200, help="validations per layer per round")
     args = parser.parse_args()
-    rand = random.Random(1)
-    keys = [(f"AKIABENCH{i:011d}", f"secret-{rand.getrandbits(64):016x}") for i in range(300)]
+    keys = bench_keys()
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="delegate-decompose-") as tmp:
         secrets = Path(tmp)

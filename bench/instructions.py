@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import gc
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -33,33 +32,16 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 from bench import canned_aws, startup
-from bench.decompose import layer_rows
+from bench.decompose import bench_keys, connector, layer_rows
 from bench.load import ROOT, _clean_env, free_port
 
 LAYERS = ("sdk", "handler", "executor")
 KEYS = 300
 WARM = 600
 WORKERS = 64
-
-
-def keys() -> list[tuple[str, str]]:
-    rand = random.Random(1)
-    return [(f"AKIABENCH{i:011d}", f"secret-{rand.getrandbits(64):016x}") for i in range(KEYS)]
-
-
-def connector(i: int, pairs: list[tuple[str, str]]) -> dict[str, Any]:
-    spec = {"accessKey": pairs[i % len(pairs)][0], "secretKeyRef": f"sk{i % len(pairs)}"}
-    return {
-        "connector": {
-            "name": f"c{i}",
-            "identifier": f"c{i}",
-            "type": "Aws",
-            "spec": {"credential": {"type": "ManualConfig", "spec": spec}, "delegateSelectors": ["bench"]},
-        }
-    }
 
 
 async def _layer(layer: str, count: int, url: str, secrets: Path, log: TextIO) -> None:
@@ -77,7 +59,7 @@ async def _layer(layer: str, count: int, url: str, secrets: Path, log: TextIO) -
     from agent.runtime.state import AgentState  # noqa: PLC0415
     from agent.taskapi import TaskContext  # noqa: PLC0415
 
-    pairs = keys()
+    pairs = bench_keys(KEYS)
     env, problems = AwsEnvironment.from_environ({"AWS_ENDPOINT_URL": url, "AWS_EC2_METADATA_DISABLED": "true"})
     if problems:
         raise RuntimeError(problems)
@@ -210,7 +192,7 @@ def main() -> int:
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="delegate-instructions-") as tmp:
         secrets = Path(tmp)
-        for i, (_, secret) in enumerate(keys()):
+        for i, (_, secret) in enumerate(bench_keys(KEYS)):
             (secrets / f"sk{i}").write_text(secret)
         responder = subprocess.Popen([sys.executable, "-m", "bench.canned_aws", str(port)], env=_clean_env(), cwd=ROOT)
         try:

@@ -128,9 +128,9 @@ def test_the_instruction_counters_layers_run_the_real_path_against_the_stand_in(
 ) -> None:
     """`make bench-instructions` counts what these processes execute under valgrind; here they run
     plain, and must finish: a handler layer that failed a validation stops with an error."""
-    from bench import instructions
+    from bench.decompose import bench_keys
 
-    for i, (_, secret) in enumerate(instructions.keys()):
+    for i, (_, secret) in enumerate(bench_keys()):
         (tmp_path / f"sk{i}").write_text(secret)
     argv = [sys.executable, "-m", "bench.instructions", "--run", layer, "--count", "20", "--url", canned]
     argv += ["--secrets", str(tmp_path)]
