@@ -510,3 +510,61 @@ async def test_results_waiting_together_go_in_one_request(
     assert sample(a.agent.metrics, REQUESTS, operation="submit_results", status="200") <= 2
     assert sample(a.agent.metrics, REQUESTS, operation="submit_result", status="200") == 0
     assert (await cp.core.stats()).results_accepted == 12
+
+
+async def test_a_result_alone_goes_at_once_and_results_close_together_share_a_request(
+    control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory
+) -> None:
+    """A result with no request sent just before it is delivered the moment it finishes; under load,
+    results that finish within the reporter's pace (20 ms) share one request, not one each."""
+    from agent.runtime.reporter import RESULTS_PACE_SECONDS
+
+    cp = await control_plane_factory(settings=FAST)
+    a = await agent_factory(cp, capacity=32)
+    await a.registered()
+    loop = asyncio.get_running_loop()
+    queued = loop.time()
+    lone = await cp.core.create_task(type="test.sleep", payload={"seconds": 1})
+    await done(cp, lone.id)
+    assert loop.time() - queued == pytest.approx(1.0, abs=1e-6)  # no pace without a recent request
+    await wait_for(lambda: sample(a.agent.metrics, REQUESTS, operation="submit_results", status="200") == 1, "1")
+    # Twenty results, one every 5 ms over 100 ms: one request per result before the pace.
+    tasks = [await cp.core.create_task(type="test.sleep", payload={"seconds": 0.005 * (i + 1)}) for i in range(20)]
+    started = loop.time()
+    results = [await done(cp, t.id) for t in tasks]
+    assert [r.status for r in results] == ["SUCCESS"] * 20
+    # The last result waits at most one pace after it finished.
+    assert loop.time() - started <= 0.1 + RESULTS_PACE_SECONDS + 1e-6
+    requests = sample(a.agent.metrics, REQUESTS, operation="submit_results", status="200") - 1
+    assert 2 <= requests <= 6  # one per 20 ms over 100 ms, and the first at once (20 before the pace)
+
+
+async def test_a_saturated_delegate_asks_for_several_tasks_per_poll(
+    control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With work queued behind a full delegate, a freed slot waits a moment (25 ms at most) for
+    others, so one poll brings several tasks: against the same queue without that wait, half the
+    polls or fewer, and the queue drains in about the same time (the tasks waited on the server anyway)."""
+    from agent.runtime import poller
+
+    async def drain(linger: float, name: str) -> tuple[float, float]:
+        monkeypatch.setattr(poller, "ACQUIRE_LINGER_SECONDS", linger)
+        cp = await control_plane_factory(settings=FAST)
+        a = await agent_factory(cp, name=name, capacity=32)
+        await a.registered()
+        polls = sample(a.agent.metrics, REQUESTS, operation="acquire", status="200")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        # Different lengths, so slots free one at a time, as they do over a real AWS.
+        seconds = [0.01 * (1 + (7 * i) % 23) for i in range(160)]
+        tasks = [await cp.core.create_task(type="test.sleep", payload={"seconds": s}) for s in seconds]
+        assert [(await done(cp, t.id)).status for t in tasks] == ["SUCCESS"] * 160
+        assert a.agent.state.capacity == 32
+        return sample(a.agent.metrics, REQUESTS, operation="acquire", status="200") - polls, loop.time() - started
+
+    linger = poller.ACQUIRE_LINGER_SECONDS
+    polls_at_once, took_at_once = await drain(0.0, "eager")
+    polls, took = await drain(linger, "patient")
+    assert polls_at_once >= 64  # the workload does make a slot-by-slot delegate poll often
+    assert polls <= polls_at_once / 2
+    assert took <= took_at_once * 1.25

@@ -105,10 +105,23 @@ class Slots:
         self.busy -= n
         self._freed.set()
 
-    async def wait_available(self) -> int:
+    async def wait_available(self, at_least: int = 1, linger: float = 0.0) -> int:
+        """Wait for a slot; then, for up to ``linger`` seconds more, for ``at_least`` of them.
+
+        The linger lets a saturated delegate ask for several tasks in one poll instead of one poll
+        per finished task (the poller decides when that is worth it).
+        """
         while self.available <= 0:
             self._freed.clear()
             await self._freed.wait()
+        if self.available < at_least and linger > 0:
+            try:
+                async with asyncio.timeout(linger):
+                    while self.available < at_least:
+                        self._freed.clear()
+                        await self._freed.wait()
+            except TimeoutError:
+                pass
         return self.available
 
 

@@ -12,6 +12,7 @@ good result (the load run with faults showed exactly that before this keepalive 
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import structlog
@@ -30,6 +31,10 @@ log = structlog.get_logger("agent.reporter")
 CONCURRENCY = 8
 #: How early a renewal round may run: below asyncio's timer resolution, so no spin.
 _DUE_SLACK = 0.001
+#: At most one round of result requests per this many seconds: under load, the results that finish
+#: in that time share a request (over a slow AWS each used to go nearly alone: 0.74 requests per
+#: validation). A result that finishes when none was sent for that long goes at once.
+RESULTS_PACE_SECONDS = 0.02
 
 
 class Reporter:
@@ -67,13 +72,19 @@ class Reporter:
     async def _deliver(self) -> None:
         # Results are small and matter most: retry them quickly (seconds, not half a minute).
         transient, auth = Backoff(base=0.2, cap=5.0), auth_backoff()
+        loop = asyncio.get_running_loop()
+        sent_at = -math.inf
         while not self._stop.is_set():
             await self._outbox.changed.wait()
             self._outbox.changed.clear()
             while not self._stop.is_set():
+                if (hold := sent_at + RESULTS_PACE_SECONDS - loop.time()) > _DUE_SLACK:
+                    await self._rest(hold)
+                    continue
                 batch = self._outbox.pending()
                 if not batch:
                     break
+                sent_at = loop.time()
                 error = await self._send_all(batch)
                 if error is None:
                     transient.reset()
@@ -83,11 +94,15 @@ class Reporter:
                 log.warning(
                     "agent.results_not_delivered", error=str(error), pending=len(self._outbox), retry_in=round(delay, 2)
                 )
-                try:
-                    async with asyncio.timeout(delay):
-                        await self._stop.wait()
-                except TimeoutError:
-                    pass
+                await self._rest(delay)
+
+    async def _rest(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if the reporter is stopped."""
+        try:
+            async with asyncio.timeout(seconds):
+                await self._stop.wait()
+        except TimeoutError:
+            pass
 
     async def _keep_leases(self) -> None:
         """Renew the leases of results not yet delivered, so their tasks are not handed out again.
