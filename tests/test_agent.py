@@ -516,7 +516,7 @@ async def test_a_result_alone_goes_at_once_and_results_close_together_share_a_re
     control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory
 ) -> None:
     """A result with no request sent just before it is delivered the moment it finishes; under load,
-    results that finish within the reporter's pace (20 ms) share one request, not one each."""
+    results that finish within the reporter's pace (50 ms) share one request, not one each."""
     from agent.runtime.reporter import RESULTS_PACE_SECONDS
 
     cp = await control_plane_factory(settings=FAST)
@@ -536,13 +536,13 @@ async def test_a_result_alone_goes_at_once_and_results_close_together_share_a_re
     # The last result waits at most one pace after it finished.
     assert loop.time() - started <= 0.1 + RESULTS_PACE_SECONDS + 1e-6
     requests = sample(a.agent.metrics, REQUESTS, operation="submit_results", status="200") - 1
-    assert 2 <= requests <= 6  # one per 20 ms over 100 ms, and the first at once (20 before the pace)
+    assert 2 <= requests <= 3  # the first at once, then one per 50 ms over 100 ms (20 before the pace)
 
 
 async def test_a_saturated_delegate_asks_for_several_tasks_per_poll(
     control_plane_factory: ControlPlaneFactory, agent_factory: AgentFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With work queued behind a full delegate, a freed slot waits a moment (25 ms at most) for
+    """With work queued behind a full delegate, a freed slot waits a moment (50 ms at most) for
     others, so one poll brings several tasks: against the same queue without that wait, half the
     polls or fewer, and the queue drains in about the same time (the tasks waited on the server anyway)."""
     from agent.runtime import poller

@@ -33,7 +33,7 @@ FAULT_RECHECK_SECONDS = 0.5
 #: for) waits up to this long for an eighth of its slots to be free before it asks again, so one
 #: poll brings several tasks instead of one poll per finished task. Those tasks were queued behind
 #: a full delegate anyway; a delegate with room asks at once, so pickup at idle or load is as before.
-ACQUIRE_LINGER_SECONDS = 0.025
+ACQUIRE_LINGER_SECONDS = 0.05
 ACQUIRE_BATCH_SHARE = 8
 
 

@@ -34,7 +34,7 @@ _DUE_SLACK = 0.001
 #: At most one round of result requests per this many seconds: under load, the results that finish
 #: in that time share a request (over a slow AWS each used to go nearly alone: 0.74 requests per
 #: validation). A result that finishes when none was sent for that long goes at once.
-RESULTS_PACE_SECONDS = 0.02
+RESULTS_PACE_SECONDS = 0.05
 
 
 class Reporter:
