@@ -369,17 +369,25 @@ async def _chaos(proxy: ChaosProxy, aws: ChaosProxy, stack: Stack, cp_url: str, 
     added latency and, once, a black hole longer than the lease. Once each: a delegate killed with
     SIGKILL mid-task (and started again, as Kubernetes would), and the control plane killed and
     restarted on the same port. Between delegates and AWS, all along: Throttling and 503 answers.
+
+    The black hole comes second, two seconds in, while most of the work is still queued: a fast
+    machine used to finish the run before its turn came (the sixth, after ten seconds). Nothing
+    moves while it lasts, so the turns after it still find work in flight.
     """
-    modes: list[Mode] = ["reset", "error", "ratelimit", "latency", "pass"]
-    turn = 0
+    script: list[Mode] = ["reset", "blackhole", "error", "ratelimit", "latency", "pass"]
+    cycle: list[Mode] = ["reset", "error", "ratelimit", "latency", "pass"]
+    turn = aws_turn = 0
     while True:
-        aws.set(("throttle", "error", "pass")[turn % 3])
-        if turn == 5:
+        mode = script[turn] if turn < len(script) else cycle[turn % len(cycle)]
+        if mode == "blackhole":
             log(f"  black hole for {stack.lease_seconds + 2:g}s (the lease is {stack.lease_seconds:g}s)")
+            aws.set("pass")  # AWS's faults take turns with the control plane's, not with the black hole
             proxy.set("blackhole")
             await asyncio.sleep(stack.lease_seconds + 2)
         else:
-            proxy.set(modes[turn % len(modes)])
+            aws.set(("throttle", "error", "pass")[aws_turn % 3])
+            aws_turn += 1
+            proxy.set(mode)
             await asyncio.sleep(2.0)
         if turn == 2:
             log("  SIGKILL to delegate load-0, mid-task")
