@@ -5,8 +5,10 @@ process) and the delegate under test, installed with its runtime dependencies on
 ships it (bench/setup.sh). The baselines validate the same kind of connectors against the same moto
 in the same run: the AWS CLI (two processes per connector), boto3 in a thread pool, and
 aiobotocore with clients per connector. CPU is each process's own CPU time, so moto's speed
-does not hide ours. Last, a fresh delegate and the SDK's floor against a canned AWS that answers
-at once (bench/canned_aws.py), for throughput per CPU-second that moto's ~80/s cannot hide.
+does not hide ours. The delegate against the SDK's floor (the two calls on one client pair) is
+measured in pinned, interleaved rounds (``Bench._rounds``): over moto, then with a fresh delegate
+against a canned AWS that answers at once (bench/canned_aws.py), for throughput per CPU-second
+that moto's ~200/s cannot hide.
 """
 
 from __future__ import annotations
@@ -49,12 +51,13 @@ TARGETS = {
 }
 #: "Stable": the pickup rows are measured this many times, back to back, and each run must meet them.
 PICKUP_RUNS = 3
-#: Rounds of (delegate, floor) against the canned AWS; the verdict is on the median round's ratio.
-CANNED_ROUNDS = 5
-#: The canned delegate's capacity, and how many validations its floor runs at once: the same, since
+#: Rounds of (delegate, floor), over moto and against the canned AWS; the verdict is on the median
+#: round's ratio.
+ROUNDS = 5
+#: The measured delegate's capacity, and how many validations its floor runs at once: the same, since
 #: the SDK's own CPU per call rises with concurrency (1.03-1.26x at 256 against 16 here, the floor
-#: against itself in alternating rounds). The floor at 16, as the moto rows run it, is shown too.
-CANNED_CAPACITY = 256
+#: against itself in alternating rounds). The floor at 16, as the other baselines run, is shown too.
+CAPACITY = 256
 FLOOR_CONCURRENCY = 16
 
 
@@ -158,7 +161,7 @@ class Bench:
                 AGENT_PYTHON, stack.cp_url, stack.api_key, runs=self.startup_runs, log=self.log
             )
             self._start_to_registered(stack, api)
-            agent = self._agent(stack, "bench", capacity=256)
+            agent = self._agent(stack, "bench", capacity=CAPACITY)
             self._wait_registered(api, "bench")
             self.log("measuring idle memory")
             time.sleep(2.0)  # idle for real: a couple of heartbeats and long polls
@@ -166,6 +169,7 @@ class Bench:
             self._throughput(api, agent)
             self._pickup_runs(api)
             self._rss_curve(api, agent)
+            self._moto_rounds(stack, api, agent)
             self._connection_per_request(stack, api)
             self._baselines(stack.moto_url)
             self._canned(stack, api)
@@ -431,57 +435,92 @@ class Bench:
         stack.processes["canned-aws"] = responder
         canned_aws.wait_ready(port)
         aws = Agent(responder, f"http://127.0.0.1:{port}")
-        agent = self._agent(stack, "bench-canned", capacity=CANNED_CAPACITY, aws=aws.http)
+        agent = self._agent(stack, "bench-canned", capacity=CAPACITY, aws=aws.http)
         self._wait_registered(api, "bench-canned")
         warm = self._burst(api, agent, 20)  # models, endpoints, the pool
         identity = warm.last.result.identity if warm.last.result else None
         if identity is None or identity.arn is None or identity.account != canned_aws.ACCOUNT:
             raise RuntimeError(f"a validation against the canned AWS gave no identity: {warm.last}")
         control_plane = Agent(stack.processes["control-plane"], stack.cp_url)
-        keys_file = self.workdir / "keys-canned.json"  # as many validations as the delegate's run
-        keys_file.write_text(json.dumps([self.keys[i % len(self.keys)] for i in range(n)]))
-        rounds: list[dict[str, Any]] = []
-        # The delegate and the floor, each on a core of its own (bench/cores.py), in rounds close
-        # together in time (the floor stays up between them and measures on request), the order
-        # alternating: the machine's drift falls on both alike, and one bad moment spoils one round.
+        keys_file = self._round_keys("keys-canned.json", n)
         with cores.split(measured=[agent.process.pid], aside=[responder.pid, control_plane.process.pid]) as pins:
-            with (
-                _FloorServer(aws.http, keys_file, pins, CANNED_CAPACITY) as floor_server,
-                _FloorServer(aws.http, keys_file, pins, FLOOR_CONCURRENCY) as floor_few,
-            ):
-                for r in range(CANNED_ROUNDS):
-                    self.log(
-                        f"against a canned AWS, round {r + 1} of {CANNED_ROUNDS}: {n} validations at once "
-                        f"(one delegate, capacity {CANNED_CAPACITY}) and the floor, {CANNED_CAPACITY} and "
-                        f"{FLOOR_CONCURRENCY} at a time"
-                    )
-                    if r % 2:
-                        floor, few = floor_server.run(n), floor_few.run(n)
-                    burst = self._burst(api, agent, n, watch={"aws": aws, "control_plane": control_plane})
-                    if not r % 2:
-                        few, floor = floor_few.run(n), floor_server.run(n)
-                    rounds.append(
-                        {
-                            "per_second": n / burst.seconds,
-                            "cpu_ms": burst.cpu / n * 1000,
-                            "floor_cpu_ms": floor["cpu_ms"],
-                            "floor_per_second": floor["per_second"],
-                            "ratio": burst.cpu / n * 1000 / floor["cpu_ms"],
-                            "floor_few_cpu_ms": few["cpu_ms"],
-                            "ratio_few": burst.cpu / n * 1000 / few["cpu_ms"],
-                            # Who else spent CPU on the same validations: what limits the wall rate.
-                            "aws_cpu_ms": burst.others["aws"] / n * 1000,
-                            "control_plane_cpu_ms": burst.others["control_plane"] / n * 1000,
-                        }
-                    )
+            watch = {"aws": aws, "control_plane": control_plane}
+            self.results["canned"] = self._rounds(api, agent, aws.http, keys_file, n, pins, "a canned AWS", watch)
             self.log(f"baseline against the canned AWS: no-sdk, 16 at a time ({n} validations)")
             no_sdk = _baseline("no-sdk", aws.http, keys_file, pins=pins)
+        self.results["canned"]["no-sdk"] = {**no_sdk, "per_cpu_second": 1000 / no_sdk["cpu_ms"]}
+
+    def _moto_rounds(self, stack: Stack, api: ApiClient, agent: Agent) -> None:
+        """The delegate's CPU per validation over moto against the floor's, measured as the canned rows
+        are (pinned rounds, the floor at the delegate's concurrency and at 16): the delegate's burst in
+        ``_throughput`` shares both cores with moto, the control plane and the bench, the floor's
+        baseline ran alone with moto, 16 at a time."""
+        n = 200 if self.quick else 1000
+        keys_file = self._round_keys("keys-rounds.json", n)
+        moto = Agent(stack.processes["moto"], stack.moto_url)
+        control_plane = Agent(stack.processes["control-plane"], stack.cp_url)
+        with cores.split(measured=[agent.process.pid], aside=[moto.process.pid, control_plane.process.pid]) as pins:
+            watch = {"aws": moto, "control_plane": control_plane}
+            self.results["moto_rounds"] = self._rounds(api, agent, stack.moto_url, keys_file, n, pins, "moto", watch)
+
+    def _round_keys(self, name: str, n: int) -> Path:
+        """The floor's keys: one per validation, as the delegate's connectors have them."""
+        keys_file = self.workdir / name
+        keys_file.write_text(json.dumps([self.keys[i % len(self.keys)] for i in range(n)]))
+        return keys_file
+
+    def _rounds(
+        self,
+        api: ApiClient,
+        agent: Agent,
+        aws: str,
+        keys_file: Path,
+        n: int,
+        pins: cores.Split,
+        where: str,
+        watch: dict[str, Agent],
+    ) -> dict[str, Any]:
+        """``ROUNDS`` rounds of: ``n`` validations queued at once for the delegate, and ``n`` by the
+        floor at the delegate's capacity and at ``FLOOR_CONCURRENCY``, against the same AWS.
+
+        The delegate and the floor each on the measured core (``pins``), in rounds close together in
+        time (the floors stay up between them and measure on request), the order alternating: the
+        machine's drift falls on both alike, and one bad moment spoils one round. ``watch``: whose
+        CPU is shown beside (the AWS stand-in, the control plane): what limits the wall rate.
+        """
+        rounds: list[dict[str, Any]] = []
+        with (
+            _FloorServer(aws, keys_file, pins, CAPACITY) as floor_server,
+            _FloorServer(aws, keys_file, pins, FLOOR_CONCURRENCY) as floor_few,
+        ):
+            for r in range(ROUNDS):
+                self.log(
+                    f"against {where}, round {r + 1} of {ROUNDS}: {n} validations at once (one delegate, "
+                    f"capacity {CAPACITY}) and the floor, {CAPACITY} and {FLOOR_CONCURRENCY} at a time"
+                )
+                if r % 2:
+                    floor, few = floor_server.run(n), floor_few.run(n)
+                burst = self._burst(api, agent, n, watch=watch)
+                if not r % 2:
+                    few, floor = floor_few.run(n), floor_server.run(n)
+                rounds.append(
+                    {
+                        "per_second": n / burst.seconds,
+                        "cpu_ms": burst.cpu / n * 1000,
+                        "floor_cpu_ms": floor["cpu_ms"],
+                        "floor_per_second": floor["per_second"],
+                        "ratio": burst.cpu / n * 1000 / floor["cpu_ms"],
+                        "floor_few_cpu_ms": few["cpu_ms"],
+                        "ratio_few": burst.cpu / n * 1000 / few["cpu_ms"],
+                        **{f"{name}_cpu_ms": burst.others[name] / n * 1000 for name in watch},
+                    }
+                )
 
         def median(key: str) -> float:
             return float(statistics.median(r[key] for r in rounds))
 
         cpu_ms, floor_ms = median("cpu_ms"), median("floor_cpu_ms")
-        self.results["canned"] = {
+        return {
             "validations": n,
             "pinned": pins.active,
             "rounds": rounds,
@@ -489,18 +528,16 @@ class Bench:
             "per_second": median("per_second"),
             "cpu_ms": cpu_ms,
             "per_cpu_second": 1000 / cpu_ms,
-            "aws_cpu_ms": median("aws_cpu_ms"),
-            "control_plane_cpu_ms": median("control_plane_cpu_ms"),
-            "capacity": CANNED_CAPACITY,
+            **{f"{name}_cpu_ms": median(f"{name}_cpu_ms") for name in watch},
+            "capacity": CAPACITY,
             "floor": {
                 "cpu_ms": floor_ms,
                 "per_second": median("floor_per_second"),
                 "per_cpu_second": 1000 / floor_ms,
-                "concurrency": CANNED_CAPACITY,
+                "concurrency": CAPACITY,
             },
             "floor_few": {"cpu_ms": median("floor_few_cpu_ms"), "concurrency": FLOOR_CONCURRENCY},
             "ratio_few": median("ratio_few"),
-            "no-sdk": {**no_sdk, "per_cpu_second": 1000 / no_sdk["cpu_ms"]},
         }
 
     def _aws_cli(self, moto: str, key: tuple[str, str]) -> None:
@@ -677,13 +714,29 @@ def _pickup_rows(runs: list[dict[str, Any]]) -> list[tuple[str, ...]]:
     return rows
 
 
+def _floor_row(label: str, c: dict[str, Any], more: str = "") -> tuple[str, ...]:
+    """CPU per validation against the SDK's floor from pinned rounds (``Bench._rounds``): the verdict
+    is the median round's ratio against the floor at the delegate's concurrency; every round's ratio
+    and the floor at 16 are shown."""
+    floor, few, ratio = c["floor"], c["floor_few"], c["ratio"]
+    each = " / ".join(f"{r['ratio']:.2f}" for r in c["rounds"])
+    return (
+        label,
+        f"{c['cpu_ms']:.2f} ms",
+        f"floor {floor['cpu_ms']:.2f} ms ({floor['concurrency']} at a time; "
+        f"{few['cpu_ms']:.2f} ms at {few['concurrency']}){more}",
+        f"{ratio:.2f}x floor (median of rounds {each}; ours {c['cpu_ms'] - floor['cpu_ms']:+.2f} ms; "
+        f"{c['ratio_few']:.2f}x the floor at {few['concurrency']})",
+        f"<= {TARGETS['vs_floor']}x floor",
+        _ok(ratio <= TARGETS["vs_floor"]),
+    )
+
+
 def canned_rows(c: dict[str, Any]) -> list[tuple[str, ...]]:
     """The rows against the canned AWS: throughput per CPU-second and CPU per validation, each
     against the SDK's floor measured against the same stand-in in the same run (medians of the
     rounds; the verdict is on the median round's ratio, and every round's ratio is shown)."""
-    floor, few, no_sdk = c["floor"], c["floor_few"], c["no-sdk"]
-    ratio = c["ratio"]
-    each = " / ".join(f"{r['ratio']:.2f}" for r in c["rounds"])
+    floor, no_sdk = c["floor"], c["no-sdk"]
     return [
         (
             "against a canned AWS, one delegate: validations per CPU-second",
@@ -694,16 +747,7 @@ def canned_rows(c: dict[str, Any]) -> list[tuple[str, ...]]:
             "",
             "",
         ),
-        (
-            "  CPU per validation against the canned AWS",
-            f"{c['cpu_ms']:.2f} ms",
-            f"floor {floor['cpu_ms']:.2f} ms ({floor['concurrency']} at a time; "
-            f"{few['cpu_ms']:.2f} ms at {few['concurrency']}), no SDK {no_sdk['cpu_ms']:.2f} ms",
-            f"{ratio:.2f}x floor (median of rounds {each}; ours {c['cpu_ms'] - floor['cpu_ms']:+.2f} ms; "
-            f"{c['ratio_few']:.2f}x the floor at {few['concurrency']})",
-            f"<= {TARGETS['vs_floor']}x floor",
-            _ok(ratio <= TARGETS["vs_floor"]),
-        ),
+        _floor_row("  CPU per validation against the canned AWS", c, f", no SDK {no_sdk['cpu_ms']:.2f} ms"),
         (
             "  CPU of the others in the same run, per validation",
             "",
@@ -745,7 +789,6 @@ def table(r: dict[str, Any]) -> str:
         )
     )
     rows += _pickup_rows(r["pickup"])
-    vs_floor = r["cpu"] / floor["cpu_ms"]
     rows += [
         (
             "validations per second, one delegate",
@@ -763,14 +806,7 @@ def table(r: dict[str, Any]) -> str:
             f"<= {TARGETS['vs_boto3']}x boto3",
             _ok(r["cpu"] / boto3["cpu_ms"] <= TARGETS["vs_boto3"]),
         ),
-        (
-            "  the SDK's floor: the two calls alone",
-            "",
-            f"{floor['cpu_ms']:.1f} ms (one client pair)",
-            f"{vs_floor:.2f}x floor (ours {r['cpu'] - floor['cpu_ms']:+.1f} ms)",
-            f"<= {TARGETS['vs_floor']}x floor",
-            _ok(vs_floor <= TARGETS["vs_floor"]),
-        ),
+        _floor_row("  the SDK's floor: the two calls alone (pinned rounds)", r["moto_rounds"]),
         (
             "  the same two calls with no SDK at all",
             "",
@@ -817,13 +853,18 @@ def canned_table(r: dict[str, Any]) -> str:
 
 def canned_note(c: dict[str, Any]) -> str:
     """How the canned rows were measured, printed under them."""
+    return rounds_note(c, "against the canned AWS", "one fresh delegate")
+
+
+def rounds_note(c: dict[str, Any], where: str, delegate: str) -> str:
+    """How a row of pinned rounds (``Bench._rounds``) was measured."""
     pinned = (
         "the delegate and the floor each on a core of its own, everything else on the other (bench/cores.py)"
         if c["pinned"]
         else "not pinned to cores (fewer than two)"
     )
     return (
-        f"({len(c['rounds'])} rounds of {c['validations']} validations at once, one fresh delegate, capacity "
+        f"({where}: {len(c['rounds'])} rounds of {c['validations']} validations at once, {delegate}, capacity "
         f"{c['capacity']}, and as many by the floor, {c['floor']['concurrency']} at a time as the delegate runs "
         f"them (and {c['floor_few']['concurrency']} at a time, shown), which stays up between rounds; the order "
         f"alternates; {pinned})"
@@ -918,6 +959,7 @@ def main() -> int:
         else:
             results = Bench(Path(tmp), args.quick, log=log, startup_runs=runs).run()
             print(table(results))
+            print(rounds_note(results["moto_rounds"], "over moto", "the delegate of the rows above"))
             print(canned_note(results["canned"]))
             print()
     print(startup.table(results["startup"]))
