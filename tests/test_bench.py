@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from bench import startup
-from bench.__main__ import canned_table, pickup_table, table
+from bench.__main__ import canned_table, moto_table, pickup_table, table
 from bench.profile import aggregate
 
 
@@ -92,6 +92,14 @@ def test_each_target_gets_a_verdict_from_its_own_figure() -> None:
     )
     assert "250x cheaper" in rows["vs the AWS CLI"] and rows["vs the AWS CLI"].endswith("met")
     assert "the SDK: +3.2 ms" in rows["the same two calls with no SDK at all"]
+
+
+def test_the_moto_section_alone_prints_the_row_the_full_table_has() -> None:
+    only = _rows(moto_table(_results()))["CPU per validation over moto (pinned rounds)"]
+    full = _rows(table(_results()))["the SDK's floor: the two calls alone (pinned rounds)"]
+    cells = lambda line: [c.strip() for c in line.split("|")[2:]]  # noqa: E731 - padding differs by table
+    assert cells(only) == cells(full) and only.endswith("met")
+    assert "over moto: 3 rounds of 1000 validations at once" in moto_table(_results())
 
 
 def test_pickup_targets_are_judged_per_run_and_stable_only_if_every_run_meets_them() -> None:
