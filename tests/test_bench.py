@@ -20,6 +20,27 @@ def _pickup(idle_p99: float = 0.006, load_p99: float = 0.012) -> dict[str, Any]:
     }
 
 
+def _rounds(
+    ratios: list[float], *, cpu_ms: float, floor_ms: float, few_ms: float, few_ratio: float, aws_ms: float, cp_ms: float
+) -> dict[str, object]:
+    """What ``Bench._rounds`` returns: the median ratio (of three rounds here) and its floors."""
+    return {
+        "validations": 1000,
+        "pinned": True,
+        "rounds": [{"ratio": x} for x in ratios],
+        "ratio": sorted(ratios)[1],
+        "per_second": 250.0,
+        "cpu_ms": cpu_ms,
+        "per_cpu_second": 1000 / cpu_ms,
+        "aws_cpu_ms": aws_ms,
+        "control_plane_cpu_ms": cp_ms,
+        "capacity": 256,
+        "floor": {"cpu_ms": floor_ms, "per_second": 800.0, "per_cpu_second": 1000 / floor_ms, "concurrency": 256},
+        "floor_few": {"cpu_ms": few_ms, "concurrency": 16},
+        "ratio_few": few_ratio,
+    }
+
+
 def _results(**over: object) -> dict[str, object]:
     r: dict[str, object] = {
         "idle_rss": 54.0,
@@ -34,35 +55,11 @@ def _results(**over: object) -> dict[str, object]:
         "aiobotocore": {"cpu_ms": 180.0, "per_second": 9.0},
         "floor": {"cpu_ms": 6.4, "per_second": 77.0},
         "no-sdk": {"cpu_ms": 3.2, "per_second": 70.0},
-        "moto_rounds": {
-            "validations": 1000,
-            "pinned": True,
-            "rounds": [{"ratio": 1.2}, {"ratio": 1.25}, {"ratio": 1.4}],
-            "ratio": 1.25,
-            "per_second": 150.0,
-            "cpu_ms": 2.0,
-            "per_cpu_second": 500.0,
-            "aws_cpu_ms": 4.0,
-            "control_plane_cpu_ms": 1.1,
-            "capacity": 256,
-            "floor": {"cpu_ms": 1.6, "per_second": 250.0, "per_cpu_second": 625.0, "concurrency": 256},
-            "floor_few": {"cpu_ms": 1.5, "concurrency": 16},
-            "ratio_few": 1.33,
-        },
+        "moto_rounds": _rounds(
+            [1.2, 1.25, 1.4], cpu_ms=2.0, floor_ms=1.6, few_ms=1.5, few_ratio=1.33, aws_ms=4.0, cp_ms=1.1
+        ),
         "canned": {
-            "validations": 1000,
-            "pinned": True,
-            "rounds": [{"ratio": 1.5}, {"ratio": 1.6}, {"ratio": 1.9}],
-            "ratio": 1.6,
-            "per_second": 250.0,
-            "cpu_ms": 2.0,
-            "per_cpu_second": 500.0,
-            "aws_cpu_ms": 0.06,
-            "control_plane_cpu_ms": 3.1,
-            "capacity": 256,
-            "floor": {"cpu_ms": 1.25, "per_second": 800.0, "per_cpu_second": 800.0, "concurrency": 256},
-            "floor_few": {"cpu_ms": 1.1, "concurrency": 16},
-            "ratio_few": 1.8,
+            **_rounds([1.5, 1.6, 1.9], cpu_ms=2.0, floor_ms=1.25, few_ms=1.1, few_ratio=1.8, aws_ms=0.06, cp_ms=3.1),
             "no-sdk": {"cpu_ms": 0.7, "per_second": 1400.0, "per_cpu_second": 1428.6},
         },
     }
