@@ -31,10 +31,13 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench import canned_aws, cores, startup
 from bench.load import ROOT, _clean_env, free_port
+
+if TYPE_CHECKING:
+    from agent.taskapi import TaskContext
 
 Validate = Callable[[int], Awaitable[None]]
 LAYERS = ("floor", "sdk", "handler", "boundary")
@@ -59,6 +62,23 @@ def connector(i: int, keys: list[tuple[str, str]]) -> dict[str, Any]:
     }
 
 
+def task_context(i: int, keys: list[tuple[str, str]]) -> TaskContext:
+    """The context the executor hands the AWS handler for a validation of connector ``i``."""
+    from agent.protocol.models import TASK_TYPE_AWS_VALIDATE  # noqa: PLC0415 - loaded where measured
+    from agent.taskapi import TaskContext  # noqa: PLC0415
+
+    return TaskContext(
+        task_id=f"tsk_{i}",
+        type=TASK_TYPE_AWS_VALIDATE,
+        payload={"connector": connector(i, keys)},
+        delegate_id="dlg_bench",
+        delegate_name="bench",
+        timeout=30,
+        attempt=1,
+        oidc_token=None,
+    )
+
+
 async def _measure(url: str, secrets: Path, keys: list[tuple[str, str]], rounds: int, chunk: int) -> dict[str, float]:
     from aiobotocore.config import AioConfig  # noqa: PLC0415 - the SDK loads only for this command
     from aiobotocore.credentials import AioCredentials  # noqa: PLC0415
@@ -68,9 +88,7 @@ async def _measure(url: str, secrets: Path, keys: list[tuple[str, str]], rounds:
     from agent.cli import build_handlers  # noqa: PLC0415
     from agent.observability.logging import Redactor  # noqa: PLC0415
     from agent.observability.metrics import AgentMetrics  # noqa: PLC0415
-    from agent.protocol.models import TASK_TYPE_AWS_VALIDATE  # noqa: PLC0415
     from agent.runtime.agent import GC_YOUNG_OBJECTS  # noqa: PLC0415
-    from agent.taskapi import TaskContext  # noqa: PLC0415
 
     env, problems = AwsEnvironment.from_environ({"AWS_ENDPOINT_URL": url, "AWS_EC2_METADATA_DISABLED": "true"})
     if problems:
@@ -107,17 +125,7 @@ async def _measure(url: str, secrets: Path, keys: list[tuple[str, str]], rounds:
 
         async def run_handler(i: int, *, boundary: bool) -> None:
             async with gate:
-                ctx = TaskContext(
-                    task_id=f"tsk_{i}",
-                    type=TASK_TYPE_AWS_VALIDATE,
-                    payload={"connector": connector(i, keys)},
-                    delegate_id="dlg_decompose",
-                    delegate_name="decompose",
-                    timeout=30,
-                    attempt=1,
-                    oidc_token=None,
-                )
-                result = await handler(ctx)
+                result = await handler(task_context(i, keys))
                 if result.status != "SUCCESS":
                     raise RuntimeError(f"a validation against the canned AWS failed: {result}")
                 if boundary:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import TextIO
 
 from bench import canned_aws, startup
-from bench.decompose import bench_keys, connector, layer_rows
+from bench.decompose import bench_keys, connector, layer_rows, task_context
 from bench.load import ROOT, _clean_env, free_port
 
 LAYERS = ("sdk", "handler", "executor")
@@ -57,7 +57,6 @@ async def _layer(layer: str, count: int, url: str, secrets: Path, log: TextIO) -
     from agent.runtime.executor import Executor, Slots  # noqa: PLC0415
     from agent.runtime.outbox import SqliteOutbox  # noqa: PLC0415
     from agent.runtime.state import AgentState  # noqa: PLC0415
-    from agent.taskapi import TaskContext  # noqa: PLC0415
 
     pairs = bench_keys(KEYS)
     env, problems = AwsEnvironment.from_environ({"AWS_ENDPOINT_URL": url, "AWS_EC2_METADATA_DISABLED": "true"})
@@ -91,17 +90,7 @@ async def _layer(layer: str, count: int, url: str, secrets: Path, log: TextIO) -
                 await c.describe_regions(RegionNames=["us-east-1"], AllRegions=True)
 
     async def run_handler(i: int) -> None:
-        ctx = TaskContext(
-            task_id=f"tsk_{i}",
-            type=TASK_TYPE_AWS_VALIDATE,
-            payload={"connector": connector(i, pairs)},
-            delegate_id="d",
-            delegate_name="i",
-            timeout=30,
-            attempt=1,
-            oidc_token=None,
-        )
-        result = redactor.value(await handler(ctx))
+        result = redactor.value(await handler(task_context(i, pairs)))
         if result.status != "SUCCESS":
             raise RuntimeError(f"a validation against the canned AWS failed: {result}")
 
